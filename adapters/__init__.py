@@ -1,0 +1,1 @@
+"""Family adapters: where each MoE family keeps its router, experts and shared experts."""

@@ -1,0 +1,1 @@
+"""nnsight-moe: MoE interpretability for TransformerLens and nnsight."""

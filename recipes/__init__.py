@@ -1,0 +1,1 @@
+"""Research recipes built on the hook points."""
