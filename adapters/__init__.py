@@ -1,1 +1,126 @@
-"""Family adapters: where each MoE family keeps its router, experts and shared experts."""
+"""Family adapters: where each MoE family keeps its router, experts and shared experts.
+
+Each module in this package describes one family in a few lines (an :class:`Adapter`); ``detect``
+turns a Hugging Face model into a :class:`~nnsight_moe.layout.MoELayout` with the adapter registered
+for its ``config.model_type``. ``supported_families()`` lists exactly the registered families, each of
+which the test suite checks for numerical equivalence with the unmodified HF forward.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from torch import nn
+
+from nnsight_moe.adapters.base import Adapter
+from nnsight_moe.layout import LayerLayout, MoELayout, UnsupportedModelError
+
+__all__ = ["Adapter", "adapter_for", "detect", "register", "supported_families"]
+
+_REGISTRY: dict[str, Adapter] = {}
+
+
+def register(adapter: Adapter) -> Adapter:
+    """Register ``adapter`` for each of its ``model_types``."""
+    for model_type in adapter.model_types:
+        _REGISTRY[model_type] = adapter
+    return adapter
+
+
+def supported_families() -> list[str]:
+    """Names of the supported MoE families (HF ``model_type`` values), sorted."""
+    return sorted({adapter.name for adapter in _REGISTRY.values()})
+
+
+def _text_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    if config is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no `config`: pass a Hugging Face transformers model, a "
+            "TransformerBridge or an nnsight model"
+        )
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter for ``model``'s family, or :class:`UnsupportedModelError` listing the supported ones."""
+    config = _text_config(model)
+    for model_type in (getattr(config, "model_type", None), getattr(model.config, "model_type", None)):
+        if model_type in _REGISTRY:
+            return _REGISTRY[model_type]
+    raise UnsupportedModelError(
+        f"model_type {getattr(model.config, 'model_type', None)!r} ({type(model).__name__}) is not a supported "
+        f"MoE family. Supported families: {', '.join(supported_families())}"
+    )
+
+
+def _decoder_layers(model: nn.Module, adapter: Adapter) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder layers: the first ``*layers`` list containing a block of the family."""
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and path.split(".")[-1] in ("layers", "h", "blocks"):
+            if any(adapter.is_block(m) for layer in module for m in layer.modules()):
+                return path, module
+    raise UnsupportedModelError(
+        f"no {adapter.name} MoE block found in {type(model).__name__}: is it a dense model? "
+        f"Supported families: {', '.join(supported_families())}"
+    )
+
+
+def detect(model: nn.Module) -> MoELayout:
+    """Describe ``model`` (a Hugging Face model): its MoE and dense layers, paths and routing rules."""
+    adapter = adapter_for(model)
+    config = _text_config(model)
+    layers_path, layers = _decoder_layers(model, adapter)
+    d_model = int(getattr(config, "hidden_size"))
+    described = []
+    for index, layer in enumerate(layers):
+        found = next(((name, m) for name, m in layer.named_modules() if adapter.is_block(m)), None)
+        if found is None:
+            mlp = "mlp" if hasattr(layer, "mlp") else ""
+            described.append(LayerLayout(index, "dense", f"{layers_path}.{index}" + (f".{mlp}" if mlp else ""), d_model))
+            continue
+        name, block = found
+        path = f"{layers_path}.{index}.{name}"
+        described.append(_moe_layer(index, path, block, adapter, config, d_model))
+    return MoELayout(family=adapter.name, model_type=config.model_type, layers=tuple(described))
+
+
+def _moe_layer(index: int, path: str, block: nn.Module, adapter: Adapter, config, d_model: int) -> LayerLayout:
+    router = block.get_submodule(adapter.router)
+    experts = block.get_submodule(adapter.experts)
+    routing = adapter.routing(block, router, config)
+    transposed = getattr(experts, "is_transposed", False)
+    d_expert = experts.down_proj.shape[1] if transposed else experts.down_proj.shape[2]
+    shared = adapter.shared if adapter.shared and getattr(block, adapter.shared, None) is not None else None
+    d_shared = 0
+    if shared is not None:
+        d_shared = block.get_submodule(shared).down_proj.in_features
+    return LayerLayout(
+        index=index,
+        kind="moe",
+        path=path,
+        d_model=d_model,
+        router=f"{path}.{adapter.router}",
+        experts=f"{path}.{adapter.experts}",
+        shared=f"{path}.{shared}" if shared else None,
+        shared_gate=f"{path}.{adapter.shared_gate}" if shared and adapter.shared_gate else None,
+        n_experts=routing.n_experts,
+        top_k=routing.top_k,
+        d_expert=int(d_expert),
+        d_shared=int(d_shared),
+        routing=routing,
+    )
+
+
+def _load_all() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        if info.name == "base":
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for value in vars(module).values():
+            if isinstance(value, Adapter):
+                register(value)
+
+
+_load_all()

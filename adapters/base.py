@@ -1,0 +1,96 @@
+"""What an adapter is: where a family keeps its MoE parts, and which routing rule it applies.
+
+Most transformers 5 MoE families share one shape: a block with a router (``gate`` or ``router``) that
+returns ``(logits, weights, indices)``, a fused experts module decorated with
+``@use_experts_implementation`` (3-D ``gate_up_proj``/``down_proj``), and optionally a shared expert MLP
+and a shared-expert gate. For those, an adapter is a few lines: the attribute names and a function
+that builds the :class:`~nnsight_moe.routing.Routing` from the router module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nnsight_moe.routing import Routing
+
+
+def _identity_output(moe_out: Tensor, weights: Tensor) -> Any:
+    return moe_out
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """How to find and run one MoE family.
+
+    Args:
+        name: family name shown to users (usually the HF ``model_type``).
+        model_types: HF ``config.model_type`` values this adapter serves.
+        routing: builds the family's routing rule from ``(block, router, config)``.
+        router: attribute of the MoE block holding the router.
+        experts: attribute of the MoE block holding the fused experts.
+        shared: attribute of the shared expert MLP, if the family has one.
+        shared_gate: attribute of the shared expert gate (a Linear to 1, passed through a sigmoid).
+        router_float32: the router computes its logits in float32 (DeepSeek).
+        output: packs the block output the way the original forward returns it
+            (``(moe_out, weights)`` -> what the decoder layer expects).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    routing: Callable[[nn.Module, nn.Module, Any], Routing]
+    router: str = "gate"
+    experts: str = "experts"
+    shared: str | None = None
+    shared_gate: str | None = None
+    router_float32: bool = False
+    output: Callable[[Tensor, Tensor], Any] = field(default=_identity_output)
+
+    def router_logits(self, router: nn.Module, x: Tensor) -> Tensor:
+        """Raw router logits for tokens ``x`` [N, D] (the router's linear map, bias included)."""
+        weight, bias = router.weight, getattr(router, "bias", None)
+        if self.router_float32:
+            x, weight = x.float(), weight.float()
+            bias = None if bias is None else bias.float()
+        return F.linear(x, weight, bias)
+
+    def is_block(self, module: nn.Module) -> bool:
+        """Whether ``module`` is a MoE block of this family."""
+        experts = getattr(module, self.experts, None)
+        router = getattr(module, self.router, None)
+        return isinstance(experts, nn.Module) and isinstance(router, nn.Module) and _has_fused_experts(experts)
+
+
+def _has_fused_experts(experts: nn.Module) -> bool:
+    down = getattr(experts, "down_proj", None)
+    return isinstance(down, torch.Tensor) and down.ndim == 3
+
+
+def config_value(config: Any, *names: str, default: Any = None) -> Any:
+    """First attribute of ``config`` among ``names`` that is set (families name the same thing differently)."""
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def softmax_routing(block: nn.Module, router: nn.Module, config: Any, cast_weights: bool = True) -> Routing:
+    """Softmax over all experts, top-k, optional renormalisation (Qwen-MoE, OLMoE, Mixtral, ...).
+
+    Reads ``norm_topk_prob`` from the router (or the config); Mixtral-style routers without the
+    attribute always renormalise.
+    """
+    normalize = getattr(router, "norm_topk_prob", config_value(config, "norm_topk_prob", default=True))
+    return Routing(
+        n_experts=router.num_experts,
+        top_k=router.top_k,
+        scoring="softmax",
+        normalize=bool(normalize),
+        cast_weights=cast_weights,
+    )

@@ -1,0 +1,260 @@
+"""Hook points inside a MoE block, fired from the frameworks' own extension points.
+
+Nothing of the family's modeling code is copied or replaced. ``attach`` leaves every block's
+``forward`` as it is and adds:
+
+* a forward pre-hook on the block, to learn the [batch, pos] shape of its input;
+* a forward hook on the router, which re-derives scores, selection and gate weights from the
+  router's logits with the family's :class:`~nnsight_moe.routing.Routing` rule, passing each through
+  its hook point (so an edit re-routes), and returns them in the router's own output format;
+* the ``"nnsight_moe"`` experts implementation, registered in transformers' ``ExpertsInterface``,
+  which computes every selected expert's activations and output per slot through hook points;
+* forward hooks on the shared expert (acts, output, gate) and on the block (``hook_moe_out``).
+
+Every hook point is a TransformerLens :class:`~transformer_lens.hook_points.HookPoint` registered as a
+submodule of the MoE block, so TransformerLens and nnsight see it like any other module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
+
+from nnsight_moe.layout import LayerLayout
+
+EXPERTS_IMPLEMENTATION = "nnsight_moe"
+_STATE = "_nnsight_moe"
+
+
+class BlockState:
+    """Per-block bookkeeping: the hook points, the current input shape and active interventions.
+
+    Interventions (set by :mod:`nnsight_moe.interventions`) are applied to the gate weights before
+    ``hook_topk_weights`` fires, so hooks see the weights actually multiplied into expert outputs:
+
+    * ``zero``: bool [E], experts whose gate weight is set to 0;
+    * ``renorm``: after zeroing, rescale the remaining weights to the original per-token sum;
+    * ``exclude``: bool [E], experts removed before selection (``reroute``);
+    * ``keep_top``: keep only the n largest routed gate weights per token (0 = routed experts off);
+    * ``shared_scale``: multiplies the shared expert gate (0 = shared expert ablated).
+    """
+
+    def __init__(self, block: nn.Module, layer: LayerLayout, adapter: Any, config: Any):
+        self.block, self.layer, self.adapter, self.config = block, layer, adapter, config
+        self.router = block.get_submodule(adapter.router)
+        self.experts = block.get_submodule(adapter.experts)
+        self.shape: tuple[int, int] = (1, 0)
+        self.zero: Tensor | None = None
+        self.renorm = False
+        self.exclude: Tensor | None = None
+        self.keep_top: int | None = None
+        self.shared_scale: float | None = None
+
+    def hook(self, name: str, value: Tensor) -> Tensor:
+        """Pass ``value`` through the block's hook point ``name``."""
+        return self.block._modules[name](value)
+
+    def rule(self):
+        """The routing rule, rebuilt from the live router (its buffers may have moved device)."""
+        return self.adapter.routing(self.block, self.router, self.config)
+
+    def bp(self, n_tokens: int) -> tuple[int, int]:
+        """[batch, pos] for ``n_tokens`` flattened tokens (falls back to [1, n] for unusual callers)."""
+        b, p = self.shape
+        return (b, p) if b * p == n_tokens else (1, n_tokens)
+
+    def edit_weights(self, indices: Int[Tensor, "b p k"], weights: Float[Tensor, "b p k"]) -> Tensor:
+        """Apply blocking / renormalisation / top-n restriction to the gate weights."""
+        if self.zero is not None:
+            hit = self.zero.to(indices.device)[indices]
+            edited = weights.masked_fill(hit, 0.0)
+            if self.renorm:
+                kept = edited.sum(dim=-1, keepdim=True)
+                ratio = weights.sum(dim=-1, keepdim=True) / kept.masked_fill(kept == 0, 1.0)
+                edited = edited * ratio
+            weights = edited
+        if self.keep_top is not None:
+            rank = weights.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+            weights = weights.masked_fill(rank >= self.keep_top, 0.0)
+        return weights
+
+
+def install(block: nn.Module, state: BlockState) -> list:
+    """Add the hook points and torch hooks to one MoE block; returns the removable handles."""
+    for name in state.layer.hook_names:
+        hook_point = HookPoint()
+        hook_point.name = f"{state.layer.path}.{name}"
+        block.add_module(name, hook_point)
+    for module in (block, state.router, state.experts):
+        module.__dict__[_STATE] = state
+    handles = [
+        block.register_forward_pre_hook(_record_shape, with_kwargs=True),
+        state.router.register_forward_hook(_route),
+        block.register_forward_hook(_moe_out),
+    ]
+    if state.layer.has_shared:
+        shared = block.get_submodule(state.adapter.shared)
+        handles.append(shared.down_proj.register_forward_pre_hook(_shared_acts))
+        handles.append(shared.register_forward_hook(_shared_out))
+        shared.down_proj.__dict__[_STATE] = state
+        shared.__dict__[_STATE] = state
+        if state.adapter.shared_gate is not None:
+            gate = block.get_submodule(state.adapter.shared_gate)
+            gate.__dict__[_STATE] = state
+            handles.append(gate.register_forward_hook(_shared_gate))
+    return handles
+
+
+def uninstall(block: nn.Module, state: BlockState, handles: list) -> None:
+    """Undo :func:`install` exactly."""
+    for handle in handles:
+        handle.remove()
+    for name in state.layer.hook_names:
+        del block._modules[name]
+    for module in block.modules():
+        module.__dict__.pop(_STATE, None)
+
+
+# ---------------------------------------------------------------- torch hooks
+def _record_shape(block, args, kwargs):
+    x = args[0] if args else kwargs["hidden_states"]
+    block.__dict__[_STATE].shape = (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, x.shape[0])
+
+
+def _route(router, args, output):
+    state: BlockState = router.__dict__[_STATE]
+    logits = output[0]
+    b, p = state.bp(logits.shape[:-1].numel())
+    rule = state.rule()
+    logits = state.hook("hook_router_logits", logits.reshape(b, p, -1))
+    scores = state.hook("hook_router_scores", rule.scores(logits))
+    indices = state.hook("hook_topk_indices", rule.select(scores, state.exclude))
+    weights = rule.weights(scores, indices, state.exclude)
+    if rule.cast_weights:
+        weights = weights.to(logits.dtype)
+    weights = state.hook("hook_topk_weights", state.edit_weights(indices, weights))
+    k = indices.shape[-1]
+    return (logits.reshape(b * p, -1), weights.reshape(b * p, k), indices.reshape(b * p, k), *output[3:])
+
+
+def _moe_out(block, args, output):
+    state: BlockState = block.__dict__[_STATE]
+    if isinstance(output, tuple):
+        return (state.hook("hook_moe_out", output[0]), *output[1:])
+    return state.hook("hook_moe_out", output)
+
+
+def _shared_acts(down_proj, args):
+    state: BlockState = down_proj.__dict__[_STATE]
+    acts = args[0]
+    b, p = state.bp(acts.numel() // acts.shape[-1])
+    return (state.hook("hook_shared_acts", acts.reshape(b, p, -1)).reshape(acts.shape), *args[1:])
+
+
+def _shared_out(shared, args, output):
+    state: BlockState = shared.__dict__[_STATE]
+    b, p = state.bp(output.numel() // output.shape[-1])
+    out = state.hook("hook_shared_out", output.reshape(b, p, -1))
+    if state.adapter.shared_gate is None:  # ungated: the gate is ones, applied here so edits take effect
+        gate = state.hook("hook_shared_gate", _scaled(out.new_ones(b, p, 1), state.shared_scale))
+        out = gate * out
+    return out.reshape(output.shape)
+
+
+def _shared_gate(gate_linear, args, output):
+    """The block computes ``sigmoid(gate(x)) * shared``: expose the sigmoid, hand back its logit.
+
+    Unedited, the original pre-activation is returned untouched (bit-identical); an edited gate g is
+    returned as logit(g), which the block's sigmoid maps back to g (exactly for 0 and 1).
+    """
+    state: BlockState = gate_linear.__dict__[_STATE]
+    b, p = state.bp(output.numel() // output.shape[-1])
+    gate = _scaled(torch.sigmoid(output.reshape(b, p, 1)), state.shared_scale)
+    edited = state.hook("hook_shared_gate", gate)
+    if edited is gate and state.shared_scale is None:
+        return output
+    return torch.logit(edited.to(output.dtype)).reshape(output.shape)
+
+
+def _scaled(gate: Tensor, scale: float | None) -> Tensor:
+    return gate if scale is None else gate * scale
+
+
+# ------------------------------------------------------ experts implementation
+def hooked_experts_forward(
+    experts: nn.Module,
+    hidden_states: Float[Tensor, "n d"],
+    top_k_index: Int[Tensor, "n k"],
+    top_k_weights: Float[Tensor, "n k"],
+) -> Float[Tensor, "n d"]:
+    """The ``"nnsight_moe"`` experts implementation: per-slot acts and outputs through hook points."""
+    state: BlockState | None = experts.__dict__.get(_STATE)
+    if state is None:  # an experts module of a block that is not attached
+        return grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
+    n, d = hidden_states.shape
+    b, p = state.bp(n)
+    k = top_k_index.shape[-1]
+    order, counts = _sort_slots(top_k_index, experts.num_experts)
+    acts = state.hook("hook_expert_acts", expert_acts(experts, hidden_states, top_k_index, order, counts).view(b, p, k, -1))
+    out = state.hook("hook_expert_out", expert_down(experts, acts.reshape(n * k, -1), top_k_index, order, counts).view(b, p, k, d))
+    routed = (out * top_k_weights.view(b, p, k, 1)).sum(dim=-2).to(hidden_states.dtype)
+    return state.hook("hook_routed_out", routed).reshape(n, d)
+
+
+def _sort_slots(indices: Tensor, n_experts: int) -> tuple[Tensor, list[int]]:
+    flat = indices.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=n_experts).tolist()
+    return order, counts
+
+
+def _grouped_linear(x: Tensor, weight: Tensor, counts: list[int], transposed: bool) -> Tensor:
+    """Rows of ``x`` sorted by expert, times each expert's matrix ([E, out, in], or [E, in, out] if transposed)."""
+    chunks, start = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            w = weight[e] if transposed else weight[e].T
+            chunks.append(x[start : start + c] @ w.to(x.dtype))
+            start += c
+    if not chunks:
+        out_dim = weight.shape[2] if transposed else weight.shape[1]
+        return x.new_zeros(0, out_dim)
+    return torch.cat(chunks)
+
+
+def _unsort(x: Tensor, order: Tensor) -> Tensor:
+    return x[order.argsort()]
+
+
+def expert_acts(experts: nn.Module, x: Tensor, indices: Tensor, order: Tensor, counts: list[int]) -> Tensor:
+    """Input of each selected expert's down projection, [n * k, d_expert] in slot order."""
+    k = indices.shape[-1]
+    has_gate = getattr(experts, "has_gate", True)
+    weight = experts.gate_up_proj if has_gate else experts.up_proj
+    h = _grouped_linear(x[order // k], weight, counts, getattr(experts, "is_transposed", False))
+    if getattr(experts, "has_bias", False):
+        bias = experts.gate_up_proj_bias if has_gate else experts.up_proj_bias
+        h = h + bias[indices.reshape(-1)[order]]
+    acts = experts._apply_gate(h) if has_gate else experts.act_fn(h)
+    return _unsort(acts, order)
+
+
+def expert_down(experts: nn.Module, acts: Tensor, indices: Tensor, order: Tensor, counts: list[int]) -> Tensor:
+    """Each selected expert's output (before its gate weight), [n * k, d_model] in slot order."""
+    out = _grouped_linear(acts[order], experts.down_proj, counts, getattr(experts, "is_transposed", False))
+    if getattr(experts, "has_bias", False):
+        out = out + experts.down_proj_bias[indices.reshape(-1)[order]]
+    if getattr(experts, "has_post_expert_norm", False):
+        out = experts.post_expert_norm(out)
+    return _unsort(out, order)
+
+
+def register_experts_implementation() -> None:
+    """Register ``"nnsight_moe"`` in transformers' ``ExpertsInterface`` (idempotent)."""
+    if EXPERTS_IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, hooked_experts_forward)

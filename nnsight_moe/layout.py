@@ -1,0 +1,151 @@
+"""MoELayout: where a model's MoE parts live and how each MoE layer routes.
+
+A layout is found once per model (``nnsight_moe.layout(model)``) and is all the other modules need:
+the module path of every MoE block, router, experts and shared expert, the sizes (E, k, d_model,
+d_expert, d_shared) and the family's :class:`~nnsight_moe.routing.Routing` rule per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from nnsight_moe.routing import Routing
+
+__all__ = ["HOOK_NAMES", "SHARED_HOOK_NAMES", "LayerLayout", "MoELayout", "UnsupportedModelError"]
+
+#: Hook points every MoE block gets, in the order the forward runs them.
+ROUTED_HOOK_NAMES = (
+    "hook_router_logits",
+    "hook_router_scores",
+    "hook_topk_indices",
+    "hook_topk_weights",
+    "hook_expert_acts",
+    "hook_expert_out",
+    "hook_routed_out",
+)
+#: Hook points of blocks with shared expert(s).
+SHARED_HOOK_NAMES = ("hook_shared_acts", "hook_shared_out", "hook_shared_gate")
+#: All hook point names of the contract.
+HOOK_NAMES = ROUTED_HOOK_NAMES + SHARED_HOOK_NAMES + ("hook_moe_out",)
+
+
+class UnsupportedModelError(ValueError):
+    """The model is not a MoE model of a supported family (the message lists the supported ones)."""
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """One decoder layer. ``kind`` is ``"moe"`` or ``"dense"``; paths are relative to the HF model root."""
+
+    index: int
+    kind: str
+    path: str
+    d_model: int
+    router: str | None = None
+    experts: str | None = None
+    shared: str | None = None
+    shared_gate: str | None = None
+    n_experts: int = 0
+    top_k: int = 0
+    d_expert: int = 0
+    d_shared: int = 0
+    routing: Routing | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.kind == "moe"
+
+    @property
+    def has_shared(self) -> bool:
+        return self.shared is not None
+
+    @property
+    def hook_names(self) -> tuple[str, ...]:
+        """The hook points this layer has (empty for dense layers)."""
+        if not self.is_moe:
+            return ()
+        return ROUTED_HOOK_NAMES + (SHARED_HOOK_NAMES if self.has_shared else ()) + ("hook_moe_out",)
+
+
+@dataclass(frozen=True)
+class MoELayout:
+    """Per-layer description of a MoE model. ``family`` is the adapter name, ``model_type`` HF's."""
+
+    family: str
+    model_type: str
+    layers: tuple[LayerLayout, ...]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Indices of the MoE layers."""
+        return [layer.index for layer in self.layers if layer.is_moe]
+
+    @property
+    def n_experts(self) -> int:
+        """Routed experts per MoE layer (the maximum if layers differ)."""
+        return max((layer.n_experts for layer in self.layers), default=0)
+
+    @property
+    def top_k(self) -> int:
+        return max((layer.top_k for layer in self.layers), default=0)
+
+    @property
+    def has_shared(self) -> bool:
+        return any(layer.has_shared for layer in self.layers)
+
+    def layer(self, index: int) -> LayerLayout:
+        """The layout of layer ``index``; negative indices count from the end."""
+        n = len(self.layers)
+        if not isinstance(index, int) or isinstance(index, bool) or not -n <= index < n:
+            raise IndexError(f"layer {index!r} is out of range: this model has layers 0..{n - 1}")
+        return self.layers[index]
+
+    def moe_layer(self, index: int) -> LayerLayout:
+        """Like :meth:`layer`, but the layer must be a MoE layer."""
+        layer = self.layer(index)
+        if not layer.is_moe:
+            raise ValueError(
+                f"layer {index} is a dense layer, not a MoE layer; MoE layers of this model: {self.moe_layers}"
+            )
+        return layer
+
+    def check_experts(self, index: int, experts: Iterable[int]) -> list[int]:
+        """Validate expert ids for MoE layer ``index``; returns them as a sorted list."""
+        layer = self.moe_layer(index)
+        checked = []
+        for e in experts:
+            if isinstance(e, bool) or not isinstance(e, int) and not hasattr(e, "__index__"):
+                raise TypeError(f"expert ids must be integers, got {e!r} for layer {index}")
+            e = int(e)
+            if not 0 <= e < layer.n_experts:
+                raise IndexError(
+                    f"expert {e} is out of range for layer {index}: valid experts are 0..{layer.n_experts - 1}"
+                )
+            checked.append(e)
+        return sorted(set(checked))
+
+    def hook_name(self, index: int, name: str) -> str:
+        """Full HF/nnsight module path of a hook point, e.g. ``model.layers.1.mlp.hook_topk_weights``."""
+        layer = self.moe_layer(index)
+        if name not in layer.hook_names:
+            raise KeyError(f"{name!r} is not a hook of layer {index}; it has {list(layer.hook_names)}")
+        return f"{layer.path}.{name}"
+
+    def __str__(self) -> str:
+        lines = [f"{self.family} ({self.model_type}): {self.n_layers} layers, MoE layers {self.moe_layers}"]
+        for layer in self.layers:
+            if not layer.is_moe:
+                lines.append(f"  {layer.index:>3} dense  {layer.path}")
+                continue
+            shared = f", shared d={layer.d_shared}" if layer.has_shared else ""
+            rule = layer.routing.describe() if layer.routing is not None else ""
+            lines.append(
+                f"  {layer.index:>3} moe    {layer.path}  E={layer.n_experts} k={layer.top_k} "
+                f"d_expert={layer.d_expert}{shared}  [{rule}]"
+            )
+        return "\n".join(lines)

@@ -1,0 +1,176 @@
+"""Routing rules: how a family turns router logits into scores, a top-k selection and gate weights.
+
+A rule is split in the three steps the hook contract exposes, so that editing any hook re-derives
+everything after it and nothing before it:
+
+    logits --scores()--> scores --select()--> indices --weights()--> weights
+
+Every rule works on tensors of shape [..., E] (any leading dims) and returns float32 scores and
+weights (``cast_weights`` tells the caller whether the family casts weights to the logits' dtype).
+Adapters build a rule from the family's router module; the rules here cover the families in
+transformers 5 (softmax / sigmoid scoring, selection-only correction bias, group-limited selection,
+top-k renormalisation, scaling factor, softmax over the top-k, PhiMoE's sparsemixer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+__all__ = ["Routing", "SparseMixer"]
+
+
+@dataclass
+class Routing:
+    """The common routing rule of transformers 5 MoE families.
+
+    Args:
+        n_experts: number of routed experts E.
+        top_k: experts selected per token k.
+        scoring: ``"softmax"`` (softmax over all E logits) or ``"sigmoid"``.
+        normalize: renormalise the k selected weights to sum to one (``norm_topk_prob``).
+        scale: multiply the weights by this factor (``routed_scaling_factor``).
+        norm_eps: added to the renormalisation denominator (DeepSeek-V3 uses 1e-20).
+        bias: selection-only correction bias [E] added to the scores for choosing experts but not
+            for the weights (DeepSeek-V3 ``e_score_correction_bias``); None when absent.
+        n_group, topk_group: group-limited selection: experts are split into ``n_group`` groups and
+            only experts in the ``topk_group`` best groups can be chosen (1, 1 = no grouping).
+        group_score: how a group is scored: ``"max"`` (DeepSeek-V2) or ``"top2sum"`` (DeepSeek-V3).
+        sorted: slots in descending score order (``torch.topk(sorted=True)``); DeepSeek keeps
+            ``sorted=False``, whose slot order is what the model computes.
+        cast_weights: the family casts the gate weights to the router logits' dtype (Qwen-MoE, OLMoE);
+            otherwise they stay float32 (Mixtral, DeepSeek).
+    """
+
+    n_experts: int
+    top_k: int
+    scoring: str = "softmax"
+    normalize: bool = False
+    scale: float = 1.0
+    norm_eps: float = 0.0
+    bias: Tensor | None = None
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "max"
+    sorted: bool = True
+    cast_weights: bool = False
+
+    def __post_init__(self):
+        if self.scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {self.scoring!r}")
+        if self.n_experts % max(self.n_group, 1):
+            raise ValueError(f"n_experts={self.n_experts} is not divisible by n_group={self.n_group}")
+
+    def scores(self, logits: Float[Tensor, "... E"]) -> Float[Tensor, "... E"]:
+        """Selection scores from raw logits (float32), without any selection-only bias."""
+        logits = logits.float()
+        return logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
+
+    def select(
+        self, scores: Float[Tensor, "... E"], exclude: Bool[Tensor, " E"] | None = None
+    ) -> Int[Tensor, "... k"]:
+        """Top-k expert indices; experts in ``exclude`` are never chosen (their score is -inf)."""
+        choice = scores if self.bias is None else scores + self.bias.to(scores.device, scores.dtype)
+        if exclude is not None:
+            choice = choice.masked_fill(exclude.to(choice.device), float("-inf"))
+        if self.n_group > 1:
+            choice = _mask_groups(choice, self.n_group, self.topk_group, self.group_score)
+        return torch.topk(choice, self.top_k, dim=-1, sorted=self.sorted).indices
+
+    def weights(
+        self,
+        scores: Float[Tensor, "... E"],
+        indices: Int[Tensor, "... k"],
+        exclude: Bool[Tensor, " E"] | None = None,
+    ) -> Float[Tensor, "... k"]:
+        """Gate weights of the selected experts, as the family multiplies them into expert outputs."""
+        w = scores.gather(-1, indices)
+        if self.normalize:
+            w = w / (w.sum(dim=-1, keepdim=True) + self.norm_eps)
+        if self.scale != 1.0:
+            w = w * self.scale
+        return w
+
+    def describe(self) -> str:
+        """One line for layout tables, e.g. ``softmax top-2 of 8, renorm``."""
+        parts = [f"{self.scoring} top-{self.top_k} of {self.n_experts}"]
+        if self.bias is not None:
+            parts.append("selection bias")
+        if self.n_group > 1:
+            parts.append(f"groups {self.topk_group}/{self.n_group} ({self.group_score})")
+        if self.normalize:
+            parts.append("renorm")
+        if self.scale != 1.0:
+            parts.append(f"x{self.scale:g}")
+        return ", ".join(parts)
+
+
+def _mask_groups(choice: Tensor, n_group: int, topk_group: int, how: str) -> Tensor:
+    """Set the choice score of experts outside the ``topk_group`` best groups to -inf."""
+    grouped = choice.unflatten(-1, (n_group, -1))
+    if how == "top2sum":
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+    else:
+        group_scores = grouped.max(dim=-1).values
+    keep = torch.zeros_like(group_scores, dtype=torch.bool)
+    keep.scatter_(-1, group_scores.topk(topk_group, dim=-1).indices, True)
+    return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(-2)
+
+
+@dataclass
+class SoftmaxTopK(Routing):
+    """GPT-OSS: select the top-k logits, gate weights are the softmax over the selected k only.
+
+    Scores are the softmax over all E logits (same ranking as the logits); the weights, the
+    renormalised selected scores, equal the softmax over the k selected logits.
+    """
+
+    def weights(self, scores, indices, exclude=None):
+        w = scores.gather(-1, indices)
+        w = w / w.sum(dim=-1, keepdim=True)
+        return w
+
+    def describe(self) -> str:
+        return f"top-{self.top_k} of {self.n_experts} logits, softmax over the top-k"
+
+
+@dataclass
+class SparseMixer(Routing):
+    """PhiMoE's sparsemixer (evaluation mode): two sequential argmax picks with a jitter mask.
+
+    Scores are the raw logits (the mask is defined on logits, not on a softmax). Pick i (of 2)
+    takes the best remaining logit; its weight is the softmax, over the logits within
+    ``2 * jitter_eps`` (relative) of that best logit, evaluated at the pick.
+    """
+
+    jitter_eps: float = 0.01
+
+    def scores(self, logits):
+        return logits.float()
+
+    def select(self, scores, exclude=None):
+        if exclude is not None:
+            scores = scores.masked_fill(exclude.to(scores.device), float("-inf"))
+        first = scores.argmax(dim=-1, keepdim=True)
+        second = scores.scatter(-1, first, float("-inf")).argmax(dim=-1, keepdim=True)
+        return torch.cat([first, second], dim=-1)
+
+    def weights(self, scores, indices, exclude=None):
+        if exclude is not None:
+            scores = scores.masked_fill(exclude.to(scores.device), float("-inf"))
+        out, remaining = [], scores
+        for j in range(indices.shape[-1]):
+            pick = indices[..., j : j + 1]
+            best = remaining.max(dim=-1, keepdim=True).values
+            factor = scores.abs().clamp(min=best)
+            masked = remaining.masked_fill((best - scores) / factor > 2 * self.jitter_eps, float("-inf"))
+            out.append(masked.softmax(dim=-1).gather(-1, pick))
+            remaining = remaining.scatter(-1, pick, float("-inf"))
+        w = torch.cat(out, dim=-1)
+        return w
+
+    def describe(self) -> str:
+        return f"sparsemixer top-2 of {self.n_experts} (jitter {self.jitter_eps:g})"

@@ -1,0 +1,98 @@
+"""Tiny randomly initialised MoE models for tests, examples and benchmarks (no downloads).
+
+    model = nnsight_moe.testing.tiny_model("qwen2_moe")
+
+Every family's config class is filled with the same small sizes (only the attributes it has are
+set), then every floating parameter and buffer is re-drawn from a seeded normal so that routing is
+decisive (HF initialises some routers to zero, which makes every selection a tie).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+__all__ = ["TINY", "tiny_config", "tiny_model", "randomize_"]
+
+#: Small sizes applied to whichever of these attributes a family's config has.
+TINY: dict[str, Any] = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 64,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 48,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "num_experts": 8,
+    "num_local_experts": 8,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "n_group": 2,
+    "topk_group": 1,
+    "first_k_dense_replace": 1,
+    "max_position_embeddings": 128,
+    "q_lora_rank": 32,
+    "kv_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+#: Per-family extras on top of TINY (what makes the tiny model exercise the family's routing).
+FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
+    "deepseek_v2": {"topk_method": "group_limited_greedy", "routed_scaling_factor": 1.5, "num_key_value_heads": 4},
+    "deepseek_v3": {"routed_scaling_factor": 2.5, "norm_topk_prob": True, "head_dim": 8, "num_key_value_heads": 4},
+    "olmoe": {"norm_topk_prob": False},
+    "qwen3_moe": {"norm_topk_prob": True},
+    "qwen2_moe": {"norm_topk_prob": False},
+    "phimoe": {"router_jitter_noise": 0.01},
+}
+
+
+def tiny_config(model_type: str, **overrides: Any):
+    """A small config of ``model_type`` (HF ``model_type`` string), with ``overrides`` applied last.
+
+    Only attributes the family's config has are passed, through the config's constructor so that
+    derived fields (layer types, head dims, ...) follow.
+    """
+    default = AutoConfig.for_model(model_type)
+    values = {**TINY, **FAMILY_EXTRAS.get(model_type, {}), **overrides}
+    return AutoConfig.for_model(model_type, **{k: v for k, v in values.items() if hasattr(default, k)})
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """Re-draw every floating parameter and buffer of ``model`` from N(0, std^2/fan) (in place).
+
+    Norm weights are drawn around 1. Returns the model.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if not tensor.is_floating_point() or "inv_freq" in name or "rotary" in name:
+                continue
+            noise = torch.randn(tensor.shape, generator=gen, dtype=torch.float32)
+            if tensor.ndim == 1 and "norm" in name:
+                tensor.copy_(1.0 + 0.1 * noise)
+            elif tensor.ndim == 1:
+                tensor.copy_(0.1 * noise)
+            else:
+                fan_in = tensor.shape[-1]
+                tensor.copy_(noise * (std * 5.0 / fan_in**0.5))
+    return model
+
+
+def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any) -> PreTrainedModel:
+    """A tiny random causal LM of ``model_type`` in eval mode (e.g. ``tiny_model("olmoe")``)."""
+    config = tiny_config(model_type, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize_(model, seed=seed)
+    return model.to(dtype).eval()

@@ -1,0 +1,70 @@
+"""Independent oracles for the core tests: run the unmodified HF model and recompute from weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nnsight_moe.layout import MoELayout
+
+
+def capture_hooks(handle, fn):
+    """Run ``fn()`` with TransformerLens hooks on every hook point; returns {path: value}."""
+    values = {}
+    points = handle.hook_points()
+    for name, point in points.items():
+        point.add_hook(lambda tensor, hook, name=name: values.__setitem__(name, tensor.detach().clone()))
+    try:
+        fn()
+    finally:
+        for point in points.values():
+            point.remove_hooks()
+    return values
+
+
+def capture_blocks(model: nn.Module, layout: MoELayout, fn):
+    """Inputs and outputs of every MoE block of an UNATTACHED model: {layer: (input, output)}."""
+    seen, handles = {}, []
+    for index in layout.moe_layers:
+        block = model.get_submodule(layout.layer(index).path)
+
+        def hook(module, args, kwargs, output, index=index):
+            x = args[0] if args else kwargs["hidden_states"]
+            out = output[0] if isinstance(output, tuple) else output
+            seen[index] = (x.detach().clone(), out.detach().clone())
+
+        handles.append(block.register_forward_hook(hook, with_kwargs=True))
+    try:
+        fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def naive_expert(experts: nn.Module, x: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert ``e`` applied to tokens ``x`` [n, d] straight from its weights: (acts, out)."""
+    transposed = getattr(experts, "is_transposed", False)
+    has_gate = getattr(experts, "has_gate", True)
+    w_up = (experts.gate_up_proj if has_gate else experts.up_proj)[e]
+    h = x @ w_up if transposed else x @ w_up.T
+    if getattr(experts, "has_bias", False):
+        h = h + (experts.gate_up_proj_bias if has_gate else experts.up_proj_bias)[e]
+    acts = experts._apply_gate(h) if has_gate else experts.act_fn(h)
+    w_down = experts.down_proj[e]
+    out = acts @ w_down if transposed else acts @ w_down.T
+    if getattr(experts, "has_bias", False):
+        out = out + experts.down_proj_bias[e]
+    return acts, out
+
+
+def zero_expert_(model: nn.Module, layout: MoELayout, blocked: dict[int, list[int]]) -> nn.Module:
+    """Zero the down projection (and its bias) of each blocked expert, in place."""
+    with torch.no_grad():
+        for index, experts in blocked.items():
+            module = model.get_submodule(layout.layer(index).experts)
+            for e in experts:
+                module.down_proj[e].zero_()
+                if getattr(module, "has_bias", False):
+                    module.down_proj_bias[e].zero_()
+    return model
