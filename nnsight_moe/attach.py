@@ -20,9 +20,15 @@ from nnsight_moe import hooks
 from nnsight_moe.adapters import adapter_for, detect
 from nnsight_moe.layout import MoELayout
 
-__all__ = ["AttachHandle", "attach", "attached", "hf_model", "handle_of"]
+__all__ = ["FRONTENDS", "AttachHandle", "attach", "attached", "hf_model", "handle_of"]
 
 _HANDLE = "_nnsight_moe_handle"
+
+#: Frontend integrations: ``fn(model, handle)`` is called by every :func:`attach` with the object the
+#: user passed (HF model, TransformerBridge, nnsight model). A frontend that recognises ``model``
+#: makes the hook points visible there (idempotently) and registers its undo with
+#: ``handle.on_detach(undo)``; it ignores objects that are not its own.
+FRONTENDS: list = []
 
 
 def hf_model(model: Any) -> nn.Module:
@@ -47,6 +53,11 @@ class AttachHandle:
         self.states = states
         self._previous_impl = previous_impl
         self._handles: dict[int, list] = {}
+        self._on_detach: list = []
+
+    def on_detach(self, undo) -> None:
+        """Register ``undo()`` to run (last registered first) when the handle detaches."""
+        self._on_detach.append(undo)
 
     @property
     def attached(self) -> bool:
@@ -68,6 +79,8 @@ class AttachHandle:
         """Remove every hook point and hook and restore the experts implementation (idempotent)."""
         if not self.attached:
             return
+        while self._on_detach:
+            self._on_detach.pop()()
         for index, state in self.states.items():
             hooks.uninstall(state.block, state, self._handles.pop(index, []))
         self.model.set_experts_implementation(self._previous_impl)
@@ -87,12 +100,17 @@ def attach(model: Any) -> AttachHandle:
     """Instrument every MoE block of ``model`` in place with the contract's hook points.
 
     Raises :class:`~nnsight_moe.layout.UnsupportedModelError` for dense models and unknown families.
-    Attaching an attached model is a no-op that returns the existing handle.
+    Attaching an attached model is a no-op that returns the existing handle. Frontends in
+    :data:`FRONTENDS` (TransformerLens, nnsight) then expose the hook points in their own namespace.
     """
     hf = hf_model(model)
-    existing = hf.__dict__.get(_HANDLE)
-    if existing is not None:
-        return existing
+    handle = hf.__dict__.get(_HANDLE) or _attach_hf(hf)
+    for frontend in FRONTENDS:
+        frontend(model, handle)
+    return handle
+
+
+def _attach_hf(hf: nn.Module) -> AttachHandle:
     adapter = adapter_for(hf)
     layout = detect(hf)
     hooks.register_experts_implementation()
