@@ -37,9 +37,9 @@ class BlockState:
     Interventions (set by :mod:`nnsight_moe.interventions`) are applied to the gate weights before
     ``hook_topk_weights`` fires, so hooks see the weights actually multiplied into expert outputs:
 
-    * ``zero``: bool [E], experts whose gate weight is set to 0;
+    * ``zero``: bool [E] (or [batch, E], one row per batch row), experts whose gate weight is set to 0;
     * ``renorm``: after zeroing, rescale the remaining weights to the original per-token sum;
-    * ``exclude``: bool [E], experts removed before selection (``reroute``);
+    * ``exclude``: bool [E] or [batch, E], experts removed before selection (``reroute``);
     * ``keep_top``: keep only the n largest routed gate weights per token (0 = routed experts off);
     * ``shared_scale``: multiplies the shared expert gate (0 = shared expert ablated).
     """
@@ -68,10 +68,24 @@ class BlockState:
         b, p = self.shape
         return (b, p) if b * p == n_tokens else (1, n_tokens)
 
+    def row_mask(self, mask: Tensor | None, batch: int, device) -> Tensor | None:
+        """An expert mask [E] or [batch, E] as [1 or batch, 1, E], ready to broadcast over [b, p, E]."""
+        if mask is None:
+            return None
+        mask = mask.to(device)
+        if mask.ndim == 1:
+            return mask[None, None, :]
+        if mask.shape[0] != batch:
+            raise ValueError(
+                f"layer {self.layer.index}: a per-row expert mask has {mask.shape[0]} rows but the batch has {batch}"
+            )
+        return mask[:, None, :]
+
     def edit_weights(self, indices: Int[Tensor, "b p k"], weights: Float[Tensor, "b p k"]) -> Tensor:
         """Apply blocking / renormalisation / top-n restriction to the gate weights."""
         if self.zero is not None:
-            hit = self.zero.to(indices.device)[indices]
+            b, p, _ = indices.shape
+            hit = self.row_mask(self.zero, b, indices.device).expand(b, p, -1).gather(-1, indices)
             edited = weights.masked_fill(hit, 0.0)
             if self.renorm:
                 kept = edited.sum(dim=-1, keepdim=True)
@@ -133,8 +147,9 @@ def _route(router, args, output):
     rule = state.rule()
     logits = state.hook("hook_router_logits", logits.reshape(b, p, -1))
     scores = state.hook("hook_router_scores", rule.scores(logits))
-    indices = state.hook("hook_topk_indices", rule.select(scores, state.exclude))
-    weights = rule.weights(scores, indices, state.exclude)
+    exclude = state.row_mask(state.exclude, b, scores.device)
+    indices = state.hook("hook_topk_indices", rule.select(scores, exclude))
+    weights = rule.weights(scores, indices, exclude)
     if rule.cast_weights:
         weights = weights.to(logits.dtype)
     weights = state.hook("hook_topk_weights", state.edit_weights(indices, weights))

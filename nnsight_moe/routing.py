@@ -70,9 +70,9 @@ class Routing:
         return logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
 
     def select(
-        self, scores: Float[Tensor, "... E"], exclude: Bool[Tensor, " E"] | None = None
+        self, scores: Float[Tensor, "... E"], exclude: Bool[Tensor, "... E"] | None = None
     ) -> Int[Tensor, "... k"]:
-        """Top-k expert indices; experts in ``exclude`` are never chosen (their score is -inf)."""
+        """Top-k expert indices; experts in ``exclude`` (broadcast to scores) are never chosen (score -inf)."""
         choice = scores if self.bias is None else scores + self.bias.to(scores.device, scores.dtype)
         if exclude is not None:
             choice = choice.masked_fill(exclude.to(choice.device), float("-inf"))
@@ -84,7 +84,7 @@ class Routing:
         self,
         scores: Float[Tensor, "... E"],
         indices: Int[Tensor, "... k"],
-        exclude: Bool[Tensor, " E"] | None = None,
+        exclude: Bool[Tensor, "... E"] | None = None,
     ) -> Float[Tensor, "... k"]:
         """Gate weights of the selected experts, as the family multiplies them into expert outputs."""
         w = scores.gather(-1, indices)

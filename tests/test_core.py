@@ -283,3 +283,32 @@ def test_errors():
             pass
     assert layout.layer(0).kind == "dense" and layout.moe_layers == [1, 2]
     assert "deepseek_v3" in str(layout)
+
+
+@torch.no_grad()
+def test_per_row_masks_equal_separate_runs():
+    """A [batch, E] mask blocks different experts per batch row (conditions stacked on the batch)."""
+    model = tiny_model("qwen2_moe")
+    ids = _ids(batch=1)
+    handle = nnsight_moe.attach(model)
+    layer = handle.layout.moe_layers[0]
+    separate = []
+    for experts, mode in (([0], "zero"), ([1, 2], "zero")):
+        with nnsight_moe.block_experts(model, {layer: experts}, mode=mode):
+            separate.append(model(ids).logits)
+    state = handle.states[layer]
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[0, 0] = True
+    mask[1, [1, 2]] = True
+    state.zero = mask
+    stacked = model(ids.repeat(2, 1)).logits
+    state.exclude, state.zero = mask, None
+    rerouted = capture_hooks(handle, lambda: model(ids.repeat(2, 1)))
+    state.exclude = None
+    torch.testing.assert_close(stacked, torch.cat(separate), atol=ATOL, rtol=0)
+    chosen = rerouted[f"{handle.layout.layer(layer).path}.hook_topk_indices"]
+    assert not (chosen[0] == 0).any() and not torch.isin(chosen[1], torch.tensor([1, 2])).any()
+    state.zero = torch.zeros(3, 8, dtype=torch.bool)
+    with pytest.raises(ValueError, match="per-row expert mask has 3 rows but the batch has 2"):
+        model(ids.repeat(2, 1))
+    handle.detach()
