@@ -214,18 +214,21 @@ def hooked_experts_forward(
     n, d = hidden_states.shape
     b, p = state.bp(n)
     k = top_k_index.shape[-1]
-    order, counts = _sort_slots(top_k_index, experts.num_experts)
-    acts = state.hook("hook_expert_acts", expert_acts(experts, hidden_states, top_k_index, order, counts).view(b, p, k, -1))
-    out = state.hook("hook_expert_out", expert_down(experts, acts.reshape(n * k, -1), top_k_index, order, counts).view(b, p, k, d))
+    slots = _sort_slots(top_k_index, experts.num_experts)
+    acts = state.hook("hook_expert_acts", expert_acts(experts, hidden_states, top_k_index, slots).view(b, p, k, -1))
+    out = state.hook("hook_expert_out", expert_down(experts, acts.reshape(n * k, -1), top_k_index, slots).view(b, p, k, d))
     routed = (out * top_k_weights.view(b, p, k, 1)).sum(dim=-2).to(hidden_states.dtype)
     return state.hook("hook_routed_out", routed).reshape(n, d)
 
 
-def _sort_slots(indices: Tensor, n_experts: int) -> tuple[Tensor, list[int]]:
+def _sort_slots(indices: Tensor, n_experts: int) -> tuple[Tensor, Tensor, list[int]]:
+    """Slots grouped by expert: (order, its inverse permutation, slots per expert)."""
     flat = indices.reshape(-1)
     order = flat.argsort(stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
     counts = torch.bincount(flat, minlength=n_experts).tolist()
-    return order, counts
+    return order, inverse, counts
 
 
 def _grouped_linear(x: Tensor, weight: Tensor, counts: list[int], transposed: bool) -> Tensor:
@@ -242,13 +245,14 @@ def _grouped_linear(x: Tensor, weight: Tensor, counts: list[int], transposed: bo
     return torch.cat(chunks)
 
 
-def _unsort(x: Tensor, order: Tensor) -> Tensor:
-    return x[order.argsort()]
+def expert_acts(experts: nn.Module, x: Tensor, indices: Tensor, slots: tuple | None = None) -> Tensor:
+    """Input of each selected expert's down projection, [n * k, d_expert] in slot order.
 
-
-def expert_acts(experts: nn.Module, x: Tensor, indices: Tensor, order: Tensor, counts: list[int]) -> Tensor:
-    """Input of each selected expert's down projection, [n * k, d_expert] in slot order."""
+    ``x`` [n, d] are the block's tokens, ``indices`` [n, k] the selected experts; ``slots`` is
+    :func:`_sort_slots` of ``indices`` (computed when omitted).
+    """
     k = indices.shape[-1]
+    order, inverse, counts = slots or _sort_slots(indices, experts.num_experts)
     has_gate = getattr(experts, "has_gate", True)
     weight = experts.gate_up_proj if has_gate else experts.up_proj
     h = _grouped_linear(x[order // k], weight, counts, getattr(experts, "is_transposed", False))
@@ -256,17 +260,21 @@ def expert_acts(experts: nn.Module, x: Tensor, indices: Tensor, order: Tensor, c
         bias = experts.gate_up_proj_bias if has_gate else experts.up_proj_bias
         h = h + bias[indices.reshape(-1)[order]]
     acts = experts._apply_gate(h) if has_gate else experts.act_fn(h)
-    return _unsort(acts, order)
+    return acts[inverse]
 
 
-def expert_down(experts: nn.Module, acts: Tensor, indices: Tensor, order: Tensor, counts: list[int]) -> Tensor:
-    """Each selected expert's output (before its gate weight), [n * k, d_model] in slot order."""
+def expert_down(experts: nn.Module, acts: Tensor, indices: Tensor, slots: tuple | None = None) -> Tensor:
+    """Each selected expert's output (before its gate weight), [n * k, d_model] in slot order.
+
+    ``acts`` [n * k, d_expert] in slot order (as :func:`expert_acts` returns them).
+    """
+    order, inverse, counts = slots or _sort_slots(indices, experts.num_experts)
     out = _grouped_linear(acts[order], experts.down_proj, counts, getattr(experts, "is_transposed", False))
     if getattr(experts, "has_bias", False):
         out = out + experts.down_proj_bias[indices.reshape(-1)[order]]
     if getattr(experts, "has_post_expert_norm", False):
         out = experts.post_expert_norm(out)
-    return _unsort(out, order)
+    return out[inverse]
 
 
 def register_experts_implementation() -> None:
