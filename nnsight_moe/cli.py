@@ -1,0 +1,82 @@
+"""The ``nnsight-moe`` command line: ``families``, ``inspect`` and ``run`` (the main job)."""
+
+from __future__ import annotations
+
+import click
+
+DEFAULT_MODEL = "demo-moe"
+
+
+def _remote(value: str | None):
+    """``--remote``: none (local), ``ndif`` (True), ``local`` (nnsight's simulation) or a host URL."""
+    if value is None:
+        return None
+    return {"ndif": True, "true": True, "local": "local"}.get(value.lower(), value)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="nnsight-moe")
+def main() -> None:
+    """MoE interpretability for TransformerLens and nnsight users."""
+
+
+@main.command()
+def families() -> None:
+    """List the supported MoE families (HF model_type values)."""
+    import nnsight_moe
+
+    for name in nnsight_moe.supported_families():
+        click.echo(name)
+
+
+@main.command()
+@click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
+              help="demo-moe, demo-dense, a local model directory, or a hub name.")
+def inspect(model: str) -> None:
+    """Show the MoE layout of a model and its hook names."""
+    import nnsight_moe
+    from nnsight_moe.models import load_model
+
+    lm, _ = _or_fail(lambda: load_model(model))
+    try:
+        layout = nnsight_moe.layout(lm)
+    except nnsight_moe.UnsupportedModelError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(str(layout))
+    first = layout.layer(layout.moe_layers[0])
+    click.echo("\nhook points per MoE layer (HF/nnsight: <block path>.<name>, TransformerLens: blocks.{L}.mlp.<name>):")
+    for name in first.hook_names:
+        click.echo(f"  {first.path}.{name}")
+
+
+@main.command()
+@click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
+              help="demo-moe, demo-dense, a local model directory, or a hub name.")
+@click.option("--data", "-d", default=None, help="LRE relation JSON file or directory [default: bundled relations].")
+@click.option("--out", "-o", default="results", show_default=True, help="Output directory.")
+@click.option("--remote", default=None, help="Run through nnsight remotely: 'ndif', 'local' (simulation) or a host URL.")
+@click.option("--device", default=None, help="torch device, e.g. cpu or cuda.")
+@click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--quick", is_flag=True, help="Fewer seeds and prompts per recipe (smoke runs).")
+def run(model, data, out, remote, device, dtype, batch_size, quick) -> None:
+    """Run the main job: every recipe on a model and relations; writes results.json and report.html."""
+    from nnsight_moe.job import check_out_dir, run_job
+
+    _or_fail(lambda: check_out_dir(out))
+    _or_fail(lambda: run_job(model, data, out, remote=_remote(remote), device=device, dtype=dtype,
+                             batch_size=batch_size, quick=quick))
+
+
+def _or_fail(fn):
+    """Turn the library's input errors into a one-line CLI error (exit code 1)."""
+    from nnsight_moe.data import RelationFormatError
+
+    try:
+        return fn()
+    except (ValueError, PermissionError, FileNotFoundError, RelationFormatError) as err:
+        raise click.ClickException(str(err)) from err
+
+
+if __name__ == "__main__":
+    main()

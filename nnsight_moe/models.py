@@ -1,0 +1,62 @@
+"""Open a model by name: ``demo-moe`` / ``demo-dense``, a local directory, or a Hugging Face hub name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["DTYPES", "load_model"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(name: str, *, device: str | None = None, dtype: str | torch.dtype | None = None):
+    """(model, tokenizer) for a demo name, a local model directory or a hub name; eval mode.
+
+    Raises ``ValueError`` naming the accepted forms when ``name`` is none of them.
+    """
+    from nnsight_moe import demo
+
+    dtype = _dtype(dtype)
+    if name in demo.names():
+        model, tokenizer = demo.load(name, dtype=dtype, device=device)
+        return model, tokenizer
+    path = Path(name).expanduser()
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not (path / "config.json").is_file():
+        raise ValueError(
+            f"model {name!r}: no such model directory (a directory with config.json is expected); "
+            f"use {' or '.join(demo.names())}, a local model directory, or a hub name like 'allenai/OLMoE-1B-7B-0924'"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto")
+    except OSError as err:
+        raise ValueError(
+            f"model {name!r} is neither {' nor '.join(demo.names())}, nor a local model directory, nor a hub "
+            f"model that could be loaded ({err.__class__.__name__}: {str(err).splitlines()[0]})"
+        ) from err
+    if device is not None:
+        model = model.to(device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model.eval()
+    return model, tokenizer
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter."""
+    return next(model.parameters()).device
