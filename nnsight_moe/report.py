@@ -152,5 +152,12 @@ figure {{ margin: 1em 0; }} img {{ max-width: 100%; }} figcaption {{ color: #555
 </style></head>
 <body><h1>{title}</h1><p>{summary}</p>
 {body}
+<script>
+// Marks how many plots decoded with a size, for headless checks (data-plots-rendered on <body>).
+window.addEventListener("load", function () {{
+  var ok = Array.prototype.filter.call(document.images, function (img) {{ return img.naturalWidth > 0; }});
+  document.body.setAttribute("data-plots-rendered", String(ok.length));
+}});
+</script>
 </body></html>
 """

@@ -312,3 +312,52 @@ def test_per_row_masks_equal_separate_runs():
     with pytest.raises(ValueError, match="per-row expert mask has 3 rows but the batch has 2"):
         model(ids.repeat(2, 1))
     handle.detach()
+
+
+@torch.no_grad()
+def test_editing_semantics():
+    """Edited indices re-derive weights; edited acts/gates flow into the outputs."""
+    model = tiny_model("qwen2_moe")
+    ids = _ids()
+    handle = nnsight_moe.attach(model)
+    layer = handle.layout.layer(1)
+    block = handle.block(1)
+    rule = layer.routing
+
+    def fixed_indices(indices, hook):
+        return torch.zeros_like(indices) + torch.arange(indices.shape[-1])
+
+    block.hook_topk_indices.add_hook(fixed_indices)
+    block.hook_expert_acts.add_hook(lambda acts, hook: torch.cat([acts[..., :1, :] * 0, acts[..., 1:, :]], dim=-2))
+    block.hook_shared_gate.add_hook(lambda gate, hook: torch.full_like(gate, 0.25))
+    values = capture_hooks(handle, lambda: model(ids))
+    get = lambda name: values[f"{layer.path}.{name}"]  # noqa: E731
+    expected = rule.weights(get("hook_router_scores"), get("hook_topk_indices")).to(get("hook_topk_weights").dtype)
+    assert torch.equal(get("hook_topk_indices")[0, 0], torch.tensor([0, 1]))
+    torch.testing.assert_close(get("hook_topk_weights"), expected)
+    assert torch.count_nonzero(get("hook_expert_out")[..., 0, :]) == 0, "zeroed acts give a zero output"
+    torch.testing.assert_close(get("hook_shared_gate"), torch.full_like(get("hook_shared_gate"), 0.25))
+    torch.testing.assert_close(
+        get("hook_moe_out"), get("hook_routed_out") + 0.25 * get("hook_shared_out"), atol=ATOL, rtol=0
+    )
+    handle.detach()
+
+
+def test_gradients_flow_through_hooks():
+    model = tiny_model("mixtral")
+    ids = _ids()
+    handle = nnsight_moe.attach(model)
+    saved = {}
+
+    def keep(tensor, hook):
+        tensor.retain_grad()
+        saved[hook.name] = tensor
+        return tensor
+
+    point = handle.block(1).hook_expert_out
+    point.add_hook(keep)
+    model(ids).logits[:, -1].sum().backward()
+    grad = saved[point.name].grad
+    assert grad is not None and grad.shape == saved[point.name].shape and grad.abs().sum() > 0
+    point.remove_hooks()
+    handle.detach()
