@@ -1,0 +1,80 @@
+"""Two tiny demo models embedded in the package, trained on the bundled relations (offline use).
+
+    from nnsight_moe import demo
+    model, tokenizer = demo.load("demo-moe")     # Qwen2MoeForCausalLM: 8 routed experts (top-2) + shared expert
+    dense, _ = demo.load("demo-dense")           # Qwen2ForCausalLM, same depth/width, similar active params
+
+Both share one word-level tokenizer (vocabulary = the words of :func:`nnsight_moe.data.bundled`), so
+they only understand text made of those words; unknown words become ``[UNK]``. The tokenizer prepends
+``[BOS]`` and pads on the LEFT, so ``model(**tokenizer(prompts, padding=True, return_tensors="pt"))
+.logits[:, -1]`` are the next-token logits after each prompt. Retrain with
+``python -m nnsight_moe.demo.train`` (see docs/data.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["load", "names", "path"]
+
+_MODELS_DIR = Path(__file__).resolve().parent / "models"
+_NAMES = ("demo-moe", "demo-dense")
+
+
+def names() -> list[str]:
+    """Names of the embedded demo models: ``["demo-moe", "demo-dense"]``."""
+    return list(_NAMES)
+
+
+def path(name: str = "demo-moe") -> Path:
+    """Directory of a demo model (config.json, model.safetensors, tokenizer.json, metrics.json).
+
+    Unknown names raise a ValueError listing the available ones; a known model whose files are
+    missing raises FileNotFoundError telling how to rebuild them.
+    """
+    if name not in _NAMES:
+        raise ValueError(f"unknown demo model {name!r}; available: {', '.join(_NAMES)}")
+    folder = _MODELS_DIR / name
+    missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"demo model {name!r} is missing {missing} in {folder}; rebuild with `python -m nnsight_moe.demo.train`"
+        )
+    return folder
+
+
+def load_tokenizer(name: str = "demo-moe"):
+    """The demo tokenizer as a ``transformers.PreTrainedTokenizerFast`` (pad/unk/bos/eos set, left padding)."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(path(name) / "tokenizer.json"),
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        padding_side="left",
+        model_max_length=128,
+    )
+
+
+def load(name: str = "demo-moe", *, dtype=None, device=None):
+    """Load a demo model and its tokenizer from the package files only (no network): ``(model, tokenizer)``.
+
+    ``name``: ``"demo-moe"`` (``Qwen2MoeForCausalLM``) or ``"demo-dense"`` (``Qwen2ForCausalLM``); other
+    names raise a ValueError listing these. ``dtype`` (default float32, as stored) and ``device``
+    (default CPU) are applied to the model, which is returned in eval mode. The tokenizer is a
+    ``PreTrainedTokenizerFast`` with ``padding_side="left"`` (last position = last prompt token) that
+    prepends ``[BOS]``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = path(name)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, local_files_only=True, dtype=dtype if dtype is not None else torch.float32
+    )
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model, load_tokenizer(name)
