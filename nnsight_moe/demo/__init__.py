@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["load", "names", "path"]
+__all__ = ["load", "load_tokenizer", "names", "path"]
 
 _MODELS_DIR = Path(__file__).resolve().parent / "models"
 _NAMES = ("demo-moe", "demo-dense")
