@@ -1,0 +1,906 @@
+"""Expert blocking scored with MRR / HIT@k, random baselines, and shared-vs-routed configurations.
+
+    from nnsight_moe.recipes import blocking
+    ranking = blocking.rank_experts(model, relations, tokenizer=tok, by="frequency")
+    result = blocking.sweep(model, relations, tokenizer=tok, ranking=ranking, top_n=(1, 5, 10))
+    result.table()          # relation: original -> top-1 / top-5 / top-10 (the study's Table 5)
+    result.plot()           # MRR vs N, top-ranked vs random baselines (mean +- std over seeds)
+    configs = blocking.configurations(model, relations, tokenizer=tok)   # the study's Table 2
+
+**Datasets.** Every entry point takes ``dataset`` as one of
+
+* a list of :class:`nnsight_moe.data.Relation` (or one Relation) -- needs ``tokenizer``; facts are
+  encoded with :func:`nnsight_moe.data.encode_facts` (target = first token of ``" " + object``);
+* an :class:`nnsight_moe.data.EncodedFacts`;
+* a pair ``(prompts, targets)`` or a triple ``(prompts, targets, relation_names)``: ``prompts`` are
+  strings (``tokenizer`` needed) or lists of token ids (padded here on ``padding_side``), ``targets``
+  are target token ids; without relation names every prompt belongs to the relation ``"all"``.
+
+**Metrics.** The target's rank among the last-position logits, where the last position is the last
+non-pad token of each row (left or right padding); MRR and HIT@k (:mod:`nnsight_moe.recipes.metrics`).
+
+**Batched execution.** A sweep of C blocking conditions over P prompts stacks the conditions along the
+batch dimension (per-row expert masks of :class:`nnsight_moe.hooks.BlockState`), at most ``max_rows``
+rows per forward, instead of running one forward per condition (``stacked=False`` runs that naive
+per-condition loop with :func:`nnsight_moe.block_experts`, for checks and benchmarks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+import nnsight_moe
+from nnsight_moe.attach import attached, hf_model
+from nnsight_moe.interventions import BLOCK_MODES, block_experts, restrict_experts
+from nnsight_moe.layout import MoELayout
+from nnsight_moe.recipes.metrics import target_ranks
+
+__all__ = [
+    "ALL",
+    "BASELINES",
+    "RANK_BY",
+    "BlockingResult",
+    "ConfigurationResult",
+    "Ranking",
+    "configurations",
+    "evaluate",
+    "rank_experts",
+    "section",
+    "sweep",
+]
+
+#: Relation name of the pooled rows (every prompt) and of prompts given without relation names.
+ALL = "all"
+#: Ways to rank experts: mean gated-LPI attribution, routing frequency, summed gate weight.
+RANK_BY = ("attribution", "frequency", "gate")
+#: Random baselines: N pairs uniform over all routed experts; N pairs with the top-N's per-layer counts.
+BASELINES = ("uniform", "matched")
+
+Pair = tuple[int, int]
+
+
+def _check_remote(remote: Any) -> None:
+    if remote is not None:
+        raise NotImplementedError(
+            f"remote={remote!r}: the remote (NDIF) path of nnsight_moe.recipes.blocking is not wired yet; "
+            "run locally with remote=None (HF model, TransformerBridge or local nnsight model)"
+        )
+
+
+# ============================================================================================== data
+@dataclass
+class _Data:
+    """Prompts (str or token-id lists), target ids [P] and one relation name per prompt."""
+
+    prompts: list
+    targets: Tensor
+    relations: list[str]
+
+    def groups(self) -> dict[str, list[int]]:
+        """Prompt indices per relation, in first-seen order."""
+        out: dict[str, list[int]] = {}
+        for i, name in enumerate(self.relations):
+            out.setdefault(name, []).append(i)
+        return out
+
+
+def _dataset(dataset: Any, tokenizer: Any, max_per_relation: int | None = None) -> _Data:
+    """Normalise the accepted dataset forms (see the module docstring) into :class:`_Data`."""
+    from nnsight_moe.data import EncodedFacts, Relation, encode_facts
+
+    if isinstance(dataset, Relation):
+        dataset = [dataset]
+    if isinstance(dataset, (list, tuple)) and len(dataset) == 0:
+        raise ValueError("dataset is empty: give Relations, an EncodedFacts or (prompts, targets) with >= 1 prompt")
+    if isinstance(dataset, EncodedFacts):
+        data = _Data(list(dataset.prompts), torch.tensor(dataset.targets, dtype=torch.long),
+                     [f.relation for f in dataset.facts])
+    elif isinstance(dataset, (list, tuple)) and dataset and all(isinstance(r, Relation) for r in dataset):
+        if tokenizer is None:
+            raise ValueError("a list of Relations needs tokenizer= to turn facts into prompts and target ids")
+        encoded = encode_facts(tokenizer, [f for r in dataset for f in r.facts()])
+        return _dataset(encoded, tokenizer, max_per_relation)
+    elif isinstance(dataset, (list, tuple)) and len(dataset) in (2, 3) and not isinstance(dataset[0], str):
+        prompts, targets = list(dataset[0]), torch.as_tensor(dataset[1], dtype=torch.long).reshape(-1)
+        names = [str(r) for r in dataset[2]] if len(dataset) == 3 else [ALL] * len(prompts)
+        if not (len(prompts) == targets.numel() == len(names)):
+            raise ValueError(
+                f"dataset: got {len(prompts)} prompts, {targets.numel()} targets and {len(names)} relation "
+                "names; they must have the same length"
+            )
+        data = _Data(prompts, targets, names)
+    else:
+        raise TypeError(
+            "dataset must be a list of nnsight_moe.data.Relation, an EncodedFacts, or a pair "
+            f"(prompts, targets) / triple (prompts, targets, relation_names); got {type(dataset).__name__}"
+            + (" (empty)" if isinstance(dataset, (list, tuple)) and not dataset else "")
+        )
+    if not data.prompts:
+        raise ValueError("dataset is empty: no prompt with a usable target (need at least one fact)")
+    if isinstance(data.prompts[0], str) and tokenizer is None:
+        raise ValueError("string prompts need tokenizer=; or pass prompts as lists of token ids")
+    if max_per_relation is not None:
+        data = _subsample(data, max_per_relation)
+    return data
+
+
+def _subsample(data: _Data, n: int) -> _Data:
+    """At most ``n`` prompts per relation, evenly spaced over the relation's prompts (deterministic)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"max_per_relation must be a positive integer or None, got {n!r}")
+    keep = []
+    for idx in data.groups().values():
+        step = len(idx) / min(n, len(idx))
+        keep += [idx[int(j * step)] for j in range(min(n, len(idx)))]
+    keep.sort()
+    return _Data([data.prompts[i] for i in keep], data.targets[keep], [data.relations[i] for i in keep])
+
+
+@dataclass
+class _Chunk:
+    """One tokenized batch of prompts: their indices in the dataset, ids, mask, last non-pad position."""
+
+    rows: list[int]
+    input_ids: Tensor
+    attention_mask: Tensor
+    last: Tensor
+
+
+def _chunks(hf, data: _Data, indices: list[int], tokenizer, batch_size: int, padding_side: str) -> list[_Chunk]:
+    """Tokenize ``data.prompts[indices]`` once, in batches of ``batch_size`` prompts."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    device = next(hf.parameters()).device
+    out = []
+    for start in range(0, len(indices), batch_size):
+        rows = indices[start : start + batch_size]
+        prompts = [data.prompts[i] for i in rows]
+        if isinstance(prompts[0], str):
+            if getattr(tokenizer, "pad_token_id", None) is None:
+                raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before batching")
+            enc = tokenizer(prompts, return_tensors="pt", padding=True)
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+        else:
+            ids, mask = _pad([list(map(int, p)) for p in prompts], hf.config.get_text_config().pad_token_id,
+                             padding_side)
+        last = mask.cumsum(-1).argmax(-1)  # last non-pad position, either padding side
+        out.append(_Chunk(rows, ids.to(device), mask.to(device), last.to(device)))
+    return out
+
+
+def _pad(seqs: list[list[int]], pad_id: int | None, side: str) -> tuple[Tensor, Tensor]:
+    if any(len(s) == 0 for s in seqs):
+        raise ValueError("a prompt has no tokens; every prompt needs at least one token id")
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), 0 if pad_id is None else pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        span = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, span], mask[i, span] = torch.tensor(s), 1
+    return ids, mask
+
+
+def _last_logits(hf, ids: Tensor, mask: Tensor, last: Tensor) -> Tensor:
+    """Logits at each row's last non-pad position, [rows, V] (only those positions are projected)."""
+    logits = hf(input_ids=ids, attention_mask=mask, logits_to_keep=last[:, None]).logits
+    return logits[:, 0].float()
+
+
+# =========================================================================================== ranking
+@dataclass
+class Ranking:
+    """Routed experts ordered from most to least important: ``overall`` and ``per_relation``.
+
+    Each ranking is a list of ``(layer, expert)`` pairs covering every routed expert of the model;
+    ``scores`` holds the score of each pair per relation (and under :data:`ALL`) as ``[[layer, expert,
+    score], ...]`` in ranking order. :meth:`for_relation` falls back to ``overall`` for unknown names.
+    """
+
+    by: str
+    overall: list[Pair]
+    per_relation: dict[str, list[Pair]]
+    scores: dict[str, list[list]]
+
+    def for_relation(self, name: str) -> list[Pair]:
+        """The ranking of relation ``name`` (``overall`` for :data:`ALL` or a relation not ranked)."""
+        return self.per_relation.get(name, self.overall)
+
+    def to_json(self) -> dict:
+        """JSON-ready dict (``{"by", "overall", "per_relation", "scores"}``, pairs as ``[layer, expert]``)."""
+        return {"by": self.by, "overall": [list(p) for p in self.overall],
+                "per_relation": {k: [list(p) for p in v] for k, v in self.per_relation.items()},
+                "scores": self.scores}
+
+
+def rank_experts(
+    model: Any,
+    dataset: Any,
+    *,
+    tokenizer: Any = None,
+    by: str = "attribution",
+    batch_size: int = 16,
+    padding_side: str = "left",
+    max_per_relation: int | None = None,
+    remote: Any = None,
+    progress: bool = True,
+) -> Ranking:
+    """Rank every routed (layer, expert) pair of ``model`` on ``dataset``, per relation and overall.
+
+    Args:
+        model: HF model, TransformerBridge or nnsight model of a supported MoE family.
+        dataset: Relations, EncodedFacts or ``(prompts, targets[, relation_names])`` (module docstring).
+        tokenizer: needed for string prompts and Relations.
+        by: ``"attribution"`` -- mean gated LPI of the expert for the target over the relation's prompts
+            (a prompt where the expert is not selected counts 0), from
+            :func:`nnsight_moe.recipes.attribution.attribute`; ``"frequency"`` -- how often the expert is
+            selected at the last (prediction) position; ``"gate"`` -- its summed gate weight there.
+        batch_size: prompts per forward. padding_side: for token-id prompts ("left" or "right").
+        max_per_relation: keep at most this many prompts per relation (evenly spaced), or None for all.
+        remote: must be None for now (NotImplementedError otherwise).
+
+    Ties are broken by (layer, expert) order. Returns a :class:`Ranking`.
+    """
+    _check_remote(remote)
+    if by not in RANK_BY:
+        raise ValueError(f"by must be one of {RANK_BY}, got {by!r}")
+    hf = hf_model(model)
+    layout = nnsight_moe.layout(hf)
+    data = _dataset(dataset, tokenizer, max_per_relation)
+    pairs = _all_pairs(layout)
+    if by == "attribution":
+        totals = _attribution_scores(model, data, tokenizer, pairs, batch_size)
+    else:
+        totals = _routing_scores(hf, layout, data, tokenizer, pairs, by, batch_size, padding_side, progress)
+    groups = data.groups()
+    per_relation, scores = {}, {}
+    for name, idx in groups.items():
+        per_relation[name], scores[name] = _order(pairs, totals[name] / len(idx))
+    overall_total = sum(totals[name] for name in groups)
+    overall, scores[ALL] = _order(pairs, overall_total / len(data.prompts))
+    return Ranking(by, overall, per_relation, scores)
+
+
+def _all_pairs(layout: MoELayout) -> list[Pair]:
+    return [(i, e) for i in layout.moe_layers for e in range(layout.layer(i).n_experts)]
+
+
+def _order(pairs: list[Pair], score: Tensor) -> tuple[list[Pair], list[list]]:
+    order = sorted(range(len(pairs)), key=lambda j: (-float(score[j]), pairs[j]))
+    return [pairs[j] for j in order], [[*pairs[j], float(score[j])] for j in order]
+
+
+@torch.no_grad()
+def _routing_scores(hf, layout, data, tokenizer, pairs, by, batch_size, padding_side, progress) -> dict[str, Tensor]:
+    """Summed per-relation selection counts (``frequency``) or gate weights (``gate``) at the last position."""
+    column = {pair: j for j, pair in enumerate(pairs)}
+    totals = {name: torch.zeros(len(pairs), dtype=torch.float64) for name in data.groups()}
+    seen: dict[tuple[int, str], Tensor] = {}
+    chunks = _chunks(hf, data, list(range(len(data.prompts))), tokenizer, batch_size, padding_side)
+    with attached(hf) as handle:
+        points = []
+        for i in layout.moe_layers:
+            block = handle.block(i)
+            points += [block.hook_topk_indices, block.hook_topk_weights]
+            for point in points[-2:]:
+                point.add_hook(lambda t, hook, i=i: seen.__setitem__((i, hook.name.rsplit(".", 1)[-1]), t))
+        try:
+            for chunk in tqdm(chunks, desc=f"rank experts by {by}", disable=not progress, leave=False):
+                hf(input_ids=chunk.input_ids, attention_mask=chunk.attention_mask, logits_to_keep=1)
+                rows = torch.arange(len(chunk.rows), device=chunk.last.device)
+                for i in layout.moe_layers:
+                    indices, weights = (seen[(i, f"hook_topk_{name}")][rows, chunk.last].cpu()
+                                        for name in ("indices", "weights"))
+                    values = torch.ones_like(weights, dtype=torch.float64) if by == "frequency" else weights.double()
+                    base = column[(i, 0)]
+                    for r, prompt in enumerate(chunk.rows):
+                        totals[data.relations[prompt]].index_add_(0, base + indices[r], values[r])
+        finally:
+            for point in points:
+                point.remove_hooks()
+    return totals
+
+
+def _attribution_scores(model, data, tokenizer, pairs, batch_size) -> dict[str, Tensor]:
+    """Summed per-relation gated-LPI scores of each routed expert, from the attribution recipe."""
+    try:
+        from nnsight_moe.recipes.attribution import attribute
+    except ImportError as err:
+        raise ImportError(
+            "by='attribution' needs nnsight_moe.recipes.attribution, which is not available in this "
+            f"installation ({err}); use by='frequency' or by='gate'"
+        ) from err
+    column = {pair: j for j, pair in enumerate(pairs)}
+    totals = {}
+    for name, idx in data.groups().items():
+        result = attribute(model, [data.prompts[i] for i in idx], data.targets[idx].tolist(),
+                           tokenizer=tokenizer, levels=("expert",))
+        frame = result.to_frame()
+        frame = frame[frame["level"] == "expert"]
+        total = torch.zeros(len(pairs), dtype=torch.float64)
+        for (layer, expert), score in frame.groupby(["layer", "expert"])["score"].sum().items():
+            total[column[(int(layer), int(expert))]] = float(score)
+        totals[name] = total
+    return totals
+
+
+# ========================================================================================= execution
+def _check_pairs(layout: MoELayout, pairs: Sequence, what: str) -> list[Pair]:
+    """Validate (layer, expert) pairs: MoE layers only, experts in range, no duplicates."""
+    checked = []
+    for pair in pairs:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"{what}: expected (layer, expert) pairs, got {pair!r}")
+        layer, expert = int(pair[0]), int(pair[1])
+        try:
+            layout.check_experts(layer, [expert])
+        except (ValueError, IndexError) as err:
+            raise type(err)(f"{what} names ({layer}, {expert}): {err}") from err
+        checked.append((layer, expert))
+    if len(set(checked)) != len(checked):
+        raise ValueError(f"{what} lists a (layer, expert) pair twice: {checked}")
+    return checked
+
+
+def _masks(layout: MoELayout, conditions: list[list[Pair]], mode: str) -> dict[int, Tensor]:
+    """Per-layer bool masks [C, E] of the experts each condition blocks (layers some condition blocks)."""
+    masks: dict[int, Tensor] = {}
+    for c, pairs in enumerate(conditions):
+        for layer, expert in pairs:
+            if layer not in masks:
+                masks[layer] = torch.zeros(len(conditions), layout.layer(layer).n_experts, dtype=torch.bool)
+            masks[layer][c, expert] = True
+    if mode == "reroute":
+        for layer, mask in masks.items():
+            info = layout.layer(layer)
+            worst = int(mask.sum(dim=1).max())
+            if worst > info.n_experts - info.top_k:
+                raise ValueError(
+                    f"cannot reroute around {worst} of {info.n_experts} experts in layer {layer}: at most "
+                    f"{info.n_experts - info.top_k} can be blocked per layer with top-{info.top_k} routing"
+                )
+    return masks
+
+
+@torch.no_grad()
+def _run(hf, layout, chunks, targets, conditions, mode, max_rows, stacked, progress) -> Tensor:
+    """Target ranks [C, P_chunks] of every condition on every prompt of ``chunks``."""
+    if mode not in BLOCK_MODES:
+        raise ValueError(f"mode must be one of {BLOCK_MODES}, got {mode!r}")
+    masks = _masks(layout, conditions, mode)
+    n_prompts = sum(len(c.rows) for c in chunks)
+    ranks = torch.zeros(len(conditions), n_prompts, dtype=torch.long)
+    if not stacked:
+        for c, pairs in enumerate(tqdm(conditions, desc=f"{mode} (per condition)", disable=not progress, leave=False)):
+            blocked: dict[int, list[int]] = {}
+            for layer, expert in pairs:
+                blocked.setdefault(layer, []).append(expert)
+            with block_experts(hf, blocked, mode=mode):
+                start = 0
+                for chunk in chunks:
+                    logits = _last_logits(hf, chunk.input_ids, chunk.attention_mask, chunk.last)
+                    ranks[c, start : start + len(chunk.rows)] = target_ranks(logits, targets[chunk.rows]).cpu()
+                    start += len(chunk.rows)
+        return ranks
+    field = "exclude" if mode == "reroute" else "zero"
+    with attached(hf) as handle:
+        saved = {i: (s.zero, s.exclude, s.renorm) for i, s in handle.states.items()}
+        plan = []
+        start = 0
+        for chunk in chunks:
+            per = max(1, max_rows // len(chunk.rows))
+            plan += [(chunk, start, g, min(g + per, len(conditions))) for g in range(0, len(conditions), per)]
+            start += len(chunk.rows)
+        try:
+            for chunk, start, c0, c1 in tqdm(plan, desc=f"{mode} (stacked)", disable=not progress, leave=False):
+                g, b = c1 - c0, len(chunk.rows)
+                for layer, mask in masks.items():
+                    state = handle.states[layer]
+                    rows = mask[c0:c1].repeat_interleave(b, dim=0)  # condition-major: row = c * b + i
+                    previous = saved[layer][1 if mode == "reroute" else 0]
+                    if previous is not None:
+                        if previous.ndim != 1:
+                            raise ValueError(f"layer {layer} already has a per-row mask; cannot stack conditions on it")
+                        rows = rows | previous.cpu()[None, :]
+                    setattr(state, field, rows.to(chunk.input_ids.device))
+                    if mode != "reroute":
+                        state.renorm = mode == "renorm"
+                logits = _last_logits(hf, chunk.input_ids.repeat(g, 1), chunk.attention_mask.repeat(g, 1),
+                                      chunk.last.repeat(g))
+                found = target_ranks(logits, targets[chunk.rows].repeat(g)).cpu().view(g, b)
+                ranks[c0:c1, start : start + b] = found
+        finally:
+            for i, (zero, exclude, renorm) in saved.items():
+                state = handle.states[i]
+                state.zero, state.exclude, state.renorm = zero, exclude, renorm
+    return ranks
+
+
+def evaluate(
+    model: Any,
+    dataset: Any,
+    conditions: Sequence[Sequence[Pair]],
+    *,
+    mode: str = "zero",
+    tokenizer: Any = None,
+    batch_size: int = 16,
+    max_rows: int = 256,
+    stacked: bool = True,
+    padding_side: str = "left",
+    remote: Any = None,
+    progress: bool = True,
+) -> Int[Tensor, "C P"]:
+    """Target ranks under each blocking condition: ``ranks[c, p]`` (1 = top prediction).
+
+    Args:
+        model: HF model, TransformerBridge or nnsight model of a supported MoE family.
+        dataset: Relations, EncodedFacts or ``(prompts, targets[, relation_names])`` (module docstring);
+            prompts are returned in dataset order.
+        conditions: each a list of ``(layer, expert)`` pairs blocked together (``[]`` = no blocking).
+        mode: ``"zero"``, ``"renorm"`` or ``"reroute"`` (:func:`nnsight_moe.block_experts`).
+        batch_size: prompts per tokenized batch; max_rows: most batch rows (conditions x prompts) per
+            forward when ``stacked``; ``stacked=False`` runs one condition at a time instead.
+    """
+    _check_remote(remote)
+    hf = hf_model(model)
+    layout = nnsight_moe.layout(hf)
+    data = _dataset(dataset, tokenizer)
+    conditions = [_check_pairs(layout, c, f"condition {j}") for j, c in enumerate(conditions)]
+    if not conditions:
+        raise ValueError("conditions is empty: give at least one list of (layer, expert) pairs ([] = unblocked)")
+    chunks = _chunks(hf, data, list(range(len(data.prompts))), tokenizer, batch_size, padding_side)
+    return _run(hf, layout, chunks, data.targets, conditions, mode, _positive(max_rows, "max_rows"), stacked, progress)
+
+
+def _positive(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _metrics(ranks: Tensor, k: int) -> dict[str, float]:
+    ranks = ranks.double()
+    return {"mrr": float((1.0 / ranks).mean()), "hit_at_k": float((ranks <= k).double().mean())}
+
+
+# ============================================================================================= sweep
+def _normalise_ranking(layout: MoELayout, ranking: Any, groups: Mapping[str, list[int]]) -> dict[str, list[Pair]]:
+    """{relation: ranked pairs} from a Ranking, a {relation: pairs} dict or one list of pairs."""
+    if isinstance(ranking, Ranking):
+        out = {name: ranking.for_relation(name) for name in groups}
+    elif isinstance(ranking, Mapping):
+        missing = [name for name in groups if name not in ranking and ALL not in ranking]
+        if missing:
+            raise ValueError(f"ranking has no entry for relations {missing} (and no {ALL!r} entry); it has {list(ranking)}")
+        out = {name: ranking.get(name, ranking.get(ALL)) for name in groups}
+    elif isinstance(ranking, Sequence) and not isinstance(ranking, str):
+        out = {name: ranking for name in groups}
+    else:
+        raise TypeError(f"ranking must be a Ranking, a {{relation: [(layer, expert), ...]}} dict or a list of pairs, got {type(ranking).__name__}")
+    return {name: _check_pairs(layout, pairs, f"ranking for {name!r}") for name, pairs in out.items()}
+
+
+def _draw(rng: random.Random, layout: MoELayout, kind: str, top: list[Pair], cap: dict[int, int]) -> list[Pair]:
+    """A random baseline for ``top``: ``uniform`` over all routed pairs or ``matched`` per-layer counts.
+
+    Uniform draws are redrawn until no layer exceeds ``cap`` (only binding for ``reroute``).
+    """
+    if kind == "matched":
+        counts: dict[int, int] = {}
+        for layer, _ in top:
+            counts[layer] = counts.get(layer, 0) + 1
+        return sorted((layer, e) for layer, n in counts.items()
+                      for e in rng.sample(range(layout.layer(layer).n_experts), n))
+    pairs = _all_pairs(layout)
+    for _ in range(10_000):
+        drawn = rng.sample(pairs, len(top))
+        per_layer: dict[int, int] = {}
+        for layer, _ in drawn:
+            per_layer[layer] = per_layer.get(layer, 0) + 1
+        if all(per_layer[layer] <= cap[layer] for layer in per_layer):
+            return sorted(drawn)
+    raise ValueError(f"could not draw {len(top)} random experts with at most {cap} per layer")
+
+
+def sweep(
+    model: Any,
+    dataset: Any,
+    *,
+    tokenizer: Any = None,
+    top_n: Sequence[int] = (1, 5, 10),
+    modes: Sequence[str] = ("zero",),
+    seeds: int = 5,
+    ranking: Any = None,
+    by: str = "attribution",
+    baselines: Sequence[str] = BASELINES,
+    per_relation: bool = True,
+    max_per_relation: int | None = None,
+    k: int = 10,
+    batch_size: int = 16,
+    max_rows: int = 256,
+    stacked: bool = True,
+    padding_side: str = "left",
+    seed: int = 0,
+    remote: Any = None,
+    progress: bool = True,
+) -> BlockingResult:
+    """Block the top-N ranked experts (and random baselines) and score MRR / HIT@k before and after.
+
+    Args:
+        model: HF model, TransformerBridge or nnsight model of a supported MoE family.
+        dataset: Relations (with ``tokenizer``), EncodedFacts or ``(prompts, targets[, relation_names])``.
+        top_n: numbers of top-ranked experts to block together; each at most the model's routed experts.
+        modes: blocking modes among ``"zero"``, ``"renorm"``, ``"reroute"``.
+        seeds: random draws per baseline and N (mean and std are reported; use >= 5).
+        ranking: a :class:`Ranking`, ``{relation: [(layer, expert), ...]}`` or one list of pairs for every
+            relation; None ranks with :func:`rank_experts` ``by=by`` on the same prompts.
+        baselines: among :data:`BASELINES`: ``"uniform"`` (N pairs uniform over all routed experts) and
+            ``"matched"`` (N pairs with the same number per layer as the top-N).
+        per_relation: block each relation's own top-N on its prompts (the study's setting), and add
+            pooled rows under :data:`ALL`; False: one overall ranking on all prompts as :data:`ALL`.
+        max_per_relation: subsample each relation to this many prompts (evenly spaced).
+        k: the k of HIT@k. batch_size / max_rows / stacked: see :func:`evaluate`.
+        seed: base seed of the random baselines (draws are the same for every mode).
+        remote: must be None for now (NotImplementedError otherwise).
+
+    Random draws for ``reroute`` keep at most E - k blocked experts per layer (for every mode, so the
+    modes are compared on the same draws when ``"reroute"`` is among them).
+    """
+    _check_remote(remote)
+    hf = hf_model(model)
+    layout = nnsight_moe.layout(hf)
+    modes = tuple(modes)
+    bad = [m for m in modes if m not in BLOCK_MODES]
+    if not modes or bad:
+        raise ValueError(f"modes must be a non-empty subset of {BLOCK_MODES}, got {modes!r}")
+    bad = [b for b in baselines if b not in BASELINES]
+    if bad:
+        raise ValueError(f"baselines must be a subset of {BASELINES}, got {tuple(baselines)!r}")
+    seeds = _positive(seeds, "seeds")
+    n_routed = len(_all_pairs(layout))
+    top_n = tuple(top_n)
+    for n in top_n:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= n_routed:
+            raise ValueError(
+                f"top_n={n!r} is not possible: N must be an integer in 1..{n_routed}, the number of routed "
+                f"experts of this model ({len(layout.moe_layers)} MoE layers x {layout.n_experts})"
+            )
+    if not top_n:
+        raise ValueError("top_n is empty; give at least one N, e.g. (1, 5, 10)")
+    data = _dataset(dataset, tokenizer, max_per_relation)
+    if not per_relation:
+        data = _Data(data.prompts, data.targets, [ALL] * len(data.prompts))
+    groups = data.groups()
+    if ranking is None:
+        ranking = rank_experts(hf, (data.prompts, data.targets, data.relations), tokenizer=tokenizer, by=by,
+                               batch_size=batch_size, padding_side=padding_side, progress=progress)
+    ranked = _normalise_ranking(layout, ranking, groups)
+    cap = {i: layout.layer(i).n_experts - (layout.layer(i).top_k if "reroute" in modes else 0)
+           for i in layout.moe_layers}
+    original, rows = {}, []
+    for name, idx in groups.items():
+        if max(top_n) > len(ranked[name]):
+            raise ValueError(f"top_n={max(top_n)} but the ranking for {name!r} lists only {len(ranked[name])} experts")
+        labels, conditions = [("original", 0, None)], [[]]
+        for n in top_n:
+            top = sorted(ranked[name][:n])
+            labels.append(("top", n, None)), conditions.append(top)
+            for kind in baselines:
+                for s in range(seeds):
+                    rng = random.Random(f"{seed + s}:{name}:{n}:{kind}")
+                    labels.append((kind, n, seed + s)), conditions.append(_draw(rng, layout, kind, top, cap))
+        chunks = _chunks(hf, data, idx, tokenizer, batch_size, padding_side)
+        for j, mode in enumerate(modes):
+            todo = conditions if j == 0 else conditions[1:]
+            ranks = _run(hf, layout, chunks, data.targets, todo, mode, max_rows, stacked, progress)
+            if j == 0:
+                original[name] = {"n_prompts": len(idx), **_metrics(ranks[0], k)}
+                ranks = ranks[1:]
+            for (kind, n, s), pairs, r in zip(labels[1:], conditions[1:], ranks):
+                rows.append({"relation": name, "mode": mode, "kind": kind, "n": n, "seed": s,
+                             "n_prompts": len(idx), **_metrics(r, k), "experts": [list(p) for p in pairs]})
+    if per_relation and len(groups) > 1:
+        original[ALL], rows = _pooled(original, rows)
+    meta = {"by": ranking.by if isinstance(ranking, Ranking) else "given", "top_n": list(top_n),
+            "modes": list(modes), "seeds": seeds, "seed": seed, "baselines": list(baselines), "k": k,
+            "per_relation": per_relation, "max_per_relation": max_per_relation,
+            "rankings": {name: [list(p) for p in ranked[name]] for name in groups}}
+    return BlockingResult(meta, original, rows)
+
+
+def _pooled(original: dict, rows: list[dict]) -> tuple[dict, list[dict]]:
+    """Rows of relation ALL: every prompt of every relation (each blocked by its own relation's set)."""
+    total = sum(o["n_prompts"] for o in original.values())
+
+    def weighted(items, key):
+        return sum(item[key] * item["n_prompts"] for item in items) / total
+
+    pooled_original = {"n_prompts": total, "mrr": weighted(original.values(), "mrr"),
+                       "hit_at_k": weighted(original.values(), "hit_at_k")}
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["mode"], row["kind"], row["n"], row["seed"]), []).append(row)
+    pooled = [{"relation": ALL, "mode": mode, "kind": kind, "n": n, "seed": s, "n_prompts": total,
+               "mrr": weighted(items, "mrr"), "hit_at_k": weighted(items, "hit_at_k"), "experts": None}
+              for (mode, kind, n, s), items in groups.items()]
+    return pooled_original, rows + pooled
+
+
+# =========================================================================================== results
+class _Result:
+    """Rows of metrics plus the original (unblocked) metrics per relation; JSON round trip."""
+
+    type = "result"
+
+    def __init__(self, meta: dict, original: dict, rows: list[dict]):
+        self.meta, self.original, self.rows = meta, original, rows
+
+    def to_json(self) -> dict:
+        """The dict stored in results.json (schema in docs/recipes/blocking.md)."""
+        return {"type": self.type, "meta": self.meta, "original": self.original, "rows": self.rows}
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`to_json` to ``path`` (JSON); returns the path."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path):
+        """Read a result written by :meth:`save` (the class must match the file's ``type``)."""
+        data = json.loads(Path(path).read_text())
+        if data.get("type") != cls.type:
+            raise ValueError(f"{path} holds a {data.get('type')!r} result, not {cls.type!r}")
+        return cls(data["meta"], data["original"], data["rows"])
+
+    def to_frame(self):
+        """One row per condition with ``*_orig``, ``*_drop`` (orig - after) and ``*_rel_drop`` (drop / orig)."""
+        import pandas as pd
+
+        frame = pd.DataFrame(self.rows)
+        for metric in ("mrr", "hit_at_k"):
+            orig = frame["relation"].map(lambda r, m=metric: self.original[r][m])
+            frame[f"{metric}_orig"] = orig
+            frame[f"{metric}_drop"] = orig - frame[metric]
+            frame[f"{metric}_rel_drop"] = (orig - frame[metric]) / orig.where(orig != 0)
+        return frame
+
+
+class BlockingResult(_Result):
+    """What :func:`sweep` returns.
+
+    ``rows``: one dict per (relation, mode, kind, n, seed) with ``kind`` in ``"top"``, ``"uniform"``,
+    ``"matched"`` (``seed`` None for top), metrics ``mrr`` and ``hit_at_k`` after blocking, ``n_prompts``
+    and the blocked ``experts`` (``[[layer, expert], ...]``; None for the pooled :data:`ALL` rows).
+    ``original``: ``{relation: {"n_prompts", "mrr", "hit_at_k"}}`` without blocking. ``meta``: options
+    and the ranking used per relation.
+    """
+
+    type = "blocking_sweep"
+
+    def summary(self):
+        """Mean and std over seeds per (relation, mode, kind, n) of metrics and drops (std 0 for one value)."""
+        frame = self.to_frame()
+        cols = ["mrr", "hit_at_k", "mrr_drop", "hit_at_k_drop", "mrr_rel_drop", "hit_at_k_rel_drop"]
+        grouped = frame.groupby(["relation", "mode", "kind", "n"], sort=False)[cols]
+        out = grouped.mean().join(grouped.std(ddof=1).fillna(0.0), rsuffix="_std")
+        return out.join(grouped.size().rename("count"))
+
+    def table(self, metric: str = "mrr", mode: str | None = None, kind: str = "top"):
+        """The study's Table 5: index relation, columns ``original`` and ``top-N`` (after blocking).
+
+        ``kind="uniform"`` / ``"matched"`` gives the random baselines' means instead.
+        """
+        import pandas as pd
+
+        mode = self._mode(mode)
+        summary = self.summary().reset_index()
+        part = summary[(summary["mode"] == mode) & (summary["kind"] == kind)]
+        table = part.pivot(index="relation", columns="n", values=_metric(metric))
+        table.columns = [f"{kind}-{n}" for n in table.columns]
+        table.insert(0, "original", pd.Series({r: o[_metric(metric)] for r, o in self.original.items()}))
+        return table.reindex(list(self.original))
+
+    def mode_table(self, metric: str = "mrr", n: int | None = None):
+        """Per-mode comparison: index relation, one column per mode (top-``n`` blocked; default largest N)."""
+        n = max(self.meta["top_n"]) if n is None else n
+        frame = self.to_frame()
+        part = frame[(frame["kind"] == "top") & (frame["n"] == n)]
+        table = part.pivot(index="relation", columns="mode", values=_metric(metric))
+        return table.reindex(index=list(self.original), columns=self.meta["modes"])
+
+    def text(self, metric: str = "mrr", mode: str | None = None) -> str:
+        """Table 5 as lines ``relation: original -> top-1 / top-5 / top-10``."""
+        table = self.table(metric, mode)
+        return "\n".join(f"{rel}: {row['original']:.3f} -> " + " / ".join(f"{v:.3f}" for v in row.iloc[1:])
+                         for rel, row in table.iterrows())
+
+    def plot(self, metric: str = "mrr", mode: str | None = None):
+        """MRR (or HIT@k) vs N per relation: top-ranked vs random baselines (mean +- std); a Figure."""
+        import matplotlib.pyplot as plt
+
+        mode = self._mode(mode)
+        summary = self.summary().reset_index()
+        name = _metric(metric)
+        relations = list(self.original)
+        cols = min(4, len(relations))
+        nrows = math.ceil(len(relations) / cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.6 * nrows), squeeze=False, sharey=True)
+        for ax, rel in zip(axes.flat, relations):
+            for kind, style in (("top", "o-"), ("uniform", "s--"), ("matched", "^:")):
+                part = summary[(summary["relation"] == rel) & (summary["mode"] == mode) & (summary["kind"] == kind)]
+                if len(part):
+                    ax.errorbar(part["n"], part[name], yerr=part[f"{name}_std"], fmt=style, capsize=3, label=kind)
+            ax.axhline(self.original[rel][name], color="grey", lw=0.8, label="original")
+            ax.set_title(rel, fontsize=9)
+            ax.set_xlabel("N experts blocked")
+        for ax in axes.flat[len(relations):]:
+            ax.axis("off")
+        axes[0, 0].set_ylabel("MRR" if name == "mrr" else f"HIT@{self.meta['k']}")
+        axes[0, 0].legend(fontsize=7)
+        fig.suptitle(f"Blocking the top-N experts ({mode}) vs random baselines", fontsize=10)
+        fig.tight_layout()
+        return fig
+
+    def _mode(self, mode: str | None) -> str:
+        if mode is None:
+            return self.meta["modes"][0]
+        if mode not in self.meta["modes"]:
+            raise ValueError(f"mode {mode!r} was not swept; this result has {self.meta['modes']}")
+        return mode
+
+
+def _metric(metric: str) -> str:
+    aliases = {"mrr": "mrr", "hit": "hit_at_k", "hit_at_k": "hit_at_k", "hit@10": "hit_at_k"}
+    if metric not in aliases:
+        raise ValueError(f"metric must be 'mrr' or 'hit_at_k', got {metric!r}")
+    return aliases[metric]
+
+
+# ==================================================================================== configurations
+def _configurations(layout: MoELayout) -> list[tuple[str, int | None, bool]]:
+    """(name, routed experts kept per token or None for all k, shared expert on) per configuration."""
+    k = layout.top_k
+    tops = [t for t in (1, 2) if t < k]
+    if not layout.has_shared:
+        return [(f"routed top-{t} only", t, True) for t in tops] + [(f"routed top-{k} (default)", None, True)]
+    return ([(f"routed top-{t} only", t, False) for t in tops]
+            + [("shared only", 0, True)]
+            + [(f"shared + top-{t}", t, True) for t in tops]
+            + [(f"shared + top-{k} (default)", None, True), (f"shared ablation (routed top-{k} only)", None, False)])
+
+
+@torch.no_grad()
+def configurations(
+    model: Any,
+    dataset: Any,
+    *,
+    tokenizer: Any = None,
+    max_per_relation: int | None = None,
+    k: int = 10,
+    batch_size: int = 16,
+    padding_side: str = "left",
+    remote: Any = None,
+    progress: bool = True,
+) -> ConfigurationResult:
+    """Shared vs routed experts (the study's Table 2): MRR / HIT@k per relation under each configuration.
+
+    With shared experts: routed top-1 only (shared off), routed top-2 only, shared only, shared + top-1,
+    shared + top-2, shared + default k (the unmodified model) and shared ablation (routing unchanged).
+    Without: routed top-1 only, routed top-2 only and the default. "top-n" keeps the n largest routed
+    gate weights of each token in every MoE layer as the model computed them (no renormalisation;
+    :func:`nnsight_moe.restrict_experts`); top-n rows with n >= k are the default and are left out.
+
+    Args:
+        model: HF model, TransformerBridge or nnsight model of a supported MoE family.
+        dataset: Relations (with ``tokenizer``), EncodedFacts or ``(prompts, targets[, relation_names])``.
+        max_per_relation, k, batch_size, padding_side, remote, progress: as in :func:`sweep`.
+
+    Each configuration is global to the model, so it runs as its own pass (batched over prompts).
+    """
+    _check_remote(remote)
+    hf = hf_model(model)
+    layout = nnsight_moe.layout(hf)
+    data = _dataset(dataset, tokenizer, max_per_relation)
+    groups = data.groups()
+    chunks = _chunks(hf, data, list(range(len(data.prompts))), tokenizer, batch_size, padding_side)
+    rows, original = [], {}
+    configs = _configurations(layout)
+    for name, top, shared in tqdm(configs, desc="configurations", disable=not progress, leave=False):
+        ranks = torch.zeros(len(data.prompts), dtype=torch.long)
+        with restrict_experts(hf, top, shared=shared):
+            for chunk in chunks:
+                logits = _last_logits(hf, chunk.input_ids, chunk.attention_mask, chunk.last)
+                ranks[chunk.rows] = target_ranks(logits, data.targets[chunk.rows]).cpu()
+        parts = dict(groups, **({ALL: list(range(len(ranks)))} if len(groups) > 1 else {}))
+        for rel, idx in parts.items():
+            metrics = _metrics(ranks[idx], k)
+            rows.append({"relation": rel, "configuration": name, "keep_top": top, "shared": shared,
+                         "n_prompts": len(idx), **metrics})
+            if top is None and shared:
+                original[rel] = {"n_prompts": len(idx), **metrics}
+    meta = {"configurations": [c[0] for c in configs], "k": k, "top_k": layout.top_k,
+            "has_shared": layout.has_shared, "max_per_relation": max_per_relation}
+    return ConfigurationResult(meta, original, rows)
+
+
+class ConfigurationResult(_Result):
+    """What :func:`configurations` returns.
+
+    ``rows``: one dict per (relation, configuration) with ``keep_top`` (routed experts kept per token;
+    None = all k), ``shared`` (shared expert on), ``n_prompts``, ``mrr``, ``hit_at_k``; pooled rows under
+    :data:`ALL` when there are several relations. ``original``: the default configuration's metrics.
+    """
+
+    type = "blocking_configurations"
+
+    def table(self, metric: str = "mrr"):
+        """Index relation, one column per configuration (the study's Table 2 layout)."""
+        frame = self.to_frame()
+        table = frame.pivot(index="relation", columns="configuration", values=_metric(metric))
+        return table.reindex(index=list(self.original), columns=self.meta["configurations"])
+
+    def plot(self, metric: str = "mrr"):
+        """Grouped bar chart: one group per relation, one bar per configuration; a Figure."""
+        import matplotlib.pyplot as plt
+
+        table = self.table(metric)
+        fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(table)), 3.5))
+        width = 0.8 / len(table.columns)
+        for j, config in enumerate(table.columns):
+            ax.bar([i + j * width for i in range(len(table))], table[config], width, label=config)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(table))], table.index, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("MRR" if _metric(metric) == "mrr" else f"HIT@{self.meta['k']}")
+        ax.set_title("Shared vs routed experts", fontsize=10)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        return fig
+
+
+# ====================================================================================== main job
+def section(job: Any):
+    """The ``blocking`` section of the main job (``nnsight_moe.job``): sweep + configurations.
+
+    Ranks experts by attribution when that recipe is installed, else by routing frequency (the section
+    text says which); ``job.quick`` subsamples 16 prompts per relation. Returns None for dense models.
+    """
+    from nnsight_moe.report import Section
+
+    if not job.is_moe:
+        return None
+    if job.remote is not None:
+        return Section("blocking", "Expert blocking", "Skipped: the remote path of this recipe is not wired yet.")
+    options = {"tokenizer": job.tokenizer, "batch_size": job.batch_size,
+               "max_per_relation": 16 if job.quick else None}
+    try:
+        ranking = rank_experts(job.model, job.encoded, by="attribution", **options)
+    except ImportError:
+        ranking = rank_experts(job.model, job.encoded, by="frequency", **options)
+    n_routed = len(_all_pairs(job.layout))
+    top_n = tuple(n for n in (1, 5, 10) if n <= n_routed)
+    result = sweep(job.model, job.encoded, ranking=ranking, top_n=top_n, modes=("zero",), seeds=5, **options)
+    configs = configurations(job.model, job.encoded, **options)
+    text = (f"Experts ranked per relation by {ranking.by}; the top-N blocked (gate weight 0) vs N random "
+            "experts (uniform, and with the same per-layer counts), 5 seeds, mean +- std.")
+    return Section(
+        "blocking", "Expert blocking: MRR / HIT@10 after blocking top-ranked vs random experts", text,
+        data={"sweep": result.to_json(), "configurations": configs.to_json()},
+        tables={"MRR: original -> top-N blocked": result.table("mrr"),
+                "HIT@10: original -> top-N blocked": result.table("hit_at_k"),
+                "MRR with random experts blocked (matched per-layer counts, mean)": result.table("mrr", kind="matched"),
+                "MRR per configuration (shared vs routed)": configs.table("mrr")},
+        figures={"blocking_mrr": ("MRR vs N blocked experts", result.plot("mrr")),
+                 "blocking_configurations": ("Shared vs routed configurations", configs.plot("mrr"))},
+    )
