@@ -46,3 +46,5 @@ __all__ = [
     "restrict_experts",
     "supported_families",
 ]
+
+import nnsight_moe.nnsight_frontend  # noqa: E402,F401  (registers the nnsight frontend of attach)
