@@ -1,0 +1,558 @@
+"""Remote view: the hook contract's quantities inside an nnsight trace on an UNMODIFIED model.
+
+On NDIF the server runs its own copy of the model; nothing attached on the client exists there, and a
+request can carry only the traced block's source, the plain values it references and functions
+(shipped by source). So the view is plain data plus plain functions::
+
+    view = nnsight_moe.remote.MoEView(lm)                 # client side: reads the layout once
+    with lm.trace(ids, remote=True):                      # or remote="local", or no remote at all
+        q = nnsight.save(view.layer(1))                   # {"router_scores": [b, p, E], ...}
+        b = nnsight.save(view.layer(2, block=[0, 5], mode="renorm", want=("topk_weights",)))
+
+How nnsight 0.8.1 ships a trace (``nnsight.schema.request.RequestModel.serialize``): the ``with`` block
+is unparsed to source; the names it reads are pickled with nnsight's cloudpickle subclass; envoys and
+the model travel as persistent ids (``Module:<path>``, ``Interleaver``) resolved against the server's
+model; a function is pickled *by reference* (module + name) when its module is importable, else *by
+value as source* plus the globals it reads. ``nnsight_moe`` is not installed on NDIF, so this module
+registers itself for by-value pickling (``cloudpickle.register_pickle_by_value``) and its trace-side
+functions read only ``torch`` and each other: a request using the view carries their source, a
+``types.SimpleNamespace``, ``functools.partial`` objects and plain dicts; no classes of ours, no hooks.
+
+Per-expert values are RECOMPUTED from the block input and the experts' weights (the same math as the
+``"nnsight_moe"`` experts implementation: gate_up, the experts' own ``_apply_gate``/``act_fn``, down,
+biases, post-expert norm), not read through ``.source``: ``.source`` exposes the operations inside the
+experts forward, which differ between transformers' eager, ``batched_mm`` and ``grouped_mm``
+implementations (and kernels), whereas the weights and the router's ``(logits, weights, indices)``
+output are the same under all of them. Edits (blocking, router edits) are made by setting the router's
+output, which every implementation consumes. Router logits, top-k indices and weights are the model's
+own; scores follow the family's rule; ``moe_out`` is the block's real output.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+import time
+import types
+from typing import Any
+
+import cloudpickle
+import torch
+
+from nnsight_moe.attach import hf_model
+from nnsight_moe.layout import MoELayout
+from nnsight_moe.routing import Routing, SoftmaxTopK, SparseMixer
+
+__all__ = ["MoEView", "RemoteBatchError", "VIEW_QUANTITIES", "moe_spec", "read_layer", "run_batches"]
+
+#: What :func:`read_layer` can return, named like the hook points without ``hook_``.
+VIEW_QUANTITIES = (
+    "router_logits",
+    "router_scores",
+    "topk_indices",
+    "topk_weights",
+    "expert_acts",
+    "expert_out",
+    "routed_out",
+    "shared_acts",
+    "shared_out",
+    "shared_gate",
+    "moe_out",
+)
+_MODES = ("zero", "renorm", "reroute")
+
+
+# ------------------------------------------------------------ client side: plain-data spec
+def _routing_spec(routing: Routing, router: torch.nn.Module, family: str) -> dict:
+    """A routing rule as plain data (the bias is named by the router attribute that holds it)."""
+    if isinstance(routing, SparseMixer):
+        kind = "sparsemixer"
+    elif isinstance(routing, SoftmaxTopK):
+        kind = "softmax_topk"
+    else:
+        kind = "topk"
+    bias = None
+    if routing.bias is not None:
+        named = dict(router.named_parameters()) | dict(router.named_buffers())
+        bias = next((name for name, t in named.items() if t is routing.bias), None)
+        if bias is None:
+            raise ValueError(f"{family}: the routing bias is not an attribute of the router; the remote view needs one")
+    return {
+        "kind": kind,
+        "scoring": routing.scoring,
+        "normalize": bool(routing.normalize),
+        "scale": float(routing.scale),
+        "norm_eps": float(routing.norm_eps),
+        "bias": bias,
+        "n_group": int(routing.n_group),
+        "topk_group": int(routing.topk_group),
+        "group_score": routing.group_score,
+        "sorted": bool(routing.sorted),
+        "cast_weights": bool(routing.cast_weights),
+    }
+
+
+def moe_spec(model: Any) -> dict:
+    """Everything the trace-side functions need about ``model``'s MoE layers, as plain data.
+
+    ``model`` is an nnsight model (or the HF model / TransformerBridge behind one); its weights may be
+    on the meta device (a remote model that was never dispatched). Returns
+    ``{"family": str, "layers": {index: {paths, sizes, routing}}}`` (str, int, float, bool, None only).
+    """
+    from nnsight_moe import layout as layout_of
+
+    hf = hf_model(model)
+    layout: MoELayout = layout_of(hf)
+    layers = {}
+    for index in layout.moe_layers:
+        info = layout.layer(index)
+        router = hf.get_submodule(info.router)
+        layers[index] = {
+            "block": info.path,
+            "router": info.router,
+            "experts": info.experts,
+            "shared": info.shared,
+            "shared_gate": info.shared_gate,
+            "n_experts": info.n_experts,
+            "top_k": info.top_k,
+            "routing": _routing_spec(info.routing, router, layout.family),
+        }
+    return {"family": layout.family, "layers": layers}
+
+
+def MoEView(model: Any) -> types.SimpleNamespace:  # noqa: N802 (reads like the object it returns)
+    """A remote-safe view of ``model``'s MoE layers, for use inside ``model.trace(...)``.
+
+    Returns a ``types.SimpleNamespace`` with ``spec`` (:func:`moe_spec`), ``moe_layers`` (list of int)
+    and ``layer(index, **options)``, which is :func:`read_layer` bound to ``model`` and the spec (see
+    there for the options). It holds only plain data, ``functools.partial`` and functions shipped by
+    source, so it travels in a remote request. Call ``view.layer`` for MoE layers in increasing order
+    (nnsight runs interventions in the model's execution order).
+    """
+    spec = moe_spec(model)
+    return types.SimpleNamespace(
+        spec=spec,
+        moe_layers=sorted(spec["layers"]),
+        layer=functools.partial(read_layer, model, spec),
+    )
+
+
+# ------------------------------------------------------------ client side: resumable batch runner
+class RemoteBatchError(RuntimeError):
+    """A batch of :func:`run_batches` failed; finished batches are kept in ``results_path``.
+
+    Attributes: ``batch`` (index of the failed batch), ``results_path``, ``completed`` (indices kept).
+    """
+
+    def __init__(self, message: str, batch: int, results_path: Any, completed: list[int]):
+        super().__init__(message)
+        self.batch, self.results_path, self.completed = batch, results_path, completed
+
+
+_RESULTS_FORMAT = "nnsight_moe.run_batches/1"
+
+
+def run_batches(
+    model: Any,
+    batches: Any,
+    fn: Any,
+    *,
+    remote: bool | str = False,
+    results_path: Any = None,
+    trace_kwargs: dict | None = None,
+    progress: bool = True,
+) -> list:
+    """Run ``fn`` inside one ``model.trace(batch, remote=remote)`` per batch; resumable.
+
+    For each batch this runs::
+
+        with model.trace(batch, remote=remote, **trace_kwargs):
+            result = nnsight.save(fn(model, batch))
+
+    so ``fn(model, batch)`` executes where the model is (on NDIF for ``remote=True``) and only what it
+    returns comes back: return small tensors (scores, ranks), not activations. After each batch the
+    results so far are written to ``results_path`` (atomically); a rerun with the same batches skips
+    the finished ones. A failing batch raises :class:`RemoteBatchError` naming it, with the finished
+    results kept on disk.
+
+    Args:
+        model: an nnsight model (``LanguageModel`` / ``TransformersModel``; for ``remote`` one that
+            NDIF hosts, keyed by its repo id).
+        batches: a sequence of inputs, each anything ``model.trace`` accepts (prompts, token ids).
+        fn: ``fn(model, batch) -> result`` (a dict / tuple / tensor), called inside the trace. For a
+            remote run it is shipped by source with the globals it reads, so it may use torch,
+            nnsight, transformers and plain functions (e.g. :func:`read_layer` through a
+            :func:`MoEView`), not other client-only objects. Functions of ``nnsight_moe`` modules are
+            registered for by-value shipping automatically (nnsight_moe is not installed on NDIF).
+        remote: ``False`` (local), ``True`` (NDIF; host and key from ``nnsight.CONFIG`` /
+            ``NDIF_API_KEY``), ``"local"`` (nnsight's serialise-and-run-here simulation) or a host URL.
+        results_path: file for partial and final results (``torch.save`` format); None keeps nothing.
+        trace_kwargs: extra keyword arguments for ``model.trace``.
+        progress: print one line per batch.
+
+    Returns:
+        The results, one per batch, in order (tensors moved to CPU).
+    """
+    import nnsight
+
+    _check_remote(remote)
+    if not callable(fn):
+        raise TypeError(f"fn must be a callable fn(model, batch), got {type(fn).__name__}")
+    batches = list(batches)
+    n = len(batches)
+    fingerprints = [_fingerprint(batch) for batch in batches]
+    done = _load_results(results_path, fingerprints)
+    _ship_by_value(fn)
+    trace_kwargs = dict(trace_kwargs or {})
+    if progress and done:
+        print(f"[nnsight_moe] resuming from {results_path}: {len(done)}/{n} batches already done", flush=True)
+    for index, batch in enumerate(batches):
+        if index in done:
+            continue
+        start = time.perf_counter()
+        result = None
+        try:
+            with model.trace(batch, **({"remote": remote} if remote else {}), **trace_kwargs):
+                result = nnsight.save(fn(model, batch))
+        except Exception as error:
+            where = f"; {len(done)} finished batches are kept in {results_path}, rerun to resume" if results_path else ""
+            raise RemoteBatchError(
+                f"batch {index} of {n} failed ({type(error).__name__}: {error}){where}",
+                index, results_path, sorted(done),
+            ) from error
+        done[index] = _to_cpu(result)
+        _save_results(results_path, fingerprints, done)
+        if progress:
+            print(f"[nnsight_moe] batch {index + 1}/{n} done in {time.perf_counter() - start:.1f}s", flush=True)
+    return [done[index] for index in range(n)]
+
+
+def _check_remote(remote: Any) -> None:
+    ok = remote in (False, True, None, "local") or (
+        isinstance(remote, str) and remote.startswith(("http://", "https://"))
+    )
+    if not ok:
+        raise ValueError(
+            f"remote must be False, True (NDIF), 'local' (nnsight's local simulation) or a host URL "
+            f"starting with http:// or https://, got {remote!r}"
+        )
+
+
+def _fingerprint(batch: Any) -> str:
+    """A content hash of a batch, to tell on resume whether a results file belongs to these batches."""
+    digest = hashlib.sha1()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(value, dict):
+            for key in sorted(value, key=repr):
+                digest.update(repr(key).encode())
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"L{len(value)}".encode())
+            for item in value:
+                feed(item)
+        else:
+            digest.update(repr(value).encode())
+
+    feed(batch)
+    return digest.hexdigest()
+
+
+def _load_results(path: Any, fingerprints: list[str]) -> dict:
+    """Finished results from ``path`` (empty if absent); refuses a file written for other batches."""
+    if path is None or not os.path.exists(path):
+        return {}
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(saved, dict) or saved.get("format") != _RESULTS_FORMAT:
+        raise ValueError(f"{path} is not a run_batches results file (expected format {_RESULTS_FORMAT!r})")
+    if saved["fingerprints"] != fingerprints:
+        changed = [i for i in saved["results"] if i >= len(fingerprints) or saved["fingerprints"][i] != fingerprints[i]]
+        raise ValueError(
+            f"{path} holds results for different batches (batches {changed or 'count'} differ): "
+            "pass the same batches to resume, or a new results_path"
+        )
+    return dict(saved["results"])
+
+
+def _save_results(path: Any, fingerprints: list[str], done: dict) -> None:
+    """Write the results so far atomically (a crash mid-write leaves the previous file intact)."""
+    if path is None:
+        return
+    tmp = f"{path}.tmp"
+    torch.save({"format": _RESULTS_FORMAT, "fingerprints": fingerprints, "results": done}, tmp)
+    os.replace(tmp, path)
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: _to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(item) for item in value)
+    return value
+
+
+def _ship_by_value(fn: Any) -> None:
+    """Register ``fn``'s module for by-value pickling when it belongs to nnsight_moe (absent on NDIF)."""
+    module = sys.modules.get(getattr(fn, "__module__", None) or "")
+    if module is not None and module.__name__.split(".")[0] == "nnsight_moe":
+        cloudpickle.register_pickle_by_value(module)
+
+
+# ------------------------------------------------------------ trace side (shipped by source)
+# Everything below runs inside the trace, on the server for remote runs. It may only read torch and
+# the other functions of this section: no nnsight_moe classes, no client state.
+
+
+def read_layer(
+    model: Any,
+    spec: dict,
+    layer: int,
+    *,
+    want: tuple | list | None = None,
+    block: Any = None,
+    mode: str = "zero",
+    edit_logits: Any = None,
+    edit_weights: Any = None,
+) -> dict:
+    """Read (and optionally edit) MoE layer ``layer`` inside a trace; returns ``{quantity: tensor}``.
+
+    Quantities (:data:`VIEW_QUANTITIES`, shapes as the hook contract) are those of the forward as it
+    runs with the edits applied. Call once per layer, layers in increasing order.
+
+    Args:
+        model: the nnsight model being traced (the envoy, e.g. ``lm``).
+        spec: :func:`moe_spec` of the model.
+        layer: a MoE layer index (a key of ``spec["layers"]``).
+        want: quantities to return (default all); per-expert ones cost a recomputation.
+        block: experts to block in this layer: a list of ids, a bool mask [E] or a per-row mask [b, E].
+        mode: ``"zero"`` (gate weight 0), ``"renorm"`` (zero, then renormalise the rest to the original
+            sum) or ``"reroute"`` (removed before selection, the next-best expert takes the slot).
+        edit_logits: ``fn(logits [b, p, E]) -> logits``; scores, selection and weights are re-derived.
+        edit_weights: ``fn(indices [b, p, k], weights [b, p, k]) -> weights``, applied last (as setting
+            ``hook_topk_weights``).
+    """
+    layers = spec["layers"]
+    if layer not in layers:
+        raise KeyError(f"layer {layer!r} is not a MoE layer of this {spec['family']} model; MoE layers: {sorted(layers)}")
+    want = tuple(want) if want is not None else _all_quantities(layers[layer])
+    unknown = [name for name in want if name not in _all_quantities(layers[layer])]
+    if unknown:
+        raise ValueError(f"unknown quantities {unknown} for layer {layer}; available: {list(_all_quantities(layers[layer]))}")
+    if mode not in ("zero", "renorm", "reroute"):
+        raise ValueError(f"mode must be one of ('zero', 'renorm', 'reroute'), got {mode!r}")
+    info = layers[layer]
+    rule = info["routing"]
+    n_experts, k = info["n_experts"], info["top_k"]
+    router = _envoy(model, info["router"])
+    x = _envoy(model, info["block"]).input
+    b, p = (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, x.shape[0])
+    mask = _expert_mask(block, n_experts, b, x.device)
+
+    output = router.output
+    raw_logits, raw_weights, raw_indices = output[0], output[1], output[2]
+    # HF routers return flattened [tokens, ...] tensors, which nnsight cannot narrow to an invoke's
+    # rows: take this invoke's rows [start, start + b) of the combined batch ourselves.
+    start, total = _invoke_rows(b, raw_logits.numel() // (p * n_experts))
+    logits = raw_logits.reshape(total, p, n_experts)[start : start + b]
+    indices = raw_indices.reshape(total, p, k)[start : start + b]
+    weights = raw_weights.reshape(total, p, k)[start : start + b]
+    rederive = edit_logits is not None or (mask is not None and mode == "reroute")
+    if rederive and rule["kind"] == "sparsemixer":
+        raise ValueError(f"layer {layer}: the remote view cannot re-derive sparsemixer routing (phimoe); use mode='zero' or 'renorm'")
+    if edit_logits is not None:
+        logits = edit_logits(logits)
+    scores = _scores(rule, logits)
+    if rederive:
+        exclude = mask[:, None, :] if mask is not None and mode == "reroute" else None
+        bias = getattr(router, rule["bias"]) if rule["bias"] else None
+        indices = _select(rule, scores, exclude, bias, k)
+        weights = _weights(rule, scores, indices)
+        if rule["cast_weights"]:
+            weights = weights.to(raw_logits.dtype)
+    edited = rederive
+    if mask is not None and mode != "reroute":
+        weights = _zero_weights(weights, indices, mask, mode == "renorm")
+        edited = True
+    if edit_weights is not None:
+        weights = edit_weights(indices, weights)
+        edited = True
+    if edited:
+        router.output = (
+            _splice(raw_logits, logits, start, total),
+            _splice(raw_weights, weights, start, total),
+            _splice(raw_indices, indices, start, total),
+            *output[3:],
+        )
+
+    values = {"router_logits": logits, "router_scores": scores, "topk_indices": indices, "topk_weights": weights}
+    flat = x.reshape(b * p, x.shape[-1])
+    if any(name in want for name in ("expert_acts", "expert_out", "routed_out")):
+        acts, out = _expert_slots(_envoy(model, info["experts"]), flat, indices.reshape(b * p, k))
+        values["expert_acts"] = acts.reshape(b, p, k, -1)
+        values["expert_out"] = out.reshape(b, p, k, -1)
+        values["routed_out"] = (values["expert_out"] * weights[..., None]).sum(dim=-2).to(x.dtype)
+    if info["shared"] and any(name in want for name in ("shared_acts", "shared_out", "shared_gate")):
+        shared = _envoy(model, info["shared"])
+        shared_acts = shared.act_fn(shared.gate_proj(flat)) * shared.up_proj(flat)
+        values["shared_acts"] = shared_acts.reshape(b, p, -1)
+        values["shared_out"] = shared.down_proj(shared_acts).reshape(b, p, -1)
+        if info["shared_gate"]:
+            values["shared_gate"] = torch.sigmoid(_envoy(model, info["shared_gate"])(flat)).reshape(b, p, 1)
+        else:
+            values["shared_gate"] = torch.ones(b, p, 1, dtype=x.dtype, device=x.device)
+    if "moe_out" in want:
+        moe_out = _envoy(model, info["block"]).output
+        values["moe_out"] = (moe_out[0] if isinstance(moe_out, tuple) else moe_out).reshape(b, p, -1)
+    return {name: values[name] for name in want}
+
+
+def _all_quantities(info: dict) -> tuple:
+    """The quantities a layer has (shared ones only with a shared expert)."""
+    shared = ("shared_acts", "shared_out", "shared_gate")
+    return tuple(name for name in VIEW_QUANTITIES if info["shared"] or name not in shared)
+
+
+def _invoke_rows(b: int, rows: int) -> tuple:
+    """(first row, rows in total) of the running invoke in a flattened router tensor holding ``rows`` rows.
+
+    One invoke (or a tensor nnsight already narrowed) is the whole tensor: (0, b). With several
+    ``tracer.invoke`` calls the row range is the running worker's nnsight batch group.
+    """
+    if rows == b:
+        return 0, b
+    from nnsight.intervention.interleaver import Mediator
+
+    mediator = Mediator.current("the MoE view")
+    group = mediator.batch_group
+    batcher = mediator.interleaver.batcher if mediator.interleaver is not None else None
+    if group is None or batcher is None or batcher.total != rows:
+        raise RuntimeError(f"cannot find this invoke's rows in a router output of {rows} rows (invoke has {b})")
+    return group[0], rows
+
+
+def _splice(full: torch.Tensor, rows: torch.Tensor, start: int, total: int) -> torch.Tensor:
+    """``full`` (flattened [total * p, ...]) with rows [start, start + b) replaced by ``rows`` [b, p, ...]."""
+    b, p = rows.shape[0], rows.shape[1]
+    stacked = full.reshape(total, p, *rows.shape[2:])
+    edited = torch.cat([stacked[:start], rows.to(full.dtype), stacked[start + b :]], dim=0)
+    return edited.reshape(full.shape)
+
+
+def _envoy(model: Any, path: str) -> Any:
+    """The envoy at dotted ``path`` below ``model`` (integer parts index module lists)."""
+    for part in path.split("."):
+        model = model[int(part)] if part.isdigit() else getattr(model, part)
+    return model
+
+
+def _expert_mask(block: Any, n_experts: int, batch: int, device: Any) -> Any:
+    """``block`` (ids, bool [E] or bool [b, E]) as a bool mask [1 or b, E]; None when nothing is blocked."""
+    if block is None:
+        return None
+    if isinstance(block, torch.Tensor) and block.dtype == torch.bool:
+        mask = block.to(device)
+        if mask.shape[-1] != n_experts or mask.dim() not in (1, 2) or (mask.dim() == 2 and mask.shape[0] != batch):
+            raise ValueError(f"a blocking mask must be bool [{n_experts}] or [{batch}, {n_experts}], got {tuple(mask.shape)}")
+        return mask if mask.dim() == 2 else mask[None, :]
+    ids = [int(e) for e in (block.tolist() if isinstance(block, torch.Tensor) else block)]
+    bad = [e for e in ids if not 0 <= e < n_experts]
+    if bad:
+        raise ValueError(f"expert ids {bad} are out of range: valid experts are 0..{n_experts - 1}")
+    mask = torch.zeros(1, n_experts, dtype=torch.bool, device=device)
+    mask[0, ids] = True
+    return mask
+
+
+def _scores(rule: dict, logits: torch.Tensor) -> torch.Tensor:
+    """Selection scores (float32) from logits, without the selection-only bias."""
+    logits = logits.float()
+    if rule["kind"] == "sparsemixer":
+        return logits
+    return logits.softmax(dim=-1) if rule["scoring"] == "softmax" else logits.sigmoid()
+
+
+def _select(rule: dict, scores: torch.Tensor, exclude: Any, bias: Any, k: int) -> torch.Tensor:
+    """Top-k selection as the family makes it (bias, excluded experts, group-limited choice)."""
+    choice = scores if bias is None else scores + bias.to(scores.device, scores.dtype)
+    if exclude is not None:
+        choice = choice.masked_fill(exclude, float("-inf"))
+    if rule["n_group"] > 1:
+        grouped = choice.unflatten(-1, (rule["n_group"], -1))
+        if rule["group_score"] == "top2sum":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_scores = grouped.max(dim=-1).values
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(-1, group_scores.topk(rule["topk_group"], dim=-1).indices, True)
+        choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(-2)
+    return torch.topk(choice, k, dim=-1, sorted=rule["sorted"]).indices
+
+
+def _weights(rule: dict, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Gate weights of the selected experts by the family's rule."""
+    w = scores.gather(-1, indices)
+    if rule["kind"] == "softmax_topk":
+        return w / w.sum(dim=-1, keepdim=True)
+    if rule["normalize"]:
+        w = w / (w.sum(dim=-1, keepdim=True) + rule["norm_eps"])
+    if rule["scale"] != 1.0:
+        w = w * rule["scale"]
+    return w
+
+
+def _zero_weights(weights: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor, renorm: bool) -> torch.Tensor:
+    """Zero the gate weights of masked experts ([1 or b, E]); optionally renormalise to the original sum."""
+    b, p, _ = indices.shape
+    hit = mask[:, None, :].expand(b, p, -1).gather(-1, indices)
+    edited = weights.masked_fill(hit, 0.0)
+    if renorm:
+        kept = edited.sum(dim=-1, keepdim=True)
+        edited = edited * (weights.sum(dim=-1, keepdim=True) / kept.masked_fill(kept == 0, 1.0))
+    return edited
+
+
+def _expert_slots(experts: Any, x: torch.Tensor, indices: torch.Tensor) -> tuple:
+    """Per-slot (acts [n, k, d_expert], out [n, k, d]) recomputed from the experts' weights.
+
+    ``x`` [n, d] are the block's tokens, ``indices`` [n, k] the selected experts. Works on any
+    transformers fused experts module (``gate_up_proj``/``up_proj``, ``down_proj``, optional biases,
+    transposed layout, post-expert norm), whatever experts implementation the model runs.
+    """
+    n, k = indices.shape
+    flat = indices.reshape(-1)
+    rows = torch.arange(n, device=x.device).repeat_interleave(k)
+    transposed = getattr(experts, "is_transposed", False)
+    has_gate = getattr(experts, "has_gate", True)
+    has_bias = getattr(experts, "has_bias", False)
+    up = experts.gate_up_proj if has_gate else experts.up_proj
+    down = experts.down_proj
+    acts = out = None
+    for e in flat.unique().tolist():
+        slots = (flat == e).nonzero().squeeze(-1)
+        h = x[rows[slots]] @ (up[e] if transposed else up[e].T).to(x.dtype)
+        if has_bias:
+            h = h + (experts.gate_up_proj_bias if has_gate else experts.up_proj_bias)[e]
+        a = experts._apply_gate(h) if has_gate else experts.act_fn(h)
+        o = a @ (down[e] if transposed else down[e].T).to(a.dtype)
+        if has_bias:
+            o = o + experts.down_proj_bias[e]
+        if getattr(experts, "has_post_expert_norm", False):
+            o = experts.post_expert_norm(o)
+        if acts is None:
+            acts = a.new_zeros(n * k, a.shape[-1])
+            out = o.new_zeros(n * k, o.shape[-1])
+        acts[slots] = a
+        out[slots] = o
+    return acts.reshape(n, k, -1), out.reshape(n, k, -1)
+
+
+# Ship this module's functions by value (as source): nnsight_moe is not installed on NDIF.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
