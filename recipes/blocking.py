@@ -55,6 +55,7 @@ __all__ = [
     "Ranking",
     "configurations",
     "evaluate",
+    "random_pairs",
     "rank_experts",
     "section",
     "sweep",
@@ -436,7 +437,7 @@ def evaluate(
     mode: str = "zero",
     tokenizer: Any = None,
     batch_size: int = 16,
-    max_rows: int = 256,
+    max_rows: int = 64,
     stacked: bool = True,
     padding_side: str = "left",
     remote: Any = None,
@@ -451,7 +452,8 @@ def evaluate(
         conditions: each a list of ``(layer, expert)`` pairs blocked together (``[]`` = no blocking).
         mode: ``"zero"``, ``"renorm"`` or ``"reroute"`` (:func:`nnsight_moe.block_experts`).
         batch_size: prompts per tokenized batch; max_rows: most batch rows (conditions x prompts) per
-            forward when ``stacked``; ``stacked=False`` runs one condition at a time instead.
+            forward when ``stacked`` (64 suits a CPU; raise it to 512-2048 on a GPU); ``stacked=False``
+            runs one condition at a time instead (with :func:`nnsight_moe.block_experts`).
     """
     _check_remote(remote)
     hf = hf_model(model)
@@ -514,6 +516,22 @@ def _draw(rng: random.Random, layout: MoELayout, kind: str, top: list[Pair], cap
     raise ValueError(f"could not draw {len(top)} random experts with at most {cap} per layer")
 
 
+def random_pairs(model: Any, top: Sequence[Pair], kind: str = "uniform", *, seed: int = 0,
+                 reroute: bool = False) -> list[Pair]:
+    """A random baseline for the blocked set ``top``: ``len(top)`` random (layer, expert) pairs, sorted.
+
+    ``kind="uniform"``: uniform over every routed expert of the model; ``"matched"``: the same number
+    per layer as ``top``. ``reroute=True`` keeps at most E - k per layer (what ``reroute`` can block).
+    The same ``seed`` gives the same draw.
+    """
+    if kind not in BASELINES:
+        raise ValueError(f"kind must be one of {BASELINES}, got {kind!r}")
+    layout = nnsight_moe.layout(model)
+    top = _check_pairs(layout, top, "top")
+    cap = {i: layout.layer(i).n_experts - (layout.layer(i).top_k if reroute else 0) for i in layout.moe_layers}
+    return _draw(random.Random(f"{seed}:{kind}"), layout, kind, top, cap)
+
+
 def sweep(
     model: Any,
     dataset: Any,
@@ -529,7 +547,7 @@ def sweep(
     max_per_relation: int | None = None,
     k: int = 10,
     batch_size: int = 16,
-    max_rows: int = 256,
+    max_rows: int = 64,
     stacked: bool = True,
     padding_side: str = "left",
     seed: int = 0,
@@ -568,7 +586,7 @@ def sweep(
     bad = [b for b in baselines if b not in BASELINES]
     if bad:
         raise ValueError(f"baselines must be a subset of {BASELINES}, got {tuple(baselines)!r}")
-    seeds = _positive(seeds, "seeds")
+    seeds, max_rows = _positive(seeds, "seeds"), _positive(max_rows, "max_rows")
     n_routed = len(_all_pairs(layout))
     top_n = tuple(top_n)
     for n in top_n:

@@ -268,3 +268,20 @@ def test_demo_top10_lowers_mrr_more_than_matched_random():
     assert original > 0.9
     assert original - top > original - matched, (by, original, top, matched)
     assert summary.loc[("all", "zero", "matched", 10), "count"] == 5
+
+
+def test_random_pairs():
+    """Matched draws keep the per-layer counts; uniform draws respect the reroute cap; seeds reproduce."""
+    model = tiny_model("deepseek_v3")  # layer 0 dense: draws only from MoE layers 1, 2
+    top = [(1, 0), (1, 3), (2, 5)]
+    matched = blocking.random_pairs(model, top, "matched", seed=3)
+    assert sorted(layer for layer, _ in matched) == [1, 1, 2] and len(set(matched)) == 3
+    assert matched == blocking.random_pairs(model, top, "matched", seed=3)
+    draws = {tuple(blocking.random_pairs(model, [(1, e) for e in range(12)], "uniform", seed=s, reroute=True))
+             for s in range(20)}
+    assert len(draws) > 1
+    for draw in draws:
+        assert {layer for layer, _ in draw} <= {1, 2} and len(set(draw)) == 12
+        assert max(sum(layer == i for layer, _ in draw) for i in (1, 2)) <= 6  # E - k = 8 - 2
+    with pytest.raises(ValueError, match="kind must be one of"):
+        blocking.random_pairs(model, top, "gaussian")
