@@ -277,7 +277,8 @@ def test_random_pairs():
     matched = blocking.random_pairs(model, top, "matched", seed=3)
     assert sorted(layer for layer, _ in matched) == [1, 1, 2] and len(set(matched)) == 3
     assert matched == blocking.random_pairs(model, top, "matched", seed=3)
-    draws = {tuple(blocking.random_pairs(model, [(1, e) for e in range(12)], "uniform", seed=s, reroute=True))
+    draws = {tuple(blocking.random_pairs(model, [(i, e) for i in (1, 2) for e in range(6)], "uniform", seed=s,
+                                                reroute=True))
              for s in range(20)}
     assert len(draws) > 1
     for draw in draws:
