@@ -301,6 +301,7 @@ def _to_cpu(value: Any) -> Any:
 
 def _ship_by_value(fn: Any) -> None:
     """Register ``fn``'s module for by-value pickling when it belongs to nnsight_moe (absent on NDIF)."""
+    fn = getattr(fn, "func", fn)  # a functools.partial ships its function
     module = sys.modules.get(getattr(fn, "__module__", None) or "")
     if module is not None and module.__name__.split(".")[0] == "nnsight_moe":
         cloudpickle.register_pickle_by_value(module)

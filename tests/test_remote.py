@@ -337,3 +337,38 @@ def test_read_layer_rejects_bad_inputs():
         with pytest.raises((KeyError, ValueError), match=message):
             with torch.no_grad(), lm.trace(_ids()):
                 read_layer(lm, view.spec, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen3_moe", "deepseek_v2", "phimoe"])
+def test_view_other_families_read_and_block(family):
+    hf = tiny_model(family)
+    ids = _ids()
+    lm = nnsight.NNsight(hf)
+    view = MoEView(lm)
+    modes = ["zero", "renorm"] + ([] if family == "phimoe" else ["reroute"])
+    for mode in [None] + modes:
+        blocked = {index: [1] for index in view.moe_layers}
+        edit = None if mode is None else (lambda m, mode=mode: nnsight_moe.block_experts(m, blocked, mode=mode))
+        layout, values, logits = _oracle(hf, ids, edit)
+        options = {} if mode is None else {"mode": mode}
+        with torch.no_grad(), lm.trace(ids):
+            views = nnsight.save({i: view.layer(i, block=blocked[i] if mode else None, **options) for i in view.moe_layers})
+            out = lm.output.logits.save()
+        _assert_view_equals_hooks(layout, views, values)
+        torch.testing.assert_close(out, logits, atol=ATOL, rtol=0)
+    if family == "phimoe":
+        with pytest.raises(ValueError, match="cannot re-derive sparsemixer"):
+            with torch.no_grad(), lm.trace(ids):
+                view.layer(view.moe_layers[0], block=[1], mode="reroute")
+
+
+def test_view_spec_from_meta_model_and_dense_model_rejected():
+    from transformers import AutoModelForCausalLM
+
+    from nnsight_moe.testing import tiny_config
+
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(tiny_config("deepseek_v3"))
+    assert MoEView(nnsight.NNsight(meta)).spec == MoEView(nnsight.NNsight(tiny_model("deepseek_v3"))).spec
+    with pytest.raises(nnsight_moe.UnsupportedModelError, match="Supported families"):
+        MoEView(nnsight.NNsight(AutoModelForCausalLM.from_config(tiny_config("llama"))))
