@@ -7,7 +7,7 @@ Builds the medium config of ``benchmarks/overhead.py`` (OLMoE-shaped: d_model 51
 request is serialised and deserialised exactly as for NDIF), a request that computes server-side,
 for every MoE layer, each expert's direct contribution to the target token's logit at the last
 position (through the frozen final norm and the unembedding) and the router scores there, and saves
-only those. The response NDIF sends back is ``torch.save`` of the saved values (optionally zstd
+only those (checked against the same scores computed from the attached hooks). The response NDIF sends back is ``torch.save`` of the saved values (optionally zstd
 compressed, ``nnsight.CONFIG.API.COMPRESS``); its size is measured the same way here. For contrast it
 also reports the response size of shipping the full per-slot expert outputs instead.
 """
@@ -65,6 +65,34 @@ def expert_attribution(view, targets, model, batch):
     return {"expert_scores": torch.stack(scores).half(), "router_scores": torch.stack(router).half()}
 
 
+def attribution_from_hooks(model, ids, targets) -> torch.Tensor:
+    """The same expert scores [L, b, E] from the attached hooks of a copy of ``model`` (the check)."""
+    import copy
+
+    import nnsight_moe
+
+    reference = copy.deepcopy(model)
+    handle = nnsight_moe.attach(reference)
+    seen = {}
+    for index in handle.layout.moe_layers:
+        for name in ("hook_topk_indices", "hook_topk_weights", "hook_expert_out"):
+            handle.block(index)._modules[name].add_hook(
+                lambda t, hook, key=(index, name): seen.__setitem__(key, t[:, -1])
+            )
+    norm = reference.model.norm
+    grab = norm.register_forward_pre_hook(lambda module, args: seen.__setitem__("final", args[0][:, -1]))
+    with torch.no_grad():
+        reference(ids)
+    grab.remove()
+    final = seen["final"].float()
+    direction = reference.lm_head.weight[targets] * torch.rsqrt(final.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight
+    scores = []
+    for index in handle.layout.moe_layers:
+        per_slot = (seen[index, "hook_topk_weights"][..., None] * seen[index, "hook_expert_out"] * direction[:, None]).sum(-1)
+        scores.append(torch.zeros(ids.shape[0], handle.layout.n_experts).scatter_add(-1, seen[index, "hook_topk_indices"], per_slot))
+    return torch.stack(scores)
+
+
 def full_expert_out(view, model, batch):
     """The contrast: every MoE layer's per-slot expert outputs [b, p, k, d] shipped whole."""
     return {index: view.layer(index, want=("expert_out",))["expert_out"] for index in view.moe_layers}
@@ -102,6 +130,11 @@ def main() -> None:
     with torch.no_grad(), lm.trace(ids, remote="local"):
         full = nnsight.save(full_expert_out(view, lm, ids))
 
+    expected = attribution_from_hooks(model, ids, targets)
+    error = (result["expert_scores"].float() - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert error <= 2e-3 * scale, f"remote expert scores differ from the attached hooks by {error} (scale {scale})"
+
     try:
         import zstandard  # noqa: F401
 
@@ -109,7 +142,8 @@ def main() -> None:
     except ImportError:
         modes = (False,)
     print(f"medium OLMoE-shaped model: 4 MoE layers x 32 experts, top-8, d_model 512; "
-          f"{args.prompts} prompts x {args.tokens} tokens")
+          f"{args.prompts} prompts x {args.tokens} tokens; expert scores match the attached hooks "
+          f"(max |diff| {error:.1e}, fp16 rounding, scale {scale:.2f})")
     for compress in modes:
         label = "zstd" if compress else "raw"
         per_prompt = response_bytes({"result": result}, compress) / args.prompts
