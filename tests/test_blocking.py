@@ -286,3 +286,33 @@ def test_random_pairs():
         assert max(sum(layer == i for layer, _ in draw) for i in (1, 2)) <= 6  # E - k = 8 - 2
     with pytest.raises(ValueError, match="kind must be one of"):
         blocking.random_pairs(model, top, "gaussian")
+
+
+def test_main_job_section(tmp_path):
+    """blocking.section(job) on demo-moe (--quick): report.write accepts it; results.json has the documented keys."""
+    import time
+
+    from nnsight_moe import data, demo
+    from nnsight_moe.job import Job
+    from nnsight_moe.report import validate, write
+
+    model, tokenizer = demo.load("demo-moe")
+    relations = data.bundled()[:2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        encoded = data.encode_facts(tokenizer, [f for r in relations for f in r.facts()])
+    job = Job("demo-moe", model, tokenizer, relations, encoded, quick=True)
+    section = blocking.section(job)
+    header = {"model": {key: 0 for key in ("name", "family", "model_type", "n_layers", "moe_layers", "n_experts",
+                                           "top_k", "has_shared")},
+              "data": {"source": "bundled", "n_facts": len(encoded), "relations": [], "skipped": []}}
+    results = write(tmp_path, header, [section], time.time())
+    validate(results)
+    saved = json.loads((tmp_path / "results.json").read_text())["sections"]["blocking"]
+    assert set(saved) == {"title", "sweep", "configurations"}
+    assert saved["sweep"]["type"] == "blocking_sweep" and saved["sweep"]["meta"]["seeds"] == 5
+    assert {r["kind"] for r in saved["sweep"]["rows"]} == {"top", "uniform", "matched"}
+    assert set(saved["sweep"]["original"]) == {relations[0].name, relations[1].name, "all"}
+    assert saved["sweep"]["original"][relations[0].name]["n_prompts"] == 16
+    assert saved["configurations"]["meta"]["configurations"][1] == "shared only"
+    assert {p["name"] for p in results["plots"]} == {"blocking_mrr", "blocking_configurations"}
