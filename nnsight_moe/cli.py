@@ -58,14 +58,16 @@ def inspect(model: str) -> None:
 @click.option("--device", default=None, help="torch device, e.g. cpu or cuda.")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--quick", is_flag=True, help="Fewer seeds and prompts per recipe (smoke runs).")
-def run(model, data, out, remote, device, dtype, batch_size, quick) -> None:
+@click.option("--per-relation", default=24, show_default=True, type=click.IntRange(min=0),
+              help="Prompts per relation for the recipes (0 = all facts); the baseline uses every fact.")
+@click.option("--quick", is_flag=True, help="8 prompts per relation and fewer seeds (smoke runs).")
+def run(model, data, out, remote, device, dtype, batch_size, per_relation, quick) -> None:
     """Run the main job: every recipe on a model and relations; writes results.json and report.html."""
     from nnsight_moe.job import check_out_dir, run_job
 
     _or_fail(lambda: check_out_dir(out))
     _or_fail(lambda: run_job(model, data, out, remote=_remote(remote), device=device, dtype=dtype,
-                             batch_size=batch_size, quick=quick))
+                             batch_size=batch_size, quick=quick, max_per_relation=per_relation))
 
 
 def _or_fail(fn):

@@ -25,12 +25,15 @@ __all__ = ["RECIPE_SECTIONS", "Job", "check_out_dir", "run_job"]
 class Job:
     """What every section gets: the model, tokenizer, encoded facts and options."""
 
-    def __init__(self, name, model, tokenizer, relations, encoded, *, remote=None, batch_size=16, quick=False):
+    def __init__(self, name, model, tokenizer, relations, encoded, *, remote=None, batch_size=16, quick=False,
+                 max_per_relation: int | None = 24):
         import nnsight_moe
 
         self.name, self.model, self.tokenizer = name, model, tokenizer
         self.relations, self.encoded = relations, encoded
         self.remote, self.batch_size, self.quick = remote, batch_size, quick
+        #: prompts per relation the recipes use (None: all); the baseline always uses every fact
+        self.max_per_relation = 8 if quick else max_per_relation
         try:
             self.layout = nnsight_moe.layout(model)
         except nnsight_moe.UnsupportedModelError:
@@ -46,6 +49,21 @@ class Job:
         for i, fact in enumerate(self.encoded.facts):
             groups.setdefault(fact.relation, []).append(i)
         return groups
+
+    def sample(self):
+        """The encoded facts the recipes run on: at most ``max_per_relation`` per relation, evenly spread."""
+        from nnsight_moe.data import EncodedFacts
+
+        if self.max_per_relation is None:
+            return self.encoded
+        keep = []
+        for indices in self.by_relation().values():
+            step = max(1.0, len(indices) / self.max_per_relation)
+            keep += [indices[int(i * step)] for i in range(min(self.max_per_relation, len(indices)))]
+        keep.sort()
+        enc = self.encoded
+        return EncodedFacts(facts=[enc.facts[i] for i in keep], prompts=[enc.prompts[i] for i in keep],
+                            targets=[enc.targets[i] for i in keep], skipped=list(enc.skipped))
 
     @torch.no_grad()
     def last_logits(self, indices: list[int] | None = None, desc: str = "forward") -> torch.Tensor:
@@ -128,7 +146,9 @@ def routing_load(job: Job) -> torch.Tensor:
 
 
 #: Recipe sections: (name, module, function name). A recipe module that is not installed is skipped.
-RECIPE_SECTIONS: list[tuple[str, str, str]] = []
+RECIPE_SECTIONS: list[tuple[str, str, str]] = [
+    ("blocking", "nnsight_moe.recipes.blocking", "section"),
+]
 
 
 def _recipe_sections(job: Job) -> list[Section]:
@@ -161,7 +181,7 @@ def check_out_dir(out: str | Path) -> Path:
 
 def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = "results", *,
             remote: Any = None, device: str | None = None, dtype: str | None = None,
-            batch_size: int = 16, quick: bool = False) -> dict:
+            batch_size: int = 16, quick: bool = False, max_per_relation: int | None = 24) -> dict:
     """Run the main job and write ``out/results.json`` and ``out/report.html``; returns the results dict."""
     import warnings
 
@@ -183,7 +203,8 @@ def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = 
         print(f"warning: {warning.message}")
     if not encoded.facts:
         raise ValueError("no fact has a known target token for this tokenizer; nothing to run")
-    job = Job(model, lm, tokenizer, relations, encoded, remote=remote, batch_size=batch_size, quick=quick)
+    job = Job(model, lm, tokenizer, relations, encoded, remote=remote, batch_size=batch_size, quick=quick,
+              max_per_relation=max_per_relation or None)
     layout = job.layout
     header = {
         "model": {
