@@ -122,7 +122,7 @@ def _attach_hf(hf: nn.Module) -> AttachHandle:
     for layer in layout.layers:
         if not layer.is_moe:
             continue
-        block = hf.get_submodule(layer.path)
+        block = hooks.unwrap(hf.get_submodule(layer.path))  # the HF block behind a bridge wrapper
         state = hooks.BlockState(block, layer, adapter, config)
         states[layer.index] = state
         handle._handles[layer.index] = hooks.install(block, state)

@@ -31,6 +31,18 @@ EXPERTS_IMPLEMENTATION = "nnsight_moe"
 _STATE = "_nnsight_moe"
 
 
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module doing the work behind wrapper modules, else ``module`` itself.
+
+    A TransformerBridge replaces the HF modules it maps (MoE block, router, experts, shared expert,
+    linears) by components that call the original, kept as ``original_component``. Hooks go on the
+    originals, so the wrappers' own hooks (e.g. ``mlp.gate.hook_out``) see and compose with ours.
+    """
+    while isinstance(inner := getattr(module, "original_component", None), nn.Module):
+        module = inner
+    return module
+
+
 class BlockState:
     """Per-block bookkeeping: the hook points, the current input shape and active interventions.
 
@@ -46,8 +58,8 @@ class BlockState:
 
     def __init__(self, block: nn.Module, layer: LayerLayout, adapter: Any, config: Any):
         self.block, self.layer, self.adapter, self.config = block, layer, adapter, config
-        self.router = block.get_submodule(adapter.router)
-        self.experts = block.get_submodule(adapter.experts)
+        self.router = unwrap(block.get_submodule(adapter.router))
+        self.experts = unwrap(block.get_submodule(adapter.experts))
         self.shape: tuple[int, int] = (1, 0)
         self.zero: Tensor | None = None
         self.renorm = False
@@ -112,13 +124,14 @@ def install(block: nn.Module, state: BlockState) -> list:
         block.register_forward_hook(_moe_out),
     ]
     if state.layer.has_shared:
-        shared = block.get_submodule(state.adapter.shared)
-        handles.append(shared.down_proj.register_forward_pre_hook(_shared_acts))
+        shared = unwrap(block.get_submodule(state.adapter.shared))
+        down_proj = unwrap(shared.down_proj)
+        handles.append(down_proj.register_forward_pre_hook(_shared_acts))
         handles.append(shared.register_forward_hook(_shared_out))
-        shared.down_proj.__dict__[_STATE] = state
+        down_proj.__dict__[_STATE] = state
         shared.__dict__[_STATE] = state
         if state.adapter.shared_gate is not None:
-            gate = block.get_submodule(state.adapter.shared_gate)
+            gate = unwrap(block.get_submodule(state.adapter.shared_gate))
             gate.__dict__[_STATE] = state
             handles.append(gate.register_forward_hook(_shared_gate))
     return handles
