@@ -1,0 +1,6 @@
+"""dots.llm1: DeepSeek-V3 routing (sigmoid, selection bias, grouped top-2-sum, renorm, scale), shared experts."""
+
+from nnsight_moe.adapters.base import Adapter
+from nnsight_moe.adapters.deepseek_v3 import deepseek_v3_routing
+
+DOTS1 = Adapter(name="dots1", model_types=("dots1",), routing=deepseek_v3_routing, shared="shared_experts")

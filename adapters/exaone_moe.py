@@ -1,0 +1,11 @@
+"""EXAONE-MoE: DeepSeek-V3 routing (sigmoid, selection bias, grouped top-2-sum, renorm, scale), shared experts."""
+
+from nnsight_moe.adapters.base import Adapter
+from nnsight_moe.adapters.deepseek_v3 import deepseek_v3_routing
+
+EXAONE_MOE = Adapter(
+    name="exaone_moe",
+    model_types=("exaone_moe",),
+    routing=deepseek_v3_routing,
+    shared="shared_experts",
+)

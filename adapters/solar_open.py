@@ -1,0 +1,11 @@
+"""Solar Open: DeepSeek-V3 routing (sigmoid, selection bias, grouped top-2-sum, renorm, scale), shared experts."""
+
+from nnsight_moe.adapters.base import Adapter
+from nnsight_moe.adapters.deepseek_v3 import deepseek_v3_routing
+
+SOLAR_OPEN = Adapter(
+    name="solar_open",
+    model_types=("solar_open",),
+    routing=deepseek_v3_routing,
+    shared="shared_experts",
+)
