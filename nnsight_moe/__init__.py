@@ -48,3 +48,4 @@ __all__ = [
 ]
 
 import nnsight_moe.nnsight_frontend  # noqa: E402,F401  (registers the nnsight frontend of attach)
+from nnsight_moe import tl  # noqa: E402,F401  (registers the TransformerLens frontend of attach)
