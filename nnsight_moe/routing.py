@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-__all__ = ["Routing", "SparseMixer"]
+__all__ = ["ClampNormRouting", "Routing", "SigmoidOfLogits", "SoftmaxTopK", "SparseMixer"]
 
 
 @dataclass
@@ -174,3 +174,42 @@ class SparseMixer(Routing):
 
     def describe(self) -> str:
         return f"sparsemixer top-2 of {self.n_experts} (jitter {self.jitter_eps:g})"
+
+
+@dataclass
+class SigmoidOfLogits(Routing):
+    """Select on the raw logits (plus a selection-only bias), weight by the sigmoid of the chosen logits.
+
+    Kolibri: ``topk(logits + bias)``, weights ``sigmoid(logit)`` of the chosen experts, renormalised
+    when ``normalize``. Scores are the raw logits (float32), since the bias is added to them, not to
+    a sigmoid (as in PhiMoE's :class:`SparseMixer`).
+    """
+
+    def scores(self, logits):
+        return logits.float()
+
+    def weights(self, scores, indices, exclude=None):
+        w = scores.gather(-1, indices).sigmoid()
+        if self.normalize:
+            w = w / w.sum(dim=-1, keepdim=True)
+        return w * self.scale if self.scale != 1.0 else w
+
+    def describe(self) -> str:
+        bias = " + selection bias" if self.bias is not None else ""
+        renorm = ", renorm" if self.normalize else ""
+        return f"top-{self.top_k} of {self.n_experts} logits{bias}, sigmoid weights{renorm}"
+
+
+@dataclass
+class ClampNormRouting(Routing):
+    """Renormalise the selected weights by ``max(sum, norm_min)`` instead of ``sum + eps`` (ERNIE-4.5-MoE)."""
+
+    norm_min: float = 1e-12
+
+    def weights(self, scores, indices, exclude=None):
+        w = scores.gather(-1, indices)
+        w = w / w.sum(dim=-1, keepdim=True).clamp(min=self.norm_min)
+        return w * self.scale if self.scale != 1.0 else w
+
+    def describe(self) -> str:
+        return super().describe().replace(", renorm", "") + f", renorm (sum clamped at {self.norm_min:g})"

@@ -59,6 +59,8 @@ FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
     "deepseek_v32": {"head_dim": 8, "num_key_value_heads": 4},
     "glm_moe_dsa": {"head_dim": 8, "num_key_value_heads": 4},
     "axk2": {"head_dim": 8, "num_key_value_heads": 4},
+    "cohere2_moe": {"num_shared_experts": 1, "shared_expert_combination_strategy": "sum"},
+    "ernie4_5_moe": {"num_experts_per_tok": 4},  # the random selection bias dominates: top-4 so blocking hits
 }
 
 
