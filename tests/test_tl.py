@@ -382,3 +382,21 @@ def test_non_bridges_are_ignored_by_the_frontend():
         assert all(point.name == path for path, point in handle.hook_points().items())
     finally:
         handle.detach()
+
+
+def test_attach_again_after_compatibility_mode():
+    """enable_compatibility_mode() rebuilds TL's registry; attaching again restores every name."""
+    ids = _ids()
+    bridge = tl.boot(tiny_model("olmoe"))
+    try:
+        bridge.enable_compatibility_mode()
+        assert nnsight_moe.attach(bridge) is nnsight_moe.handle_of(bridge)
+        _, cache = bridge.run_with_cache(ids)
+        layout = nnsight_moe.handle_of(bridge).layout
+        for index in layout.moe_layers:
+            for name, shape in contract_shapes(layout.layer(index), *ids.shape).items():
+                assert tuple(cache[tl.tl_hook_name(index, name)].shape) == shape
+            torch.testing.assert_close(cache[f"blocks.{index}.mlp.hook_moe_out"], cache[f"blocks.{index}.hook_mlp_out"])
+    finally:
+        nnsight_moe.detach(bridge)
+    assert not any(".mlp.hook_topk" in name for name in bridge.hook_dict)
