@@ -1,0 +1,593 @@
+"""Cross-level knowledge attribution by log-probability increase (LPI), after Li et al. (ACL 2025).
+
+For a component whose output ``c`` is added to a residual state ``x`` at the scored (last) position,
+
+    LPI(c | x) = log p(w | x + c) - log p(w | x),     p(w | x) = softmax(W_U · n(x))_w,
+
+where ``n(x) = γ ⊙ x / rms`` is the final norm with the RMS of the model's REAL final residual held
+fixed (logit-lens style) and ``w`` the target token. Levels (``h^{l-1}`` the residual entering layer
+l, ``A^l`` its attention output, ``u^l = h^{l-1} + A^l``, ``F^l`` its MLP / MoE output):
+
+* ``attn``   LPI(A^l | h^{l-1});             ``moe`` LPI(F^l | u^l)   (dense MLP layers too)
+* ``head``   LPI(z_h · W_O[h] | h^{l-1})     (head h's slice of the o_proj input through W_O)
+* ``expert`` LPI(g_e · E_e(x~) | u^l)        (selected routed experts, gate as the model applies it)
+* ``shared`` LPI(s · S(x~) | u^l)            (shared expert, s its gate; 1 when ungated)
+* ``neuron`` LPI(g · m_k · W_down[:, k] | u^l)  (neuron k of a selected expert; of the shared expert or
+  dense MLP with g = s or 1, ``expert = -1``)
+
+The module has two halves: :func:`capture` runs the model once per batch and keeps last-position
+tensors; the scoring functions are pure tensor maths on what was captured (so they can run anywhere).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+import nnsight_moe
+
+__all__ = ["AttributionResult", "LEVELS", "attribute", "attribute_relations", "capture", "compare", "lpi"]
+
+LEVELS = ("layer", "head", "expert", "shared", "neuron")
+COLUMNS = ["prompt", "layer", "level", "head", "expert", "neuron", "score"]
+
+
+# ------------------------------------------------------------------------------------ pure scoring
+@dataclass
+class Readout:
+    """The frozen final projection of one batch: p(w | x) = softmax(W_U (γ ⊙ x · scale) + b)_w."""
+
+    unembed: Tensor  # [V, D]
+    gamma: Tensor  # [D]
+    scale: Tensor  # [P, 1] 1 / rms of the real final residual
+    bias: Tensor | None  # [V]
+    targets: Tensor  # [P]
+
+    def logprob(self, x: Tensor, rows: Tensor) -> Tensor:
+        """log p(target | x) for states ``x`` [N, D] belonging to prompts ``rows`` [N]."""
+        logits = (x * self.gamma * self.scale[rows]) @ self.unembed.T
+        if self.bias is not None:
+            logits = logits + self.bias
+        return logits.log_softmax(-1).gather(-1, self.targets[rows, None])[:, 0]
+
+
+def lpi(readout: Readout, base: Tensor, c: Tensor, rows: Tensor, budget_bytes: int = 2 << 30) -> Tensor:
+    """LPI(c | x) = log p(w | x + c) - log p(w | x) with x = ``base[rows]``.
+
+    ``base`` [P, D] holds one residual state per prompt, ``c`` [N, D] the contributions and ``rows``
+    [N] the prompt of each; the [chunk, V] logits are computed in chunks under ``budget_bytes``.
+    """
+    prompts = torch.arange(base.shape[0], device=base.device)
+    before = readout.logprob(base, prompts)
+    vocab = readout.unembed.shape[0]
+    chunk = max(1, int(budget_bytes // max(1, 4 * 4 * vocab)))
+    out = []
+    for start in range(0, c.shape[0], chunk):
+        r = rows[start : start + chunk]
+        out.append(readout.logprob(base[r] + c[start : start + chunk], r) - before[r])
+    return torch.cat(out) if out else c.new_zeros(0)
+
+
+# ------------------------------------------------------------------------------------ capture
+@dataclass
+class Parts:
+    """Where the pieces of a decoder stack live (HF modules)."""
+
+    layers: list[nn.Module]
+    attn: list[nn.Module]
+    mlp: list[nn.Module]
+    norm: nn.Module
+    unembed: nn.Module
+    n_heads: int
+
+
+def _parts(hf: nn.Module) -> Parts:
+    config = hf.config.get_text_config()
+    n_layers = int(config.num_hidden_layers)
+    stack = next((m for name, m in hf.named_modules()
+                  if isinstance(m, nn.ModuleList) and name.endswith("layers") and len(m) == n_layers), None)
+    if stack is None:
+        raise ValueError(f"{type(hf).__name__}: no decoder layer list of length {n_layers} found")
+    attn = [getattr(layer, "self_attn", None) for layer in stack]
+    mlp = [getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None) for layer in stack]
+    if any(a is None or not hasattr(a, "o_proj") for a in attn) or any(m is None for m in mlp):
+        raise ValueError(f"{type(hf).__name__}: every decoder layer needs self_attn.o_proj and an mlp module")
+    base = hf.base_model
+    norm = getattr(base, "norm", None) or getattr(base, "final_layernorm", None)
+    if norm is None:
+        raise ValueError(f"{type(hf).__name__}: no final norm (base_model.norm) found")
+    return Parts(list(stack), attn, mlp, norm, hf.get_output_embeddings(), int(config.num_attention_heads))
+
+
+def _last(mask: Tensor) -> Tensor:
+    """Index of the last non-pad token per row, for left or right padding."""
+    return mask.cumsum(-1).argmax(-1)
+
+
+def _encode(tokenizer, prompts: Sequence, device) -> dict[str, Tensor]:
+    if isinstance(prompts[0], str):
+        if tokenizer is None:
+            raise ValueError("string prompts need a tokenizer=; or pass lists of token ids")
+        enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
+        return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.as_tensor(list(p))
+        mask[i, width - len(p) :] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+@torch.no_grad()
+def capture(hf: nn.Module, batch: dict[str, Tensor], parts: Parts, handle=None) -> dict[str, Any]:
+    """Run ``hf`` on ``batch`` and keep every quantity attribution needs at the last non-pad position.
+
+    Returns a dict: ``resid_pre`` [L, P, D], ``attn_out`` [L, P, D], ``z`` [L, P, H*dh], ``mlp_out``
+    [L, P, D], ``mlp_acts`` {dense layer: [P, I]}, ``final`` [P, D], ``logits`` [P, V] and, with an
+    attach ``handle``, ``moe`` {layer: {hook name without "hook_": last-position tensor}}.
+    """
+    last = _last(batch["attention_mask"])
+    rows = torch.arange(last.shape[0], device=last.device)
+    pick = lambda t: t[rows, last].float()  # noqa: E731
+    got: dict[str, Any] = {"resid_pre": {}, "attn_out": {}, "z": {}, "mlp_out": {}, "mlp_acts": {}, "moe": {}}
+    handles = []
+    for i, (layer, attn, mlp) in enumerate(zip(parts.layers, parts.attn, parts.mlp)):
+        handles.append(layer.register_forward_pre_hook(
+            lambda m, a, k, i=i: got["resid_pre"].__setitem__(i, pick(a[0] if a else k["hidden_states"])),
+            with_kwargs=True))
+        handles.append(attn.register_forward_hook(lambda m, a, o, i=i: got["attn_out"].__setitem__(i, pick(o[0]))))
+        handles.append(attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: got["z"].__setitem__(i, pick(a[0]))))
+        handles.append(mlp.register_forward_hook(
+            lambda m, a, o, i=i: got["mlp_out"].__setitem__(i, pick(o[0] if isinstance(o, tuple) else o))))
+        down = getattr(mlp, "down_proj", None)
+        if isinstance(down, nn.Linear):
+            handles.append(down.register_forward_pre_hook(lambda m, a, i=i: got["mlp_acts"].__setitem__(i, pick(a[0]))))
+    handles.append(parts.norm.register_forward_pre_hook(
+        lambda m, a, k: got.__setitem__("final", pick(a[0] if a else k["hidden_states"])), with_kwargs=True))
+    points = []
+    if handle is not None:
+        for i in handle.layout.moe_layers:
+            got["moe"][i] = {}
+            for name in handle.layout.layer(i).hook_names:
+                point = handle.block(i)._modules[name]
+                points.append(point)
+                point.add_hook(lambda v, hook, i=i, name=name: got["moe"][i].__setitem__(name[5:], v[rows, last]))
+    try:
+        logits = hf(**batch).logits
+    finally:
+        for h in handles:
+            h.remove()
+        for point in points:
+            point.remove_hooks()
+    got["logits"] = pick(logits)
+    for key in ("resid_pre", "attn_out", "z", "mlp_out"):
+        got[key] = torch.stack([got[key][i] for i in range(len(parts.layers))])
+    return got
+
+
+def readout(parts: Parts, captured: dict, targets: Tensor, atol: float = 1e-3) -> Readout:
+    """The frozen final projection for a batch, checked against the model's own log-probabilities."""
+    norm = parts.norm
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+    if hasattr(norm, "bias") and getattr(norm, "bias", None) is not None or isinstance(norm, nn.LayerNorm):
+        raise ValueError(f"final norm {type(norm).__name__} is a LayerNorm; only RMSNorm models are supported")
+    final = captured["final"]
+    scale = torch.rsqrt(final.pow(2).mean(-1, keepdim=True) + eps)
+    unembed = parts.unembed
+    out = Readout(unembed.weight.float(), norm.weight.float(), scale,
+                  None if getattr(unembed, "bias", None) is None else unembed.bias.float(), targets)
+    rows = torch.arange(final.shape[0])
+    mine = out.logprob(final, rows)
+    theirs = captured["logits"].log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+    if (mine - theirs).abs().max() > atol:
+        raise ValueError(
+            f"the frozen final projection (RMSNorm then unembedding) does not reproduce this model's "
+            f"log-probabilities (max diff {(mine - theirs).abs().max():.2e}); the model post-processes "
+            "its logits in a way attribution does not model"
+        )
+    return out
+
+
+def _rows(**cols) -> pd.DataFrame:
+    return pd.DataFrame({k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in cols.items()})
+
+
+def _down_columns(experts: nn.Module, expert_ids: Tensor) -> Tensor:
+    """W_down of each expert in ``expert_ids`` [N] as [N, d_expert, d_model] (row k = column k of W_down)."""
+    w = experts.down_proj[expert_ids].float()
+    return w if getattr(experts, "is_transposed", False) else w.transpose(-1, -2)
+
+
+def score_batch(hf: nn.Module, parts: Parts, captured: dict, ro: Readout, levels: Sequence[str],
+                handle=None, budget_bytes: int = 2 << 30, neurons: str = "exact", fast_top: int = 100) -> pd.DataFrame:
+    """All requested levels for one captured batch, as rows (prompt index local to the batch)."""
+    n_layers, n_prompts = captured["resid_pre"].shape[:2]
+    ar = torch.arange(n_prompts)
+    h_prev, attn_out, mlp_out = captured["resid_pre"], captured["attn_out"], captured["mlp_out"]
+    u = h_prev + attn_out
+    _check_residual(captured, u)
+    frames = []
+
+    def add(layer, level, rows, score, head=-1, expert=-1, neuron=-1):
+        frames.append(_rows(prompt=rows, layer=layer, level=level, head=head, expert=expert, neuron=neuron,
+                            score=score))
+
+    for layer in range(n_layers):
+        if "layer" in levels:
+            add(layer, "attn", ar, lpi(ro, h_prev[layer], attn_out[layer], ar, budget_bytes))
+            add(layer, "moe", ar, lpi(ro, u[layer], mlp_out[layer], ar, budget_bytes))
+        if "head" in levels:
+            o_proj = parts.attn[layer].o_proj
+            z = captured["z"][layer].reshape(n_prompts, parts.n_heads, -1)
+            w_o = o_proj.weight.float().reshape(o_proj.out_features, parts.n_heads, -1)
+            heads = torch.einsum("phd,ohd->pho", z, w_o).reshape(-1, o_proj.out_features)
+            rows = ar.repeat_interleave(parts.n_heads)
+            add(layer, "head", rows, lpi(ro, h_prev[layer], heads, rows, budget_bytes),
+                head=torch.arange(parts.n_heads).repeat(n_prompts))
+        moe = captured["moe"].get(layer) if handle is not None else None
+        if moe is not None:
+            k = moe["topk_indices"].shape[-1]
+            rows = ar.repeat_interleave(k)
+            ids = moe["topk_indices"].reshape(-1)
+            gate = moe["topk_weights"].float().reshape(-1)
+            if "expert" in levels:
+                contrib = gate[:, None] * moe["expert_out"].float().reshape(-1, u.shape[-1])
+                add(layer, "expert", rows, lpi(ro, u[layer], contrib, rows, budget_bytes), expert=ids)
+            if "shared" in levels and "shared_out" in moe:
+                contrib = moe["shared_gate"].float() * moe["shared_out"].float()
+                add(layer, "shared", ar, lpi(ro, u[layer], contrib, ar, budget_bytes))
+            if "neuron" in levels:
+                experts = handle.states[layer].experts
+                acts = moe["expert_acts"].float().reshape(len(ids), -1)  # [P*k, I]
+                w_down = _down_columns(experts, ids)  # [P*k, I, D]
+                frames.append(_neurons(ro, u[layer], rows, gate[:, None] * acts, w_down, layer, ids,
+                                       budget_bytes, neurons, fast_top))
+                if "shared_acts" in moe:
+                    shared = hf.get_submodule(handle.layout.layer(layer).shared)
+                    acts = moe["shared_gate"].float() * moe["shared_acts"].float()
+                    w_down = shared.down_proj.weight.float().T.expand(n_prompts, -1, -1)
+                    frames.append(_neurons(ro, u[layer], ar, acts, w_down, layer, torch.full((n_prompts,), -1),
+                                           budget_bytes, neurons, fast_top))
+        elif "neuron" in levels and layer in captured["mlp_acts"]:
+            acts = captured["mlp_acts"][layer]
+            w_down = parts.mlp[layer].down_proj.weight.float().T.expand(n_prompts, -1, -1)
+            frames.append(_neurons(ro, u[layer], ar, acts, w_down, layer, torch.full((n_prompts,), -1),
+                                   budget_bytes, neurons, fast_top))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
+
+
+def _check_residual(captured: dict, u: Tensor, atol: float = 1e-3) -> None:
+    """Attribution assumes h^l = h^{l-1} + A^l + F^l (pre-norm residual stream); check it on the data."""
+    after = torch.cat([captured["resid_pre"][1:], captured["final"][None]])
+    err = (u + captured["mlp_out"] - after).abs().max()
+    scale = after.abs().max().clamp(min=1.0)
+    if err > atol * scale:
+        raise ValueError(
+            f"this model's residual stream is not h + attn + mlp per layer (max deviation {err:.2e}); "
+            "LPI attribution as defined here does not apply"
+        )
+
+
+def _neurons(ro: Readout, base: Tensor, rows: Tensor, weighted_acts: Tensor, w_down: Tensor, layer: int,
+             experts: Tensor, budget_bytes: int, mode: str, fast_top: int) -> pd.DataFrame:
+    """Neuron rows: contribution of neuron k of unit j is ``weighted_acts[j, k] * w_down[j, k]``."""
+    n_units, width = weighted_acts.shape
+    unit_of = torch.arange(n_units).repeat_interleave(width)
+    neuron = torch.arange(width).repeat(n_units)
+    if mode == "fast":
+        grad = _logprob_gradient(ro, base)  # [P, D]
+        approx = (weighted_acts * torch.einsum("jkd,jd->jk", w_down, grad[rows])).reshape(-1)  # first-order LPI
+        prompt_of = rows[unit_of]
+        keep = []
+        for p in prompt_of.unique():
+            mine = (prompt_of == p).nonzero()[:, 0]
+            keep.append(mine[approx[mine].abs().topk(min(fast_top, len(mine))).indices])
+        keep = torch.cat(keep)
+        unit_of, neuron = unit_of[keep], neuron[keep]
+    elif mode != "exact":
+        raise ValueError(f"neurons must be 'exact' or 'fast', got {mode!r}")
+    scores = []
+    per_chunk = max(1, int(budget_bytes // max(1, 4 * 4 * (ro.unembed.shape[0] + base.shape[-1]))))
+    for start in range(0, unit_of.numel(), per_chunk):
+        j, k = unit_of[start : start + per_chunk], neuron[start : start + per_chunk]
+        contrib = weighted_acts[j, k, None] * w_down[j, k]
+        scores.append(lpi(ro, base, contrib, rows[j], budget_bytes))
+    return _rows(prompt=rows[unit_of], layer=layer, level="neuron", head=-1, expert=experts[unit_of],
+                 neuron=neuron, score=torch.cat(scores) if scores else torch.zeros(0))
+
+
+def _logprob_gradient(ro: Readout, base: Tensor) -> Tensor:
+    """d log p(w | x) / dx at x = base, per prompt: scale · γ ⊙ (W_U[w] - Σ_v p_v W_U[v])."""
+    rows = torch.arange(base.shape[0])
+    logits = (base * ro.gamma * ro.scale) @ ro.unembed.T
+    if ro.bias is not None:
+        logits = logits + ro.bias
+    probs = logits.softmax(-1)
+    direction = ro.unembed[ro.targets] - probs @ ro.unembed
+    return direction * ro.gamma * ro.scale[rows]
+
+
+# ------------------------------------------------------------------------------------ entry points
+def _targets(targets, prompts, tokenizer, logits_fn) -> list[int] | None:
+    from nnsight_moe.data import target_token
+
+    if targets is None or isinstance(targets, str) and targets == "predicted":
+        return None
+    if len(targets) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(targets)} targets")
+    out = []
+    for t in targets:
+        if isinstance(t, str):
+            if tokenizer is None:
+                raise ValueError("string targets need a tokenizer=")
+            tid = target_token(tokenizer, t)
+            if tid is None:
+                raise ValueError(f"target {t!r}: its first token is unknown to the tokenizer")
+            out.append(tid)
+        else:
+            out.append(int(t))
+    return out
+
+
+def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = None, *, tokenizer=None,
+              levels: Sequence[str] = LEVELS, remote: Any = None, batch_size: int = 16,
+              budget_bytes: int = 2 << 30, neurons: str = "exact", fast_top: int = 100,
+              progress: bool = True) -> "AttributionResult":
+    """LPI attribution of every component at the last prompt position.
+
+    Args:
+        model: HF model, TransformerBridge or nnsight model (MoE of a supported family, or dense).
+        prompts: strings (with ``tokenizer``) or lists of token ids.
+        targets: strings (first token of " " + target), token ids, or None / ``"predicted"`` for the
+            model's own top-1 prediction.
+        levels: any of ``"layer"`` (attn + moe/mlp rows), ``"head"``, ``"expert"``, ``"shared"``, ``"neuron"``.
+        remote: nnsight remote backend; not supported by this recipe yet (raises).
+        budget_bytes: memory budget for the [chunk, vocab] logits of a chunk of contributions.
+        neurons: ``"exact"`` (every neuron) or ``"fast"``: a first-order (linearised log-sum-exp) screen
+            of every neuron, then exact LPI for the ``fast_top`` neurons with the largest |screen score|
+            per prompt and layer (routed and shared/dense neurons screened separately); others omitted.
+    """
+    if remote is not None:
+        raise NotImplementedError(
+            "attribute(remote=...) is not available yet: run it locally (HF, TransformerBridge or nnsight "
+            "model), or compute per-expert values remotely with nnsight_moe.remote.MoEView"
+        )
+    unknown = set(levels) - set(LEVELS)
+    if unknown:
+        raise ValueError(f"unknown levels {sorted(unknown)}; choose from {LEVELS}")
+    if len(prompts) == 0:
+        raise ValueError("no prompts to attribute")
+    hf = nnsight_moe.hf_model(model)
+    parts = _parts(hf)
+    try:
+        layout = nnsight_moe.layout(hf)
+    except nnsight_moe.UnsupportedModelError:
+        layout = None
+    wanted = _targets(targets, prompts, tokenizer, None)
+    device = next(hf.parameters()).device
+    frames, all_targets, all_logits = [], [], []
+    context = nnsight_moe.attached(hf) if layout is not None else _null()
+    with context as handle:
+        for start in tqdm(range(0, len(prompts), batch_size), desc="attribution", disable=not progress, leave=False):
+            batch = _encode(tokenizer, prompts[start : start + batch_size], device)
+            got = capture(hf, batch, parts, handle)
+            tgt = (got["logits"].argmax(-1) if wanted is None
+                   else torch.tensor(wanted[start : start + batch_size], device=got["logits"].device))
+            ro = readout(parts, got, tgt)
+            frame = score_batch(hf, parts, got, ro, levels, handle, budget_bytes, neurons, fast_top)
+            frame["prompt"] += start
+            frames.append(frame)
+            all_targets.append(tgt.cpu())
+            all_logits.append(got["logits"].cpu())
+    frame = pd.concat(frames, ignore_index=True)[COLUMNS]
+    return AttributionResult(frame, torch.cat(all_targets).tolist(), _ranks(torch.cat(all_logits), torch.cat(all_targets)),
+                             n_layers=len(parts.layers), family=layout.family if layout else "dense",
+                             model_type=hf.config.model_type)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _ranks(logits: Tensor, targets: Tensor) -> list[int]:
+    from nnsight_moe.recipes.metrics import target_ranks
+
+    return target_ranks(logits, targets).tolist()
+
+
+def attribute_relations(model: Any, tokenizer, relations, *, per_relation: int | None = None, **kwargs) -> "AttributionResult":
+    """:func:`attribute` over relation facts (``nnsight_moe.data``); adds a ``relation`` column.
+
+    ``per_relation`` keeps at most that many facts per relation (evenly spread) to bound the cost.
+    """
+    from nnsight_moe.data import Relation, encode_facts
+
+    relations = [relations] if isinstance(relations, Relation) else list(relations)
+    facts = []
+    for relation in relations:
+        fs = relation.facts()
+        if per_relation is not None and len(fs) > per_relation:
+            step = len(fs) / per_relation
+            fs = [fs[int(i * step)] for i in range(per_relation)]
+        facts += fs
+    encoded = encode_facts(tokenizer, facts)
+    if not encoded.facts:
+        raise ValueError("no fact has a known target token for this tokenizer")
+    result = attribute(model, encoded.prompts, encoded.targets, tokenizer=tokenizer, **kwargs)
+    result.relations = [f.relation for f in encoded.facts]
+    return result
+
+
+# ------------------------------------------------------------------------------------ results
+BANDS = ("early", "middle", "late")
+
+
+@dataclass
+class AttributionResult:
+    """LPI scores (``to_frame()``), targets and target ranks of the model's real prediction."""
+
+    frame: pd.DataFrame
+    targets: list[int]
+    ranks: list[int]
+    n_layers: int
+    family: str = ""
+    model_type: str = ""
+    name: str = ""
+    relations: list[str] | None = None
+
+    def to_frame(self) -> pd.DataFrame:
+        """One long table: prompt, [relation,] layer, level, head, expert, neuron, score (LPI, nats)."""
+        frame = self.frame.copy()
+        if self.relations is not None:
+            frame.insert(1, "relation", [self.relations[p] for p in frame["prompt"]])
+        return frame
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.targets)
+
+    def layer_gains(self) -> pd.DataFrame:
+        """Mean Imp(A^l) and Imp(F^l) over prompts, per layer (columns attn, moe)."""
+        layer = self.frame[self.frame["level"].isin(["attn", "moe"])]
+        return layer.pivot_table(index="layer", columns="level", values="score", aggfunc="mean").reindex(
+            range(self.n_layers))
+
+    def summary(self, bands: Sequence[float] = (1 / 3, 2 / 3)) -> dict[str, float]:
+        """Table-1 quantities: HIT@10, MRR, FFN gain, Attn gain, peak position (% depth), efficiency, band shares."""
+        gains = self.layer_gains()
+        ffn, attn = gains["moe"].fillna(0.0), gains["attn"].fillna(0.0)
+        ranks = torch.tensor(self.ranks, dtype=torch.float64)
+        edges = [0, *[int(round(b * self.n_layers)) for b in bands], self.n_layers]
+        total = ffn.sum()
+        out = {
+            "HIT@10": float((ranks <= 10).double().mean()),
+            "MRR": float((1 / ranks).mean()),
+            "FFN gain": float(total),
+            "Attn gain": float(attn.sum()),
+            "peak position %": float(100.0 * (int(ffn.to_numpy().argmax()) + 1) / self.n_layers),
+            "efficiency": float(total / self.n_layers),
+        }
+        for name, lo, hi in zip(BANDS, edges[:-1], edges[1:]):
+            out[f"{name} share"] = float(ffn.iloc[lo:hi].sum() / total) if total != 0 else float("nan")
+        return out
+
+    def expert_matrix(self) -> pd.DataFrame:
+        """Mean gated-LPI per (layer, expert) over prompts; 0 for prompts that did not select the expert."""
+        experts = self.frame[self.frame["level"] == "expert"]
+        table = experts.groupby(["layer", "expert"])["score"].sum() / self.n_prompts
+        return table.unstack("expert").fillna(0.0)
+
+    def to_json(self) -> dict:
+        """Summary, per-layer gains and expert matrix for results.json."""
+        return {"name": self.name, "family": self.family, "n_prompts": self.n_prompts,
+                "summary": self.summary(),
+                "layer_gains": self.layer_gains().reset_index().to_dict(orient="list"),
+                "expert_matrix": self.expert_matrix().to_dict() if (self.frame["level"] == "expert").any() else {}}
+
+    def save(self, path: str | Path) -> Path:
+        """Save the table (parquet-free: CSV) and metadata next to it (``path`` + ``.json``)."""
+        path = Path(path)
+        self.to_frame().to_csv(path, index=False)
+        meta = {"targets": self.targets, "ranks": self.ranks, "n_layers": self.n_layers, "family": self.family,
+                "model_type": self.model_type, "name": self.name, "relations": self.relations}
+        path.with_suffix(path.suffix + ".json").write_text(json.dumps(meta))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AttributionResult":
+        """Inverse of :meth:`save`."""
+        path = Path(path)
+        frame = pd.read_csv(path)
+        meta = json.loads(path.with_suffix(path.suffix + ".json").read_text())
+        frame = frame.drop(columns=["relation"], errors="ignore")[COLUMNS]
+        return cls(frame, **meta)
+
+    # -------------------------------------------------------------- plots (matplotlib Figures)
+    def plot_gains(self):
+        """Attention vs MoE/FFN gain by layer."""
+        import matplotlib.pyplot as plt
+
+        gains = self.layer_gains().fillna(0.0)
+        fig, ax = plt.subplots(figsize=(6, 3))
+        x = torch.arange(self.n_layers).numpy()
+        ax.bar(x - 0.2, gains["attn"], 0.4, label="attention  Imp(A^l)")
+        ax.bar(x + 0.2, gains["moe"], 0.4, label="MoE / FFN  Imp(F^l)")
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_xlabel("layer"), ax.set_ylabel("mean LPI (nats)"), ax.legend(fontsize=8)
+        ax.set_title(f"{self.name or self.family}: gain by layer")
+        fig.tight_layout()
+        return fig
+
+    def plot_experts(self):
+        """[layer x expert] heatmap of mean gated-LPI."""
+        import matplotlib.pyplot as plt
+
+        matrix = self.expert_matrix()
+        fig, ax = plt.subplots(figsize=(min(12, 2 + 0.4 * matrix.shape[1]), 1 + 0.5 * matrix.shape[0]))
+        lim = float(matrix.abs().to_numpy().max()) or 1.0
+        image = ax.imshow(matrix.to_numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+        ax.set_yticks(range(matrix.shape[0]), matrix.index), ax.set_xticks(range(matrix.shape[1]), matrix.columns)
+        ax.set_xlabel("expert"), ax.set_ylabel("layer"), ax.set_title("Mean gated LPI per expert")
+        fig.colorbar(image, ax=ax, label="nats")
+        return fig
+
+    def plot_shared_routed(self):
+        """Per layer: summed routed-expert LPI vs shared-expert LPI (mean over prompts)."""
+        import matplotlib.pyplot as plt
+
+        f = self.frame
+        routed = f[f["level"] == "expert"].groupby("layer")["score"].sum() / self.n_prompts
+        shared = f[f["level"] == "shared"].groupby("layer")["score"].sum() / self.n_prompts
+        layers = sorted(set(routed.index) | set(shared.index))
+        fig, ax = plt.subplots(figsize=(6, 3))
+        x = torch.arange(len(layers)).numpy()
+        ax.bar(x - 0.2, [routed.get(l, 0.0) for l in layers], 0.4, label="routed experts (sum)")
+        ax.bar(x + 0.2, [shared.get(l, 0.0) for l in layers], 0.4, label="shared expert")
+        ax.set_xticks(x, layers), ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_xlabel("layer"), ax.set_ylabel("mean LPI (nats)"), ax.legend(fontsize=8)
+        ax.set_title("Shared vs routed contribution by layer")
+        fig.tight_layout()
+        return fig
+
+    def plot_neurons(self, n: int = 15):
+        """The neurons with the largest mean LPI."""
+        import matplotlib.pyplot as plt
+
+        f = self.frame[self.frame["level"] == "neuron"]
+        top = (f.groupby(["layer", "expert", "neuron"])["score"].sum() / self.n_prompts).nlargest(n)
+        fig, ax = plt.subplots(figsize=(6, 0.3 * len(top) + 1))
+        labels = [f"L{l} {'shared/MLP' if e < 0 else f'E{e}'} n{k}" for l, e, k in top.index]
+        ax.barh(range(len(top))[::-1], top.to_numpy(), color="tab:purple")
+        ax.set_yticks(range(len(top))[::-1], labels, fontsize=7)
+        ax.set_xlabel("mean LPI (nats)"), ax.set_title("Top neurons")
+        fig.tight_layout()
+        return fig
+
+
+def compare(results: Sequence[AttributionResult]) -> tuple[pd.DataFrame, float | None]:
+    """Table-1-style comparison and the MoE-vs-dense efficiency ratio (first MoE / first dense result)."""
+    rows = []
+    for r in results:
+        s = r.summary()
+        rows.append({"model": r.name or r.family, **{k: s[k] for k in
+                     ("HIT@10", "MRR", "FFN gain", "Attn gain", "peak position %", "efficiency")}})
+    table = pd.DataFrame(rows).set_index("model")
+    moe = next((r for r in results if r.family != "dense"), None)
+    dense = next((r for r in results if r.family == "dense"), None)
+    ratio = None
+    if moe is not None and dense is not None and dense.summary()["efficiency"] != 0:
+        ratio = moe.summary()["efficiency"] / dense.summary()["efficiency"]
+    return table, ratio

@@ -1,0 +1,180 @@
+"""Attribution (LPI) at every level against an independent brute force that builds x + c explicitly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nnsight_moe
+from nnsight_moe.recipes.attribution import attribute, compare
+from nnsight_moe.testing import tiny_model
+
+from helpers import naive_expert
+
+PROMPTS = [[5, 9, 17, 33, 2], [7, 8, 9], [11, 12, 13, 14, 15, 16]]
+TARGETS = [3, 40, 77]
+
+
+@torch.no_grad()
+def brute_force(model, prompt, target):
+    """Every level's LPI for one prompt, from module inputs/outputs and weights, no attribution code."""
+    ids = torch.tensor([prompt])
+    layers = model.model.layers
+    seen, handles = {}, []
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(
+            lambda m, a, k, i=i: seen.__setitem__(("h", i), (a[0] if a else k["hidden_states"])[0, -1]), with_kwargs=True))
+        handles.append(layer.self_attn.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(("attn", i), o[0][0, -1])))
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(("z", i), a[0][0, -1])))
+        handles.append(layer.mlp.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(("xt", i), a[0][0, -1])))
+        handles.append(layer.mlp.register_forward_hook(
+            lambda m, a, o, i=i: seen.__setitem__(("mlp", i), (o[0] if isinstance(o, tuple) else o)[0, -1])))
+    handles.append(model.model.norm.register_forward_pre_hook(lambda m, a: seen.__setitem__("final", a[0][0, -1])))
+    logits = model(ids).logits[0, -1]
+    for h in handles:
+        h.remove()
+    norm = model.model.norm
+    scale = torch.rsqrt(seen["final"].pow(2).mean() + norm.variance_epsilon)
+
+    def logprob(x):
+        return model.lm_head(norm.weight * x * scale).log_softmax(-1)[target]
+
+    assert torch.allclose(logprob(seen["final"]), logits.log_softmax(-1)[target], atol=1e-5)
+    lpi = lambda x, c: float(logprob(x + c) - logprob(x))  # noqa: E731
+    out = {}
+    n_heads = model.config.num_attention_heads
+    for i, layer in enumerate(layers):
+        h, a = seen[("h", i)], seen[("attn", i)]
+        u = h + a
+        out[("attn", i)] = lpi(h, a)
+        out[("moe", i)] = lpi(u, seen[("mlp", i)])
+        w_o = layer.self_attn.o_proj.weight
+        d_head = w_o.shape[1] // n_heads
+        for hd in range(n_heads):
+            sl = slice(hd * d_head, (hd + 1) * d_head)
+            out[("head", i, hd)] = lpi(h, w_o[:, sl] @ seen[("z", i)][sl])
+        block = layer.mlp
+        if hasattr(block, "experts"):
+            router = getattr(block, "gate", None) or block.router
+            _, weights, indices = router(seen[("xt", i)][None])[:3]
+            for g, e in zip(weights[0].tolist(), indices[0].tolist()):
+                acts, y = naive_expert(block.experts, seen[("xt", i)][None], e)
+                out[("expert", i, e)] = lpi(u, g * y[0])
+                w_down = block.experts.down_proj[e]
+                for k in range(acts.shape[-1]):
+                    out[("neuron", i, e, k)] = lpi(u, g * acts[0, k] * w_down[:, k])
+            shared = getattr(block, "shared_expert", None) or getattr(block, "shared_experts", None)
+            if shared is not None:
+                gate_lin = getattr(block, "shared_expert_gate", None)
+                s = torch.sigmoid(gate_lin(seen[("xt", i)]))[0] if gate_lin is not None else 1.0
+                out[("shared", i)] = lpi(u, s * shared(seen[("xt", i)][None])[0])
+                x = seen[("xt", i)]
+                acts = shared.act_fn(shared.gate_proj(x)) * shared.up_proj(x)
+                for k in range(acts.shape[-1]):
+                    out[("neuron", i, -1, k)] = lpi(u, s * acts[k] * shared.down_proj.weight[:, k])
+        else:
+            mlp = block
+            acts = mlp.act_fn(mlp.gate_proj(seen[("xt", i)])) * mlp.up_proj(seen[("xt", i)])
+            for k in range(acts.shape[-1]):
+                out[("neuron", i, -1, k)] = lpi(u, acts[k] * mlp.down_proj.weight[:, k])
+    return out
+
+
+def _key(row):
+    if row.level in ("attn", "moe", "shared"):
+        return (row.level, row.layer)
+    if row.level == "head":
+        return ("head", row.layer, row.head)
+    if row.level == "expert":
+        return ("expert", row.layer, row.expert)
+    return ("neuron", row.layer, row.expert, row.neuron)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "llama"])
+def test_every_level_equals_brute_force(family):
+    model = tiny_model(family)
+    levels = ("layer", "head", "expert", "shared", "neuron")
+    frame = attribute(model, PROMPTS, TARGETS, levels=levels, batch_size=2, progress=False).to_frame()
+    assert list(frame.columns) == ["prompt", "layer", "level", "head", "expert", "neuron", "score"]
+    for p, (prompt, target) in enumerate(zip(PROMPTS, TARGETS)):
+        expected = brute_force(model, prompt, target)
+        rows = frame[frame["prompt"] == p]
+        got = {_key(r): r.score for r in rows.itertuples()}
+        assert set(got) == set(expected), set(got) ^ set(expected)
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, abs=1e-4), key
+
+
+@torch.no_grad()
+def test_decomposition_identities():
+    """Σ_h A^{l,h} = attention output; Σ_k g m_k W_down[:, k] = g E(x~)."""
+    model = tiny_model("qwen2_moe")
+    ids = torch.tensor([PROMPTS[0]])
+    seen = {}
+    attn = model.model.layers[1].self_attn
+    h1 = attn.register_forward_hook(lambda m, a, o: seen.__setitem__("a", o[0][0, -1]))
+    h2 = attn.o_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("z", a[0][0, -1]))
+    with nnsight_moe.attached(model) as handle:
+        block = handle.block(1)
+        block.hook_expert_acts.add_hook(lambda v, hook: seen.__setitem__("acts", v[0, -1]))
+        block.hook_expert_out.add_hook(lambda v, hook: seen.__setitem__("out", v[0, -1]))
+        block.hook_topk_indices.add_hook(lambda v, hook: seen.__setitem__("idx", v[0, -1]))
+        model(ids)
+        block.hook_expert_acts.remove_hooks(), block.hook_expert_out.remove_hooks(), block.hook_topk_indices.remove_hooks()
+    h1.remove(), h2.remove()
+    w_o, n_heads = attn.o_proj.weight, model.config.num_attention_heads
+    d = w_o.shape[1] // n_heads
+    heads = sum(w_o[:, h * d : (h + 1) * d] @ seen["z"][h * d : (h + 1) * d] for h in range(n_heads))
+    torch.testing.assert_close(heads, seen["a"], atol=1e-5, rtol=0)
+    experts = model.model.layers[1].mlp.experts
+    for j, e in enumerate(seen["idx"].tolist()):
+        by_neuron = sum(seen["acts"][j, k] * experts.down_proj[e][:, k] for k in range(seen["acts"].shape[-1]))
+        torch.testing.assert_close(by_neuron, seen["out"][j], atol=1e-5, rtol=0)
+
+
+def test_padding_and_frontends_agree():
+    model = tiny_model("mixtral")
+    batched = attribute(model, PROMPTS, TARGETS, levels=("layer", "expert"), batch_size=3, progress=False).to_frame()
+    single = [attribute(model, [p], [t], levels=("layer", "expert"), progress=False).to_frame() for p, t in zip(PROMPTS, TARGETS)]
+    for i, frame in enumerate(single):
+        mine = batched[batched["prompt"] == i].reset_index(drop=True)
+        assert (mine["score"] - frame["score"]).abs().max() < 1e-4
+    from nnsight import NNsight
+
+    wrapped = attribute(NNsight(model), PROMPTS, TARGETS, levels=("layer", "expert"), batch_size=3, progress=False)
+    assert (wrapped.to_frame()["score"] - batched["score"]).abs().max() == 0
+
+
+def test_fast_neurons_keep_exact_top_scores():
+    model = tiny_model("olmoe")
+    exact = attribute(model, PROMPTS[:1], TARGETS[:1], levels=("neuron",), progress=False).to_frame()
+    fast = attribute(model, PROMPTS[:1], TARGETS[:1], levels=("neuron",), neurons="fast", fast_top=20,
+                     progress=False).to_frame()
+    assert len(fast) == 20 * 3  # per prompt and layer
+    merged = fast.merge(exact, on=["prompt", "layer", "expert", "neuron"], suffixes=("_fast", "_exact"))
+    assert len(merged) == 60 and (merged["score_fast"] - merged["score_exact"]).abs().max() < 1e-6
+    top_exact = set(exact.reindex(exact["score"].abs().sort_values(ascending=False).index).head(10)
+                    [["layer", "expert", "neuron"]].itertuples(index=False))
+    found = set(fast[["layer", "expert", "neuron"]].itertuples(index=False))
+    assert len(top_exact & found) >= 8, "the first-order screen keeps most of the exact top-10"
+
+
+def test_summary_compare_and_errors(tmp_path):
+    moe = attribute(tiny_model("qwen2_moe"), PROMPTS, TARGETS, levels=("layer", "expert", "shared"), progress=False)
+    dense = attribute(tiny_model("llama"), PROMPTS, TARGETS, levels=("layer",), progress=False)
+    table, ratio = compare([moe, dense])
+    gains = moe.layer_gains()
+    assert table.loc["qwen2_moe", "FFN gain"] == pytest.approx(gains["moe"].sum())
+    assert table.loc["qwen2_moe", "efficiency"] == pytest.approx(gains["moe"].sum() / 3)
+    assert ratio == pytest.approx(table.loc["qwen2_moe", "efficiency"] / table.loc["dense", "efficiency"])
+    path = moe.save(tmp_path / "a.csv")
+    again = type(moe).load(path)
+    assert again.frame.equals(moe.frame) and again.targets == moe.targets
+    for fig in (moe.plot_gains(), moe.plot_experts(), moe.plot_shared_routed()):
+        assert fig.axes
+    with pytest.raises(ValueError, match="unknown levels"):
+        attribute(tiny_model("olmoe"), PROMPTS, TARGETS, levels=("expertz",))
+    with pytest.raises(NotImplementedError, match="remote"):
+        attribute(tiny_model("olmoe"), PROMPTS, TARGETS, remote="local")
+    with pytest.raises(ValueError, match="3 prompts but 2 targets"):
+        attribute(tiny_model("olmoe"), PROMPTS, TARGETS[:2])
