@@ -591,3 +591,46 @@ def compare(results: Sequence[AttributionResult]) -> tuple[pd.DataFrame, float |
     if moe is not None and dense is not None and dense.summary()["efficiency"] != 0:
         ratio = moe.summary()["efficiency"] / dense.summary()["efficiency"]
     return table, ratio
+
+
+# ------------------------------------------------------------------------------------ main job
+def section(job: Any):
+    """The ``attribution`` section of the main job: all levels on the job's sample of facts.
+
+    Neurons use the fast screen (exact LPI of the top 20 per prompt and layer). On ``demo-moe`` the
+    same prompts also run on ``demo-dense`` for the Table-1 comparison and the efficiency ratio.
+    """
+    from nnsight_moe.report import Section
+
+    if job.remote is not None:
+        return Section("attribution", "Cross-level knowledge attribution (LPI)",
+                       "Skipped: attribution has no remote path yet (run locally).")
+    sample = job.sample()
+    options = dict(tokenizer=job.tokenizer, batch_size=job.batch_size, neurons="fast", fast_top=20)
+    result = attribute(job.model, sample.prompts, sample.targets, **options)
+    result.name, result.relations = job.name, [f.relation for f in sample.facts]
+    results = [result]
+    if job.name == "demo-moe":
+        from nnsight_moe import demo
+
+        dense_model, _ = demo.load("demo-dense")
+        dense = attribute(dense_model, sample.prompts, sample.targets, levels=("layer", "head", "neuron"), **options)
+        dense.name, dense.family = "demo-dense", "dense"
+        results.append(dense)
+    table, ratio = compare(results)
+    figures = {"gains": ("Attention vs MoE/FFN gain by layer", result.plot_gains())}
+    if job.is_moe:
+        figures["experts"] = ("Mean gated LPI per (layer, expert)", result.plot_experts())
+        if job.layout.has_shared:
+            figures["shared_routed"] = ("Shared vs routed contribution by layer", result.plot_shared_routed())
+    figures["neurons"] = ("Top neurons by mean LPI", result.plot_neurons())
+    if len(results) > 1:
+        figures["dense_gains"] = ("demo-dense: gain by layer", results[1].plot_gains())
+    text = (f"LPI of every component at the last position on {result.n_prompts} prompts "
+            f"({job.max_per_relation or 'all'} per relation).")
+    if ratio is not None:
+        text += f" MoE-vs-dense per-layer efficiency ratio: {ratio:.3f}."
+    data = {"table1": table.reset_index().to_dict(orient="records"), "efficiency_ratio": ratio,
+            "models": [r.to_json() for r in results]}
+    return Section("attribution", "Cross-level knowledge attribution (LPI)", text, data=data,
+                   tables={"Table 1 (study layout)": table}, figures=figures)
