@@ -262,7 +262,7 @@ def rank_experts(
     data = _dataset(dataset, tokenizer, max_per_relation)
     pairs = _all_pairs(layout)
     if by == "attribution":
-        totals = _attribution_scores(model, data, tokenizer, pairs, batch_size)
+        totals = _attribution_scores(model, data, tokenizer, pairs, batch_size, progress)
     else:
         totals = _routing_scores(hf, layout, data, tokenizer, pairs, by, batch_size, padding_side, progress)
     groups = data.groups()
@@ -314,7 +314,7 @@ def _routing_scores(hf, layout, data, tokenizer, pairs, by, batch_size, padding_
     return totals
 
 
-def _attribution_scores(model, data, tokenizer, pairs, batch_size) -> dict[str, Tensor]:
+def _attribution_scores(model, data, tokenizer, pairs, batch_size, progress) -> dict[str, Tensor]:
     """Summed per-relation gated-LPI scores of each routed expert, from the attribution recipe."""
     try:
         from nnsight_moe.recipes.attribution import attribute
@@ -327,7 +327,7 @@ def _attribution_scores(model, data, tokenizer, pairs, batch_size) -> dict[str, 
     totals = {}
     for name, idx in data.groups().items():
         result = attribute(model, [data.prompts[i] for i in idx], data.targets[idx].tolist(),
-                           tokenizer=tokenizer, levels=("expert",))
+                           tokenizer=tokenizer, levels=("expert",), batch_size=batch_size, progress=progress)
         frame = result.to_frame()
         frame = frame[frame["level"] == "expert"]
         total = torch.zeros(len(pairs), dtype=torch.float64)

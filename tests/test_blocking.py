@@ -316,3 +316,32 @@ def test_main_job_section(tmp_path):
     assert saved["sweep"]["original"][relations[0].name]["n_prompts"] == 16
     assert saved["configurations"]["meta"]["configurations"][1] == "shared only"
     assert {p["name"] for p in results["plots"]} == {"blocking_mrr", "blocking_configurations"}
+
+
+def test_rank_by_attribution_and_frequency():
+    """Attribution ranking = experts sorted by mean expert-level score of attribute(); frequency = selection counts."""
+    model = tiny_model("qwen2_moe")
+    prompts, targets, relations = _dataset(model)
+    ranking = blocking.rank_experts(model, (prompts, targets, relations), by="frequency", progress=False)
+    handle = nnsight_moe.attach(model)
+    counts = torch.zeros(3, 8)
+    for p in prompts:
+        seen = {}
+        for layer in (0, 1, 2):
+            handle.block(layer).hook_topk_indices.add_hook(lambda t, hook, layer=layer: seen.__setitem__(layer, t))
+        with torch.no_grad():
+            model(torch.tensor([p]))
+        for layer in (0, 1, 2):
+            handle.block(layer).hook_topk_indices.remove_hooks()
+            counts[layer] += torch.bincount(seen[layer][0, -1], minlength=8)
+    handle.detach()
+    assert [s[2] for s in ranking.scores["all"]] == pytest.approx(sorted((counts / 12).flatten().tolist(), reverse=True))
+    assert [counts[l, e] for l, e in ranking.overall] == sorted(counts.flatten().tolist(), reverse=True)
+    assert len(ranking.overall) == 24 and set(ranking.per_relation) == {"r1", "r2"}
+    attribution = pytest.importorskip("nnsight_moe.recipes.attribution")
+    ranked = blocking.rank_experts(model, (prompts, targets, relations), by="attribution", progress=False)
+    frame = attribution.attribute(model, prompts[:6], targets[:6].tolist(), levels=("expert",), progress=False).to_frame()
+    mean = frame[frame.level == "expert"].groupby(["layer", "expert"])["score"].sum() / 6
+    best = mean.sort_values(ascending=False)
+    assert ranked.per_relation["r1"][0] == tuple(int(v) for v in best.index[0])
+    assert ranked.scores["r1"][0][2] == pytest.approx(best.iloc[0])
