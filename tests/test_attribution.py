@@ -178,3 +178,46 @@ def test_summary_compare_and_errors(tmp_path):
         attribute(tiny_model("olmoe"), PROMPTS, TARGETS, remote="local")
     with pytest.raises(ValueError, match="3 prompts but 2 targets"):
         attribute(tiny_model("olmoe"), PROMPTS, TARGETS[:2])
+
+
+def _word_tokenizer(tmp_path, padding_side):
+    """A WordLevel tokenizer over the tiny models' 128 ids ("t5 t9 ..."), saved like a hub one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(3, 128)}
+    vocab.update({"<pad>": 0, "<s>": 1, "</s>": 2})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="t3"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="t3", padding_side=padding_side)
+    tok.save_pretrained(tmp_path)
+    return tok
+
+
+def test_bridge_language_model_and_right_padding_agree(tmp_path):
+    """HF, TransformerBridge (tl.boot), nnsight LanguageModel: same numbers; right padding = left padding."""
+    from nnsight import LanguageModel
+
+    from nnsight_moe import tl
+
+    levels = ("layer", "head", "expert", "shared")
+    left = _word_tokenizer(tmp_path, "left")
+    right = _word_tokenizer(tmp_path / "r", "right")
+    texts = ["t5 t9 t17 t40 </s>", "t7 t8 t9", "t11 t12 t13 t14 t15 t16"]
+    ids = [left(t)["input_ids"] for t in texts]
+    assert [len(i) for i in ids] == [5, 3, 6]
+    model = tiny_model("qwen2_moe")
+    reference = attribute(model, ids, TARGETS, levels=levels, batch_size=3, progress=False).to_frame()
+    for tok in (left, right):
+        strings = attribute(model, texts, TARGETS, tokenizer=tok, levels=levels, batch_size=3, progress=False)
+        assert (strings.to_frame()["score"] - reference["score"]).abs().max() < 1e-5
+    lm = attribute(LanguageModel(model, tokenizer=left), texts, TARGETS, tokenizer=left, levels=levels,
+                   batch_size=3, progress=False).to_frame()
+    assert (lm["score"] - reference["score"]).abs().max() < 1e-5
+    bridge = tl.boot(tiny_model("qwen2_moe"), tokenizer=tmp_path)
+    try:
+        bridged = attribute(bridge, ids, TARGETS, levels=levels, batch_size=3, progress=False).to_frame()
+    finally:
+        nnsight_moe.detach(bridge)
+    assert (bridged["score"] - reference["score"]).abs().max() < 1e-5
