@@ -892,7 +892,8 @@ def section(job: Any):
     """The ``blocking`` section of the main job (``nnsight_moe.job``): sweep + configurations.
 
     Ranks experts by attribution when that recipe is installed, else by routing frequency (the section
-    text says which); ``job.quick`` subsamples 16 prompts per relation. Returns None for dense models.
+    text says which) on ``job.max_per_relation`` evenly spread prompts per relation (all when None).
+    Returns None for dense models.
     """
     from nnsight_moe.report import Section
 
@@ -900,8 +901,8 @@ def section(job: Any):
         return None
     if job.remote is not None:
         return Section("blocking", "Expert blocking", "Skipped: the remote path of this recipe is not wired yet.")
-    options = {"tokenizer": job.tokenizer, "batch_size": job.batch_size,
-               "max_per_relation": 16 if job.quick else None}
+    per_relation = getattr(job, "max_per_relation", 16 if job.quick else None)
+    options = {"tokenizer": job.tokenizer, "batch_size": job.batch_size, "max_per_relation": per_relation}
     try:
         ranking = rank_experts(job.model, job.encoded, by="attribution", **options)
     except ImportError:

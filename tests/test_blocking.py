@@ -313,7 +313,7 @@ def test_main_job_section(tmp_path):
     assert saved["sweep"]["type"] == "blocking_sweep" and saved["sweep"]["meta"]["seeds"] == 5
     assert {r["kind"] for r in saved["sweep"]["rows"]} == {"top", "uniform", "matched"}
     assert set(saved["sweep"]["original"]) == {relations[0].name, relations[1].name, "all"}
-    assert saved["sweep"]["original"][relations[0].name]["n_prompts"] == 16
+    assert saved["sweep"]["original"][relations[0].name]["n_prompts"] == job.max_per_relation
     assert saved["configurations"]["meta"]["configurations"][1] == "shared only"
     assert {p["name"] for p in results["plots"]} == {"blocking_mrr", "blocking_configurations"}
 
