@@ -43,20 +43,33 @@ COLUMNS = ["prompt", "layer", "level", "head", "expert", "neuron", "score"]
 # ------------------------------------------------------------------------------------ pure scoring
 @dataclass
 class Readout:
-    """The frozen final projection of one batch: p(w | x) = softmax(W_U (γ ⊙ x · scale) + b)_w."""
+    """The frozen final projection of one batch: p(w | x) = softmax(W_U (γ ⊙ (x - μ) · scale + β) + b)_w.
+
+    ``scale`` (1 / RMS for RMSNorm, 1 / std for LayerNorm) and ``mean`` (LayerNorm only) are those of
+    the model's REAL final residual at the scored position, held fixed for every x.
+    """
 
     unembed: Tensor  # [V, D]
     gamma: Tensor  # [D]
-    scale: Tensor  # [P, 1] 1 / rms of the real final residual
-    bias: Tensor | None  # [V]
+    scale: Tensor  # [P, 1] 1 / rms (or 1 / std) of the real final residual
+    bias: Tensor | None  # [V] unembedding bias
     targets: Tensor  # [P]
+    mean: Tensor | None = None  # [P, 1] LayerNorm: mean of the real final residual
+    beta: Tensor | None = None  # [D] LayerNorm bias
+
+    def logits(self, x: Tensor, rows: Tensor) -> Tensor:
+        """Frozen-norm logits [N, V] of states ``x`` [N, D] belonging to prompts ``rows`` [N]."""
+        if self.mean is not None:
+            x = x - self.mean[rows]
+        normed = x * self.gamma * self.scale[rows]
+        if self.beta is not None:
+            normed = normed + self.beta
+        logits = normed @ self.unembed.T
+        return logits if self.bias is None else logits + self.bias
 
     def logprob(self, x: Tensor, rows: Tensor) -> Tensor:
         """log p(target | x) for states ``x`` [N, D] belonging to prompts ``rows`` [N]."""
-        logits = (x * self.gamma * self.scale[rows]) @ self.unembed.T
-        if self.bias is not None:
-            logits = logits + self.bias
-        return logits.log_softmax(-1).gather(-1, self.targets[rows, None])[:, 0]
+        return self.logits(x, rows).log_softmax(-1).gather(-1, self.targets[rows, None])[:, 0]
 
 
 def lpi(readout: Readout, base: Tensor, c: Tensor, rows: Tensor, budget_bytes: int = 2 << 30) -> Tensor:
@@ -178,19 +191,23 @@ def readout(parts: Parts, captured: dict, targets: Tensor, atol: float = 1e-3) -
     """The frozen final projection for a batch, checked against the model's own log-probabilities."""
     norm = parts.norm
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
-    if hasattr(norm, "bias") and getattr(norm, "bias", None) is not None or isinstance(norm, nn.LayerNorm):
-        raise ValueError(f"final norm {type(norm).__name__} is a LayerNorm; only RMSNorm models are supported")
     final = captured["final"]
-    scale = torch.rsqrt(final.pow(2).mean(-1, keepdim=True) + eps)
     unembed = parts.unembed
-    out = Readout(unembed.weight.float(), norm.weight.float(), scale,
-                  None if getattr(unembed, "bias", None) is None else unembed.bias.float(), targets)
+    bias = None if getattr(unembed, "bias", None) is None else unembed.bias.float()
+    if isinstance(norm, nn.LayerNorm):
+        mean = final.mean(-1, keepdim=True)
+        scale = torch.rsqrt(final.var(-1, unbiased=False, keepdim=True) + eps)
+        beta = None if norm.bias is None else norm.bias.float()
+        out = Readout(unembed.weight.float(), norm.weight.float(), scale, bias, targets, mean, beta)
+    else:
+        scale = torch.rsqrt(final.pow(2).mean(-1, keepdim=True) + eps)
+        out = Readout(unembed.weight.float(), norm.weight.float(), scale, bias, targets)
     rows = torch.arange(final.shape[0])
     mine = out.logprob(final, rows)
     theirs = captured["logits"].log_softmax(-1).gather(-1, targets[:, None])[:, 0]
     if (mine - theirs).abs().max() > atol:
         raise ValueError(
-            f"the frozen final projection (RMSNorm then unembedding) does not reproduce this model's "
+            f"the frozen final projection (RMSNorm / LayerNorm then unembedding) does not reproduce this model's "
             f"log-probabilities (max diff {(mine - theirs).abs().max():.2e}); the model post-processes "
             "its logits in a way attribution does not model"
         )
@@ -308,9 +325,7 @@ def _neurons(ro: Readout, base: Tensor, rows: Tensor, weighted_acts: Tensor, w_d
 def _logprob_gradient(ro: Readout, base: Tensor) -> Tensor:
     """d log p(w | x) / dx at x = base, per prompt: scale · γ ⊙ (W_U[w] - Σ_v p_v W_U[v])."""
     rows = torch.arange(base.shape[0])
-    logits = (base * ro.gamma * ro.scale) @ ro.unembed.T
-    if ro.bias is not None:
-        logits = logits + ro.bias
+    logits = ro.logits(base, rows)
     probs = logits.softmax(-1)
     direction = ro.unembed[ro.targets] - probs @ ro.unembed
     return direction * ro.gamma * ro.scale[rows]

@@ -34,10 +34,16 @@ def brute_force(model, prompt, target):
     for h in handles:
         h.remove()
     norm = model.model.norm
-    scale = torch.rsqrt(seen["final"].pow(2).mean() + norm.variance_epsilon)
+    if isinstance(norm, torch.nn.LayerNorm):  # frozen real mean and variance
+        mu, var = seen["final"].mean(), seen["final"].var(unbiased=False)
 
-    def logprob(x):
-        return model.lm_head(norm.weight * x * scale).log_softmax(-1)[target]
+        def logprob(x):
+            return model.lm_head(norm.weight * (x - mu) / torch.sqrt(var + norm.eps) + norm.bias).log_softmax(-1)[target]
+    else:  # frozen real RMS
+        scale = torch.rsqrt(seen["final"].pow(2).mean() + norm.variance_epsilon)
+
+        def logprob(x):
+            return model.lm_head(norm.weight * x * scale).log_softmax(-1)[target]
 
     assert torch.allclose(logprob(seen["final"]), logits.log_softmax(-1)[target], atol=1e-5)
     lpi = lambda x, c: float(logprob(x + c) - logprob(x))  # noqa: E731
@@ -90,7 +96,7 @@ def _key(row):
     return ("neuron", row.layer, row.expert, row.neuron)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "llama"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "llama", "phimoe"])
 def test_every_level_equals_brute_force(family):
     model = tiny_model(family)
     levels = ("layer", "head", "expert", "shared", "neuron")
