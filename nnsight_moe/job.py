@@ -147,7 +147,9 @@ def routing_load(job: Job) -> torch.Tensor:
 
 #: Recipe sections: (name, module, function name). A recipe module that is not installed is skipped.
 RECIPE_SECTIONS: list[tuple[str, str, str]] = [
+    ("attribution", "nnsight_moe.recipes.attribution", "section"),
     ("blocking", "nnsight_moe.recipes.blocking", "section"),
+    ("head_expert", "nnsight_moe.recipes.head_expert", "section"),
 ]
 
 
@@ -160,7 +162,9 @@ def _recipe_sections(job: Job) -> list[Section]:
             make: Callable[[Job], Section | None] = getattr(importlib.import_module(module), function)
         except (ImportError, AttributeError):
             continue
+        started = time.time()
         section = make(job)
+        print(f"section {name}: {time.time() - started:.1f} s")
         if section is not None:
             sections.append(section)
     return sections

@@ -432,8 +432,8 @@ def causal(model: Any, dataset: Any, *, tokenizer=None, correlation: HeadExpertR
     n_heads = _attention_modules(hf, layout)[0][1]
     top_heads = correlation.top_heads[:k_heads]
     strongest = correlation.strongest(n=50)
-    linked = strongest[strongest.apply(lambda r: (int(r.head_layer), int(r.head)) in top_heads, axis=1)]
-    correlated = sorted({(int(r.expert_layer), int(r.expert)) for r in linked.itertuples()}) or correlation.top_experts
+    correlated = sorted({(int(r.expert_layer), int(r.expert)) for r in strongest.itertuples()
+                         if (int(r.head_layer), int(r.head)) in top_heads}) or correlation.top_experts
     rng = np.random.default_rng(seed)
     all_heads = [(l, h) for l in range(layout.n_layers) for h in range(n_heads)]
     conditions = [("top-K heads", 0, top_heads)] + [
@@ -483,3 +483,33 @@ def causal(model: Any, dataset: Any, *, tokenizer=None, correlation: HeadExpertR
                 "d_prob_selected": float(torch.cat(d_sel).mean()),
             })
     return CausalResult(pd.DataFrame(rows), [tuple(h) for h in top_heads])
+
+
+# ----------------------------------------------------------------------------- main job
+def section(job: Any):
+    """The ``head_expert`` section of the main job: correlation on the job's sample, then causal checks."""
+    from nnsight_moe.report import Section
+
+    title = "Head–expert correlation"
+    if not job.is_moe:
+        return None
+    if job.remote is not None:
+        return Section("head_expert", title, "Skipped: this recipe has no remote path yet (run locally).")
+    sample = job.sample()
+    data = (sample.prompts, sample.targets)
+    corr = correlate(job.model, data, tokenizer=job.tokenizer, top_k=3, permutations=200 if job.quick else 1000,
+                     batch_size=job.batch_size)
+    effects = causal(job.model, data, tokenizer=job.tokenizer, correlation=corr, k_heads=3,
+                     seeds=2 if job.quick else 5, batch_size=job.batch_size)
+    summary = effects.summary()
+    summary.columns = [f"{a} {b}" for a, b in summary.columns]
+    text = (f"summary r = {corr.summary_r:.3f} (permutation p = {corr.summary_p:.3g}) over {corr.n_prompts} prompts; "
+            f"{corr.definition}. Suppressed heads: {corr.top_heads}.")
+    return Section(
+        "head_expert", title, text,
+        data={"correlation": corr.to_json(), "causal": effects.to_json()},
+        tables={"Strongest head–expert pairs (BH q < 0.05)": corr.strongest(),
+                "Causal effects (mean, std over seeds)": summary},
+        figures={"heatmap": ("Head × expert Pearson r", corr.plot()),
+                 "causal": ("Suppressing top heads vs random heads", effects.plot())},
+    )
