@@ -69,6 +69,14 @@ FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
     "bailing_hybrid": {"head_dim": 8, "num_key_value_heads": 4, "layer_types": ["full_attention"] * 3},
     "kimi_linear": {"head_dim": 8, "num_key_value_heads": 4, "layer_types": ["full_attention"] * 3},
     "nemotron_h": {"layers_block_type": ["moe", "attention", "moe"]},
+    "qwen4_exp_text": {
+        "layer_types": ["linear_attention", "indexed_attention", "linear_attention"],
+        "indexer_n_heads": 2,
+        "indexer_kv_heads": 1,
+        "indexer_head_dim": 16,
+        "indexer_budget": 16,
+        "indexer_compress_ratio": 4,
+    },
 }
 
 
