@@ -62,9 +62,9 @@ FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
     "cohere2_moe": {"num_shared_experts": 1, "shared_expert_combination_strategy": "sum"},
     "ernie4_5_moe": {"num_experts_per_tok": 4},  # the random selection bias dominates: top-4 so blocking hits
     # hybrids: at least one attention layer (an all-linear-attention stack fails in HF on a cache query);
-    # Kimi/Bailing linear-attention reference kernels take minutes on CPU: their tiny models use attention only
-    "qwen3_next": {"layer_types": ["linear_attention", "full_attention", "linear_attention"]},
-    "qwen3_5_moe_text": {"layer_types": ["linear_attention", "full_attention", "linear_attention"]},
+    # linear-attention reference kernels are slow on CPU: tiny models use attention only where the family allows
+    "qwen3_next": {"layer_types": ["full_attention"] * 3},
+    "qwen3_5_moe_text": {"layer_types": ["full_attention"] * 3},
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 1, "expert_layer_offset": 0},
     "bailing_hybrid": {"head_dim": 8, "num_key_value_heads": 4, "layer_types": ["full_attention"] * 3},
     "kimi_linear": {"head_dim": 8, "num_key_value_heads": 4, "layer_types": ["full_attention"] * 3},
