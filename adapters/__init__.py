@@ -19,6 +19,7 @@ from nnsight_moe.layout import LayerLayout, MoELayout, UnsupportedModelError
 __all__ = ["Adapter", "adapter_for", "detect", "register", "supported_families"]
 
 _REGISTRY: dict[str, Adapter] = {}
+_DOCS: dict[str, str] = {}  # family name -> its adapter module's docstring
 
 
 def register(adapter: Adapter) -> Adapter:
@@ -31,6 +32,17 @@ def register(adapter: Adapter) -> Adapter:
 def supported_families() -> list[str]:
     """Names of the supported MoE families (HF ``model_type`` values), sorted."""
     return sorted({adapter.name for adapter in _REGISTRY.values()})
+
+
+def family_table() -> list[tuple[str, str, str]]:
+    """(family, routing summary, shared experts) per supported family, from each adapter module's docstring."""
+    rows = []
+    for name in supported_families():
+        adapter = next(a for a in _REGISTRY.values() if a.name == name)
+        summary = " ".join(_DOCS.get(name, "").strip().split("\n\n")[0].split())
+        shared = "no" if adapter.shared is None else ("sigmoid-gated" if adapter.shared_gate else "yes")
+        rows.append((name, summary.split(": ", 1)[-1].rstrip("."), shared))
+    return rows
 
 
 def _text_config(model: nn.Module):
@@ -121,6 +133,7 @@ def _load_all() -> None:
         for value in vars(module).values():
             if isinstance(value, Adapter):
                 register(value)
+                _DOCS[value.name] = module.__doc__ or ""
 
 
 _load_all()

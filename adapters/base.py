@@ -10,18 +10,13 @@ that builds the :class:`~nnsight_moe.routing.Routing` from the router module.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from nnsight_moe.routing import Routing
-
-
-def _identity_output(moe_out: Tensor, weights: Tensor) -> Any:
-    return moe_out
 
 
 @dataclass(frozen=True)
@@ -36,9 +31,6 @@ class Adapter:
         experts: attribute of the MoE block holding the fused experts.
         shared: attribute of the shared expert MLP, if the family has one.
         shared_gate: attribute of the shared expert gate (a Linear to 1, passed through a sigmoid).
-        router_float32: the router computes its logits in float32 (DeepSeek).
-        output: packs the block output the way the original forward returns it
-            (``(moe_out, weights)`` -> what the decoder layer expects).
     """
 
     name: str
@@ -48,16 +40,6 @@ class Adapter:
     experts: str = "experts"
     shared: str | None = None
     shared_gate: str | None = None
-    router_float32: bool = False
-    output: Callable[[Tensor, Tensor], Any] = field(default=_identity_output)
-
-    def router_logits(self, router: nn.Module, x: Tensor) -> Tensor:
-        """Raw router logits for tokens ``x`` [N, D] (the router's linear map, bias included)."""
-        weight, bias = router.weight, getattr(router, "bias", None)
-        if self.router_float32:
-            x, weight = x.float(), weight.float()
-            bias = None if bias is None else bias.float()
-        return F.linear(x, weight, bias)
 
     def is_block(self, module: nn.Module) -> bool:
         """Whether ``module`` is a MoE block of this family."""

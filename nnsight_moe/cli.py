@@ -21,12 +21,20 @@ def main() -> None:
 
 
 @main.command()
-def families() -> None:
+@click.option("--markdown", is_flag=True, help="A markdown table with each family's routing and shared experts.")
+def families(markdown: bool) -> None:
     """List the supported MoE families (HF model_type values)."""
     import nnsight_moe
 
-    for name in nnsight_moe.supported_families():
-        click.echo(name)
+    if not markdown:
+        for name in nnsight_moe.supported_families():
+            click.echo(name)
+        return
+    from nnsight_moe.adapters import family_table
+
+    click.echo("| family | routing | shared experts |\n|---|---|---|")
+    for name, routing, shared in family_table():
+        click.echo(f"| {name} | {routing} | {shared} |")
 
 
 @main.command()
