@@ -71,12 +71,46 @@ BASELINES = ("uniform", "matched")
 Pair = tuple[int, int]
 
 
-def _check_remote(remote: Any) -> None:
+def _check_remote(remote: Any, what: str = "this function") -> None:
     if remote is not None:
         raise NotImplementedError(
-            f"remote={remote!r}: the remote (NDIF) path of nnsight_moe.recipes.blocking is not wired yet; "
-            "run locally with remote=None (HF model, TransformerBridge or local nnsight model)"
+            f"remote={remote!r}: {what} has no remote (NDIF) path yet; evaluate() and sweep(ranking=...) do. "
+            "Run it locally with remote=None (HF model, TransformerBridge or local nnsight model)"
         )
+
+
+def _run_remote(model, layout, chunks, targets, conditions, mode, remote, progress) -> Tensor:
+    """Target ranks [C, P] computed inside ``model.trace(..., remote=remote)`` on the UNMODIFIED model.
+
+    Blocking goes through :func:`nnsight_moe.remote.MoEView` (no client hooks); only the ranks [b] of
+    each batch travel back. One trace per (condition, batch).
+    """
+    from nnsight_moe.remote import MoEView, _ship_by_value
+
+    if not hasattr(model, "trace"):
+        raise TypeError(
+            f"remote={remote!r} needs an nnsight model (e.g. nnsight.LanguageModel), got {type(model).__name__}"
+        )
+    view = MoEView(model)
+    _ship_by_value(view.layer)
+    n_prompts = sum(len(c.rows) for c in chunks)
+    ranks = torch.zeros(len(conditions), n_prompts, dtype=torch.long)
+    for c, pairs in enumerate(tqdm(conditions, desc=f"{mode} (remote)", disable=not progress, leave=False)):
+        blocked: dict[int, list[int]] = {}
+        for layer, expert in pairs:
+            blocked.setdefault(layer, []).append(expert)
+        start = 0
+        for chunk in chunks:
+            last, tgt = chunk.last.cpu(), targets[chunk.rows].cpu()
+            inputs = {"input_ids": chunk.input_ids.cpu(), "attention_mask": chunk.attention_mask.cpu()}
+            with torch.no_grad(), model.trace(inputs, remote=remote):
+                for layer in sorted(blocked):
+                    view.layer(layer, want=("topk_weights",), block=blocked[layer], mode=mode)
+                picked = model.output.logits[torch.arange(last.shape[0]), last]
+                found = ((picked > picked.gather(1, tgt[:, None])).sum(-1) + 1).save()
+            ranks[c, start : start + len(chunk.rows)] = found.cpu()
+            start += len(chunk.rows)
+    return ranks
 
 
 # ============================================================================================== data
@@ -250,11 +284,11 @@ def rank_experts(
             selected at the last (prediction) position; ``"gate"`` -- its summed gate weight there.
         batch_size: prompts per forward. padding_side: for token-id prompts ("left" or "right").
         max_per_relation: keep at most this many prompts per relation (evenly spaced), or None for all.
-        remote: must be None for now (NotImplementedError otherwise).
+        remote: must be None: rankings are computed locally (NotImplementedError otherwise).
 
     Ties are broken by (layer, expert) order. Returns a :class:`Ranking`.
     """
-    _check_remote(remote)
+    _check_remote(remote, "rank_experts")
     if by not in RANK_BY:
         raise ValueError(f"by must be one of {RANK_BY}, got {by!r}")
     hf = hf_model(model)
@@ -455,7 +489,6 @@ def evaluate(
             forward when ``stacked`` (64 suits a CPU; raise it to 512-2048 on a GPU); ``stacked=False``
             runs one condition at a time instead (with :func:`nnsight_moe.block_experts`).
     """
-    _check_remote(remote)
     hf = hf_model(model)
     layout = nnsight_moe.layout(hf)
     data = _dataset(dataset, tokenizer)
@@ -463,6 +496,10 @@ def evaluate(
     if not conditions:
         raise ValueError("conditions is empty: give at least one list of (layer, expert) pairs ([] = unblocked)")
     chunks = _chunks(hf, data, list(range(len(data.prompts))), tokenizer, batch_size, padding_side)
+    if remote is not None:
+        if mode not in BLOCK_MODES:
+            raise ValueError(f"mode must be one of {BLOCK_MODES}, got {mode!r}")
+        return _run_remote(model, layout, chunks, data.targets, conditions, mode, remote, progress)
     return _run(hf, layout, chunks, data.targets, conditions, mode, _positive(max_rows, "max_rows"), stacked, progress)
 
 
@@ -571,12 +608,14 @@ def sweep(
         max_per_relation: subsample each relation to this many prompts (evenly spaced).
         k: the k of HIT@k. batch_size / max_rows / stacked: see :func:`evaluate`.
         seed: base seed of the random baselines (draws are the same for every mode).
-        remote: must be None for now (NotImplementedError otherwise).
+        remote: run the blocked forwards through nnsight on the unmodified model (``True`` for NDIF,
+            ``"local"``, or a host URL; ``model`` must be an nnsight model); needs ``ranking=``.
 
     Random draws for ``reroute`` keep at most E - k blocked experts per layer (for every mode, so the
     modes are compared on the same draws when ``"reroute"`` is among them).
     """
-    _check_remote(remote)
+    if remote is not None and ranking is None:
+        raise ValueError("a remote sweep needs ranking= (rank experts locally, or give (layer, expert) pairs)")
     hf = hf_model(model)
     layout = nnsight_moe.layout(hf)
     modes = tuple(modes)
@@ -622,7 +661,8 @@ def sweep(
         chunks = _chunks(hf, data, idx, tokenizer, batch_size, padding_side)
         for j, mode in enumerate(modes):
             todo = conditions if j == 0 else conditions[1:]
-            ranks = _run(hf, layout, chunks, data.targets, todo, mode, max_rows, stacked, progress)
+            ranks = (_run(hf, layout, chunks, data.targets, todo, mode, max_rows, stacked, progress) if remote is None
+                     else _run_remote(model, layout, chunks, data.targets, todo, mode, remote, progress))
             if j == 0:
                 original[name] = {"n_prompts": len(idx), **_metrics(ranks[0], k)}
                 ranks = ranks[1:]
@@ -828,7 +868,7 @@ def configurations(
 
     Each configuration is global to the model, so it runs as its own pass (batched over prompts).
     """
-    _check_remote(remote)
+    _check_remote(remote, "configurations")
     hf = hf_model(model)
     layout = nnsight_moe.layout(hf)
     data = _dataset(dataset, tokenizer, max_per_relation)

@@ -227,8 +227,12 @@ def test_bad_inputs():
     for empty in ([], ([], [])):
         with pytest.raises(ValueError, match="dataset is empty"):
             blocking.sweep(model, empty, ranking=[(0, 0)], top_n=(1,), progress=False)
-    with pytest.raises(NotImplementedError, match="remote"):
+    with pytest.raises(ValueError, match="remote sweep needs ranking="):
         blocking.sweep(model, data, remote="ndif", progress=False)
+    with pytest.raises(NotImplementedError, match="rank_experts has no remote"):
+        blocking.rank_experts(model, data, remote="ndif")
+    with pytest.raises(TypeError, match="needs an nnsight model"):
+        blocking.evaluate(model, data, [[(0, 1)]], remote="local", progress=False)
     with pytest.raises(ValueError, match="modes must be"):
         blocking.sweep(model, data, ranking=[(0, 0)], top_n=(1,), modes=("drop",), progress=False)
     with pytest.raises(ValueError, match="by must be one of"):
@@ -345,3 +349,29 @@ def test_rank_by_attribution_and_frequency():
     best = mean.sort_values(ascending=False)
     assert ranked.per_relation["r1"][0] == tuple(int(v) for v in best.index[0])
     assert ranked.scores["r1"][0][2] == pytest.approx(best.iloc[0])
+
+
+@pytest.mark.parametrize("mode", ["zero", "renorm", "reroute"])
+def test_remote_local_equals_local(mode):
+    """evaluate(remote="local") on the unmodified model (MoEView, serialised request) = the local path."""
+    import nnsight
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(128)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w3"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", unk_token="w3", padding_side="left")
+    model = tiny_model("qwen2_moe")
+    g = torch.Generator().manual_seed(5)
+    prompts = [" ".join(f"w{int(i)}" for i in torch.randint(4, 128, (int(n),), generator=g))
+               for n in torch.randint(3, 7, (6,), generator=g)]
+    targets = torch.randint(4, 128, (6,), generator=g).tolist()
+    conditions = [[], [(0, 1), (2, 3)], [(1, 0), (1, 5), (1, 6)]]
+    local = blocking.evaluate(model, (prompts, targets), conditions, mode=mode, tokenizer=tokenizer,
+                              batch_size=4, progress=False)
+    lm = nnsight.LanguageModel(model, tokenizer=tokenizer)
+    remote = blocking.evaluate(lm, (prompts, targets), conditions, mode=mode, tokenizer=tokenizer,
+                               batch_size=4, remote="local", progress=False)
+    assert torch.equal(remote, local)
+    assert nnsight_moe.handle_of(model) is None, "the remote path attaches nothing"
