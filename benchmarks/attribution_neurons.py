@@ -30,10 +30,8 @@ import torch  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from nnsight_moe.recipes.attribution import attribute  # noqa: E402
-from nnsight_moe.testing import tiny_model  # noqa: E402
+from nnsight_moe.testing import medium_model  # noqa: E402
 
-MEDIUM = dict(hidden_size=512, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
-              num_key_value_heads=8, head_dim=64, num_experts=32, num_experts_per_tok=8)
 KEY = ["layer", "expert", "neuron"]
 
 
@@ -64,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = tiny_model("olmoe", vocab_size=args.vocab, **MEDIUM)
+    model = medium_model("olmoe", vocab_size=args.vocab, intermediate_size=512)  # 16,384 neurons per prompt
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, args.vocab, (args.prompts, args.length), generator=g).tolist()
     options = dict(levels=("neuron",), batch_size=args.prompts, progress=False)

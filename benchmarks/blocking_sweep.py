@@ -3,7 +3,7 @@
     python benchmarks/blocking_sweep.py [--prompts 64] [--threads 2] [--repeats 2] [--skip-single]
 
 Model: a randomly initialised OLMoE-shaped "medium" config (d_model 512, 32 experts, top-8, 4 layers,
-expert width 256, vocab 1024; ``nnsight_moe.testing.tiny_model("olmoe", ...)``) on ``--prompts`` random
+expert width 256, vocab 1024; ``nnsight_moe.testing.medium_model("olmoe", ...)``) on ``--prompts`` random
 prompts of 8-16 tokens. Sweep: 3 modes (zero, renorm, reroute) x 13 conditions (top-1/5/10 of a
 gate-weight ranking + 5 uniform and 5 per-layer-matched random draws of 10 experts) = 39 conditions.
 
@@ -25,10 +25,8 @@ import time
 import torch
 
 from nnsight_moe.recipes import blocking
-from nnsight_moe.testing import tiny_model
+from nnsight_moe.testing import medium_model
 
-MEDIUM = dict(hidden_size=512, num_experts=32, num_local_experts=32, num_experts_per_tok=8, num_hidden_layers=4,
-              intermediate_size=256, num_attention_heads=8, num_key_value_heads=8, head_dim=64, vocab_size=1024)
 MODES = ("zero", "renorm", "reroute")
 
 
@@ -51,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = tiny_model("olmoe", **MEDIUM).to(device)
+    model = medium_model("olmoe", intermediate_size=256, vocab_size=1024).to(device)
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(8, 17, (args.prompts,), generator=g).tolist()
     data = ([torch.randint(3, 1024, (n,), generator=g).tolist() for n in lengths],

@@ -16,26 +16,7 @@ import time
 import torch
 
 import nnsight_moe
-from nnsight_moe.testing import tiny_model
-
-
-def medium_model(family: str = "olmoe"):
-    """The medium benchmark config: d_model 512, 32 experts, top-8, 4 layers."""
-    return tiny_model(
-        family,
-        hidden_size=512,
-        intermediate_size=1024,
-        moe_intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        head_dim=64,
-        num_experts=32,
-        num_local_experts=32,
-        num_experts_per_tok=8,
-        vocab_size=4096,
-        max_position_embeddings=256,
-    )
+from nnsight_moe.testing import medium_model
 
 
 def _time(fn, repeats: int) -> list[float]:

@@ -22,26 +22,7 @@ import nnsight
 import torch
 
 from nnsight_moe.remote import MoEView
-from nnsight_moe.testing import tiny_model
-
-
-def medium_model(family: str = "olmoe"):
-    """The medium benchmark config (same as benchmarks/overhead.py): d_model 512, 32 experts, top-8, 4 layers."""
-    return tiny_model(
-        family,
-        hidden_size=512,
-        intermediate_size=1024,
-        moe_intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        head_dim=64,
-        num_experts=32,
-        num_local_experts=32,
-        num_experts_per_tok=8,
-        vocab_size=4096,
-        max_position_embeddings=256,
-    )
+from nnsight_moe.testing import medium_model
 
 
 def expert_attribution(view, targets, model, batch):

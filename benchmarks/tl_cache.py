@@ -26,20 +26,8 @@ import torch  # noqa: E402
 
 import nnsight_moe  # noqa: E402
 from nnsight_moe import tl  # noqa: E402
-from nnsight_moe.testing import tiny_model  # noqa: E402
+from nnsight_moe.testing import MEDIUM, medium_model  # noqa: E402
 
-MEDIUM = dict(
-    hidden_size=512,
-    intermediate_size=1024,
-    moe_intermediate_size=256,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    head_dim=64,
-    num_experts=32,
-    num_experts_per_tok=8,
-    vocab_size=4096,
-)
 
 
 def _time(fn) -> float:
@@ -57,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = tiny_model("olmoe", **MEDIUM)
+    model = medium_model("olmoe")
     bridge = tl.boot(model)  # attached
     handle = nnsight_moe.handle_of(bridge)
     ours = {tl.tl_hook_name(i, n) for i in handle.layout.moe_layers for n in handle.layout.layer(i).hook_names}

@@ -189,7 +189,6 @@ def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = 
     """Run the main job and write ``out/results.json`` and ``out/report.html``; returns the results dict."""
     import warnings
 
-    import nnsight_moe
     from nnsight_moe import data as relation_data
     from nnsight_moe.models import load_model
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-__all__ = ["TINY", "tiny_config", "tiny_model", "randomize_"]
+__all__ = ["MEDIUM", "TINY", "medium_model", "randomize_", "tiny_config", "tiny_model"]
 
 #: Small sizes applied to whichever of these attributes a family's config has.
 TINY: dict[str, Any] = {
@@ -119,3 +119,26 @@ def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float3
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     randomize_(model, seed=seed)
     return model.to(dtype).eval()
+
+
+#: The benchmarks' medium config: OLMoE-shaped, d_model 512, 32 experts, top-8, 4 layers (for OLMoE the
+#: expert width is ``intermediate_size``; families with ``moe_intermediate_size`` use 256).
+MEDIUM: dict[str, Any] = {
+    "hidden_size": 512,
+    "intermediate_size": 1024,
+    "moe_intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "num_experts": 32,
+    "num_local_experts": 32,
+    "num_experts_per_tok": 8,
+    "vocab_size": 4096,
+    "max_position_embeddings": 256,
+}
+
+
+def medium_model(family: str = "olmoe", seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """The benchmarks' medium random model (:data:`MEDIUM`, then ``overrides``)."""
+    return tiny_model(family, seed=seed, **{**MEDIUM, **overrides})

@@ -22,8 +22,7 @@ tensors; the scoring functions are pure tensor maths on what was captured (so th
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 

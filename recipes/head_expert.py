@@ -443,7 +443,7 @@ def causal(model: Any, dataset: Any, *, tokenizer=None, correlation: HeadExpertR
     targets_t = torch.as_tensor(targets)
     rows = []
     with nnsight_moe.attached(hf) as handle:
-        clean_logits, clean_probs, clean_batches = [], [], []
+        clean_logits, clean_batches = [], []
         for start in range(0, len(prompts), batch_size):
             batch = _batch(tokenizer, prompts[start : start + batch_size], hf)
             logits, routing = _run(hf, handle, batch, capture=True)
