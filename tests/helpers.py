@@ -68,3 +68,24 @@ def zero_expert_(model: nn.Module, layout: MoELayout, blocked: dict[int, list[in
                 if getattr(module, "has_bias", False):
                     module.down_proj_bias[e].zero_()
     return model
+
+
+def word_tokenizer(padding_side: str = "right"):
+    """A WordLevel tokenizer over the tiny models' 128 ids: "w5 w9" -> [5, 9] (w0 pads, w3 is unknown)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(128)}, unk_token="w3"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", unk_token="w3", padding_side=padding_side)
+
+
+def language_model(hf):
+    """``nnsight.LanguageModel`` around a tiny HF model, with :func:`word_tokenizer`."""
+    import warnings
+
+    import nnsight
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return nnsight.LanguageModel(hf, tokenizer=word_tokenizer())

@@ -355,13 +355,10 @@ def test_rank_by_attribution_and_frequency():
 def test_remote_local_equals_local(mode):
     """evaluate(remote="local") on the unmodified model (MoEView, serialised request) = the local path."""
     import nnsight
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"w{i}": i for i in range(128)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w3"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", unk_token="w3", padding_side="left")
+    from helpers import word_tokenizer
+
+    tokenizer = word_tokenizer(padding_side="left")
     model = tiny_model("qwen2_moe")
     g = torch.Generator().manual_seed(5)
     prompts = [" ".join(f"w{int(i)}" for i in torch.randint(4, 128, (int(n),), generator=g))

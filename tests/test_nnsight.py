@@ -3,35 +3,18 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 import nnsight
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 import nnsight_moe
 from nnsight_moe.testing import tiny_model
 
-from helpers import capture_hooks
+from helpers import capture_hooks, language_model
 
 FAMILIES = ["qwen2_moe", "olmoe", "mixtral", "deepseek_v3"]
 ATOL = 1e-5
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the tiny vocab: "w5 w9" -> [5, 9] (w0 pads)."""
-    vocab = {f"w{i}": i for i in range(128)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w3"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", unk_token="w3")
-
-
-def language_model(hf):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return nnsight.LanguageModel(hf, tokenizer=word_tokenizer())
 
 
 def _ids(batch=2, pos=6, seed=0):

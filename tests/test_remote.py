@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import functools
 import sys
-import warnings
 
 import nnsight
 import pytest
@@ -19,16 +18,10 @@ from nnsight_moe.remote import MoEView, RemoteBatchError, read_layer, run_batche
 from nnsight_moe.testing import tiny_model
 
 from helpers import capture_hooks
-from test_nnsight import word_tokenizer
+from helpers import language_model
 
 FAMILIES = ["qwen2_moe", "olmoe", "mixtral", "deepseek_v3"]
 ATOL = 1e-5
-
-
-def language_model(hf):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return nnsight.LanguageModel(hf, tokenizer=word_tokenizer())
 
 
 def _ids(batch=2, pos=6, seed=0):
