@@ -364,22 +364,24 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
         targets: strings (first token of " " + target), token ids, or None / ``"predicted"`` for the
             model's own top-1 prediction.
         levels: any of ``"layer"`` (attn + moe/mlp rows), ``"head"``, ``"expert"``, ``"shared"``, ``"neuron"``.
-        remote: nnsight remote backend; not supported by this recipe yet (raises).
+        remote: run inside ``model.trace(..., remote=remote)`` on the unmodified model (``True`` for NDIF,
+            ``"local"``, or a host URL; ``model`` must be an nnsight model): levels layer, head, expert
+            and shared, RMSNorm models; only scores come back (:mod:`nnsight_moe.recipes.attribution_remote`).
         budget_bytes: memory budget for the [chunk, vocab] logits of a chunk of contributions.
         neurons: ``"exact"`` (every neuron) or ``"fast"``: a first-order (linearised log-sum-exp) screen
             of every neuron, then exact LPI for the ``fast_top`` neurons with the largest |screen score|
             per prompt and layer (routed and shared/dense neurons screened separately); others omitted.
     """
-    if remote is not None:
-        raise NotImplementedError(
-            "attribute(remote=...) is not available yet: run it locally (HF, TransformerBridge or nnsight "
-            "model), or compute per-expert values remotely with nnsight_moe.remote.MoEView"
-        )
     unknown = set(levels) - set(LEVELS)
     if unknown:
         raise ValueError(f"unknown levels {sorted(unknown)}; choose from {LEVELS}")
     if len(prompts) == 0:
         raise ValueError("no prompts to attribute")
+    if remote is not None:
+        from nnsight_moe.recipes.attribution_remote import attribute_remote
+
+        return attribute_remote(model, prompts, _targets(targets, prompts, tokenizer, None), tokenizer=tokenizer,
+                                levels=levels, remote=remote, batch_size=batch_size, progress=progress)
     hf = nnsight_moe.hf_model(model)
     parts = _parts(hf)
     try:

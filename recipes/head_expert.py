@@ -230,13 +230,13 @@ class HeadExpertResult:
         return fig
 
 
-def _signals(model, prompts, targets, tokenizer, signal: str, batch_size: int):
+def _signals(model, prompts, targets, tokenizer, signal: str, batch_size: int, remote: Any = None):
     """(heads [P, L, H], experts [P, L', E], layout) for the prompts."""
     from nnsight_moe.recipes.attribution import attribute
 
     layout = nnsight_moe.layout(model)
     frame = attribute(model, prompts, targets, tokenizer=tokenizer, levels=("head", "expert"),
-                      batch_size=batch_size).to_frame()
+                      batch_size=batch_size, remote=remote, progress=False).to_frame()
     n_prompts = len(prompts)
     heads = frame[frame["level"] == "head"]
     n_heads = int(heads["head"].max()) + 1
@@ -297,7 +297,7 @@ def _last(batch: dict) -> torch.Tensor:
 
 
 def correlate(model: Any, dataset: Any, *, tokenizer=None, signal: str = "attribution", top_k: int = 5,
-              permutations: int = 1000, seed: int = 0, batch_size: int = 16) -> HeadExpertResult:
+              permutations: int = 1000, seed: int = 0, batch_size: int = 16, remote: Any = None) -> HeadExpertResult:
     """Correlate head attributions with expert signals over a dataset's prompts.
 
     Args:
@@ -306,11 +306,16 @@ def correlate(model: Any, dataset: Any, *, tokenizer=None, signal: str = "attrib
         signal: ``"attribution"`` (gated LPI of the expert) or ``"router_prob"`` (its router score).
         top_k: K heads and K experts for the summary coefficient.
         permutations: permutation-test draws for the summary p-value.
+        remote: compute the attributions inside ``model.trace(..., remote=remote)`` on the unmodified
+            model (``model`` an nnsight model; ``signal="attribution"`` only); statistics run locally on
+            the returned scores.
     """
     if signal not in ("attribution", "router_prob"):
         raise ValueError(f"signal must be 'attribution' or 'router_prob', got {signal!r}")
+    if remote is not None and signal != "attribution":
+        raise NotImplementedError("remote correlate supports signal='attribution' only; router_prob is local")
     prompts, targets, _ = _prompts_and_targets(model, dataset, tokenizer)
-    heads, experts, expert_attr, layout = _signals(model, prompts, targets, tokenizer, signal, batch_size)
+    heads, experts, expert_attr, layout = _signals(model, prompts, targets, tokenizer, signal, batch_size, remote)
     n_prompts, n_layers, n_heads = heads.shape
     moe_layers = layout.moe_layers
     r, p = pearson_matrix(heads.reshape(n_prompts, -1), experts.reshape(n_prompts, -1))

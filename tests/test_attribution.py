@@ -180,7 +180,7 @@ def test_summary_compare_and_errors(tmp_path):
         assert fig.axes
     with pytest.raises(ValueError, match="unknown levels"):
         attribute(tiny_model("olmoe"), PROMPTS, TARGETS, levels=("expertz",))
-    with pytest.raises(NotImplementedError, match="remote"):
+    with pytest.raises(TypeError, match="needs an nnsight model"):
         attribute(tiny_model("olmoe"), PROMPTS, TARGETS, remote="local")
     with pytest.raises(ValueError, match="3 prompts but 2 targets"):
         attribute(tiny_model("olmoe"), PROMPTS, TARGETS[:2])
@@ -227,3 +227,22 @@ def test_bridge_language_model_and_right_padding_agree(tmp_path):
     finally:
         nnsight_moe.detach(bridge)
     assert (bridged["score"] - reference["score"]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "llama"])
+def test_remote_local_equals_local(family):
+    """remote="local" (serialised request, unmodified model, scores computed in the trace) = local path."""
+    from helpers import language_model
+
+    model = tiny_model(family)
+    levels = ("layer", "head", "expert", "shared")
+    local = attribute(model, PROMPTS, TARGETS, levels=levels, batch_size=2, progress=False)
+    remote = attribute(language_model(model), PROMPTS, TARGETS, levels=levels, batch_size=2, remote="local",
+                       progress=False)
+    a, b = local.to_frame(), remote.to_frame()
+    assert a.drop(columns="score").equals(b.drop(columns="score"))
+    assert (a["score"] - b["score"]).abs().max() < 1e-4
+    assert remote.ranks == local.ranks and remote.targets == local.targets
+    assert nnsight_moe.handle_of(model) is None, "the remote path attaches nothing"
+    with pytest.raises(ValueError, match="local only"):
+        attribute(language_model(model), PROMPTS, TARGETS, levels=("neuron",), remote="local")

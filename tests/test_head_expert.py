@@ -124,3 +124,17 @@ def test_causal_rows_and_controls(tmp_path):
     again = head_expert.CausalResult.load(effects.save(tmp_path / "c.json"))
     assert again.rows.equals(effects.rows)
     assert effects.plot().axes and corr.plot().axes
+
+
+def test_correlate_remote_local_equals_local():
+    from helpers import language_model
+
+    model = tiny_model("qwen2_moe")
+    prompts, targets = _prompts()
+    local = head_expert.correlate(model, (prompts, targets), top_k=2, permutations=20)
+    remote = head_expert.correlate(language_model(model), (prompts, targets), top_k=2, permutations=20,
+                                   remote="local")
+    np.testing.assert_allclose(remote.pairs["r"].to_numpy(), local.pairs["r"].to_numpy(), atol=1e-4, equal_nan=True)
+    assert remote.top_heads == local.top_heads and remote.summary_r == pytest.approx(local.summary_r, abs=1e-4)
+    with pytest.raises(NotImplementedError, match="attribution"):
+        head_expert.correlate(model, (prompts, targets), signal="router_prob", remote="local")

@@ -1,0 +1,175 @@
+"""The remote path of :func:`nnsight_moe.recipes.attribution.attribute` (``remote=``).
+
+Everything runs inside ``model.trace(batch, remote=remote)`` on the UNMODIFIED model (NDIF's copy,
+or a local one under ``remote="local"``): residual states and attention outputs are read through
+nnsight envoys, routed / shared expert values through :func:`nnsight_moe.remote.MoEView`, weights
+(W_U, γ, W_O) from the server's modules, and the LPI scores are computed there. Only the scores
+[layers, prompts, ...], the target ranks and two self-check scalars travel back (a few KB per prompt).
+
+Levels: ``layer``, ``head``, ``expert``, ``shared`` (the ``neuron`` level is local only). RMSNorm final
+norms only. The numbers equal the local path (tested under ``remote="local"``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import nnsight
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+import nnsight_moe
+
+__all__ = ["attribute_remote"]
+
+REMOTE_LEVELS = ("layer", "head", "expert", "shared")
+
+
+def _lp(unembed, gamma, scale, x, target):
+    """log p(target | x) through the frozen RMSNorm and the unembedding; runs inside the trace."""
+    return ((x * gamma * scale) @ unembed.T).log_softmax(-1).gather(-1, target[:, None])[:, 0]
+
+
+def _paths(hf) -> tuple[list[str], list[str], str, str, int]:
+    """(decoder layer paths, MLP attribute names, final norm path, unembedding path, heads) of ``hf``."""
+    from nnsight_moe.recipes.attribution import _parts
+
+    parts = _parts(hf)
+    names = {id(m): name for name, m in hf.named_modules()}
+    layers = [names[id(layer)] for layer in parts.layers]
+    mlp = [names[id(m)].rsplit(".", 1)[-1] for m in parts.mlp]
+    norm = parts.norm
+    if not hasattr(norm, "variance_epsilon") and not hasattr(norm, "eps"):
+        raise ValueError(f"the remote path supports RMSNorm final norms, not {type(norm).__name__}")
+    if getattr(norm, "bias", None) is not None or isinstance(norm, torch.nn.LayerNorm):
+        raise ValueError("the remote path supports RMSNorm final norms only; run LayerNorm models locally")
+    return layers, mlp, names[id(norm)], names[id(parts.unembed)], parts.n_heads
+
+
+def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *, tokenizer, levels: Sequence[str],
+                     remote: Any, batch_size: int, progress: bool, atol: float = 1e-3):
+    """Remote attribution; see the module docstring. Returns an ``AttributionResult``."""
+    from nnsight_moe.recipes.attribution import COLUMNS, AttributionResult, _encode
+    from nnsight_moe.remote import MoEView, _ship_by_value
+
+    if not hasattr(model, "trace"):
+        raise TypeError(f"remote={remote!r} needs an nnsight model (e.g. nnsight.LanguageModel), got {type(model).__name__}")
+    unsupported = set(levels) - set(REMOTE_LEVELS)
+    if unsupported:
+        raise ValueError(f"levels {sorted(unsupported)} are local only; remote attribution offers {REMOTE_LEVELS}")
+    hf = nnsight_moe.hf_model(model)
+    layer_paths, mlp_names, norm_path, unembed_path, n_heads = _paths(hf)
+    norm = hf.get_submodule(norm_path)
+    eps = float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6))
+    try:
+        layout = nnsight_moe.layout(hf)
+    except nnsight_moe.UnsupportedModelError:
+        layout = None
+    view = MoEView(model) if layout is not None else None
+    if view is not None:
+        _ship_by_value(view.layer)
+    _ship_by_value(_lp)
+    moe_layers = layout.moe_layers if layout is not None else []
+    want_heads, want_experts = "head" in levels, "expert" in levels and view is not None
+    want_shared = "shared" in levels and layout is not None and layout.has_shared
+    quantities = tuple(q for q, on in (("topk_indices", want_experts), ("topk_weights", want_experts),
+                                      ("expert_out", want_experts), ("shared_out", want_shared),
+                                      ("shared_gate", want_shared)) if on)
+    frames, all_targets, all_ranks = [], [], []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="attribution (remote)", disable=not progress, leave=False):
+        batch = _encode(tokenizer, prompts[start : start + batch_size], "cpu")
+        last = batch["attention_mask"].cumsum(-1).argmax(-1)
+        rows = torch.arange(last.shape[0])
+        given = None if targets is None else torch.tensor(targets[start : start + batch_size])
+        with torch.no_grad(), model.trace(batch, remote=remote):
+            states, attn, mlp_out, heads, experts, shared = [], [], [], [], [], []
+            for i, path in enumerate(layer_paths):
+                layer = model.get(path)
+                states.append(layer.input[rows, last].float())
+                if want_heads:
+                    z = layer.self_attn.o_proj.input[rows, last].float()
+                attn.append(layer.self_attn.output[0][rows, last].float())
+                if i in moe_layers and quantities:
+                    q = view.layer(i, want=quantities)
+                    if want_experts:
+                        experts.append((q["topk_indices"][rows, last],
+                                        q["topk_weights"][rows, last].float()[..., None] * q["expert_out"][rows, last].float()))
+                    if want_shared:
+                        shared.append(q["shared_gate"][rows, last].float() * q["shared_out"][rows, last].float())
+                out = getattr(layer, mlp_names[i]).output
+                mlp_out.append((out[0] if isinstance(out, tuple) else out)[rows, last].float())
+                if want_heads:
+                    w_o = layer.self_attn.o_proj.weight.float()
+                    heads.append(torch.einsum("phd,ohd->pho", z.reshape(z.shape[0], n_heads, -1),
+                                              w_o.reshape(w_o.shape[0], n_heads, -1)))
+            final = model.get(norm_path).input[rows, last].float()
+            logits = model.output.logits[rows, last].float()
+            target = logits.argmax(-1) if given is None else given
+            unembed, gamma = model.get(unembed_path).weight.float(), model.get(norm_path).weight.float()
+            scale = torch.rsqrt(final.pow(2).mean(-1, keepdim=True) + eps)
+            check = (_lp(unembed, gamma, scale, final, target)
+                     - logits.log_softmax(-1).gather(-1, target[:, None])[:, 0]).abs().max()
+            after = torch.stack(states[1:] + [final])
+            residual = (torch.stack(states) + torch.stack(attn) + torch.stack(mlp_out) - after).abs().max()
+            layer_scores, head_scores, expert_scores, shared_scores = [], [], [], []
+            for i in range(len(layer_paths)):
+                u = states[i] + attn[i]
+                base_h, base_u = _lp(unembed, gamma, scale, states[i], target), _lp(unembed, gamma, scale, u, target)
+                layer_scores.append(torch.stack([_lp(unembed, gamma, scale, u, target) - base_h,
+                                                 _lp(unembed, gamma, scale, u + mlp_out[i], target) - base_u]))
+                if want_heads:
+                    per = [_lp(unembed, gamma, scale, states[i] + heads[i][:, h], target) - base_h for h in range(n_heads)]
+                    head_scores.append(torch.stack(per, dim=-1))
+                if i in moe_layers and want_experts:
+                    ids, contrib = experts[moe_layers.index(i)]
+                    per = [_lp(unembed, gamma, scale, u + contrib[:, j], target) - base_u for j in range(contrib.shape[1])]
+                    expert_scores.append((ids, torch.stack(per, dim=-1)))
+                if i in moe_layers and want_shared:
+                    shared_scores.append(_lp(unembed, gamma, scale, u + shared[moe_layers.index(i)], target) - base_u)
+            picked = logits.gather(-1, target[:, None])
+            result = {"layer": torch.stack(layer_scores), "head": head_scores, "expert": expert_scores,
+                      "shared": shared_scores, "target": target, "rank": (logits > picked).sum(-1) + 1,
+                      "check": check, "residual": residual, "scale": after.abs().max()}
+            result = nnsight.save(result)
+        if float(result["check"]) > atol:
+            raise ValueError(f"the frozen final projection does not reproduce the model's log-probabilities "
+                             f"(max diff {float(result['check']):.2e}); attribution does not apply to this model")
+        if float(result["residual"]) > atol * max(1.0, float(result["scale"])):
+            raise ValueError("this model's residual stream is not h + attn + mlp per layer; LPI attribution does not apply")
+        frames.append(_frame(result, levels, moe_layers, n_heads, start))
+        all_targets.append(result["target"].cpu())
+        all_ranks.append(result["rank"].cpu())
+    frame = pd.concat(frames, ignore_index=True)[COLUMNS]
+    return AttributionResult(frame, torch.cat(all_targets).tolist(), torch.cat(all_ranks).tolist(),
+                             n_layers=len(layer_paths), family=layout.family if layout else "dense",
+                             model_type=hf.config.model_type)
+
+
+def _frame(result: dict, levels, moe_layers: list[int], n_heads: int, start: int) -> pd.DataFrame:
+    """Rows in the local recipe's order and format from the tensors the trace sent back."""
+    rows = []
+    n_layers, _, n_prompts = result["layer"].shape
+
+    def add(prompt, layer, level, score, head=-1, expert=-1):
+        rows.append({"prompt": start + prompt, "layer": layer, "level": level, "head": head, "expert": expert,
+                     "neuron": -1, "score": float(score)})
+
+    for i in range(n_layers):
+        if "layer" in levels:
+            for level, scores in zip(("attn", "moe"), result["layer"][i]):
+                for p in range(n_prompts):
+                    add(p, i, level, scores[p])
+        if result["head"]:
+            for p in range(n_prompts):
+                for h in range(n_heads):
+                    add(p, i, "head", result["head"][i][p, h], head=h)
+        if i in moe_layers and result["expert"]:
+            ids, scores = result["expert"][moe_layers.index(i)]
+            for p in range(n_prompts):
+                for j in range(ids.shape[1]):
+                    add(p, i, "expert", scores[p, j], expert=int(ids[p, j]))
+        if i in moe_layers and result["shared"]:
+            for p in range(n_prompts):
+                add(p, i, "shared", result["shared"][moe_layers.index(i)][p])
+    return pd.DataFrame(rows)
