@@ -618,19 +618,28 @@ def section(job: Any):
     """
     from nnsight_moe.report import Section
 
-    if job.remote is not None:
-        return Section("attribution", "Cross-level knowledge attribution (LPI)",
-                       "Skipped: attribution has no remote path yet (run locally).")
+    levels, model, remote = LEVELS, job.model, job.remote
+    if remote is not None:  # through nnsight on the unmodified model; the neuron level is local only
+        from nnsight import LanguageModel
+
+        from nnsight_moe.recipes.attribution_remote import REMOTE_LEVELS
+
+        levels, model = REMOTE_LEVELS, LanguageModel(job.model, tokenizer=job.tokenizer)
     sample = job.sample()
-    options = dict(tokenizer=job.tokenizer, batch_size=job.batch_size, neurons="fast", fast_top=20)
-    result = attribute(job.model, sample.prompts, sample.targets, **options)
+    options = dict(tokenizer=job.tokenizer, batch_size=job.batch_size, neurons="fast", fast_top=20, remote=remote)
+    result = attribute(model, sample.prompts, sample.targets, levels=levels, **options)
     result.name, result.relations = job.name, [f.relation for f in sample.facts]
     results = [result]
     if job.name == "demo-moe":
         from nnsight_moe import demo
 
         dense_model, _ = demo.load("demo-dense")
-        dense = attribute(dense_model, sample.prompts, sample.targets, levels=("layer", "head", "neuron"), **options)
+        if remote is not None:
+            from nnsight import LanguageModel
+
+            dense_model = LanguageModel(dense_model, tokenizer=job.tokenizer)
+        dense_levels = [level for level in ("layer", "head", "neuron") if level in levels]
+        dense = attribute(dense_model, sample.prompts, sample.targets, levels=dense_levels, **options)
         dense.name, dense.family = "demo-dense", "dense"
         results.append(dense)
     table, ratio = compare(results)
@@ -639,11 +648,13 @@ def section(job: Any):
         figures["experts"] = ("Mean gated LPI per (layer, expert)", result.plot_experts())
         if job.layout.has_shared:
             figures["shared_routed"] = ("Shared vs routed contribution by layer", result.plot_shared_routed())
-    figures["neurons"] = ("Top neurons by mean LPI", result.plot_neurons())
+    if "neuron" in levels:
+        figures["neurons"] = ("Top neurons by mean LPI", result.plot_neurons())
     if len(results) > 1:
         figures["dense_gains"] = ("demo-dense: gain by layer", results[1].plot_gains())
     text = (f"LPI of every component at the last position on {result.n_prompts} prompts "
-            f"({job.max_per_relation or 'all'} per relation).")
+            f"({job.max_per_relation or 'all'} per relation)"
+            + (f", computed through nnsight with remote={remote!r} (neuron level is local only)." if remote else "."))
     if ratio is not None:
         text += f" MoE-vs-dense per-layer efficiency ratio: {ratio:.3f}."
     data = {"table1": table.reset_index().to_dict(orient="records"), "efficiency_ratio": ratio,

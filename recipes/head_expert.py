@@ -498,12 +498,23 @@ def section(job: Any):
     title = "Head–expert correlation"
     if not job.is_moe:
         return None
-    if job.remote is not None:
-        return Section("head_expert", title, "Skipped: this recipe has no remote path yet (run locally).")
     sample = job.sample()
     data = (sample.prompts, sample.targets)
-    corr = correlate(job.model, data, tokenizer=job.tokenizer, top_k=3, permutations=200 if job.quick else 1000,
-                     batch_size=job.batch_size)
+    model = job.model
+    if job.remote is not None:
+        from nnsight import LanguageModel
+
+        model = LanguageModel(job.model, tokenizer=job.tokenizer)
+    corr = correlate(model, data, tokenizer=job.tokenizer, top_k=3, permutations=200 if job.quick else 1000,
+                     batch_size=job.batch_size, remote=job.remote)
+    if job.remote is not None:
+        return Section("head_expert", title,
+                       f"summary r = {corr.summary_r:.3f} (permutation p = {corr.summary_p:.3g}) over {corr.n_prompts} "
+                       f"prompts, attributions computed with remote={job.remote!r}; {corr.definition}. The causal "
+                       "checks are local only and were skipped.",
+                       data={"correlation": corr.to_json()},
+                       tables={"Strongest head–expert pairs (BH q < 0.05)": corr.strongest()},
+                       figures={"heatmap": ("Head × expert Pearson r", corr.plot())})
     effects = causal(job.model, data, tokenizer=job.tokenizer, correlation=corr, k_heads=3,
                      seeds=2 if job.quick else 5, batch_size=job.batch_size)
     summary = effects.summary()

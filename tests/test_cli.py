@@ -112,3 +112,16 @@ def test_bad_dataset_and_unknown_targets(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert [s["object"] for s in results["data"]["skipped"]] == ["Zzyzxville"] * len(good["prompt_templates"])
     assert results["data"]["relations"][0]["n_skipped"] == len(good["prompt_templates"])
+
+
+def test_run_remote_local(tmp_path):
+    """--remote local: attribution and the correlation run through nnsight on the unmodified model."""
+    out = tmp_path / "remote"
+    result = CliRunner().invoke(main, ["run", "--remote", "local", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    validate(results)
+    attribution = results["sections"]["attribution"]
+    assert attribution["models"][0]["summary"]["MRR"] == 1.0
+    assert "correlation" in results["sections"]["head_expert"]
+    assert nnsight_moe.handle_of(nnsight_moe.demo.load("demo-moe")[0]) is None
