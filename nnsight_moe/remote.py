@@ -159,6 +159,7 @@ def run_batches(
     batches: Any,
     fn: Any,
     *,
+    extras: Any = None,
     remote: bool | str = False,
     results_path: Any = None,
     trace_kwargs: dict | None = None,
@@ -181,11 +182,14 @@ def run_batches(
         model: an nnsight model (``LanguageModel`` / ``TransformersModel``; for ``remote`` one that
             NDIF hosts, keyed by its repo id).
         batches: a sequence of inputs, each anything ``model.trace`` accepts (prompts, token ids).
-        fn: ``fn(model, batch) -> result`` (a dict / tuple / tensor), called inside the trace. For a
+        fn: ``fn(model, batch) -> result`` (a dict / tuple / tensor), called inside the trace (with
+            ``extras``: ``fn(model, batch, extras[i])``). For a
             remote run it is shipped by source with the globals it reads, so it may use torch,
             nnsight, transformers and plain functions (e.g. :func:`read_layer` through a
             :func:`MoEView`), not other client-only objects. Functions of ``nnsight_moe`` modules are
             registered for by-value shipping automatically (nnsight_moe is not installed on NDIF).
+        extras: optional per-batch plain data (e.g. target ids, last positions), one item per batch,
+            handed to ``fn`` as a third argument and part of the resume fingerprint.
         remote: ``False`` (local), ``True`` (NDIF; host and key from ``nnsight.CONFIG`` /
             ``NDIF_API_KEY``), ``"local"`` (nnsight's serialise-and-run-here simulation) or a host URL.
         results_path: file for partial and final results (``torch.save`` format); None keeps nothing.
@@ -202,7 +206,11 @@ def run_batches(
         raise TypeError(f"fn must be a callable fn(model, batch), got {type(fn).__name__}")
     batches = list(batches)
     n = len(batches)
-    fingerprints = [_fingerprint(batch) for batch in batches]
+    if extras is not None:
+        extras = list(extras)
+        if len(extras) != n:
+            raise ValueError(f"got {n} batches but {len(extras)} extras (one per batch)")
+    fingerprints = [_fingerprint(batch if extras is None else (batch, extras[i])) for i, batch in enumerate(batches)]
     done = _load_results(results_path, fingerprints)
     _ship_by_value(fn)
     trace_kwargs = dict(trace_kwargs or {})
@@ -215,7 +223,7 @@ def run_batches(
         result = None
         try:
             with model.trace(batch, **({"remote": remote} if remote else {}), **trace_kwargs):
-                result = nnsight.save(fn(model, batch))
+                result = nnsight.save(fn(model, batch) if extras is None else fn(model, batch, extras[index]))
         except Exception as error:
             where = f"; {len(done)} finished batches are kept in {results_path}, rerun to resume" if results_path else ""
             raise RemoteBatchError(

@@ -355,7 +355,7 @@ def _targets(targets, prompts, tokenizer, logits_fn) -> list[int] | None:
 def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = None, *, tokenizer=None,
               levels: Sequence[str] = LEVELS, remote: Any = None, batch_size: int = 16,
               budget_bytes: int = 2 << 30, neurons: str = "exact", fast_top: int = 100,
-              progress: bool = True) -> "AttributionResult":
+              progress: bool = True, results_path: Any = None) -> "AttributionResult":
     """LPI attribution of every component at the last prompt position.
 
     Args:
@@ -367,6 +367,7 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
         remote: run inside ``model.trace(..., remote=remote)`` on the unmodified model (``True`` for NDIF,
             ``"local"``, or a host URL; ``model`` must be an nnsight model): levels layer, head, expert
             and shared, RMSNorm models; only scores come back (:mod:`nnsight_moe.recipes.attribution_remote`).
+        results_path: remote only: partial results file; a failed run resumes from it when rerun.
         budget_bytes: memory budget for the [chunk, vocab] logits of a chunk of contributions.
         neurons: ``"exact"`` (every neuron) or ``"fast"``: a first-order (linearised log-sum-exp) screen
             of every neuron, then exact LPI for the ``fast_top`` neurons with the largest |screen score|
@@ -381,7 +382,8 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
         from nnsight_moe.recipes.attribution_remote import attribute_remote
 
         return attribute_remote(model, prompts, _targets(targets, prompts, tokenizer, None), tokenizer=tokenizer,
-                                levels=levels, remote=remote, batch_size=batch_size, progress=progress)
+                                levels=levels, remote=remote, batch_size=batch_size, progress=progress,
+                                results_path=results_path)
     hf = nnsight_moe.hf_model(model)
     parts = _parts(hf)
     try:

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import nnsight
+import functools
+
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 import nnsight_moe
 
@@ -48,10 +48,14 @@ def _paths(hf) -> tuple[list[str], list[str], str, str, int]:
 
 
 def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *, tokenizer, levels: Sequence[str],
-                     remote: Any, batch_size: int, progress: bool, atol: float = 1e-3):
-    """Remote attribution; see the module docstring. Returns an ``AttributionResult``."""
+                     remote: Any, batch_size: int, progress: bool, results_path: Any = None, atol: float = 1e-3):
+    """Remote attribution; see the module docstring. Returns an ``AttributionResult``.
+
+    Batches run through :func:`nnsight_moe.remote.run_batches`: progress per batch, a failed batch raises
+    ``RemoteBatchError`` naming it, and with ``results_path`` a rerun resumes from the finished batches.
+    """
     from nnsight_moe.recipes.attribution import COLUMNS, AttributionResult, _encode
-    from nnsight_moe.remote import MoEView, _ship_by_value
+    from nnsight_moe.remote import MoEView, run_batches
 
     if not hasattr(model, "trace"):
         raise TypeError(f"remote={remote!r} needs an nnsight model (e.g. nnsight.LanguageModel), got {type(model).__name__}")
@@ -61,77 +65,32 @@ def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *
     hf = nnsight_moe.hf_model(model)
     layer_paths, mlp_names, norm_path, unembed_path, n_heads = _paths(hf)
     norm = hf.get_submodule(norm_path)
-    eps = float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6))
     try:
         layout = nnsight_moe.layout(hf)
     except nnsight_moe.UnsupportedModelError:
         layout = None
-    view = MoEView(model) if layout is not None else None
-    if view is not None:
-        _ship_by_value(view.layer)
-    _ship_by_value(_lp)
     moe_layers = layout.moe_layers if layout is not None else []
-    want_heads, want_experts = "head" in levels, "expert" in levels and view is not None
+    want_experts = "expert" in levels and layout is not None
     want_shared = "shared" in levels and layout is not None and layout.has_shared
-    quantities = tuple(q for q, on in (("topk_indices", want_experts), ("topk_weights", want_experts),
-                                      ("expert_out", want_experts), ("shared_out", want_shared),
-                                      ("shared_gate", want_shared)) if on)
-    frames, all_targets, all_ranks = [], [], []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="attribution (remote)", disable=not progress, leave=False):
+    settings = {
+        "layers": layer_paths, "mlp": mlp_names, "norm": norm_path, "unembed": unembed_path, "heads": n_heads,
+        "eps": float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)),
+        "moe_layers": moe_layers, "want_heads": "head" in levels, "want_experts": want_experts,
+        "want_shared": want_shared, "view": MoEView(model) if layout is not None else None,
+        "quantities": tuple(q for q, on in (("topk_indices", want_experts), ("topk_weights", want_experts),
+                                            ("expert_out", want_experts), ("shared_out", want_shared),
+                                            ("shared_gate", want_shared)) if on),
+    }
+    batches, extras = [], []
+    for start in range(0, len(prompts), batch_size):
         batch = _encode(tokenizer, prompts[start : start + batch_size], "cpu")
-        last = batch["attention_mask"].cumsum(-1).argmax(-1)
-        rows = torch.arange(last.shape[0])
-        given = None if targets is None else torch.tensor(targets[start : start + batch_size])
-        with torch.no_grad(), model.trace(batch, remote=remote):
-            states, attn, mlp_out, heads, experts, shared = [], [], [], [], [], []
-            for i, path in enumerate(layer_paths):
-                layer = model.get(path)
-                states.append(layer.input[rows, last].float())
-                if want_heads:
-                    z = layer.self_attn.o_proj.input[rows, last].float()
-                attn.append(layer.self_attn.output[0][rows, last].float())
-                if i in moe_layers and quantities:
-                    q = view.layer(i, want=quantities)
-                    if want_experts:
-                        experts.append((q["topk_indices"][rows, last],
-                                        q["topk_weights"][rows, last].float()[..., None] * q["expert_out"][rows, last].float()))
-                    if want_shared:
-                        shared.append(q["shared_gate"][rows, last].float() * q["shared_out"][rows, last].float())
-                out = getattr(layer, mlp_names[i]).output
-                mlp_out.append((out[0] if isinstance(out, tuple) else out)[rows, last].float())
-                if want_heads:
-                    w_o = layer.self_attn.o_proj.weight.float()
-                    heads.append(torch.einsum("phd,ohd->pho", z.reshape(z.shape[0], n_heads, -1),
-                                              w_o.reshape(w_o.shape[0], n_heads, -1)))
-            final = model.get(norm_path).input[rows, last].float()
-            logits = model.output.logits[rows, last].float()
-            target = logits.argmax(-1) if given is None else given
-            unembed, gamma = model.get(unembed_path).weight.float(), model.get(norm_path).weight.float()
-            scale = torch.rsqrt(final.pow(2).mean(-1, keepdim=True) + eps)
-            check = (_lp(unembed, gamma, scale, final, target)
-                     - logits.log_softmax(-1).gather(-1, target[:, None])[:, 0]).abs().max()
-            after = torch.stack(states[1:] + [final])
-            residual = (torch.stack(states) + torch.stack(attn) + torch.stack(mlp_out) - after).abs().max()
-            layer_scores, head_scores, expert_scores, shared_scores = [], [], [], []
-            for i in range(len(layer_paths)):
-                u = states[i] + attn[i]
-                base_h, base_u = _lp(unembed, gamma, scale, states[i], target), _lp(unembed, gamma, scale, u, target)
-                layer_scores.append(torch.stack([_lp(unembed, gamma, scale, u, target) - base_h,
-                                                 _lp(unembed, gamma, scale, u + mlp_out[i], target) - base_u]))
-                if want_heads:
-                    per = [_lp(unembed, gamma, scale, states[i] + heads[i][:, h], target) - base_h for h in range(n_heads)]
-                    head_scores.append(torch.stack(per, dim=-1))
-                if i in moe_layers and want_experts:
-                    ids, contrib = experts[moe_layers.index(i)]
-                    per = [_lp(unembed, gamma, scale, u + contrib[:, j], target) - base_u for j in range(contrib.shape[1])]
-                    expert_scores.append((ids, torch.stack(per, dim=-1)))
-                if i in moe_layers and want_shared:
-                    shared_scores.append(_lp(unembed, gamma, scale, u + shared[moe_layers.index(i)], target) - base_u)
-            picked = logits.gather(-1, target[:, None])
-            result = {"layer": torch.stack(layer_scores), "head": head_scores, "expert": expert_scores,
-                      "shared": shared_scores, "target": target, "rank": (logits > picked).sum(-1) + 1,
-                      "check": check, "residual": residual, "scale": after.abs().max()}
-            result = nnsight.save(result)
+        batches.append(batch)
+        extras.append({"last": batch["attention_mask"].cumsum(-1).argmax(-1),
+                       "target": None if targets is None else torch.tensor(targets[start : start + batch_size])})
+    results = run_batches(model, batches, functools.partial(_scores_in_trace, settings), extras=extras,
+                          remote=remote, results_path=results_path, progress=progress)
+    frames, all_targets, all_ranks, start = [], [], [], 0
+    for result, batch in zip(results, batches):
         if float(result["check"]) > atol:
             raise ValueError(f"the frozen final projection does not reproduce the model's log-probabilities "
                              f"(max diff {float(result['check']):.2e}); attribution does not apply to this model")
@@ -140,10 +99,69 @@ def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *
         frames.append(_frame(result, levels, moe_layers, n_heads, start))
         all_targets.append(result["target"].cpu())
         all_ranks.append(result["rank"].cpu())
+        start += batch["input_ids"].shape[0]
     frame = pd.concat(frames, ignore_index=True)[COLUMNS]
     return AttributionResult(frame, torch.cat(all_targets).tolist(), torch.cat(all_ranks).tolist(),
                              n_layers=len(layer_paths), family=layout.family if layout else "dense",
                              model_type=hf.config.model_type)
+
+
+def _scores_in_trace(settings: dict, model: Any, batch: dict, extra: dict) -> dict:
+    """One batch's LPI scores; runs inside ``model.trace`` (on the server for remote runs).
+
+    Reads only envoys, the MoE view and torch; returns small tensors (scores, ranks, self-checks).
+    """
+    last = extra["last"]
+    rows = torch.arange(last.shape[0])
+    n_heads, moe_layers, view = settings["heads"], settings["moe_layers"], settings["view"]
+    states, attn, mlp_out, heads, experts, shared = [], [], [], [], [], []
+    for i, path in enumerate(settings["layers"]):
+        layer = model.get(path)
+        states.append(layer.input[rows, last].float())
+        if settings["want_heads"]:
+            z = layer.self_attn.o_proj.input[rows, last].float()
+        attn.append(layer.self_attn.output[0][rows, last].float())
+        if i in moe_layers and settings["quantities"]:
+            q = view.layer(i, want=settings["quantities"])
+            if settings["want_experts"]:
+                experts.append((q["topk_indices"][rows, last],
+                                q["topk_weights"][rows, last].float()[..., None] * q["expert_out"][rows, last].float()))
+            if settings["want_shared"]:
+                shared.append(q["shared_gate"][rows, last].float() * q["shared_out"][rows, last].float())
+        out = getattr(layer, settings["mlp"][i]).output
+        mlp_out.append((out[0] if isinstance(out, tuple) else out)[rows, last].float())
+        if settings["want_heads"]:
+            w_o = layer.self_attn.o_proj.weight.float()
+            heads.append(torch.einsum("phd,ohd->pho", z.reshape(z.shape[0], n_heads, -1),
+                                      w_o.reshape(w_o.shape[0], n_heads, -1)))
+    final = model.get(settings["norm"]).input[rows, last].float()
+    logits = model.output.logits[rows, last].float()
+    target = logits.argmax(-1) if extra["target"] is None else extra["target"]
+    unembed, gamma = model.get(settings["unembed"]).weight.float(), model.get(settings["norm"]).weight.float()
+    scale = torch.rsqrt(final.pow(2).mean(-1, keepdim=True) + settings["eps"])
+    check = (_lp(unembed, gamma, scale, final, target)
+             - logits.log_softmax(-1).gather(-1, target[:, None])[:, 0]).abs().max()
+    after = torch.stack(states[1:] + [final])
+    residual = (torch.stack(states) + torch.stack(attn) + torch.stack(mlp_out) - after).abs().max()
+    layer_scores, head_scores, expert_scores, shared_scores = [], [], [], []
+    for i in range(len(states)):
+        u = states[i] + attn[i]
+        base_h, base_u = _lp(unembed, gamma, scale, states[i], target), _lp(unembed, gamma, scale, u, target)
+        layer_scores.append(torch.stack([_lp(unembed, gamma, scale, u, target) - base_h,
+                                         _lp(unembed, gamma, scale, u + mlp_out[i], target) - base_u]))
+        if settings["want_heads"]:
+            per = [_lp(unembed, gamma, scale, states[i] + heads[i][:, h], target) - base_h for h in range(n_heads)]
+            head_scores.append(torch.stack(per, dim=-1))
+        if i in moe_layers and settings["want_experts"]:
+            ids, contrib = experts[moe_layers.index(i)]
+            per = [_lp(unembed, gamma, scale, u + contrib[:, j], target) - base_u for j in range(contrib.shape[1])]
+            expert_scores.append((ids, torch.stack(per, dim=-1)))
+        if i in moe_layers and settings["want_shared"]:
+            shared_scores.append(_lp(unembed, gamma, scale, u + shared[moe_layers.index(i)], target) - base_u)
+    picked = logits.gather(-1, target[:, None])
+    return {"layer": torch.stack(layer_scores), "head": head_scores, "expert": expert_scores,
+            "shared": shared_scores, "target": target, "rank": (logits > picked).sum(-1) + 1,
+            "check": check, "residual": residual, "scale": after.abs().max()}
 
 
 def _frame(result: dict, levels, moe_layers: list[int], n_heads: int, start: int) -> pd.DataFrame:

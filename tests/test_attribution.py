@@ -246,3 +246,37 @@ def test_remote_local_equals_local(family):
     assert nnsight_moe.handle_of(model) is None, "the remote path attaches nothing"
     with pytest.raises(ValueError, match="local only"):
         attribute(language_model(model), PROMPTS, TARGETS, levels=("neuron",), remote="local")
+
+
+def test_remote_failure_resumes_and_ships_no_client_code(tmp_path, monkeypatch):
+    """A batch failing mid-run keeps finished batches; the rerun resumes; requests carry no nnsight_moe code
+    by reference (the flaky backend inspects every serialised request)."""
+    import nnsight
+    import test_remote
+    from helpers import language_model
+    from test_remote import _Flaky
+
+    from nnsight_moe.remote import RemoteBatchError
+
+    nnsight.register(test_remote)  # the test backend's own module ships by value, as in test_remote
+
+    model = tiny_model("qwen2_moe")
+    lm = language_model(model)
+    levels = ("layer", "expert", "shared")
+    expected = attribute(model, PROMPTS, TARGETS, levels=levels, batch_size=1, progress=False).to_frame()
+    path = tmp_path / "partial.pt"
+    calls: list = []
+    fail_on: set = set()
+    monkeypatch.setattr(lm, "_remote_backend", lambda *a, **k: _Flaky(lm, fail_on, calls))
+    attribute(lm, PROMPTS, TARGETS, levels=levels, batch_size=1, remote="local", progress=False)
+    full = len(calls)  # remote requests of a whole run (3 batches)
+    calls.clear()
+    fail_on.add(full - 1)  # the last request fails
+    with pytest.raises(RemoteBatchError, match="batch 2 of 3"):
+        attribute(lm, PROMPTS, TARGETS, levels=levels, batch_size=1, remote="local", results_path=path, progress=False)
+    calls.clear()
+    fail_on.clear()
+    resumed = attribute(lm, PROMPTS, TARGETS, levels=levels, batch_size=1, remote="local", results_path=path,
+                        progress=False).to_frame()
+    assert len(calls) == full // 3, "only the failed batch ran again"
+    assert (resumed["score"] - expected["score"]).abs().max() < 1e-4
