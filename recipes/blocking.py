@@ -940,7 +940,9 @@ def section(job: Any):
     if not job.is_moe:
         return None
     if job.remote is not None:
-        return Section("blocking", "Expert blocking", "Skipped: the remote path of this recipe is not wired yet.")
+        return Section("blocking", "Expert blocking",
+                       "Skipped with --remote: expert rankings and the shared/routed configurations are local only. "
+                       "Remote blocking itself works: blocking.sweep(lm, data, ranking=..., remote=...).")
     per_relation = getattr(job, "max_per_relation", 16 if job.quick else None)
     options = {"tokenizer": job.tokenizer, "batch_size": job.batch_size, "max_per_relation": per_relation}
     try:
