@@ -52,15 +52,11 @@ class Job:
 
     def sample(self):
         """The encoded facts the recipes run on: at most ``max_per_relation`` per relation, evenly spread."""
-        from nnsight_moe.data import EncodedFacts
+        from nnsight_moe.data import EncodedFacts, evenly_spaced
 
         if self.max_per_relation is None:
             return self.encoded
-        keep = []
-        for indices in self.by_relation().values():
-            step = max(1.0, len(indices) / self.max_per_relation)
-            keep += [indices[int(i * step)] for i in range(min(self.max_per_relation, len(indices)))]
-        keep.sort()
+        keep = sorted(i for indices in self.by_relation().values() for i in evenly_spaced(indices, self.max_per_relation))
         enc = self.encoded
         return EncodedFacts(facts=[enc.facts[i] for i in keep], prompts=[enc.prompts[i] for i in keep],
                             targets=[enc.targets[i] for i in keep], skipped=list(enc.skipped))
@@ -68,6 +64,8 @@ class Job:
     @torch.no_grad()
     def last_logits(self, indices: list[int] | None = None, desc: str = "forward") -> torch.Tensor:
         """Last-position logits [P, V] for the encoded prompts (left padding, batched)."""
+        from nnsight_moe.recipes.prompts import last_positions
+
         prompts = self.encoded.prompts if indices is None else [self.encoded.prompts[i] for i in indices]
         device = next(self.model.parameters()).device
         rows = []
@@ -75,7 +73,7 @@ class Job:
             batch = self.tokenizer(prompts[start : start + self.batch_size], return_tensors="pt", padding=True)
             batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
             logits = self.model(**batch).logits
-            last = batch["attention_mask"].cumsum(-1).argmax(-1)  # last non-pad position, either padding side
+            last = last_positions(batch["attention_mask"])
             rows.append(logits[torch.arange(logits.shape[0]), last].float().cpu())
         return torch.cat(rows)
 

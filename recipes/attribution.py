@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import nnsight_moe
+from nnsight_moe.recipes.prompts import encode_prompts, last_positions
 
 __all__ = ["AttributionResult", "LEVELS", "attribute", "attribute_relations", "capture", "compare", "lpi"]
 
@@ -119,26 +120,6 @@ def _parts(hf: nn.Module) -> Parts:
     return Parts(list(stack), attn, mlp, norm, hf.get_output_embeddings(), int(config.num_attention_heads))
 
 
-def _last(mask: Tensor) -> Tensor:
-    """Index of the last non-pad token per row, for left or right padding."""
-    return mask.cumsum(-1).argmax(-1)
-
-
-def _encode(tokenizer, prompts: Sequence, device) -> dict[str, Tensor]:
-    if isinstance(prompts[0], str):
-        if tokenizer is None:
-            raise ValueError("string prompts need a tokenizer=; or pass lists of token ids")
-        enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
-        return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.as_tensor(list(p))
-        mask[i, width - len(p) :] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-
-
 @torch.no_grad()
 def capture(hf: nn.Module, batch: dict[str, Tensor], parts: Parts, handle=None) -> dict[str, Any]:
     """Run ``hf`` on ``batch`` and keep every quantity attribution needs at the last non-pad position.
@@ -147,7 +128,7 @@ def capture(hf: nn.Module, batch: dict[str, Tensor], parts: Parts, handle=None) 
     [L, P, D], ``mlp_acts`` {dense layer: [P, I]}, ``final`` [P, D], ``logits`` [P, V] and, with an
     attach ``handle``, ``moe`` {layer: {hook name without "hook_": last-position tensor}}.
     """
-    last = _last(batch["attention_mask"])
+    last = last_positions(batch["attention_mask"])
     rows = torch.arange(last.shape[0], device=last.device)
     pick = lambda t: t[rows, last].float()  # noqa: E731
     got: dict[str, Any] = {"resid_pre": {}, "attn_out": {}, "z": {}, "mlp_out": {}, "mlp_acts": {}, "moe": {}}
@@ -396,7 +377,7 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
     context = nnsight_moe.attached(hf) if layout is not None else _null()
     with context as handle:
         for start in tqdm(range(0, len(prompts), batch_size), desc="attribution", disable=not progress, leave=False):
-            batch = _encode(tokenizer, prompts[start : start + batch_size], device)
+            batch = encode_prompts(tokenizer, prompts[start : start + batch_size], device)
             got = capture(hf, batch, parts, handle)
             tgt = (got["logits"].argmax(-1) if wanted is None
                    else torch.tensor(wanted[start : start + batch_size], device=got["logits"].device))
@@ -431,16 +412,10 @@ def attribute_relations(model: Any, tokenizer, relations, *, per_relation: int |
 
     ``per_relation`` keeps at most that many facts per relation (evenly spread) to bound the cost.
     """
-    from nnsight_moe.data import Relation, encode_facts
+    from nnsight_moe.data import Relation, encode_facts, evenly_spaced
 
     relations = [relations] if isinstance(relations, Relation) else list(relations)
-    facts = []
-    for relation in relations:
-        fs = relation.facts()
-        if per_relation is not None and len(fs) > per_relation:
-            step = len(fs) / per_relation
-            fs = [fs[int(i * step)] for i in range(per_relation)]
-        facts += fs
+    facts = [f for relation in relations for f in evenly_spaced(relation.facts(), per_relation)]
     encoded = encode_facts(tokenizer, facts)
     if not encoded.facts:
         raise ValueError("no fact has a known target token for this tokenizer")

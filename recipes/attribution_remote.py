@@ -54,7 +54,8 @@ def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *
     Batches run through :func:`nnsight_moe.remote.run_batches`: progress per batch, a failed batch raises
     ``RemoteBatchError`` naming it, and with ``results_path`` a rerun resumes from the finished batches.
     """
-    from nnsight_moe.recipes.attribution import COLUMNS, AttributionResult, _encode
+    from nnsight_moe.recipes.attribution import COLUMNS, AttributionResult
+    from nnsight_moe.recipes.prompts import encode_prompts, last_positions
     from nnsight_moe.remote import MoEView, run_batches
 
     if not hasattr(model, "trace"):
@@ -83,9 +84,9 @@ def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *
     }
     batches, extras = [], []
     for start in range(0, len(prompts), batch_size):
-        batch = _encode(tokenizer, prompts[start : start + batch_size], "cpu")
+        batch = encode_prompts(tokenizer, prompts[start : start + batch_size], "cpu")
         batches.append(batch)
-        extras.append({"last": batch["attention_mask"].cumsum(-1).argmax(-1),
+        extras.append({"last": last_positions(batch["attention_mask"]),
                        "target": None if targets is None else torch.tensor(targets[start : start + batch_size])})
     results = run_batches(model, batches, functools.partial(_scores_in_trace, settings), extras=extras,
                           remote=remote, results_path=results_path, progress=progress)

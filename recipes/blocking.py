@@ -45,6 +45,7 @@ from nnsight_moe.attach import attached, hf_model
 from nnsight_moe.interventions import BLOCK_MODES, block_experts, restrict_experts
 from nnsight_moe.layout import MoELayout
 from nnsight_moe.recipes.metrics import target_ranks
+from nnsight_moe.recipes.prompts import last_positions
 
 __all__ = [
     "ALL",
@@ -174,11 +175,9 @@ def _subsample(data: _Data, n: int) -> _Data:
     """At most ``n`` prompts per relation, evenly spaced over the relation's prompts (deterministic)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"max_per_relation must be a positive integer or None, got {n!r}")
-    keep = []
-    for idx in data.groups().values():
-        step = len(idx) / min(n, len(idx))
-        keep += [idx[int(j * step)] for j in range(min(n, len(idx)))]
-    keep.sort()
+    from nnsight_moe.data import evenly_spaced
+
+    keep = sorted(i for idx in data.groups().values() for i in evenly_spaced(idx, n))
     return _Data([data.prompts[i] for i in keep], data.targets[keep], [data.relations[i] for i in keep])
 
 
@@ -211,7 +210,7 @@ def _chunks(hf, data: _Data, indices: list[int], tokenizer, batch_size: int, pad
         else:
             ids, mask = _pad([list(map(int, p)) for p in prompts], hf.config.get_text_config().pad_token_id,
                              padding_side)
-        last = mask.cumsum(-1).argmax(-1)  # last non-pad position, either padding side
+        last = last_positions(mask)
         out.append(_Chunk(rows, ids.to(device), mask.to(device), last.to(device)))
     return out
 

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 import nnsight_moe
 from nnsight_moe.recipes.metrics import mrr
+from nnsight_moe.recipes.prompts import encode_prompts, last_positions
 
 __all__ = [
     "CausalResult",
@@ -271,29 +272,15 @@ def _router_probs(model, prompts, tokenizer, batch_size) -> np.ndarray:
             finally:
                 for i in layers:
                     handle.block(i).hook_router_scores.remove_hooks()
-            last = _last(batch)
+            last = last_positions(batch["attention_mask"])
             rows = torch.arange(len(last))
             out.append(torch.stack([seen[i][rows, last] for i in layers], dim=1).float().cpu())
     return torch.cat(out).numpy()
 
 
 def _batch(tokenizer, prompts, hf) -> dict:
-    device = next(hf.parameters()).device
-    if isinstance(prompts[0], str):
-        enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
-        return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):  # left padding
-        ids[i, width - len(p):] = torch.as_tensor(p)
-        mask[i, width - len(p):] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-
-
-def _last(batch: dict) -> torch.Tensor:
-    """Index of the last non-pad token of each row (left or right padding)."""
-    return batch["attention_mask"].cumsum(-1).argmax(-1)
+    """Model inputs for ``prompts`` on ``hf``'s device."""
+    return encode_prompts(tokenizer, prompts, next(hf.parameters()).device)
 
 
 def correlate(model: Any, dataset: Any, *, tokenizer=None, signal: str = "attribution", top_k: int = 5,
@@ -414,7 +401,7 @@ def _run(hf, handle, batch, patch: dict | None = None, capture: bool = False):
     finally:
         for point in points:
             point.remove_hooks()
-    last = _last(batch)
+    last = last_positions(batch["attention_mask"])
     return logits[torch.arange(logits.shape[0]), last].float(), routing
 
 
@@ -458,7 +445,7 @@ def causal(model: Any, dataset: Any, *, tokenizer=None, correlation: HeadExpertR
         for condition, s, heads in tqdm(conditions, desc="head suppression", leave=False):
             supp_logits, patched_logits, d_corr, d_sel = [], [], [], []
             for batch, clean_routing in clean_batches:
-                last = _last(batch)
+                last = last_positions(batch["attention_mask"])
                 rows_idx = torch.arange(len(last))
                 with suppress_heads(hf, heads):
                     logits, routing = _run(hf, handle, batch, capture=True)

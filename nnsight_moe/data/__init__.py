@@ -41,6 +41,7 @@ __all__ = [
     "bundled_dir",
     "bundled_names",
     "encode_facts",
+    "evenly_spaced",
     "load_relation",
     "load_relations",
     "target_token",
@@ -255,6 +256,18 @@ def bundled_dir() -> Path:
 def bundled_names() -> list[str]:
     """Names of the bundled relations (sorted), e.g. ``country_capital_city``."""
     return sorted(p.stem for p in _BUNDLED_DIR.glob("*.json"))
+
+
+def evenly_spaced(items: Sequence, n: int | None) -> list:
+    """At most ``n`` of ``items``, evenly spread over them and in order (all of them when n is None).
+
+    Used to sample facts per relation deterministically, so every template and subject range is covered.
+    """
+    items = list(items)
+    if n is None or len(items) <= n:
+        return items
+    step = len(items) / n
+    return [items[int(i * step)] for i in range(n)]
 
 
 def bundled(names: str | Iterable[str] | None = None) -> list[Relation]:
