@@ -312,7 +312,7 @@ def _logprob_gradient(ro: Readout, base: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ entry points
-def _targets(targets, prompts, tokenizer, logits_fn) -> list[int] | None:
+def _targets(targets, prompts, tokenizer) -> list[int] | None:
     from nnsight_moe.data import target_token
 
     if targets is None or isinstance(targets, str) and targets == "predicted":
@@ -359,10 +359,11 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
         raise ValueError(f"unknown levels {sorted(unknown)}; choose from {LEVELS}")
     if len(prompts) == 0:
         raise ValueError("no prompts to attribute")
+    wanted = _targets(targets, prompts, tokenizer)
     if remote is not None:
         from nnsight_moe.recipes.attribution_remote import attribute_remote
 
-        return attribute_remote(model, prompts, _targets(targets, prompts, tokenizer, None), tokenizer=tokenizer,
+        return attribute_remote(model, prompts, wanted, tokenizer=tokenizer,
                                 levels=levels, remote=remote, batch_size=batch_size, progress=progress,
                                 results_path=results_path)
     hf = nnsight_moe.hf_model(model)
@@ -371,7 +372,6 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
         layout = nnsight_moe.layout(hf)
     except nnsight_moe.UnsupportedModelError:
         layout = None
-    wanted = _targets(targets, prompts, tokenizer, None)
     device = next(hf.parameters()).device
     frames, all_targets, all_logits = [], [], []
     context = nnsight_moe.attached(hf) if layout is not None else _null()
