@@ -43,7 +43,7 @@ import torch
 
 from nnsight_moe.attach import hf_model
 from nnsight_moe.layout import MoELayout
-from nnsight_moe.routing import Routing, SoftmaxTopK, SparseMixer
+from nnsight_moe.routing import ClampNormRouting, Routing, SigmoidOfLogits, SoftmaxTopK, SparseMixer
 
 __all__ = ["MoEView", "RemoteBatchError", "VIEW_QUANTITIES", "moe_spec", "read_layer", "run_batches"]
 
@@ -65,18 +65,19 @@ _MODES = ("zero", "renorm", "reroute")
 
 
 # ------------------------------------------------------------ client side: plain-data spec
+_KINDS = {Routing: "topk", SoftmaxTopK: "softmax_topk", SparseMixer: "sparsemixer",
+          SigmoidOfLogits: "sigmoid_of_logits", ClampNormRouting: "clampnorm"}
+
+
 def _routing_spec(routing: Routing, router: torch.nn.Module, family: str) -> dict:
-    """A routing rule as plain data (the bias is named by the router attribute that holds it)."""
-    if isinstance(routing, SparseMixer):
-        kind = "sparsemixer"
-    elif isinstance(routing, SoftmaxTopK):
-        kind = "softmax_topk"
-    else:
-        kind = "topk"
+    """A routing rule as plain data (the bias is named by the router attribute path that holds it)."""
+    kind = _KINDS.get(type(routing))
+    if kind is None:
+        raise ValueError(f"{family}: the remote view does not implement the routing rule {type(routing).__name__}")
     bias = None
     if routing.bias is not None:
         named = dict(router.named_parameters()) | dict(router.named_buffers())
-        bias = next((name for name, t in named.items() if t is routing.bias), None)
+        bias = next((name for name, t in named.items() if routing.bias is t or routing.bias._base is t), None)
         if bias is None:
             raise ValueError(f"{family}: the routing bias is not an attribute of the router; the remote view needs one")
     return {
@@ -85,6 +86,7 @@ def _routing_spec(routing: Routing, router: torch.nn.Module, family: str) -> dic
         "normalize": bool(routing.normalize),
         "scale": float(routing.scale),
         "norm_eps": float(routing.norm_eps),
+        "norm_min": float(getattr(routing, "norm_min", 0.0)),
         "bias": bias,
         "n_group": int(routing.n_group),
         "topk_group": int(routing.topk_group),
@@ -111,6 +113,8 @@ def moe_spec(model: Any) -> dict:
         router = hf.get_submodule(info.router)
         layers[index] = {
             "block": info.path,
+            "shared_first": _shared_runs_first(hf.get_submodule(info.path), info) if info.shared else False,
+            "shared_gated": info.shared is not None and hasattr(hf.get_submodule(info.shared), "gate_proj"),
             "router": info.router,
             "experts": info.experts,
             "shared": info.shared,
@@ -120,6 +124,26 @@ def moe_spec(model: Any) -> dict:
             "routing": _routing_spec(info.routing, router, layout.family),
         }
     return {"family": layout.family, "layers": layers}
+
+
+def _shared_runs_first(block: torch.nn.Module, info: Any) -> bool:
+    """Whether ``block``'s forward calls the shared expert before the router (from its source).
+
+    nnsight serves a module's output in execution order, so an edit of the shared expert's output
+    must be requested before or after the router's depending on the family (Qwen2-MoE, ERNIE and
+    Hunyuan call the shared expert first; DeepSeek, GLM and most others call the router first).
+    """
+    import inspect
+
+    source = inspect.getsource(type(block).forward)
+    shared = source.find(f"self.{info.shared[len(info.path) + 1:]}(")
+    router = source.find(f"self.{info.router[len(info.path) + 1:]}(")
+    if shared < 0 or router < 0:
+        raise ValueError(
+            f"cannot tell from {type(block).__name__}.forward whether the shared expert runs before the router; "
+            "the remote view needs to know to ablate it"
+        )
+    return shared < router
 
 
 def MoEView(model: Any) -> types.SimpleNamespace:  # noqa: N802 (reads like the object it returns)
@@ -330,6 +354,8 @@ def read_layer(
     mode: str = "zero",
     edit_logits: Any = None,
     edit_weights: Any = None,
+    keep_top: int | None = None,
+    shared: bool = True,
 ) -> dict:
     """Read (and optionally edit) MoE layer ``layer`` inside a trace; returns ``{quantity: tensor}``.
 
@@ -345,8 +371,12 @@ def read_layer(
         mode: ``"zero"`` (gate weight 0), ``"renorm"`` (zero, then renormalise the rest to the original
             sum) or ``"reroute"`` (removed before selection, the next-best expert takes the slot).
         edit_logits: ``fn(logits [b, p, E]) -> logits``; scores, selection and weights are re-derived.
-        edit_weights: ``fn(indices [b, p, k], weights [b, p, k]) -> weights``, applied last (as setting
-            ``hook_topk_weights``).
+        edit_weights: ``fn(indices [b, p, k], weights [b, p, k]) -> weights``, applied after blocking
+            (as setting ``hook_topk_weights``).
+        keep_top: keep only the n largest gate weights per token (0 = routed experts off), applied last;
+            as :func:`nnsight_moe.restrict_experts`.
+        shared: ``False`` switches the shared expert off (its output is set to zero; the reported
+            ``shared_gate`` is 0), as :func:`nnsight_moe.ablate_shared`.
     """
     layers = spec["layers"]
     if layer not in layers:
@@ -358,12 +388,19 @@ def read_layer(
     if mode not in ("zero", "renorm", "reroute"):
         raise ValueError(f"mode must be one of ('zero', 'renorm', 'reroute'), got {mode!r}")
     info = layers[layer]
+    if keep_top is not None and (isinstance(keep_top, bool) or not isinstance(keep_top, int) or keep_top < 0):
+        raise ValueError(f"keep_top must be None or an integer >= 0, got {keep_top!r}")
+    if not shared and not info["shared"]:
+        raise ValueError(f"layer {layer} of this {spec['family']} model has no shared expert; shared=False does not apply")
+    ablate_shared = not shared
     rule = info["routing"]
     n_experts, k = info["n_experts"], info["top_k"]
     router = _envoy(model, info["router"])
     x = _envoy(model, info["block"]).input
     b, p = (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, x.shape[0])
     mask = _expert_mask(block, n_experts, b, x.device)
+    if ablate_shared and info["shared_first"]:
+        _zero_output(_envoy(model, info["shared"]))
 
     output = router.output
     raw_logits, raw_weights, raw_indices = output[0], output[1], output[2]
@@ -381,7 +418,7 @@ def read_layer(
     scores = _scores(rule, logits)
     if rederive:
         exclude = mask[:, None, :] if mask is not None and mode == "reroute" else None
-        bias = getattr(router, rule["bias"]) if rule["bias"] else None
+        bias = _envoy(router, rule["bias"]).reshape(-1) if rule["bias"] else None
         indices = _select(rule, scores, exclude, bias, k)
         weights = _weights(rule, scores, indices)
         if rule["cast_weights"]:
@@ -392,6 +429,10 @@ def read_layer(
         edited = True
     if edit_weights is not None:
         weights = edit_weights(indices, weights)
+        edited = True
+    if keep_top is not None:
+        rank = weights.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+        weights = weights.masked_fill(rank >= keep_top, 0.0)
         edited = True
     if edited:
         router.output = (
@@ -410,17 +451,29 @@ def read_layer(
         values["routed_out"] = (values["expert_out"] * weights[..., None]).sum(dim=-2).to(x.dtype)
     if info["shared"] and any(name in want for name in ("shared_acts", "shared_out", "shared_gate")):
         shared = _envoy(model, info["shared"])
-        shared_acts = shared.act_fn(shared.gate_proj(flat)) * shared.up_proj(flat)
+        if info["shared_gated"]:
+            shared_acts = shared.act_fn(shared.gate_proj(flat)) * shared.up_proj(flat)
+        else:
+            shared_acts = shared.act_fn(shared.up_proj(flat))
         values["shared_acts"] = shared_acts.reshape(b, p, -1)
         values["shared_out"] = shared.down_proj(shared_acts).reshape(b, p, -1)
         if info["shared_gate"]:
             values["shared_gate"] = torch.sigmoid(_envoy(model, info["shared_gate"])(flat)).reshape(b, p, 1)
         else:
             values["shared_gate"] = torch.ones(b, p, 1, dtype=x.dtype, device=x.device)
+        if ablate_shared:
+            values["shared_gate"] = values["shared_gate"] * 0
+    if ablate_shared and not info["shared_first"]:
+        _zero_output(_envoy(model, info["shared"]))
     if "moe_out" in want:
         moe_out = _envoy(model, info["block"]).output
         values["moe_out"] = (moe_out[0] if isinstance(moe_out, tuple) else moe_out).reshape(b, p, -1)
     return {name: values[name] for name in want}
+
+
+def _zero_output(envoy: Any) -> None:
+    """Replace a module's output by zeros (inside the trace)."""
+    envoy.output = torch.zeros_like(envoy.output)
 
 
 def _all_quantities(info: dict) -> tuple:
@@ -483,7 +536,7 @@ def _expert_mask(block: Any, n_experts: int, batch: int, device: Any) -> Any:
 def _scores(rule: dict, logits: torch.Tensor) -> torch.Tensor:
     """Selection scores (float32) from logits, without the selection-only bias."""
     logits = logits.float()
-    if rule["kind"] == "sparsemixer":
+    if rule["kind"] in ("sparsemixer", "sigmoid_of_logits"):
         return logits
     return logits.softmax(dim=-1) if rule["scoring"] == "softmax" else logits.sigmoid()
 
@@ -510,7 +563,13 @@ def _weights(rule: dict, scores: torch.Tensor, indices: torch.Tensor) -> torch.T
     w = scores.gather(-1, indices)
     if rule["kind"] == "softmax_topk":
         return w / w.sum(dim=-1, keepdim=True)
-    if rule["normalize"]:
+    if rule["kind"] == "sigmoid_of_logits":
+        w = w.sigmoid()
+        if rule["normalize"]:
+            w = w / w.sum(dim=-1, keepdim=True)
+    elif rule["kind"] == "clampnorm":
+        w = w / w.sum(dim=-1, keepdim=True).clamp(min=rule["norm_min"])
+    elif rule["normalize"]:
         w = w / (w.sum(dim=-1, keepdim=True) + rule["norm_eps"])
     if rule["scale"] != 1.0:
         w = w * rule["scale"]

@@ -15,6 +15,7 @@ from nnsight.schema.request import RequestModel
 
 import nnsight_moe
 from nnsight_moe.remote import MoEView, RemoteBatchError, read_layer, run_batches
+from nnsight_moe.adapters import supported_families
 from nnsight_moe.testing import tiny_model
 
 from helpers import capture_hooks
@@ -89,6 +90,55 @@ def test_view_blocking_equals_block_experts(family, mode):
         out = lm.output.logits.save()
     _assert_view_equals_hooks(layout, views, values)
     torch.testing.assert_close(out, logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", supported_families())
+def test_view_equals_hooks_on_every_family(family):
+    """Every family's routing rule as plain data: scores, selection and weights, also re-derived (reroute)."""
+    hf = tiny_model(family)
+    layout = nnsight_moe.layout(hf)
+    ids = _ids(pos=4)
+    mode = "zero" if family == "phimoe" else "reroute"  # the view cannot re-derive phimoe's sparsemixer
+    blocked = {index: [0] for index in layout.moe_layers}
+    lm = language_model(hf)
+    view = MoEView(lm)
+    for edit in (None, blocked):
+        _, values, logits = _oracle(hf, ids, edit and (lambda m: nnsight_moe.block_experts(m, blocked, mode=mode)))
+        with torch.no_grad(), lm.trace(ids, remote="local"):
+            views = nnsight.save({i: view.layer(i, block=edit and edit[i], mode=mode) for i in view.moe_layers})
+            out = lm.output.logits.save()
+        _assert_view_equals_hooks(layout, views, values)
+        torch.testing.assert_close(out, logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "ernie4_5_moe", "hunyuan_v1_moe", "olmoe"])
+@pytest.mark.parametrize("top, shared", [(0, True), (1, True), (1, False), (None, False)])
+def test_view_keep_top_and_shared_ablation_equal_restrict_experts(family, top, shared):
+    """Table-2 configurations; the shared expert runs before the router in qwen2_moe / ernie / hunyuan."""
+    hf = tiny_model(family)
+    layout = nnsight_moe.layout(hf)
+    if not shared and not layout.has_shared:
+        pytest.skip("no shared expert")
+    ids = _ids()
+    layout, values, logits = _oracle(hf, ids, lambda m: nnsight_moe.restrict_experts(m, top, shared=shared))
+    _, _, plain = _oracle(hf, ids)
+    assert (logits - plain).abs().max() > 1e-4, "the configuration changes the output"
+    lm = language_model(hf)
+    view = MoEView(lm)
+    with torch.no_grad(), lm.trace(ids, remote="local"):
+        views = nnsight.save({i: view.layer(i, keep_top=top, shared=shared) for i in view.moe_layers})
+        out = lm.output.logits.save()
+    _assert_view_equals_hooks(layout, views, values)
+    torch.testing.assert_close(out, logits, atol=ATOL, rtol=0)
+
+
+def test_view_keep_top_and_shared_errors():
+    lm = language_model(tiny_model("olmoe"))
+    view = MoEView(lm)
+    with pytest.raises(ValueError, match="no shared expert"), torch.no_grad(), lm.trace(_ids()):
+        view.layer(view.moe_layers[0], shared=False)
+    with pytest.raises(ValueError, match="keep_top must be"), torch.no_grad(), lm.trace(_ids()):
+        view.layer(view.moe_layers[0], keep_top=-1)
 
 
 def test_view_router_and_weight_edits_equal_hook_edits():
