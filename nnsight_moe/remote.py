@@ -374,9 +374,9 @@ def read_layer(
         edit_weights: ``fn(indices [b, p, k], weights [b, p, k]) -> weights``, applied after blocking
             (as setting ``hook_topk_weights``).
         keep_top: keep only the n largest gate weights per token (0 = routed experts off), applied last;
-            as :func:`nnsight_moe.restrict_experts`.
+            as ``restrict_experts`` does locally.
         shared: ``False`` switches the shared expert off (its output is set to zero; the reported
-            ``shared_gate`` is 0), as :func:`nnsight_moe.ablate_shared`.
+            ``shared_gate`` is 0), as ``ablate_shared`` does locally.
     """
     layers = spec["layers"]
     if layer not in layers:
