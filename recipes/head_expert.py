@@ -27,6 +27,7 @@ Causal checks (:func:`causal`):
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from contextlib import contextmanager
@@ -44,6 +45,8 @@ from tqdm.auto import tqdm
 import nnsight_moe
 from nnsight_moe.recipes.metrics import mrr
 from nnsight_moe.recipes.prompts import encode_prompts, last_positions
+from nnsight_moe.remote import _envoy as _remote_envoy
+from nnsight_moe.remote import _scores as _remote_scores
 
 __all__ = [
     "CausalResult",
@@ -405,33 +408,73 @@ def _run(hf, handle, batch, patch: dict | None = None, capture: bool = False):
     return logits[torch.arange(logits.shape[0]), last].float(), routing
 
 
-def causal(model: Any, dataset: Any, *, tokenizer=None, correlation: HeadExpertResult | None = None,
-           k_heads: int = 5, seeds: int = 5, batch_size: int = 16, seed: int = 0) -> CausalResult:
-    """Suppress the top-K heads (and K random heads as control) and patch routers back.
-
-    Args:
-        correlation: a :func:`correlate` result; its ``top_heads`` are suppressed and its strongest
-            pairs name the "correlated" experts (computed here when None).
-        k_heads: heads to suppress; seeds: random-head control draws.
-    """
-    if seeds < 1:
-        raise ValueError(f"seeds must be >= 1, got {seeds}")
-    prompts, targets, _ = _prompts_and_targets(model, dataset, tokenizer)
-    if correlation is None:
-        correlation = correlate(model, (prompts, targets), tokenizer=tokenizer, top_k=k_heads, batch_size=batch_size)
-    hf = nnsight_moe.hf_model(model)
-    layout = nnsight_moe.layout(hf)
-    n_heads = _attention_modules(hf, layout)[0][1]
+def _conditions(correlation: HeadExpertResult, n_layers: int, n_heads: int, k_heads: int, seeds: int, seed: int):
+    """(top heads, correlated experts, [(condition, seed, heads)]) of the causal checks."""
     top_heads = correlation.top_heads[:k_heads]
     strongest = correlation.strongest(n=50)
     correlated = sorted({(int(r.expert_layer), int(r.expert)) for r in strongest.itertuples()
                          if (int(r.head_layer), int(r.head)) in top_heads}) or correlation.top_experts
     rng = np.random.default_rng(seed)
-    all_heads = [(l, h) for l in range(layout.n_layers) for h in range(n_heads)]
+    all_heads = [(l, h) for l in range(n_layers) for h in range(n_heads)]
     conditions = [("top-K heads", 0, top_heads)] + [
         ("random heads", s, [all_heads[i] for i in rng.choice(len(all_heads), size=len(top_heads), replace=False)])
         for s in range(seeds)
     ]
+    return top_heads, correlated, conditions
+
+
+def _causal_row(condition: str, s: int, m_clean: float, m_supp: float, m_patch: float,
+                d_corr: list, d_sel: list) -> dict:
+    """One row of :class:`CausalResult` from the three MRRs and the router-probability changes."""
+    gap = m_clean - m_supp
+    return {
+        "condition": condition, "seed": s, "mrr_clean": m_clean, "mrr_suppressed": m_supp,
+        "mrr_drop": gap, "mrr_patched": m_patch,
+        "recovered_pct": 100.0 * (m_patch - m_supp) / gap if abs(gap) > 1e-9 else float("nan"),
+        "d_prob_correlated": float(torch.cat(d_corr).mean()) if d_corr else float("nan"),
+        "d_prob_selected": float(torch.cat(d_sel).mean()),
+    }
+
+
+def causal(model: Any, dataset: Any, *, tokenizer=None, correlation: HeadExpertResult | None = None,
+           k_heads: int = 5, seeds: int = 5, batch_size: int = 16, seed: int = 0, remote: Any = None,
+           results_path: Any = None, progress: bool = True) -> CausalResult:
+    """Suppress the top-K heads (and K random heads as control) and patch routers back.
+
+    Args:
+        correlation: a :func:`correlate` result; its ``top_heads`` are suppressed and its strongest
+            pairs name the "correlated" experts (computed here when None, with the same ``remote``).
+        k_heads: heads to suppress; seeds: random-head control draws.
+        remote: run every forward inside ``model.trace(..., remote=remote)`` on the UNMODIFIED model
+            (``model`` an nnsight ``LanguageModel``): ``True`` (NDIF), ``"local"`` (nnsight's
+            serialise-and-run-here simulation), a host URL, or ``False`` (a plain local trace). One
+            trace per prompt batch, with the clean run and every condition's suppressed and patched
+            runs stacked along the batch dimension ((1 + 2 * conditions) * batch rows); only target
+            ranks and last-position router scores come back. Equal to the local path.
+        results_path: with ``remote``, a file keeping finished batches (a rerun after a failure resumes).
+        progress: with ``remote``, print one line per batch.
+    """
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    if remote is not None:
+        from nnsight_moe.remote import _check_remote
+
+        _check_remote(remote)
+        if not hasattr(model, "trace"):
+            raise TypeError(f"remote={remote!r} needs an nnsight model (e.g. nnsight.LanguageModel), "
+                            f"got {type(model).__name__}")
+    prompts, targets, _ = _prompts_and_targets(model, dataset, tokenizer)
+    if correlation is None:
+        correlation = correlate(model, (prompts, targets), tokenizer=tokenizer, top_k=k_heads, batch_size=batch_size,
+                                remote=remote)
+    if remote is not None:
+        return _causal_remote(model, prompts, targets, tokenizer, correlation, k_heads=k_heads, seeds=seeds,
+                              batch_size=batch_size, seed=seed, remote=remote, results_path=results_path,
+                              progress=progress)
+    hf = nnsight_moe.hf_model(model)
+    layout = nnsight_moe.layout(hf)
+    n_heads = _attention_modules(hf, layout)[0][1]
+    top_heads, correlated, conditions = _conditions(correlation, layout.n_layers, n_heads, k_heads, seeds, seed)
     targets_t = torch.as_tensor(targets)
     rows = []
     with nnsight_moe.attached(hf) as handle:
@@ -463,18 +506,123 @@ def causal(model: Any, dataset: Any, *, tokenizer=None, correlation: HeadExpertR
                     before = clean_routing[layer]["hook_router_scores"][rows_idx, last].gather(-1, chosen)
                     after = routing[layer]["hook_router_scores"][rows_idx, last].gather(-1, chosen)
                     d_sel.append((after - before).float().reshape(-1).cpu())
-            m_clean = mrr(clean_logits, targets_t)
-            m_supp = mrr(torch.cat(supp_logits), targets_t)
-            m_patch = mrr(torch.cat(patched_logits), targets_t)
-            gap = m_clean - m_supp
-            rows.append({
-                "condition": condition, "seed": s, "mrr_clean": m_clean, "mrr_suppressed": m_supp,
-                "mrr_drop": gap, "mrr_patched": m_patch,
-                "recovered_pct": 100.0 * (m_patch - m_supp) / gap if abs(gap) > 1e-9 else float("nan"),
-                "d_prob_correlated": float(torch.cat(d_corr).mean()) if d_corr else float("nan"),
-                "d_prob_selected": float(torch.cat(d_sel).mean()),
-            })
+            rows.append(_causal_row(condition, s, mrr(clean_logits, targets_t), mrr(torch.cat(supp_logits), targets_t),
+                                    mrr(torch.cat(patched_logits), targets_t), d_corr, d_sel))
     return CausalResult(pd.DataFrame(rows), [tuple(h) for h in top_heads])
+
+
+# ----------------------------------------------------------------------------- causal checks, remote
+def _causal_remote(model, prompts, targets, tokenizer, correlation, *, k_heads, seeds, batch_size, seed, remote,
+                   results_path, progress) -> CausalResult:
+    """:func:`causal` inside ``model.trace`` on the unmodified model, through ``run_batches``.
+
+    Per prompt batch of b rows one trace runs (1 + 2C) * b rows: [clean; suppressed_0; patched_0; ...;
+    suppressed_{C-1}; patched_{C-1}] (row group g = 0 clean, 1 + 2c suppressed, 2 + 2c patched). In
+    each decoder layer the suppressed and patched rows of the conditions with heads there get their
+    ``o_proj`` input slices zeroed; at each MoE router the patched rows' top-k weights and indices are
+    replaced by the clean rows' (what setting ``hook_topk_indices`` / ``hook_topk_weights`` does
+    locally). Only target ranks, last-position router scores and the clean selection come back.
+    """
+    from nnsight_moe.remote import _fingerprint, moe_spec, run_batches
+
+    hf = nnsight_moe.hf_model(model)
+    layout = nnsight_moe.layout(hf)
+    attention = _attention_modules(hf, layout)
+    n_heads = attention[0][1]
+    top_heads, correlated, conditions = _conditions(correlation, layout.n_layers, n_heads, k_heads, seeds, seed)
+    names = {id(module): name for name, module in hf.named_modules()}
+    suppress: dict[int, list] = {}
+    for c, (_, _, heads) in enumerate(conditions):
+        by_layer: dict[int, list[int]] = {}
+        for layer, head in heads:
+            layer, head = int(layer), int(head)
+            if not 0 <= layer < layout.n_layers:
+                raise IndexError(f"layer {layer} is out of range: valid layers are 0..{layout.n_layers - 1}")
+            if not 0 <= head < n_heads:
+                raise IndexError(f"head {head} is out of range for layer {layer}: valid heads are 0..{n_heads - 1}")
+            by_layer.setdefault(layer, []).append(head)
+        for layer, hs in by_layer.items():
+            suppress.setdefault(layer, []).append([c, hs])
+    spec = moe_spec(hf)
+    settings = {
+        "o_proj": [names[id(o_proj)] for o_proj, _ in attention],
+        "d_head": [int(o_proj.in_features) // heads for o_proj, heads in attention],
+        "suppress": suppress,
+        "groups": 1 + 2 * len(conditions),
+        "moe": {index: {"router": info["router"], "n_experts": info["n_experts"], "top_k": info["top_k"],
+                        "routing": info["routing"]} for index, info in spec["layers"].items()},
+    }
+    groups = settings["groups"]
+    key = _fingerprint(settings)  # part of each batch's resume fingerprint: other heads, other results
+    batches, extras = [], []
+    for start in range(0, len(prompts), batch_size):
+        batch = encode_prompts(tokenizer, prompts[start : start + batch_size], "cpu")
+        batches.append({name: t.repeat(groups, 1) for name, t in batch.items()})
+        extras.append({"last": last_positions(batch["attention_mask"]),
+                       "target": torch.as_tensor(targets[start : start + batch_size]), "settings": key})
+    results = run_batches(model, batches, functools.partial(_causal_in_trace, settings), extras=extras,
+                          remote=remote, results_path=results_path, progress=progress)
+
+    ranks = torch.cat([result["rank"] for result in results], dim=1)  # [groups, P]
+
+    def mrr_of(group: int) -> float:
+        return float((1.0 / ranks[group].double()).mean())
+
+    rows = []
+    for c, (condition, s, _) in enumerate(conditions):
+        d_corr, d_sel = [], []
+        for result in results:
+            scores, chosen = result["scores"], result["chosen"]
+            for layer, expert in correlated:
+                d_corr.append((scores[layer][1 + c][:, expert] - scores[layer][0][:, expert]).float())
+            for layer in layout.moe_layers:
+                before = scores[layer][0].gather(-1, chosen[layer])
+                after = scores[layer][1 + c].gather(-1, chosen[layer])
+                d_sel.append((after - before).float().reshape(-1))
+        rows.append(_causal_row(condition, s, mrr_of(0), mrr_of(1 + 2 * c), mrr_of(2 + 2 * c), d_corr, d_sel))
+    return CausalResult(pd.DataFrame(rows), [tuple(h) for h in top_heads])
+
+
+def _causal_in_trace(settings: dict, model: Any, batch: dict, extra: dict) -> dict:
+    """One batch of the stacked causal runs; runs inside ``model.trace`` (on the server for remote runs).
+
+    Reads only envoys, torch and the remote view's trace-side functions (all shipped by source).
+    Returns ``rank`` [groups, b], ``scores`` {MoE layer: [1 + C, b, E]} (router scores at the last
+    position of the clean and suppressed row groups) and ``chosen`` {MoE layer: [b, k]} (clean top-k).
+    """
+    last, target = extra["last"], extra["target"]
+    b, groups = last.shape[0], settings["groups"]
+    p = batch["input_ids"].shape[1]
+    rows = torch.arange(b)
+    kept = [0] + list(range(1, groups, 2))  # clean and suppressed row groups
+    scores, chosen = {}, {}
+    for layer, path in enumerate(settings["o_proj"]):
+        if layer in settings["suppress"]:
+            o_proj = _remote_envoy(model, path)
+            z = o_proj.input.clone()
+            d = settings["d_head"][layer]
+            for c, heads in settings["suppress"][layer]:
+                for h in heads:
+                    z[(1 + 2 * c) * b : (3 + 2 * c) * b, ..., h * d : (h + 1) * d] = 0
+            o_proj.input = z
+        if layer in settings["moe"]:
+            info = settings["moe"][layer]
+            n_experts, k = info["n_experts"], info["top_k"]
+            router = _remote_envoy(model, info["router"])
+            output = router.output
+            logits, weights, indices = output[0], output[1], output[2]
+            w = weights.reshape(groups, b, p, k).clone()
+            i = indices.reshape(groups, b, p, k).clone()
+            w[2::2] = w[0]
+            i[2::2] = i[0]
+            router.output = (logits, w.reshape(weights.shape), i.reshape(indices.shape), *output[3:])
+            at_last = logits.reshape(groups, b, p, n_experts)[kept][:, rows, last]
+            scores[layer] = _remote_scores(info["routing"], at_last)
+            chosen[layer] = i[0][rows, last]
+    out = model.output.logits
+    logits = out.reshape(groups, b, p, out.shape[-1])[:, rows, last].float()
+    picked = logits.gather(-1, target.to(logits.device)[None, :, None].expand(groups, b, 1))
+    return {"rank": (logits > picked).sum(-1) + 1, "scores": scores, "chosen": chosen}
 
 
 # ----------------------------------------------------------------------------- main job
@@ -494,20 +642,14 @@ def section(job: Any):
         model = LanguageModel(job.model, tokenizer=job.tokenizer)
     corr = correlate(model, data, tokenizer=job.tokenizer, top_k=3, permutations=200 if job.quick else 1000,
                      batch_size=job.batch_size, remote=job.remote)
-    if job.remote is not None:
-        return Section("head_expert", title,
-                       f"summary r = {corr.summary_r:.3f} (permutation p = {corr.summary_p:.3g}) over {corr.n_prompts} "
-                       f"prompts, attributions computed with remote={job.remote!r}; {corr.definition}. The causal "
-                       "checks are local only and were skipped.",
-                       data={"correlation": corr.to_json()},
-                       tables={"Strongest head–expert pairs (BH q < 0.05)": corr.strongest()},
-                       figures={"heatmap": ("Head × expert Pearson r", corr.plot())})
-    effects = causal(job.model, data, tokenizer=job.tokenizer, correlation=corr, k_heads=3,
-                     seeds=2 if job.quick else 5, batch_size=job.batch_size)
+    effects = causal(model, data, tokenizer=job.tokenizer, correlation=corr, k_heads=3,
+                     seeds=2 if job.quick else 5, batch_size=job.batch_size, remote=job.remote,
+                     progress=False)
     summary = effects.summary()
     summary.columns = [f"{a} {b}" for a, b in summary.columns]
+    where = "" if job.remote is None else f" Attribution, suppression and patching ran with remote={job.remote!r}."
     text = (f"summary r = {corr.summary_r:.3f} (permutation p = {corr.summary_p:.3g}) over {corr.n_prompts} prompts; "
-            f"{corr.definition}. Suppressed heads: {corr.top_heads}.")
+            f"{corr.definition}. Suppressed heads: {corr.top_heads}.{where}")
     return Section(
         "head_expert", title, text,
         data={"correlation": corr.to_json(), "causal": effects.to_json()},
