@@ -72,46 +72,12 @@ BASELINES = ("uniform", "matched")
 Pair = tuple[int, int]
 
 
-def _check_remote(remote: Any, what: str = "this function") -> None:
-    if remote is not None:
-        raise NotImplementedError(
-            f"remote={remote!r}: {what} has no remote (NDIF) path yet; evaluate() and sweep(ranking=...) do. "
-            "Run it locally with remote=None (HF model, TransformerBridge or local nnsight model)"
-        )
-
-
-def _run_remote(model, layout, chunks, targets, conditions, mode, remote, progress) -> Tensor:
-    """Target ranks [C, P] computed inside ``model.trace(..., remote=remote)`` on the UNMODIFIED model.
-
-    Blocking goes through :func:`nnsight_moe.remote.MoEView` (no client hooks); only the ranks [b] of
-    each batch travel back. One trace per (condition, batch).
-    """
-    from nnsight_moe.remote import MoEView, _ship_by_value
-
-    if not hasattr(model, "trace"):
-        raise TypeError(
-            f"remote={remote!r} needs an nnsight model (e.g. nnsight.LanguageModel), got {type(model).__name__}"
-        )
-    view = MoEView(model)
-    _ship_by_value(view.layer)
-    n_prompts = sum(len(c.rows) for c in chunks)
-    ranks = torch.zeros(len(conditions), n_prompts, dtype=torch.long)
-    for c, pairs in enumerate(tqdm(conditions, desc=f"{mode} (remote)", disable=not progress, leave=False)):
-        blocked: dict[int, list[int]] = {}
-        for layer, expert in pairs:
-            blocked.setdefault(layer, []).append(expert)
-        start = 0
-        for chunk in chunks:
-            last, tgt = chunk.last.cpu(), targets[chunk.rows].cpu()
-            inputs = {"input_ids": chunk.input_ids.cpu(), "attention_mask": chunk.attention_mask.cpu()}
-            with torch.no_grad(), model.trace(inputs, remote=remote):
-                for layer in sorted(blocked):
-                    view.layer(layer, want=("topk_weights",), block=blocked[layer], mode=mode)
-                picked = model.output.logits[torch.arange(last.shape[0]), last]
-                found = ((picked > picked.gather(1, tgt[:, None])).sum(-1) + 1).save()
-            ranks[c, start : start + len(chunk.rows)] = found.cpu()
-            start += len(chunk.rows)
-    return ranks
+def _edits(pairs: Sequence[Pair], mode: str) -> dict[int, dict]:
+    """A blocking condition as remote-view edits: ``{layer: {"block": [experts], "mode": mode}}``."""
+    edits: dict[int, dict] = {}
+    for layer, expert in pairs:
+        edits.setdefault(layer, {"block": [], "mode": mode})["block"].append(expert)
+    return edits
 
 
 # ============================================================================================== data
@@ -269,6 +235,7 @@ def rank_experts(
     padding_side: str = "left",
     max_per_relation: int | None = None,
     remote: Any = None,
+    results_path: Any = None,
     progress: bool = True,
 ) -> Ranking:
     """Rank every routed (layer, expert) pair of ``model`` on ``dataset``, per relation and overall.
@@ -283,11 +250,13 @@ def rank_experts(
             selected at the last (prediction) position; ``"gate"`` -- its summed gate weight there.
         batch_size: prompts per forward. padding_side: for token-id prompts ("left" or "right").
         max_per_relation: keep at most this many prompts per relation (evenly spaced), or None for all.
-        remote: must be None: rankings are computed locally (NotImplementedError otherwise).
+        remote: compute inside ``model.trace(..., remote=remote)`` on the unmodified model (``True`` for
+            NDIF, ``"local"`` for nnsight's local simulation, or a host URL; ``model`` must be an nnsight
+            model): routing at the last positions (frequency / gate) or the remote attribution recipe.
+        results_path: remote ``frequency`` / ``gate`` only: partial results file; a rerun resumes from it.
 
     Ties are broken by (layer, expert) order. Returns a :class:`Ranking`.
     """
-    _check_remote(remote, "rank_experts")
     if by not in RANK_BY:
         raise ValueError(f"by must be one of {RANK_BY}, got {by!r}")
     hf = hf_model(model)
@@ -295,9 +264,10 @@ def rank_experts(
     data = _dataset(dataset, tokenizer, max_per_relation)
     pairs = _all_pairs(layout)
     if by == "attribution":
-        totals = _attribution_scores(model, data, tokenizer, pairs, batch_size, progress)
+        totals = _attribution_scores(model, data, tokenizer, pairs, batch_size, progress, remote)
     else:
-        totals = _routing_scores(hf, layout, data, tokenizer, pairs, by, batch_size, padding_side, progress)
+        totals = _routing_scores(model, layout, data, tokenizer, pairs, by, batch_size, padding_side, progress,
+                                 remote, results_path)
     groups = data.groups()
     per_relation, scores = {}, {}
     for name, idx in groups.items():
@@ -317,12 +287,32 @@ def _order(pairs: list[Pair], score: Tensor) -> tuple[list[Pair], list[list]]:
 
 
 @torch.no_grad()
-def _routing_scores(hf, layout, data, tokenizer, pairs, by, batch_size, padding_side, progress) -> dict[str, Tensor]:
+def _routing_scores(model, layout, data, tokenizer, pairs, by, batch_size, padding_side, progress,
+                    remote=None, results_path=None) -> dict[str, Tensor]:
     """Summed per-relation selection counts (``frequency``) or gate weights (``gate``) at the last position."""
+    hf = hf_model(model)
     column = {pair: j for j, pair in enumerate(pairs)}
     totals = {name: torch.zeros(len(pairs), dtype=torch.float64) for name in data.groups()}
-    seen: dict[tuple[int, str], Tensor] = {}
     chunks = _chunks(hf, data, list(range(len(data.prompts))), tokenizer, batch_size, padding_side)
+    if remote is not None:
+        from nnsight_moe.recipes.blocking_remote import routing_remote
+
+        routed = routing_remote(model, chunks, remote=remote, results_path=results_path, progress=progress)
+    else:
+        routed = _routing_local(hf, layout, chunks, by, progress)
+    for chunk, per_layer in zip(chunks, routed):
+        for i, (indices, weights) in per_layer.items():
+            values = torch.ones_like(weights, dtype=torch.float64) if by == "frequency" else weights.double()
+            base = column[(i, 0)]
+            for r, prompt in enumerate(chunk.rows):
+                totals[data.relations[prompt]].index_add_(0, base + indices[r].cpu(), values[r].cpu())
+    return totals
+
+
+def _routing_local(hf, layout, chunks, by, progress) -> list[dict]:
+    """Per chunk ``{layer: (indices [b, k], weights [b, k])}`` at the last positions, from attached hooks."""
+    seen: dict[tuple[int, str], Tensor] = {}
+    out = []
     with attached(hf) as handle:
         points = []
         for i in layout.moe_layers:
@@ -334,20 +324,15 @@ def _routing_scores(hf, layout, data, tokenizer, pairs, by, batch_size, padding_
             for chunk in tqdm(chunks, desc=f"rank experts by {by}", disable=not progress, leave=False):
                 hf(input_ids=chunk.input_ids, attention_mask=chunk.attention_mask, logits_to_keep=1)
                 rows = torch.arange(len(chunk.rows), device=chunk.last.device)
-                for i in layout.moe_layers:
-                    indices, weights = (seen[(i, f"hook_topk_{name}")][rows, chunk.last].cpu()
-                                        for name in ("indices", "weights"))
-                    values = torch.ones_like(weights, dtype=torch.float64) if by == "frequency" else weights.double()
-                    base = column[(i, 0)]
-                    for r, prompt in enumerate(chunk.rows):
-                        totals[data.relations[prompt]].index_add_(0, base + indices[r], values[r])
+                out.append({i: tuple(seen[(i, f"hook_topk_{name}")][rows, chunk.last].cpu()
+                                     for name in ("indices", "weights")) for i in layout.moe_layers})
         finally:
             for point in points:
                 point.remove_hooks()
-    return totals
+    return out
 
 
-def _attribution_scores(model, data, tokenizer, pairs, batch_size, progress) -> dict[str, Tensor]:
+def _attribution_scores(model, data, tokenizer, pairs, batch_size, progress, remote=None) -> dict[str, Tensor]:
     """Summed per-relation gated-LPI scores of each routed expert, from the attribution recipe."""
     try:
         from nnsight_moe.recipes.attribution import attribute
@@ -360,7 +345,8 @@ def _attribution_scores(model, data, tokenizer, pairs, batch_size, progress) -> 
     totals = {}
     for name, idx in data.groups().items():
         result = attribute(model, [data.prompts[i] for i in idx], data.targets[idx].tolist(),
-                           tokenizer=tokenizer, levels=("expert",), batch_size=batch_size, progress=progress)
+                           tokenizer=tokenizer, levels=("expert",), batch_size=batch_size, progress=progress,
+                           remote=remote)
         frame = result.to_frame()
         frame = frame[frame["level"] == "expert"]
         total = torch.zeros(len(pairs), dtype=torch.float64)
@@ -474,6 +460,7 @@ def evaluate(
     stacked: bool = True,
     padding_side: str = "left",
     remote: Any = None,
+    results_path: Any = None,
     progress: bool = True,
 ) -> Int[Tensor, "C P"]:
     """Target ranks under each blocking condition: ``ranks[c, p]`` (1 = top prediction).
@@ -487,6 +474,10 @@ def evaluate(
         batch_size: prompts per tokenized batch; max_rows: most batch rows (conditions x prompts) per
             forward when ``stacked`` (64 suits a CPU; raise it to 512-2048 on a GPU); ``stacked=False``
             runs one condition at a time instead (with :func:`nnsight_moe.block_experts`).
+        remote: run inside ``model.trace(..., remote=remote)`` on the unmodified model (``True`` for NDIF,
+            ``"local"``, or a host URL; ``model`` must be an nnsight model); conditions are stacked
+            ``max_rows`` rows per trace as locally, and only the ranks come back.
+        results_path: remote only: partial results file; a failed run resumes from it when rerun.
     """
     hf = hf_model(model)
     layout = nnsight_moe.layout(hf)
@@ -496,10 +487,21 @@ def evaluate(
         raise ValueError("conditions is empty: give at least one list of (layer, expert) pairs ([] = unblocked)")
     chunks = _chunks(hf, data, list(range(len(data.prompts))), tokenizer, batch_size, padding_side)
     if remote is not None:
+        return _run_remote(model, layout, [(chunks, conditions, mode)], data.targets, remote,
+                           _positive(max_rows, "max_rows"), results_path, progress)[0]
+    return _run(hf, layout, chunks, data.targets, conditions, mode, _positive(max_rows, "max_rows"), stacked, progress)
+
+
+def _run_remote(model, layout, tasks, targets, remote, max_rows, results_path, progress) -> list[Tensor]:
+    """Ranks [C, P] per ``(chunks, conditions, mode)`` task, through nnsight on the unmodified model."""
+    from nnsight_moe.recipes.blocking_remote import ranks_remote
+
+    for _, conditions, mode in tasks:
         if mode not in BLOCK_MODES:
             raise ValueError(f"mode must be one of {BLOCK_MODES}, got {mode!r}")
-        return _run_remote(model, layout, chunks, data.targets, conditions, mode, remote, progress)
-    return _run(hf, layout, chunks, data.targets, conditions, mode, _positive(max_rows, "max_rows"), stacked, progress)
+        _masks(layout, conditions, mode)  # the same checks as the local path (reroute capacity)
+    return ranks_remote(model, layout, [(chunks, [_edits(c, mode) for c in conditions]) for chunks, conditions, mode in tasks],
+                        targets, remote=remote, max_rows=max_rows, results_path=results_path, progress=progress)
 
 
 def _positive(value: Any, name: str) -> int:
@@ -588,6 +590,7 @@ def sweep(
     padding_side: str = "left",
     seed: int = 0,
     remote: Any = None,
+    results_path: Any = None,
     progress: bool = True,
 ) -> BlockingResult:
     """Block the top-N ranked experts (and random baselines) and score MRR / HIT@k before and after.
@@ -607,14 +610,15 @@ def sweep(
         max_per_relation: subsample each relation to this many prompts (evenly spaced).
         k: the k of HIT@k. batch_size / max_rows / stacked: see :func:`evaluate`.
         seed: base seed of the random baselines (draws are the same for every mode).
-        remote: run the blocked forwards through nnsight on the unmodified model (``True`` for NDIF,
-            ``"local"``, or a host URL; ``model`` must be an nnsight model); needs ``ranking=``.
+        remote: run the ranking (when ``ranking`` is None) and the blocked forwards through nnsight on
+            the unmodified model (``True`` for NDIF, ``"local"``, or a host URL; ``model`` must be an
+            nnsight model); only ranks come back.
+        results_path: remote only: partial results file of the blocked forwards (all relations and
+            modes in one file); a failed run resumes from it when rerun.
 
     Random draws for ``reroute`` keep at most E - k blocked experts per layer (for every mode, so the
     modes are compared on the same draws when ``"reroute"`` is among them).
     """
-    if remote is not None and ranking is None:
-        raise ValueError("a remote sweep needs ranking= (rank experts locally, or give (layer, expert) pairs)")
     hf = hf_model(model)
     layout = nnsight_moe.layout(hf)
     modes = tuple(modes)
@@ -640,12 +644,13 @@ def sweep(
         data = _Data(data.prompts, data.targets, [ALL] * len(data.prompts))
     groups = data.groups()
     if ranking is None:
-        ranking = rank_experts(hf, (data.prompts, data.targets, data.relations), tokenizer=tokenizer, by=by,
-                               batch_size=batch_size, padding_side=padding_side, progress=progress)
+        ranking = rank_experts(hf if remote is None else model, (data.prompts, data.targets, data.relations),
+                               tokenizer=tokenizer, by=by, batch_size=batch_size, padding_side=padding_side,
+                               remote=remote, progress=progress)
     ranked = _normalise_ranking(layout, ranking, groups)
     cap = {i: layout.layer(i).n_experts - (layout.layer(i).top_k if "reroute" in modes else 0)
            for i in layout.moe_layers}
-    original, rows = {}, []
+    original, rows, tasks = {}, [], []
     for name, idx in groups.items():
         if max(top_n) > len(ranked[name]):
             raise ValueError(f"top_n={max(top_n)} but the ranking for {name!r} lists only {len(ranked[name])} experts")
@@ -659,15 +664,20 @@ def sweep(
                     labels.append((kind, n, seed + s)), conditions.append(_draw(rng, layout, kind, top, cap))
         chunks = _chunks(hf, data, idx, tokenizer, batch_size, padding_side)
         for j, mode in enumerate(modes):
-            todo = conditions if j == 0 else conditions[1:]
-            ranks = (_run(hf, layout, chunks, data.targets, todo, mode, max_rows, stacked, progress) if remote is None
-                     else _run_remote(model, layout, chunks, data.targets, todo, mode, remote, progress))
-            if j == 0:
-                original[name] = {"n_prompts": len(idx), **_metrics(ranks[0], k)}
-                ranks = ranks[1:]
-            for (kind, n, s), pairs, r in zip(labels[1:], conditions[1:], ranks):
-                rows.append({"relation": name, "mode": mode, "kind": kind, "n": n, "seed": s,
-                             "n_prompts": len(idx), **_metrics(r, k), "experts": [list(p) for p in pairs]})
+            tasks.append((name, idx, labels, conditions, j, (chunks, conditions if j == 0 else conditions[1:], mode)))
+    if remote is None:
+        results = [_run(hf, layout, chunks, data.targets, todo, mode, max_rows, stacked, progress)
+                   for *_, (chunks, todo, mode) in tasks]
+    else:
+        results = _run_remote(model, layout, [task[-1] for task in tasks], data.targets, remote, max_rows,
+                              results_path, progress)
+    for (name, idx, labels, conditions, j, (_, _, mode)), ranks in zip(tasks, results):
+        if j == 0:
+            original[name] = {"n_prompts": len(idx), **_metrics(ranks[0], k)}
+            ranks = ranks[1:]
+        for (kind, n, s), pairs, r in zip(labels[1:], conditions[1:], ranks):
+            rows.append({"relation": name, "mode": mode, "kind": kind, "n": n, "seed": s,
+                         "n_prompts": len(idx), **_metrics(r, k), "experts": [list(p) for p in pairs]})
     if per_relation and len(groups) > 1:
         original[ALL], rows = _pooled(original, rows)
     meta = {"by": ranking.by if isinstance(ranking, Ranking) else "given", "top_n": list(top_n),
@@ -850,6 +860,7 @@ def configurations(
     batch_size: int = 16,
     padding_side: str = "left",
     remote: Any = None,
+    results_path: Any = None,
     progress: bool = True,
 ) -> ConfigurationResult:
     """Shared vs routed experts (the study's Table 2): MRR / HIT@k per relation under each configuration.
@@ -863,11 +874,12 @@ def configurations(
     Args:
         model: HF model, TransformerBridge or nnsight model of a supported MoE family.
         dataset: Relations (with ``tokenizer``), EncodedFacts or ``(prompts, targets[, relation_names])``.
-        max_per_relation, k, batch_size, padding_side, remote, progress: as in :func:`sweep`.
+        max_per_relation, k, batch_size, padding_side, remote, results_path, progress: as in :func:`sweep`
+            (remotely, top-n and the shared-expert ablation are edits of the router and shared expert
+            outputs on the unmodified model: ``read_layer(keep_top=, shared=)``).
 
     Each configuration is global to the model, so it runs as its own pass (batched over prompts).
     """
-    _check_remote(remote, "configurations")
     hf = hf_model(model)
     layout = nnsight_moe.layout(hf)
     data = _dataset(dataset, tokenizer, max_per_relation)
@@ -875,12 +887,23 @@ def configurations(
     chunks = _chunks(hf, data, list(range(len(data.prompts))), tokenizer, batch_size, padding_side)
     rows, original = [], {}
     configs = _configurations(layout)
-    for name, top, shared in tqdm(configs, desc="configurations", disable=not progress, leave=False):
+    if remote is not None:
+        from nnsight_moe.recipes.blocking_remote import ranks_remote
+
+        edits = [{i: {**({} if top is None else {"keep_top": top}), **({} if shared else {"shared": False})}
+                  for i in layout.moe_layers} if top is not None or not shared else {} for _, top, shared in configs]
+        remote_ranks = ranks_remote(model, layout, [(chunks, edits)], data.targets, remote=remote,
+                                    results_path=results_path, progress=progress)[0]
+    for c, (name, top, shared) in enumerate(tqdm(configs, desc="configurations", disable=not progress or remote is not None,
+                                                  leave=False)):
         ranks = torch.zeros(len(data.prompts), dtype=torch.long)
-        with restrict_experts(hf, top, shared=shared):
-            for chunk in chunks:
-                logits = _last_logits(hf, chunk.input_ids, chunk.attention_mask, chunk.last)
-                ranks[chunk.rows] = target_ranks(logits, data.targets[chunk.rows]).cpu()
+        if remote is not None:
+            ranks[[i for chunk in chunks for i in chunk.rows]] = remote_ranks[c]
+        else:
+            with restrict_experts(hf, top, shared=shared):
+                for chunk in chunks:
+                    logits = _last_logits(hf, chunk.input_ids, chunk.attention_mask, chunk.last)
+                    ranks[chunk.rows] = target_ranks(logits, data.targets[chunk.rows]).cpu()
         parts = dict(groups, **({ALL: list(range(len(ranks)))} if len(groups) > 1 else {}))
         for rel, idx in parts.items():
             metrics = _metrics(ranks[idx], k)
@@ -938,22 +961,25 @@ def section(job: Any):
 
     if not job.is_moe:
         return None
-    if job.remote is not None:
-        return Section("blocking", "Expert blocking",
-                       "Skipped with --remote: expert rankings and the shared/routed configurations are local only. "
-                       "Remote blocking itself works: blocking.sweep(lm, data, ranking=..., remote=...).")
+    model = job.model
+    if job.remote is not None:  # through nnsight on the unmodified model: ranking, sweep and configurations
+        from nnsight import LanguageModel
+
+        model = LanguageModel(job.model, tokenizer=job.tokenizer)
     per_relation = getattr(job, "max_per_relation", 16 if job.quick else None)
-    options = {"tokenizer": job.tokenizer, "batch_size": job.batch_size, "max_per_relation": per_relation}
+    options = {"tokenizer": job.tokenizer, "batch_size": job.batch_size, "max_per_relation": per_relation,
+               "remote": job.remote}
     try:
-        ranking = rank_experts(job.model, job.encoded, by="attribution", **options)
+        ranking = rank_experts(model, job.encoded, by="attribution", **options)
     except ImportError:
-        ranking = rank_experts(job.model, job.encoded, by="frequency", **options)
+        ranking = rank_experts(model, job.encoded, by="frequency", **options)
     n_routed = len(_all_pairs(job.layout))
     top_n = tuple(n for n in (1, 5, 10) if n <= n_routed)
-    result = sweep(job.model, job.encoded, ranking=ranking, top_n=top_n, modes=("zero",), seeds=5, **options)
-    configs = configurations(job.model, job.encoded, **options)
+    result = sweep(model, job.encoded, ranking=ranking, top_n=top_n, modes=("zero",), seeds=5, **options)
+    configs = configurations(model, job.encoded, **options)
     text = (f"Experts ranked per relation by {ranking.by}; the top-N blocked (gate weight 0) vs N random "
-            "experts (uniform, and with the same per-layer counts), 5 seeds, mean +- std.")
+            "experts (uniform, and with the same per-layer counts), 5 seeds, mean +- std."
+            + (f" Computed through nnsight with remote={job.remote!r}." if job.remote is not None else ""))
     return Section(
         "blocking", "Expert blocking: MRR / HIT@10 after blocking top-ranked vs random experts", text,
         data={"sweep": result.to_json(), "configurations": configs.to_json()},

@@ -227,12 +227,12 @@ def test_bad_inputs():
     for empty in ([], ([], [])):
         with pytest.raises(ValueError, match="dataset is empty"):
             blocking.sweep(model, empty, ranking=[(0, 0)], top_n=(1,), progress=False)
-    with pytest.raises(ValueError, match="remote sweep needs ranking="):
-        blocking.sweep(model, data, remote="ndif", progress=False)
-    with pytest.raises(NotImplementedError, match="rank_experts has no remote"):
-        blocking.rank_experts(model, data, remote="ndif")
+    with pytest.raises(TypeError, match="needs an nnsight model"):
+        blocking.rank_experts(model, data, by="frequency", remote="local", progress=False)
     with pytest.raises(TypeError, match="needs an nnsight model"):
         blocking.evaluate(model, data, [[(0, 1)]], remote="local", progress=False)
+    with pytest.raises(TypeError, match="needs an nnsight model"):
+        blocking.configurations(model, data, remote="local", progress=False)
     with pytest.raises(ValueError, match="modes must be"):
         blocking.sweep(model, data, ranking=[(0, 0)], top_n=(1,), modes=("drop",), progress=False)
     with pytest.raises(ValueError, match="by must be one of"):
@@ -372,3 +372,81 @@ def test_remote_local_equals_local(mode):
                                batch_size=4, remote="local", progress=False)
     assert torch.equal(remote, local)
     assert nnsight_moe.handle_of(model) is None, "the remote path attaches nothing"
+
+
+def _remote_setup(family="qwen2_moe", n=8):
+    import nnsight
+
+    from helpers import word_tokenizer
+
+    tokenizer = word_tokenizer(padding_side="left")
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(7)
+    prompts = [" ".join(f"w{int(i)}" for i in torch.randint(4, 128, (int(k),), generator=g))
+               for k in torch.randint(3, 7, (n,), generator=g)]
+    targets = torch.randint(4, 128, (n,), generator=g)
+    with torch.no_grad():  # half the targets are the model's own top token, so blocking can move MRR
+        for i in range(0, n, 2):
+            targets[i] = model(**tokenizer([prompts[i]], return_tensors="pt")).logits[0, -1].argmax()
+    relations = ["r1"] * (n // 2) + ["r2"] * (n - n // 2)
+    return model, nnsight.LanguageModel(model, tokenizer=tokenizer), tokenizer, (prompts, targets, relations)
+
+
+@pytest.mark.parametrize("by", ["frequency", "gate", "attribution"])
+def test_remote_rank_experts_equals_local(by):
+    model, lm, tokenizer, data = _remote_setup()
+    local = blocking.rank_experts(model, data, tokenizer=tokenizer, by=by, batch_size=3, progress=False)
+    remote = blocking.rank_experts(lm, data, tokenizer=tokenizer, by=by, batch_size=3, remote="local", progress=False)
+    assert remote.per_relation == local.per_relation and remote.overall == local.overall
+    for name in local.scores:
+        assert [s[:2] for s in remote.scores[name]] == [s[:2] for s in local.scores[name]]
+        assert [s[2] for s in remote.scores[name]] == pytest.approx([s[2] for s in local.scores[name]], abs=1e-5)
+    assert nnsight_moe.handle_of(model) is None
+
+
+def test_remote_sweep_and_configurations_equal_local():
+    """A full remote sweep (ranking included, two modes, stacked conditions) and Table 2 = the local path."""
+    model, lm, tokenizer, data = _remote_setup()
+    options = dict(tokenizer=tokenizer, top_n=(1, 3), modes=("zero", "reroute"), seeds=1, by="frequency",
+                   baselines=("matched",), batch_size=4, max_rows=12, progress=False)
+    local = blocking.sweep(model, data, **options)
+    remote = blocking.sweep(lm, data, remote="local", **options)
+    assert remote.meta == local.meta
+    assert remote.original == local.original
+    assert remote.rows == local.rows
+    assert any(row["mrr"] != local.original[row["relation"]]["mrr"] for row in local.rows), "blocking moves MRR"
+    local_c = blocking.configurations(model, data, tokenizer=tokenizer, batch_size=4, progress=False)
+    remote_c = blocking.configurations(lm, data, tokenizer=tokenizer, batch_size=4, remote="local", progress=False)
+    assert remote_c.rows == local_c.rows and remote_c.original == local_c.original
+    assert len({row["mrr"] for row in local_c.rows if row["relation"] == "all"}) > 1, "configurations differ"
+    assert nnsight_moe.handle_of(model) is None
+
+
+def test_remote_sweep_resumes_after_a_failed_batch(tmp_path, monkeypatch):
+    from nnsight.intervention.backends.local import LocalSimulationBackend
+
+    from nnsight_moe.remote import RemoteBatchError
+
+    model, lm, tokenizer, data = _remote_setup(n=6)
+    calls = []
+
+    class Flaky(LocalSimulationBackend):
+        def __call__(self, tracer):
+            calls.append(len(calls))
+            if len(calls) == 3:
+                raise ConnectionError("simulated NDIF outage")
+            return LocalSimulationBackend.__call__(self, tracer)
+
+    options = dict(tokenizer=tokenizer, ranking=[(0, 1), (1, 2), (2, 3)], top_n=(2,), seeds=1,
+                   batch_size=3, max_rows=3, progress=False)
+    expected = blocking.sweep(model, data, **options)
+    path = tmp_path / "sweep.pt"
+    monkeypatch.setattr(lm, "_remote_backend", lambda *a, **k: Flaky(lm))
+    with pytest.raises(RemoteBatchError, match="batch 2 of") as failed:
+        blocking.sweep(lm, data, remote="local", results_path=path, **options)
+    assert failed.value.completed == [0, 1] and path.exists()
+    n_batches = len(calls)
+    result = blocking.sweep(lm, data, remote="local", results_path=path, **options)
+    # 2 relations x 1 chunk x 4 conditions (original, top-2, uniform, matched), one condition per trace
+    assert len(calls) - n_batches == 2 * 4 - 2, "only the unfinished batches ran again"
+    assert result.rows == expected.rows and result.original == expected.original

@@ -115,7 +115,7 @@ def test_bad_dataset_and_unknown_targets(tmp_path):
 
 
 def test_run_remote_local(tmp_path):
-    """--remote local: attribution and the correlation run through nnsight on the unmodified model."""
+    """--remote local: every section runs through nnsight on the unmodified model."""
     out = tmp_path / "remote"
     result = CliRunner().invoke(main, ["run", "--remote", "local", "--quick", "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -124,4 +124,6 @@ def test_run_remote_local(tmp_path):
     attribution = results["sections"]["attribution"]
     assert attribution["models"][0]["summary"]["MRR"] == 1.0
     assert "correlation" in results["sections"]["head_expert"]
+    blocking = results["sections"]["blocking"]
+    assert blocking["sweep"]["original"]["all"]["mrr"] == 1.0 and blocking["configurations"]["rows"]
     assert nnsight_moe.handle_of(nnsight_moe.demo.load("demo-moe")[0]) is None
