@@ -79,6 +79,20 @@ def full_expert_out(view, model, batch):
     return {index: view.layer(index, want=("expert_out",))["expert_out"] for index in view.moe_layers}
 
 
+def attribution_response(lm, ids, targets, **options) -> dict:
+    """What ``attribute(..., remote="local")`` sends back for ``ids`` in one batch (the saved result)."""
+    import os
+    import tempfile
+
+    from nnsight_moe.recipes.attribution import LEVELS, attribute
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "results.pt")
+        attribute(lm, ids.tolist(), targets.tolist(), levels=LEVELS, remote="local", batch_size=len(ids),
+                  results_path=path, progress=False, **options)
+        return torch.load(path, weights_only=False)["results"][0]
+
+
 def response_bytes(saved: dict, compress: bool) -> int:
     """Size of the response NDIF would send for ``saved`` (torch.save bytes, zstd when compressing)."""
     buffer = io.BytesIO()
@@ -111,6 +125,8 @@ def main() -> None:
     with torch.no_grad(), lm.trace(ids, remote="local"):
         full = nnsight.save(full_expert_out(view, lm, ids))
 
+    neurons = attribution_response(lm, ids, targets, neurons="fast", fast_top=100)
+
     expected = attribution_from_hooks(model, ids, targets)
     error = (result["expert_scores"].float() - expected).abs().max().item()
     scale = expected.abs().max().item()
@@ -131,6 +147,9 @@ def main() -> None:
         full_per_prompt = response_bytes({"full": full}, compress) / args.prompts
         print(f"  [{label}] attribution response: {per_prompt / 1024:8.2f} KB per prompt (target < 64 KB)")
         print(f"  [{label}] full expert_out      : {full_per_prompt / 1024:8.2f} KB per prompt (for contrast)")
+        neuron_per_prompt = response_bytes({"result": neurons}, compress) / args.prompts
+        print(f"  [{label}] attribute(levels=all, neurons='fast', fast_top=100): "
+              f"{neuron_per_prompt / 1024:8.2f} KB per prompt")
 
 
 def _language_model(model):

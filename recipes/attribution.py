@@ -346,8 +346,10 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
             model's own top-1 prediction.
         levels: any of ``"layer"`` (attn + moe/mlp rows), ``"head"``, ``"expert"``, ``"shared"``, ``"neuron"``.
         remote: run inside ``model.trace(..., remote=remote)`` on the unmodified model (``True`` for NDIF,
-            ``"local"``, or a host URL; ``model`` must be an nnsight model): levels layer, head, expert
-            and shared, RMSNorm models; only scores come back (:mod:`nnsight_moe.recipes.attribution_remote`).
+            ``"local"``, or a host URL; ``model`` must be an nnsight model): every level, RMSNorm models
+            (dense MLP layers need a gated MLP for the neuron level); all scores, neuron ones included
+            (``neurons``, ``fast_top`` and ``budget_bytes`` as locally), are computed on the server and
+            only they come back (:mod:`nnsight_moe.recipes.attribution_remote`).
         results_path: remote only: partial results file; a failed run resumes from it when rerun.
         budget_bytes: memory budget for the [chunk, vocab] logits of a chunk of contributions.
         neurons: ``"exact"`` (every neuron) or ``"fast"``: a first-order (linearised log-sum-exp) screen
@@ -365,7 +367,8 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
 
         return attribute_remote(model, prompts, wanted, tokenizer=tokenizer,
                                 levels=levels, remote=remote, batch_size=batch_size, progress=progress,
-                                results_path=results_path)
+                                results_path=results_path, budget_bytes=budget_bytes, neurons=neurons,
+                                fast_top=fast_top)
     hf = nnsight_moe.hf_model(model)
     parts = _parts(hf)
     try:
@@ -596,12 +599,10 @@ def section(job: Any):
     from nnsight_moe.report import Section
 
     levels, model, remote = LEVELS, job.model, job.remote
-    if remote is not None:  # through nnsight on the unmodified model; the neuron level is local only
+    if remote is not None:  # through nnsight on the unmodified model; every level, neurons included
         from nnsight import LanguageModel
 
-        from nnsight_moe.recipes.attribution_remote import REMOTE_LEVELS
-
-        levels, model = REMOTE_LEVELS, LanguageModel(job.model, tokenizer=job.tokenizer)
+        model = job.model if hasattr(job.model, "trace") else LanguageModel(job.model, tokenizer=job.tokenizer)
     sample = job.sample()
     options = dict(tokenizer=job.tokenizer, batch_size=job.batch_size, neurons="fast", fast_top=20, remote=remote)
     result = attribute(model, sample.prompts, sample.targets, levels=levels, **options)
@@ -631,7 +632,7 @@ def section(job: Any):
         figures["dense_gains"] = ("demo-dense: gain by layer", results[1].plot_gains())
     text = (f"LPI of every component at the last position on {result.n_prompts} prompts "
             f"({job.max_per_relation or 'all'} per relation)"
-            + (f", computed through nnsight with remote={remote!r} (neuron level is local only)." if remote else "."))
+            + (f", computed through nnsight with remote={remote!r}." if remote else "."))
     if ratio is not None:
         text += f" MoE-vs-dense per-layer efficiency ratio: {ratio:.3f}."
     data = {"table1": table.reset_index().to_dict(orient="records"), "efficiency_ratio": ratio,

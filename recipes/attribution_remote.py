@@ -3,11 +3,15 @@
 Everything runs inside ``model.trace(batch, remote=remote)`` on the UNMODIFIED model (NDIF's copy,
 or a local one under ``remote="local"``): residual states and attention outputs are read through
 nnsight envoys, routed / shared expert values through :func:`nnsight_moe.remote.MoEView`, weights
-(W_U, γ, W_O) from the server's modules, and the LPI scores are computed there. Only the scores
-[layers, prompts, ...], the target ranks and two self-check scalars travel back (a few KB per prompt).
+(W_U, γ, W_O, experts' ``down_proj``) from the server's modules, and the LPI scores are computed there.
+Only the scores [layers, prompts, ...], the target ranks and two self-check scalars travel back (a few
+KB per prompt; for the ``neuron`` level the per-neuron scores, and in fast mode the selected neuron ids).
 
-Levels: ``layer``, ``head``, ``expert``, ``shared`` (the ``neuron`` level is local only). RMSNorm final
-norms only. The numbers equal the local path (tested under ``remote="local"``).
+Levels: all of them (``layer``, ``head``, ``expert``, ``shared``, ``neuron``). The ``neuron`` level covers
+the selected routed experts, the shared expert and dense MLP layers (gated MLPs: ``act_fn(gate_proj(x))
+* up_proj(x)``, recomputed from the envoys); exact mode scores every neuron in chunks of at most
+``budget_bytes``, fast mode screens on the server and scores the ``fast_top`` best per prompt and layer.
+RMSNorm final norms only. The numbers equal the local path (tested under ``remote="local"``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any, Sequence
 
 import functools
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -23,7 +28,7 @@ import nnsight_moe
 
 __all__ = ["attribute_remote"]
 
-REMOTE_LEVELS = ("layer", "head", "expert", "shared")
+REMOTE_LEVELS = ("layer", "head", "expert", "shared", "neuron")
 
 
 def _lp(unembed, gamma, scale, x, target):
@@ -47,8 +52,27 @@ def _paths(hf) -> tuple[list[str], list[str], str, str, int]:
     return layers, mlp, names[id(norm)], names[id(parts.unembed)], parts.n_heads
 
 
+def _dense_neuron_layers(hf, moe_layers: list[int]) -> list[int]:
+    """Non-MoE layers whose MLP gets neuron rows locally (an ``nn.Linear`` down_proj); each must be a gated
+    MLP (gate_proj / up_proj / down_proj / act_fn), whose activations the trace recomputes from the envoys."""
+    from nnsight_moe.recipes.attribution import _parts
+
+    layers = []
+    for i, mlp in enumerate(_parts(hf).mlp):
+        if i in moe_layers or not isinstance(getattr(mlp, "down_proj", None), torch.nn.Linear):
+            continue
+        gated = all(isinstance(getattr(mlp, name, None), torch.nn.Linear) for name in ("gate_proj", "up_proj"))
+        if not gated or not callable(getattr(mlp, "act_fn", None)):
+            raise ValueError(
+                f"layer {i}: the remote neuron level reads dense MLP activations as act_fn(gate_proj(x)) * up_proj(x), "
+                f"but {type(mlp).__name__} is not such a gated MLP; compute the neuron level locally (remote=None)")
+        layers.append(i)
+    return layers
+
+
 def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *, tokenizer, levels: Sequence[str],
-                     remote: Any, batch_size: int, progress: bool, results_path: Any = None, atol: float = 1e-3):
+                     remote: Any, batch_size: int, progress: bool, results_path: Any = None, atol: float = 1e-3,
+                     budget_bytes: int = 2 << 30, neurons: str = "exact", fast_top: int = 100):
     """Remote attribution; see the module docstring. Returns an ``AttributionResult``.
 
     Batches run through :func:`nnsight_moe.remote.run_batches`: progress per batch, a failed batch raises
@@ -63,6 +87,13 @@ def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *
     unsupported = set(levels) - set(REMOTE_LEVELS)
     if unsupported:
         raise ValueError(f"levels {sorted(unsupported)} are local only; remote attribution offers {REMOTE_LEVELS}")
+    want_neurons = "neuron" in levels
+    if want_neurons and neurons not in ("exact", "fast"):
+        raise ValueError(f"neurons must be 'exact' or 'fast', got {neurons!r}")
+    if want_neurons and neurons == "fast" and (isinstance(fast_top, bool) or not isinstance(fast_top, int) or fast_top < 0):
+        raise ValueError(f"fast_top must be an integer >= 0, got {fast_top!r}")
+    if want_neurons and int(budget_bytes) <= 0:
+        raise ValueError(f"budget_bytes must be positive, got {budget_bytes!r}")
     hf = nnsight_moe.hf_model(model)
     layer_paths, mlp_names, norm_path, unembed_path, n_heads = _paths(hf)
     norm = hf.get_submodule(norm_path)
@@ -73,14 +104,21 @@ def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *
     moe_layers = layout.moe_layers if layout is not None else []
     want_experts = "expert" in levels and layout is not None
     want_shared = "shared" in levels and layout is not None and layout.has_shared
+    view = MoEView(model) if layout is not None else None
+    shared_layers = [i for i in moe_layers if view.spec["layers"][i]["shared"]]
+    dense = _dense_neuron_layers(hf, moe_layers) if want_neurons else []
     settings = {
         "layers": layer_paths, "mlp": mlp_names, "norm": norm_path, "unembed": unembed_path, "heads": n_heads,
         "eps": float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)),
         "moe_layers": moe_layers, "want_heads": "head" in levels, "want_experts": want_experts,
-        "want_shared": want_shared, "view": MoEView(model) if layout is not None else None,
-        "quantities": tuple(q for q, on in (("topk_indices", want_experts), ("topk_weights", want_experts),
-                                            ("expert_out", want_experts), ("shared_out", want_shared),
-                                            ("shared_gate", want_shared)) if on),
+        "want_shared": want_shared, "view": view,
+        "quantities": {i: tuple(q for q, on in (
+            ("topk_indices", want_experts or want_neurons), ("topk_weights", want_experts or want_neurons),
+            ("expert_acts", want_neurons), ("expert_out", want_experts),
+            ("shared_acts", want_neurons and i in shared_layers), ("shared_out", want_shared),
+            ("shared_gate", (want_shared or want_neurons) and i in shared_layers)) if on) for i in moe_layers},
+        "want_neurons": want_neurons, "dense": dense, "shared_layers": shared_layers,
+        "fast_top": int(fast_top) if want_neurons and neurons == "fast" else None, "budget": int(budget_bytes),
     }
     batches, extras = [], []
     for start in range(0, len(prompts), batch_size):
@@ -116,19 +154,36 @@ def _scores_in_trace(settings: dict, model: Any, batch: dict, extra: dict) -> di
     rows = torch.arange(last.shape[0])
     n_heads, moe_layers, view = settings["heads"], settings["moe_layers"], settings["view"]
     states, attn, mlp_out, heads, experts, shared = [], [], [], [], [], []
+    units = {}  # layer -> [(weighted acts [P, n, I], expert ids [P, n] (-1: shared/dense), down, transposed)]
     for i, path in enumerate(settings["layers"]):
         layer = model.get(path)
         states.append(layer.input[rows, last].float())
         if settings["want_heads"]:
             z = layer.self_attn.o_proj.input[rows, last].float()
         attn.append(layer.self_attn.output[0][rows, last].float())
-        if i in moe_layers and settings["quantities"]:
-            q = view.layer(i, want=settings["quantities"])
+        if i in moe_layers and settings["quantities"][i]:
+            q = view.layer(i, want=settings["quantities"][i])
             if settings["want_experts"]:
                 experts.append((q["topk_indices"][rows, last],
                                 q["topk_weights"][rows, last].float()[..., None] * q["expert_out"][rows, last].float()))
             if settings["want_shared"]:
                 shared.append(q["shared_gate"][rows, last].float() * q["shared_out"][rows, last].float())
+            if settings["want_neurons"]:
+                info = view.spec["layers"][i]
+                box = model.get(info["experts"])
+                ids = q["topk_indices"][rows, last]
+                units[i] = [(q["topk_weights"][rows, last].float()[..., None] * q["expert_acts"][rows, last].float(),
+                             ids, box.down_proj, bool(getattr(box, "is_transposed", False)))]
+                if i in settings["shared_layers"]:
+                    acts = q["shared_gate"][rows, last].float() * q["shared_acts"][rows, last].float()
+                    units[i].append((acts[:, None], torch.full_like(ids[:, :1], -1),
+                                     model.get(info["shared"]).down_proj.weight[None], False))
+        elif i in settings["dense"]:
+            mlp = getattr(layer, settings["mlp"][i])
+            x = mlp.input[rows, last]
+            acts = (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).float()
+            units[i] = [(acts[:, None], torch.full((acts.shape[0], 1), -1, dtype=torch.long, device=acts.device),
+                         mlp.down_proj.weight[None], False)]
         out = getattr(layer, settings["mlp"][i]).output
         mlp_out.append((out[0] if isinstance(out, tuple) else out)[rows, last].float())
         if settings["want_heads"]:
@@ -144,7 +199,7 @@ def _scores_in_trace(settings: dict, model: Any, batch: dict, extra: dict) -> di
              - logits.log_softmax(-1).gather(-1, target[:, None])[:, 0]).abs().max()
     after = torch.stack(states[1:] + [final])
     residual = (torch.stack(states) + torch.stack(attn) + torch.stack(mlp_out) - after).abs().max()
-    layer_scores, head_scores, expert_scores, shared_scores = [], [], [], []
+    layer_scores, head_scores, expert_scores, shared_scores, neuron_scores = [], [], [], [], {}
     for i in range(len(states)):
         u = states[i] + attn[i]
         base_h, base_u = _lp(unembed, gamma, scale, states[i], target), _lp(unembed, gamma, scale, u, target)
@@ -159,20 +214,74 @@ def _scores_in_trace(settings: dict, model: Any, batch: dict, extra: dict) -> di
             expert_scores.append((ids, torch.stack(per, dim=-1)))
         if i in moe_layers and settings["want_shared"]:
             shared_scores.append(_lp(unembed, gamma, scale, u + shared[moe_layers.index(i)], target) - base_u)
+        if i in units:
+            neuron_scores[i] = [_neuron_lpi(unembed, gamma, scale, target, u, base_u, *unit, settings["fast_top"],
+                                            settings["budget"]) for unit in units[i]]
     picked = logits.gather(-1, target[:, None])
     return {"layer": torch.stack(layer_scores), "head": head_scores, "expert": expert_scores,
-            "shared": shared_scores, "target": target, "rank": (logits > picked).sum(-1) + 1,
+            "shared": shared_scores, "neuron": neuron_scores, "target": target, "rank": (logits > picked).sum(-1) + 1,
             "check": check, "residual": residual, "scale": after.abs().max()}
+
+
+def _neuron_lpi(unembed, gamma, scale, target, base, before, weighted, ids, down, transposed, fast_top, budget):
+    """Neuron LPI of one layer's units; runs inside the trace. Returns ``{"ids", "scores", "picked"}``.
+
+    Unit j of prompt p is a selected routed expert (``ids[p, j]``), the shared expert or a dense MLP
+    (``ids`` -1, ``down`` one matrix [1, D, I]); neuron k of it adds ``weighted[p, j, k] * W_down[:, k]``
+    to ``base[p]`` (``before`` = log p(target | base)). ``down`` is the experts' [E, D, I] (or [E, I, D]
+    when ``transposed``) parameter; its columns are gathered per chunk, never a [P, n, I, D] tensor.
+    ``fast_top`` None scores all n * I neurons per prompt (``scores`` [P, n * I], flat index j * I + k);
+    else a first-order screen keeps the ``fast_top`` largest |screen| per prompt (``picked`` [P, m] int32
+    flat indices, ``scores`` [P, m]), as the local ``_neurons``. The [chunk, vocab] logits stay under
+    ``budget`` bytes.
+    """
+    with torch.no_grad():
+        weighted, ids = weighted.to(base.device), ids.to(base.device)  # a layer may sit on another device
+        n_prompts, n_units, width = weighted.shape
+        slot_expert = ids.clamp(min=0)  # -1 (shared / dense) is matrix 0 of a [1, D, I] down
+        if fast_top is None:
+            picked = torch.arange(n_units * width, device=weighted.device).expand(n_prompts, -1)
+        else:
+            logits = (base * gamma * scale) @ unembed.T
+            direction = unembed[target] - logits.softmax(-1) @ unembed
+            grad = direction * gamma * scale  # d log p(target | x) / dx at base
+            screen = torch.empty_like(weighted)
+            for e in slot_expert.unique().tolist():
+                prompt, slot = (slot_expert == e).nonzero(as_tuple=True)
+                w = down[e].float().to(grad.device)
+                screen[prompt, slot] = grad[prompt] @ (w.T if transposed else w)
+            approx = (weighted * screen).reshape(n_prompts, -1)
+            picked = approx.abs().topk(min(fast_top, n_units * width), dim=-1).indices
+        m = picked.shape[1]
+        flat = picked.reshape(-1)
+        prompt_of = torch.arange(n_prompts, device=weighted.device).repeat_interleave(m)
+        chunk = max(1, int(budget // max(1, 4 * 4 * (unembed.shape[0] + unembed.shape[1]))))
+        scores = []
+        for start in range(0, flat.numel(), chunk):
+            p, f = prompt_of[start : start + chunk], flat[start : start + chunk]
+            j, k = f // width, f % width
+            e, kd = slot_expert[p, j].to(down.device), k.to(down.device)
+            column = (down[e, kd] if transposed else down[e, :, kd]).float().to(base.device)  # [c, D]
+            contrib = weighted[p, j, k][:, None] * column
+            scores.append(_lp(unembed, gamma, scale[p], base[p] + contrib, target[p]) - before[p])
+        scores = torch.cat(scores).reshape(n_prompts, m) if scores else weighted.new_zeros(n_prompts, 0)
+    return {"ids": ids, "width": width, "scores": scores,
+            "picked": None if fast_top is None else picked.to(torch.int32)}
 
 
 def _frame(result: dict, levels, moe_layers: list[int], n_heads: int, start: int) -> pd.DataFrame:
     """Rows in the local recipe's order and format from the tensors the trace sent back."""
-    rows = []
+    frames, rows = [], []
     n_layers, _, n_prompts = result["layer"].shape
 
     def add(prompt, layer, level, score, head=-1, expert=-1):
         rows.append({"prompt": start + prompt, "layer": layer, "level": level, "head": head, "expert": expert,
                      "neuron": -1, "score": float(score)})
+
+    def flush():
+        if rows:
+            frames.append(pd.DataFrame(rows))
+            rows.clear()
 
     for i in range(n_layers):
         if "layer" in levels:
@@ -191,4 +300,26 @@ def _frame(result: dict, levels, moe_layers: list[int], n_heads: int, start: int
         if i in moe_layers and result["shared"]:
             for p in range(n_prompts):
                 add(p, i, "shared", result["shared"][moe_layers.index(i)][p])
-    return pd.DataFrame(rows)
+        for unit in result.get("neuron", {}).get(i, []):
+            flush()
+            frames.append(_neuron_rows(unit, i, start))
+    flush()
+    if not frames:
+        from nnsight_moe.recipes.attribution import COLUMNS
+
+        return pd.DataFrame(columns=COLUMNS)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _neuron_rows(unit: dict, layer: int, start: int) -> pd.DataFrame:
+    """The neuron rows of one unit group (as :func:`_neuron_lpi` returned it), vectorised."""
+    scores, width, ids = unit["scores"], int(unit["width"]), unit["ids"].long()
+    n_prompts, m = scores.shape
+    flat = (torch.arange(ids.shape[1] * width).expand(n_prompts, -1) if unit["picked"] is None
+            else unit["picked"].long()).reshape(-1)
+    prompt = torch.arange(n_prompts).repeat_interleave(m)
+    expert = ids[prompt, flat // width]
+    n = flat.numel()
+    return pd.DataFrame({"prompt": (prompt + start).numpy(), "layer": np.full(n, layer, dtype=np.int64),
+                         "level": ["neuron"] * n, "head": np.full(n, -1, dtype=np.int64), "expert": expert.numpy(),
+                         "neuron": (flat % width).numpy(), "score": scores.reshape(-1).double().numpy()})

@@ -244,8 +244,6 @@ def test_remote_local_equals_local(family):
     assert (a["score"] - b["score"]).abs().max() < 1e-4
     assert remote.ranks == local.ranks and remote.targets == local.targets
     assert nnsight_moe.handle_of(model) is None, "the remote path attaches nothing"
-    with pytest.raises(ValueError, match="local only"):
-        attribute(language_model(model), PROMPTS, TARGETS, levels=("neuron",), remote="local")
 
 
 def test_remote_failure_resumes_and_ships_no_client_code(tmp_path, monkeypatch):
