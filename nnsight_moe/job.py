@@ -23,7 +23,11 @@ __all__ = ["RECIPE_SECTIONS", "Job", "check_out_dir", "run_job"]
 
 
 class Job:
-    """What every section gets: the model, tokenizer, encoded facts and options."""
+    """What every section gets: the model, tokenizer, encoded facts and options.
+
+    With ``remote`` set, ``model`` is an nnsight ``LanguageModel`` (its weights may be on the meta
+    device, with NDIF) and every section runs through ``model.trace(..., remote=remote)``.
+    """
 
     def __init__(self, name, model, tokenizer, relations, encoded, *, remote=None, batch_size=16, quick=False,
                  max_per_relation: int | None = 24):
@@ -83,22 +87,26 @@ def baseline_section(job: Job) -> Section:
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from nnsight_moe.recipes.metrics import hit_at_k, mrr
+    from nnsight_moe.recipes.metrics import target_ranks
 
-    logits = job.last_logits(desc="baseline")
-    targets = torch.tensor(job.encoded.targets)
-    rows = []
-    for relation, idx in job.by_relation().items():
-        rows.append({"relation": relation, "facts": len(idx), "MRR": mrr(logits[idx], targets[idx]),
-                     "HIT@10": hit_at_k(logits[idx], targets[idx], 10)})
-    rows.append({"relation": "all", "facts": len(targets), "MRR": mrr(logits, targets), "HIT@10": hit_at_k(logits, targets)})
+    if job.remote is not None:
+        ranks, load = _baseline_remote(job)
+    else:
+        ranks = target_ranks(job.last_logits(desc="baseline"), torch.tensor(job.encoded.targets))
+        load = routing_load(job) if job.is_moe else None
+
+    def metrics(r):
+        return {"MRR": float((1.0 / r.double()).mean()), "HIT@10": float((r <= 10).double().mean())}
+
+    rows = [{"relation": relation, "facts": len(idx), **metrics(ranks[idx])} for relation, idx in job.by_relation().items()]
+    rows.append({"relation": "all", "facts": len(ranks), **metrics(ranks)})
     table = pd.DataFrame(rows).set_index("relation")
     section = Section("baseline", "Knowledge of the relations (no intervention)",
-                      "Rank of the target's first token among the last-position logits.",
+                      "Rank of the target's first token among the last-position logits."
+                      + (f" Computed through nnsight with remote={job.remote!r}." if job.remote is not None else ""),
                       data={"metrics": table.reset_index().to_dict(orient="records")},
                       tables={"MRR and HIT@10 per relation": table})
     if job.is_moe:
-        load = routing_load(job)
         section.data["expert_load"] = load.tolist()
         fig, ax = plt.subplots(figsize=(min(12, 2 + 0.35 * load.shape[1]), 1 + 0.45 * load.shape[0]))
         image = ax.imshow(load, aspect="auto", cmap="viridis")
@@ -141,6 +149,46 @@ def routing_load(job: Job) -> torch.Tensor:
             for point in points:
                 point.remove_hooks()
     return counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+def _baseline_remote(job: Job) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Target ranks [P] and expert load [MoE layers, E] computed inside ``job.model.trace`` (remote)."""
+    import functools
+
+    from nnsight_moe.recipes.prompts import encode_prompts, last_positions
+    from nnsight_moe.remote import MoEView, run_batches
+
+    prompts, targets = job.encoded.prompts, torch.tensor(job.encoded.targets)
+    batches, extras = [], []
+    for start in range(0, len(prompts), job.batch_size):
+        batch = encode_prompts(job.tokenizer, prompts[start : start + job.batch_size], "cpu")
+        batches.append(batch)
+        extras.append({"last": last_positions(batch["attention_mask"]), "target": targets[start : start + job.batch_size],
+                       "mask": batch["attention_mask"].bool()})
+    view = MoEView(job.model) if job.is_moe else None
+    results = run_batches(job.model, batches, functools.partial(_baseline_in_trace, view), extras=extras,
+                          remote=job.remote, progress=True)
+    ranks = torch.cat([r["rank"] for r in results])
+    if view is None:
+        return ranks, None
+    counts = sum(r["counts"].double() for r in results)
+    return ranks, (counts / counts.sum(dim=1, keepdim=True).clamp(min=1)).float()
+
+
+def _baseline_in_trace(view, model, batch, extra) -> dict:
+    """Target ranks and per-layer expert counts over non-pad tokens; runs inside the trace (server side)."""
+    out = {}
+    if view is not None:
+        counts = []
+        for layer in view.moe_layers:
+            indices = view.layer(layer, want=("topk_indices",))["topk_indices"]
+            n_experts = view.spec["layers"][layer]["n_experts"]
+            counts.append(torch.bincount(indices[extra["mask"]].reshape(-1), minlength=n_experts))
+        out["counts"] = torch.stack(counts)
+    last, target = extra["last"], extra["target"]
+    picked = model.output.logits[torch.arange(last.shape[0]), last].float()
+    out["rank"] = (picked > picked.gather(1, target[:, None])).sum(-1) + 1
+    return out
 
 
 #: Recipe sections: (name, module, function name). A recipe module that is not installed is skipped.
@@ -188,14 +236,17 @@ def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = 
     import warnings
 
     from nnsight_moe import data as relation_data
-    from nnsight_moe.models import load_model
+    from nnsight_moe.models import load_model, load_traced
 
     started = time.time()
     out = check_out_dir(out)
     relations = relation_data.load_relations(data) if data else relation_data.bundled()
     if not relations:
         raise ValueError(f"no relations found in {data!r}")
-    lm, tokenizer = load_model(model, device=device, dtype=dtype)
+    if remote is None:
+        lm, tokenizer = load_model(model, device=device, dtype=dtype)
+    else:  # an nnsight LanguageModel: every section runs through model.trace(..., remote=remote)
+        lm, tokenizer = load_traced(model, remote, device=device, dtype=dtype)
     facts = [fact for relation in relations for fact in relation.facts()]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

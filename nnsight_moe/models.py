@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,6 +56,36 @@ def load_model(name: str, *, device: str | None = None, dtype: str | torch.dtype
     tokenizer.padding_side = "left"
     model.eval()
     return model, tokenizer
+
+
+def load_traced(name: str, remote: Any, *, device: str | None = None, dtype: str | torch.dtype | None = None):
+    """(nnsight ``LanguageModel``, tokenizer) for running recipes with ``remote=`` (see :func:`load_model`).
+
+    ``remote="local"`` (nnsight's local simulation) wraps the locally loaded model. ``remote=True``
+    (NDIF) or a host URL needs a hub repo id the server hosts: the model is built on the meta device
+    from its config (no weights are downloaded) and every forward runs on the server.
+    """
+    from nnsight import LanguageModel
+
+    from nnsight_moe import demo
+
+    if remote == "local":
+        model, tokenizer = load_model(name, device=device, dtype=dtype)
+        return LanguageModel(model, tokenizer=tokenizer), tokenizer
+    if name in demo.names() or Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
+        raise ValueError(
+            f"remote={remote!r} runs on models the NDIF server hosts, named by hub repo id (see "
+            f"nnsight.ndif.status()); {name!r} exists only on this machine: use --remote local to simulate"
+        )
+    try:
+        lm = LanguageModel(name, dtype=_dtype(dtype) or "auto")
+    except OSError as err:
+        raise ValueError(f"model {name!r}: cannot read its config/tokenizer from the hub ({err})") from err
+    tokenizer = lm.tokenizer
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return lm, tokenizer
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -184,6 +184,7 @@ def run_batches(
     fn: Any,
     *,
     extras: Any = None,
+    key: Any = None,
     remote: bool | str = False,
     results_path: Any = None,
     trace_kwargs: dict | None = None,
@@ -214,6 +215,8 @@ def run_batches(
             registered for by-value shipping automatically (nnsight_moe is not installed on NDIF).
         extras: optional per-batch plain data (e.g. target ids, last positions), one item per batch,
             handed to ``fn`` as a third argument and part of the resume fingerprint.
+        key: optional plain data describing what ``fn`` computes (its settings); part of every batch's
+            resume fingerprint, so a results file written with other settings is refused, not reused.
         remote: ``False`` (local), ``True`` (NDIF; host and key from ``nnsight.CONFIG`` /
             ``NDIF_API_KEY``), ``"local"`` (nnsight's serialise-and-run-here simulation) or a host URL.
         results_path: file for partial and final results (``torch.save`` format); None keeps nothing.
@@ -234,7 +237,7 @@ def run_batches(
         extras = list(extras)
         if len(extras) != n:
             raise ValueError(f"got {n} batches but {len(extras)} extras (one per batch)")
-    fingerprints = [_fingerprint(batch if extras is None else (batch, extras[i])) for i, batch in enumerate(batches)]
+    fingerprints = [_fingerprint((key, batch, None if extras is None else extras[i])) for i, batch in enumerate(batches)]
     done = _load_results(results_path, fingerprints)
     _ship_by_value(fn)
     trace_kwargs = dict(trace_kwargs or {})

@@ -126,7 +126,8 @@ def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *
         batches.append(batch)
         extras.append({"last": last_positions(batch["attention_mask"]),
                        "target": None if targets is None else torch.tensor(targets[start : start + batch_size])})
-    results = run_batches(model, batches, functools.partial(_scores_in_trace, settings), extras=extras,
+    key = {name: value for name, value in settings.items() if name != "view"}  # what is computed, for resume
+    results = run_batches(model, batches, functools.partial(_scores_in_trace, settings), extras=extras, key=key,
                           remote=remote, results_path=results_path, progress=progress)
     frames, all_targets, all_ranks, start = [], [], [], 0
     for result, batch in zip(results, batches):

@@ -164,6 +164,8 @@ def _chunks(hf, data: _Data, indices: list[int], tokenizer, batch_size: int, pad
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     device = next(hf.parameters()).device
+    if device.type == "meta":  # an nnsight model whose weights live on the server (NDIF)
+        device = torch.device("cpu")
     out = []
     for start in range(0, len(indices), batch_size):
         rows = indices[start : start + batch_size]
@@ -961,11 +963,7 @@ def section(job: Any):
 
     if not job.is_moe:
         return None
-    model = job.model
-    if job.remote is not None:  # through nnsight on the unmodified model: ranking, sweep and configurations
-        from nnsight import LanguageModel
-
-        model = LanguageModel(job.model, tokenizer=job.tokenizer)
+    model = job.model  # an nnsight LanguageModel when job.remote is set: everything runs through its traces
     per_relation = getattr(job, "max_per_relation", 16 if job.quick else None)
     options = {"tokenizer": job.tokenizer, "batch_size": job.batch_size, "max_per_relation": per_relation,
                "remote": job.remote}

@@ -635,11 +635,7 @@ def section(job: Any):
         return None
     sample = job.sample()
     data = (sample.prompts, sample.targets)
-    model = job.model
-    if job.remote is not None:
-        from nnsight import LanguageModel
-
-        model = LanguageModel(job.model, tokenizer=job.tokenizer)
+    model = job.model  # an nnsight LanguageModel when job.remote is set
     corr = correlate(model, data, tokenizer=job.tokenizer, top_k=3, permutations=200 if job.quick else 1000,
                      batch_size=job.batch_size, remote=job.remote)
     effects = causal(model, data, tokenizer=job.tokenizer, correlation=corr, k_heads=3,

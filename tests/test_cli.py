@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import nnsight_moe
@@ -124,6 +125,16 @@ def test_run_remote_local(tmp_path):
     attribution = results["sections"]["attribution"]
     assert attribution["models"][0]["summary"]["MRR"] == 1.0
     assert "correlation" in results["sections"]["head_expert"]
+    baseline = results["sections"]["baseline"]  # ranks and expert load computed in the trace too
+    assert baseline["metrics"][-1]["MRR"] == 1.0
+    from nnsight_moe import data as relation_data
+    from nnsight_moe.job import Job, routing_load
+
+    model, tokenizer = nnsight_moe.demo.load("demo-moe")
+    relations = relation_data.bundled()
+    encoded = relation_data.encode_facts(tokenizer, [f for r in relations for f in r.facts()])
+    local_load = routing_load(Job("demo-moe", model, tokenizer, relations, encoded))
+    assert torch.tensor(baseline["expert_load"]) == pytest.approx(local_load, abs=1e-6)
     blocking = results["sections"]["blocking"]
     assert blocking["sweep"]["original"]["all"]["mrr"] == 1.0 and blocking["configurations"]["rows"]
     assert nnsight_moe.handle_of(nnsight_moe.demo.load("demo-moe")[0]) is None

@@ -140,7 +140,7 @@ def test_causal_remote_rejects_bad_input(monkeypatch):
 
 
 def test_section_runs_causal_remotely(monkeypatch):
-    """The main job's section under --remote: causal runs remotely on the LanguageModel it builds."""
+    """The main job's section under --remote: causal runs remotely on the job's LanguageModel."""
     hf = tiny_model("qwen2_moe")
     prompts, targets = _prompts(n=6)
     tok = word_tokenizer("left")
@@ -154,7 +154,8 @@ def test_section_runs_causal_remotely(monkeypatch):
 
     monkeypatch.setattr(head_expert, "correlate", lambda model, data, **kwargs: _correlation(hf))
     monkeypatch.setattr(head_expert, "causal", spy)
-    job = types.SimpleNamespace(is_moe=True, model=hf, tokenizer=tok, remote="local", quick=True, batch_size=4,
+    lm = nnsight.LanguageModel(hf, tokenizer=tok)  # with --remote the job's model is an nnsight model
+    job = types.SimpleNamespace(is_moe=True, model=lm, tokenizer=tok, remote="local", quick=True, batch_size=4,
                                 sample=lambda: types.SimpleNamespace(prompts=text, targets=targets))
     section = head_expert.section(job)
     assert calls["remote"] == "local" and isinstance(calls["model"], nnsight.LanguageModel)

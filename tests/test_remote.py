@@ -14,7 +14,7 @@ from nnsight.intervention.serialization import CustomCloudUnpickler, loads
 from nnsight.schema.request import RequestModel
 
 import nnsight_moe
-from nnsight_moe.remote import MoEView, RemoteBatchError, read_layer, run_batches
+from nnsight_moe.remote import MoEView, RemoteBatchError, moe_spec, read_layer, run_batches
 from nnsight_moe.adapters import supported_families
 from nnsight_moe.testing import tiny_model
 
@@ -365,6 +365,8 @@ def test_run_batches_rejects_bad_inputs(tmp_path):
     run_batches(lm, batches, fn, results_path=path, progress=False)
     with pytest.raises(ValueError, match="different batches"):
         run_batches(lm, [_ids(1, 4, 1)], fn, results_path=path, progress=False)
+    with pytest.raises(ValueError, match="different batches"):  # same batches, other settings (key)
+        run_batches(lm, batches, fn, key={"levels": ("neuron",)}, results_path=path, progress=False)
 
 
 def test_read_layer_rejects_bad_inputs():
@@ -415,3 +417,26 @@ def test_view_spec_from_meta_model_and_dense_model_rejected():
     assert MoEView(nnsight.NNsight(meta)).spec == MoEView(nnsight.NNsight(tiny_model("deepseek_v3"))).spec
     with pytest.raises(nnsight_moe.UnsupportedModelError, match="Supported families"):
         MoEView(nnsight.NNsight(AutoModelForCausalLM.from_config(tiny_config("llama"))))
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "ernie4_5_moe"])
+def test_client_side_works_on_meta_weights(family):
+    """On NDIF the client's model is built on the meta device: the view's spec and the recipes' batches
+    must come out the same as with real weights (nothing on the client reads a weight value)."""
+    from nnsight_moe.recipes.blocking import _chunks, _Data
+
+    hf = tiny_model(family)
+    with torch.device("meta"):
+        meta = type(hf)(hf.config)
+    assert next(meta.parameters()).is_meta
+    assert moe_spec(meta) == moe_spec(hf)
+    data = _Data([[5, 6, 7], [8, 9]], torch.tensor([1, 2]), ["r", "r"])
+    chunk, = _chunks(meta, data, [0, 1], None, 4, "left")
+    assert chunk.input_ids.device.type == "cpu" and chunk.input_ids.tolist() == [[5, 6, 7], [0, 8, 9]]
+
+
+def test_cli_remote_ndif_needs_a_hosted_model(tmp_path):
+    from nnsight_moe.models import load_traced
+
+    with pytest.raises(ValueError, match="exists only on this machine: use --remote local"):
+        load_traced("demo-moe", True)
