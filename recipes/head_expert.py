@@ -254,13 +254,15 @@ def _signals(model, prompts, targets, tokenizer, signal: str, batch_size: int, r
                            experts["expert"].to_numpy()), experts["score"].to_numpy())
     attribution_experts = expert_arr
     if signal == "router_prob":
-        expert_arr = _router_probs(model, prompts, tokenizer, batch_size)
+        expert_arr = _router_probs(model, prompts, tokenizer, batch_size, remote)
     return head_arr, expert_arr, attribution_experts, layout
 
 
 @torch.no_grad()
-def _router_probs(model, prompts, tokenizer, batch_size) -> np.ndarray:
+def _router_probs(model, prompts, tokenizer, batch_size, remote: Any = None) -> np.ndarray:
     """Router scores of every expert at the last non-pad position, [P, L', E]."""
+    if remote is not None:
+        return _router_probs_remote(model, prompts, tokenizer, batch_size, remote)
     hf = nnsight_moe.hf_model(model)
     out = []
     with nnsight_moe.attached(hf) as handle:
@@ -281,6 +283,26 @@ def _router_probs(model, prompts, tokenizer, batch_size) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
+def _router_probs_remote(model, prompts, tokenizer, batch_size, remote) -> np.ndarray:
+    """:func:`_router_probs` inside ``model.trace(..., remote=remote)`` through the MoE view."""
+    from nnsight_moe.remote import MoEView, run_batches
+
+    batches = [encode_prompts(tokenizer, prompts[start : start + batch_size], "cpu")
+               for start in range(0, len(prompts), batch_size)]
+    extras = [{"last": last_positions(batch["attention_mask"])} for batch in batches]
+    results = run_batches(model, batches, functools.partial(_router_probs_in_trace, MoEView(model)), extras=extras,
+                          remote=remote, progress=False)
+    return torch.cat(results).numpy()
+
+
+def _router_probs_in_trace(view, model, batch, extra):
+    """Router scores [b, L', E] at the last positions; runs inside the trace (on the server)."""
+    last = extra["last"]
+    rows = torch.arange(last.shape[0])
+    scores = [view.layer(i, want=("router_scores",))["router_scores"][rows, last] for i in view.moe_layers]
+    return torch.stack(scores, dim=1).float()
+
+
 def _batch(tokenizer, prompts, hf) -> dict:
     """Model inputs for ``prompts`` on ``hf``'s device."""
     return encode_prompts(tokenizer, prompts, next(hf.parameters()).device)
@@ -297,13 +319,11 @@ def correlate(model: Any, dataset: Any, *, tokenizer=None, signal: str = "attrib
         top_k: K heads and K experts for the summary coefficient.
         permutations: permutation-test draws for the summary p-value.
         remote: compute the attributions inside ``model.trace(..., remote=remote)`` on the unmodified
-            model (``model`` an nnsight model; ``signal="attribution"`` only); statistics run locally on
-            the returned scores.
+            model (``model`` an nnsight model): the attributions and, for ``signal="router_prob"``, the
+            last-position router scores; statistics run locally on the returned scores.
     """
     if signal not in ("attribution", "router_prob"):
         raise ValueError(f"signal must be 'attribution' or 'router_prob', got {signal!r}")
-    if remote is not None and signal != "attribution":
-        raise NotImplementedError("remote correlate supports signal='attribution' only; router_prob is local")
     prompts, targets, _ = _prompts_and_targets(model, dataset, tokenizer)
     heads, experts, expert_attr, layout = _signals(model, prompts, targets, tokenizer, signal, batch_size, remote)
     n_prompts, n_layers, n_heads = heads.shape

@@ -136,5 +136,8 @@ def test_correlate_remote_local_equals_local():
                                    remote="local")
     np.testing.assert_allclose(remote.pairs["r"].to_numpy(), local.pairs["r"].to_numpy(), atol=1e-4, equal_nan=True)
     assert remote.top_heads == local.top_heads and remote.summary_r == pytest.approx(local.summary_r, abs=1e-4)
-    with pytest.raises(NotImplementedError, match="attribution"):
-        head_expert.correlate(model, (prompts, targets), signal="router_prob", remote="local")
+    local = head_expert.correlate(model, (prompts, targets), signal="router_prob", top_k=2, permutations=20)
+    remote = head_expert.correlate(language_model(model), (prompts, targets), signal="router_prob", top_k=2,
+                                   permutations=20, remote="local")
+    np.testing.assert_allclose(remote.pairs["r"].to_numpy(), local.pairs["r"].to_numpy(), atol=1e-4, equal_nan=True)
+    assert remote.top_experts == local.top_experts
