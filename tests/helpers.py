@@ -42,6 +42,28 @@ def capture_blocks(model: nn.Module, layout: MoELayout, fn):
     return seen
 
 
+def capture_routers(model: nn.Module, layout: MoELayout, fn):
+    """(weights, indices) each router of an UNATTACHED model returns in the real forward: {layer: (w, i)}.
+
+    Read from the forward itself rather than by calling the router again: some families pass the router
+    a second argument (a selection bias held by the block) or a 3-D input.
+    """
+    seen, handles = {}, []
+    for index in layout.moe_layers:
+        router = model.get_submodule(layout.layer(index).router)
+
+        def hook(module, args, output, index=index):
+            seen[index] = (output[1].detach().clone(), output[2].detach().clone())
+
+        handles.append(router.register_forward_hook(hook))
+    try:
+        fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
 def naive_expert(experts: nn.Module, x: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert ``e`` applied to tokens ``x`` [n, d] straight from its weights: (acts, out)."""
     transposed = getattr(experts, "is_transposed", False)
