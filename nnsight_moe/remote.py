@@ -14,9 +14,10 @@ is unparsed to source; the names it reads are pickled with nnsight's cloudpickle
 the model travel as persistent ids (``Module:<path>``, ``Interleaver``) resolved against the server's
 model; a function is pickled *by reference* (module + name) when its module is importable, else *by
 value as source* plus the globals it reads. ``nnsight_moe`` is not installed on NDIF, so this module
-registers itself for by-value pickling (``cloudpickle.register_pickle_by_value``) and its trace-side
-functions read only ``torch`` and each other: a request using the view carries their source, a
-``types.SimpleNamespace``, ``functools.partial`` objects and plain dicts; no classes of ours, no hooks.
+and ``nnsight_moe.routing`` (whose ``rule_*`` functions the view calls) register themselves for by-value
+pickling (``cloudpickle.register_pickle_by_value``) and their trace-side functions read only ``torch``
+and each other: a request using the view carries their source, a ``types.SimpleNamespace``,
+``functools.partial`` objects and plain dicts; no classes of ours, no hooks.
 
 Per-expert values are RECOMPUTED from the block input and the experts' weights (the same math as the
 ``"nnsight_moe"`` experts implementation: gate_up, the experts' own ``_apply_gate``/``act_fn``, down,
@@ -43,7 +44,7 @@ import torch
 
 from nnsight_moe.attach import hf_model
 from nnsight_moe.layout import MoELayout
-from nnsight_moe.routing import ClampNormRouting, Routing, SigmoidOfLogits, SoftmaxTopK, SparseMixer
+from nnsight_moe.routing import Routing, rule_scores, rule_select, rule_weights
 
 __all__ = ["MoEView", "RemoteBatchError", "VIEW_QUANTITIES", "moe_spec", "read_layer", "run_batches"]
 
@@ -65,14 +66,9 @@ _MODES = ("zero", "renorm", "reroute")
 
 
 # ------------------------------------------------------------ client side: plain-data spec
-_KINDS = {Routing: "topk", SoftmaxTopK: "softmax_topk", SparseMixer: "sparsemixer",
-          SigmoidOfLogits: "sigmoid_of_logits", ClampNormRouting: "clampnorm"}
-
-
 def _routing_spec(routing: Routing, router: torch.nn.Module, family: str) -> dict:
-    """A routing rule as plain data (the bias is named by the router attribute path that holds it)."""
-    kind = _KINDS.get(type(routing))
-    if kind is None:
+    """``routing.rule()`` plus ``"bias"``: the router attribute path holding the selection bias, or None."""
+    if "_kind" not in type(routing).__dict__:  # a subclass of its own: its maths are not the rule_* functions'
         raise ValueError(f"{family}: the remote view does not implement the routing rule {type(routing).__name__}")
     bias = None
     if routing.bias is not None:
@@ -80,20 +76,7 @@ def _routing_spec(routing: Routing, router: torch.nn.Module, family: str) -> dic
         bias = next((name for name, t in named.items() if routing.bias is t or routing.bias._base is t), None)
         if bias is None:
             raise ValueError(f"{family}: the routing bias is not an attribute of the router; the remote view needs one")
-    return {
-        "kind": kind,
-        "scoring": routing.scoring,
-        "normalize": bool(routing.normalize),
-        "scale": float(routing.scale),
-        "norm_eps": float(routing.norm_eps),
-        "norm_min": float(getattr(routing, "norm_min", 0.0)),
-        "bias": bias,
-        "n_group": int(routing.n_group),
-        "topk_group": int(routing.topk_group),
-        "group_score": routing.group_score,
-        "sorted": bool(routing.sorted),
-        "cast_weights": bool(routing.cast_weights),
-    }
+    return {**routing.rule(), "bias": bias}
 
 
 def moe_spec(model: Any) -> dict:
@@ -343,8 +326,9 @@ def _ship_by_value(fn: Any) -> None:
 
 
 # ------------------------------------------------------------ trace side (shipped by source)
-# Everything below runs inside the trace, on the server for remote runs. It may only read torch and
-# the other functions of this section: no nnsight_moe classes, no client state.
+# Everything below runs inside the trace, on the server for remote runs. It may only read torch, the
+# other functions of this section and the plain routing functions of nnsight_moe.routing (registered
+# for by-value shipping there): no nnsight_moe classes, no client state.
 
 
 def read_layer(
@@ -418,12 +402,12 @@ def read_layer(
         raise ValueError(f"layer {layer}: the remote view cannot re-derive sparsemixer routing (phimoe); use mode='zero' or 'renorm'")
     if edit_logits is not None:
         logits = edit_logits(logits)
-    scores = _scores(rule, logits)
+    scores = rule_scores(rule, logits)
     if rederive:
         exclude = mask[:, None, :] if mask is not None and mode == "reroute" else None
         bias = _envoy(router, rule["bias"]).reshape(-1) if rule["bias"] else None
-        indices = _select(rule, scores, exclude, bias, k)
-        weights = _weights(rule, scores, indices)
+        indices = rule_select(rule, scores, exclude, bias, k)
+        weights = rule_weights(rule, scores, indices)
         if rule["cast_weights"]:
             weights = weights.to(raw_logits.dtype)
     edited = rederive
@@ -534,49 +518,6 @@ def _expert_mask(block: Any, n_experts: int, batch: int, device: Any) -> Any:
     mask = torch.zeros(1, n_experts, dtype=torch.bool, device=device)
     mask[0, ids] = True
     return mask
-
-
-def _scores(rule: dict, logits: torch.Tensor) -> torch.Tensor:
-    """Selection scores (float32) from logits, without the selection-only bias."""
-    logits = logits.float()
-    if rule["kind"] in ("sparsemixer", "sigmoid_of_logits"):
-        return logits
-    return logits.softmax(dim=-1) if rule["scoring"] == "softmax" else logits.sigmoid()
-
-
-def _select(rule: dict, scores: torch.Tensor, exclude: Any, bias: Any, k: int) -> torch.Tensor:
-    """Top-k selection as the family makes it (bias, excluded experts, group-limited choice)."""
-    choice = scores if bias is None else scores + bias.to(scores.device, scores.dtype)
-    if exclude is not None:
-        choice = choice.masked_fill(exclude, float("-inf"))
-    if rule["n_group"] > 1:
-        grouped = choice.unflatten(-1, (rule["n_group"], -1))
-        if rule["group_score"] == "top2sum":
-            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
-        else:
-            group_scores = grouped.max(dim=-1).values
-        keep = torch.zeros_like(group_scores, dtype=torch.bool)
-        keep.scatter_(-1, group_scores.topk(rule["topk_group"], dim=-1).indices, True)
-        choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(-2)
-    return torch.topk(choice, k, dim=-1, sorted=rule["sorted"]).indices
-
-
-def _weights(rule: dict, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Gate weights of the selected experts by the family's rule."""
-    w = scores.gather(-1, indices)
-    if rule["kind"] == "softmax_topk":
-        return w / w.sum(dim=-1, keepdim=True)
-    if rule["kind"] == "sigmoid_of_logits":
-        w = w.sigmoid()
-        if rule["normalize"]:
-            w = w / w.sum(dim=-1, keepdim=True)
-    elif rule["kind"] == "clampnorm":
-        w = w / w.sum(dim=-1, keepdim=True).clamp(min=rule["norm_min"])
-    elif rule["normalize"]:
-        w = w / (w.sum(dim=-1, keepdim=True) + rule["norm_eps"])
-    if rule["scale"] != 1.0:
-        w = w * rule["scale"]
-    return w
 
 
 def _zero_weights(weights: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor, renorm: bool) -> torch.Tensor:

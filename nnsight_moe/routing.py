@@ -10,17 +10,25 @@ weights (``cast_weights`` tells the caller whether the family casts weights to t
 Adapters build a rule from the family's router module; the rules here cover the families in
 transformers 5 (softmax / sigmoid scoring, selection-only correction bias, group-limited selection,
 top-k renormalisation, scaling factor, softmax over the top-k, PhiMoE's sparsemixer).
+
+The maths live once, in :func:`rule_scores` / :func:`rule_select` / :func:`rule_weights` of a plain-data
+rule (:meth:`Routing.rule`): the classes delegate to them and the remote view calls them in a trace,
+shipped by value as source (so they read only ``torch`` and each other).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
+import cloudpickle
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-__all__ = ["ClampNormRouting", "Routing", "SigmoidOfLogits", "SoftmaxTopK", "SparseMixer"]
+__all__ = ["ClampNormRouting", "Routing", "SigmoidOfLogits", "SoftmaxTopK", "SparseMixer", "rule_scores",
+           "rule_select", "rule_weights"]
 
 
 @dataclass
@@ -64,21 +72,33 @@ class Routing:
         if self.n_experts % max(self.n_group, 1):
             raise ValueError(f"n_experts={self.n_experts} is not divisible by n_group={self.n_group}")
 
+    _kind: ClassVar[str] = "topk"  # each subclass the rule_* functions implement names its own
+
+    def rule(self) -> dict:
+        """The rule as plain data (str, int, float, bool) for the ``rule_*`` functions; bias and k go apart."""
+        return {
+            "kind": self._kind,
+            "scoring": self.scoring,
+            "normalize": bool(self.normalize),
+            "scale": float(self.scale),
+            "norm_eps": float(self.norm_eps),
+            "norm_min": float(getattr(self, "norm_min", 0.0)),
+            "n_group": int(self.n_group),
+            "topk_group": int(self.topk_group),
+            "group_score": self.group_score,
+            "sorted": bool(self.sorted),
+            "cast_weights": bool(self.cast_weights),
+        }
+
     def scores(self, logits: Float[Tensor, "... E"]) -> Float[Tensor, "... E"]:
         """Selection scores from raw logits (float32), without any selection-only bias."""
-        logits = logits.float()
-        return logits.softmax(dim=-1) if self.scoring == "softmax" else logits.sigmoid()
+        return rule_scores(self.rule(), logits)
 
     def select(
         self, scores: Float[Tensor, "... E"], exclude: Bool[Tensor, "... E"] | None = None
     ) -> Int[Tensor, "... k"]:
         """Top-k expert indices; experts in ``exclude`` (broadcast to scores) are never chosen (score -inf)."""
-        choice = scores if self.bias is None else scores + self.bias.to(scores.device, scores.dtype)
-        if exclude is not None:
-            choice = choice.masked_fill(exclude.to(choice.device), float("-inf"))
-        if self.n_group > 1:
-            choice = _mask_groups(choice, self.n_group, self.topk_group, self.group_score)
-        return torch.topk(choice, self.top_k, dim=-1, sorted=self.sorted).indices
+        return rule_select(self.rule(), scores, exclude, self.bias, self.top_k)
 
     def weights(
         self,
@@ -87,12 +107,7 @@ class Routing:
         exclude: Bool[Tensor, "... E"] | None = None,
     ) -> Float[Tensor, "... k"]:
         """Gate weights of the selected experts, as the family multiplies them into expert outputs."""
-        w = scores.gather(-1, indices)
-        if self.normalize:
-            w = w / (w.sum(dim=-1, keepdim=True) + self.norm_eps)
-        if self.scale != 1.0:
-            w = w * self.scale
-        return w
+        return rule_weights(self.rule(), scores, indices)
 
     def describe(self) -> str:
         """One line for layout tables, e.g. ``softmax top-2 of 8, renorm``."""
@@ -108,7 +123,49 @@ class Routing:
         return ", ".join(parts)
 
 
-def _mask_groups(choice: Tensor, n_group: int, topk_group: int, how: str) -> Tensor:
+def rule_scores(rule: dict, logits: torch.Tensor) -> torch.Tensor:
+    """Selection scores (float32) from ``logits`` [..., E] by ``rule``, without the selection-only bias."""
+    logits = logits.float()
+    if rule["kind"] in ("sparsemixer", "sigmoid_of_logits"):
+        return logits
+    return logits.softmax(dim=-1) if rule["scoring"] == "softmax" else logits.sigmoid()
+
+
+def rule_select(rule: dict, scores: torch.Tensor, exclude: Any, bias: Any, k: int) -> torch.Tensor:
+    """Top-k indices [..., k] from ``scores`` [..., E]: ``bias`` [E] (or None) counts for the choice only,
+    experts in the bool mask ``exclude`` (or None) are never chosen, group-limited choice if ``n_group > 1``."""
+    if rule["kind"] == "sparsemixer":
+        raise ValueError("rule_select does not implement sparsemixer (phimoe): use SparseMixer.select")
+    choice = scores if bias is None else scores + bias.to(scores.device, scores.dtype)
+    if exclude is not None:
+        choice = choice.masked_fill(exclude.to(choice.device), float("-inf"))
+    if rule["n_group"] > 1:
+        choice = _mask_groups(choice, rule["n_group"], rule["topk_group"], rule["group_score"])
+    return torch.topk(choice, k, dim=-1, sorted=rule["sorted"]).indices
+
+
+def rule_weights(rule: dict, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Gate weights [..., k] of the selected experts ``indices`` by ``rule`` (float32, before any cast)."""
+    w = scores.gather(-1, indices)
+    kind = rule["kind"]
+    if kind == "softmax_topk":
+        return w / w.sum(dim=-1, keepdim=True)
+    if kind == "sparsemixer":
+        raise ValueError("rule_weights does not implement sparsemixer (phimoe): use SparseMixer.weights")
+    if kind == "sigmoid_of_logits":
+        w = w.sigmoid()
+        if rule["normalize"]:
+            w = w / w.sum(dim=-1, keepdim=True)
+    elif kind == "clampnorm":
+        w = w / w.sum(dim=-1, keepdim=True).clamp(min=rule["norm_min"])
+    elif rule["normalize"]:
+        w = w / (w.sum(dim=-1, keepdim=True) + rule["norm_eps"])
+    if rule["scale"] != 1.0:
+        w = w * rule["scale"]
+    return w
+
+
+def _mask_groups(choice: torch.Tensor, n_group: int, topk_group: int, how: str) -> torch.Tensor:
     """Set the choice score of experts outside the ``topk_group`` best groups to -inf."""
     grouped = choice.unflatten(-1, (n_group, -1))
     if how == "top2sum":
@@ -128,10 +185,7 @@ class SoftmaxTopK(Routing):
     renormalised selected scores, equal the softmax over the k selected logits.
     """
 
-    def weights(self, scores, indices, exclude=None):
-        w = scores.gather(-1, indices)
-        w = w / w.sum(dim=-1, keepdim=True)
-        return w
+    _kind: ClassVar[str] = "softmax_topk"
 
     def describe(self) -> str:
         return f"top-{self.top_k} of {self.n_experts} logits, softmax over the top-k"
@@ -147,9 +201,7 @@ class SparseMixer(Routing):
     """
 
     jitter_eps: float = 0.01
-
-    def scores(self, logits):
-        return logits.float()
+    _kind: ClassVar[str] = "sparsemixer"
 
     def select(self, scores, exclude=None):
         if exclude is not None:
@@ -185,14 +237,7 @@ class SigmoidOfLogits(Routing):
     a sigmoid (as in PhiMoE's :class:`SparseMixer`).
     """
 
-    def scores(self, logits):
-        return logits.float()
-
-    def weights(self, scores, indices, exclude=None):
-        w = scores.gather(-1, indices).sigmoid()
-        if self.normalize:
-            w = w / w.sum(dim=-1, keepdim=True)
-        return w * self.scale if self.scale != 1.0 else w
+    _kind: ClassVar[str] = "sigmoid_of_logits"
 
     def describe(self) -> str:
         bias = " + selection bias" if self.bias is not None else ""
@@ -205,11 +250,11 @@ class ClampNormRouting(Routing):
     """Renormalise the selected weights by ``max(sum, norm_min)`` instead of ``sum + eps`` (ERNIE-4.5-MoE)."""
 
     norm_min: float = 1e-12
-
-    def weights(self, scores, indices, exclude=None):
-        w = scores.gather(-1, indices)
-        w = w / w.sum(dim=-1, keepdim=True).clamp(min=self.norm_min)
-        return w * self.scale if self.scale != 1.0 else w
+    _kind: ClassVar[str] = "clampnorm"
 
     def describe(self) -> str:
         return super().describe().replace(", renorm", "") + f", renorm (sum clamped at {self.norm_min:g})"
+
+
+# Ship this module's functions by value (as source): nnsight_moe is not installed on NDIF.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
