@@ -66,16 +66,22 @@ _MODES = ("zero", "renorm", "reroute")
 
 
 # ------------------------------------------------------------ client side: plain-data spec
-def _routing_spec(routing: Routing, router: torch.nn.Module, family: str) -> dict:
-    """``routing.rule()`` plus ``"bias"``: the router attribute path holding the selection bias, or None."""
+def _routing_spec(routing: Routing, block: torch.nn.Module, family: str) -> dict:
+    """``routing.rule()`` plus ``"bias"``: the path (below the MoE block) of the selection bias, or None.
+
+    The bias is a parameter or buffer of the router (DeepSeek, GLM, ...) or of the block itself, which
+    hands it to the router as a second argument (AFMoE, HY-V3, MiniMax-M2); adapters may pass a view
+    of it (ERNIE squeezes it).
+    """
     if "_kind" not in type(routing).__dict__:  # a subclass of its own: its maths are not the rule_* functions'
         raise ValueError(f"{family}: the remote view does not implement the routing rule {type(routing).__name__}")
     bias = None
     if routing.bias is not None:
-        named = dict(router.named_parameters()) | dict(router.named_buffers())
+        named = dict(block.named_parameters()) | dict(block.named_buffers())
         bias = next((name for name, t in named.items() if routing.bias is t or routing.bias._base is t), None)
         if bias is None:
-            raise ValueError(f"{family}: the routing bias is not an attribute of the router; the remote view needs one")
+            raise ValueError(f"{family}: the routing bias is not a parameter or buffer of the MoE block; "
+                             "the remote view needs one")
     return {**routing.rule(), "bias": bias}
 
 
@@ -93,7 +99,6 @@ def moe_spec(model: Any) -> dict:
     layers = {}
     for index in layout.moe_layers:
         info = layout.layer(index)
-        router = hf.get_submodule(info.router)
         layers[index] = {
             "block": info.path,
             "shared_first": _shared_runs_first(hf.get_submodule(info.path), info) if info.shared else False,
@@ -104,7 +109,7 @@ def moe_spec(model: Any) -> dict:
             "shared_gate": info.shared_gate,
             "n_experts": info.n_experts,
             "top_k": info.top_k,
-            "routing": _routing_spec(info.routing, router, layout.family),
+            "routing": _routing_spec(info.routing, hf.get_submodule(info.path), layout.family),
         }
     return {"family": layout.family, "layers": layers}
 
@@ -405,7 +410,7 @@ def read_layer(
     scores = rule_scores(rule, logits)
     if rederive:
         exclude = mask[:, None, :] if mask is not None and mode == "reroute" else None
-        bias = _envoy(router, rule["bias"]).reshape(-1) if rule["bias"] else None
+        bias = _envoy(model, f"{info['block']}.{rule['bias']}").reshape(-1) if rule["bias"] else None
         indices = rule_select(rule, scores, exclude, bias, k)
         weights = rule_weights(rule, scores, indices)
         if rule["cast_weights"]:
