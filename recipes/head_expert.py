@@ -46,7 +46,7 @@ import nnsight_moe
 from nnsight_moe.recipes.metrics import mrr
 from nnsight_moe.recipes.prompts import encode_prompts, last_positions
 from nnsight_moe.remote import _envoy as _remote_envoy
-from nnsight_moe.remote import _scores as _remote_scores
+from nnsight_moe.routing import rule_scores as _remote_scores
 
 __all__ = [
     "CausalResult",
