@@ -22,24 +22,33 @@ def capture_hooks(handle, fn):
     return values
 
 
-def capture_blocks(model: nn.Module, layout: MoELayout, fn):
-    """Inputs and outputs of every MoE block of an UNATTACHED model: {layer: (input, output)}."""
+def _capture(model: nn.Module, layout: MoELayout, path_of, record, fn) -> dict:
+    """``{layer: record(args, kwargs, output)}`` from forward hooks on ``path_of(layer info)`` while ``fn()`` runs."""
     seen, handles = {}, []
     for index in layout.moe_layers:
-        block = model.get_submodule(layout.layer(index).path)
+        module = model.get_submodule(path_of(layout.layer(index)))
 
         def hook(module, args, kwargs, output, index=index):
-            x = args[0] if args else kwargs["hidden_states"]
-            out = output[0] if isinstance(output, tuple) else output
-            seen[index] = (x.detach().clone(), out.detach().clone())
+            seen[index] = record(args, kwargs, output)
 
-        handles.append(block.register_forward_hook(hook, with_kwargs=True))
+        handles.append(module.register_forward_hook(hook, with_kwargs=True))
     try:
         fn()
     finally:
         for h in handles:
             h.remove()
     return seen
+
+
+def capture_blocks(model: nn.Module, layout: MoELayout, fn):
+    """Inputs and outputs of every MoE block of an UNATTACHED model: {layer: (input, output)}."""
+
+    def record(args, kwargs, output):
+        x = args[0] if args else kwargs["hidden_states"]
+        out = output[0] if isinstance(output, tuple) else output
+        return x.detach().clone(), out.detach().clone()
+
+    return _capture(model, layout, lambda info: info.path, record, fn)
 
 
 def capture_routers(model: nn.Module, layout: MoELayout, fn):
@@ -48,20 +57,8 @@ def capture_routers(model: nn.Module, layout: MoELayout, fn):
     Read from the forward itself rather than by calling the router again: some families pass the router
     a second argument (a selection bias held by the block) or a 3-D input.
     """
-    seen, handles = {}, []
-    for index in layout.moe_layers:
-        router = model.get_submodule(layout.layer(index).router)
-
-        def hook(module, args, output, index=index):
-            seen[index] = (output[1].detach().clone(), output[2].detach().clone())
-
-        handles.append(router.register_forward_hook(hook))
-    try:
-        fn()
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
+    record = lambda args, kwargs, output: (output[1].detach().clone(), output[2].detach().clone())  # noqa: E731
+    return _capture(model, layout, lambda info: info.router, record, fn)
 
 
 def naive_expert(experts: nn.Module, x: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
