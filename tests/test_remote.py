@@ -80,13 +80,19 @@ def test_view_blocking_equals_block_experts(family, mode):
     hf = tiny_model(family)
     ids = _ids()
     blocked = {index: [1, 4] for index in nnsight_moe.layout(hf).moe_layers}
-    layout, values, logits = _oracle(hf, ids, lambda m: nnsight_moe.block_experts(m, blocked, mode=mode))
+    _assert_view_edit_equals_hook_edit(hf, ids, lambda m: nnsight_moe.block_experts(m, blocked, mode=mode),
+                                       lambda i: {"block": blocked[i], "mode": mode}, min_change=1e-3)
+
+
+def _assert_view_edit_equals_hook_edit(hf, ids, edit, options, min_change):
+    """The view with ``options(layer)`` on the unmodified model = the attached model under ``edit``."""
+    layout, values, logits = _oracle(hf, ids, edit)
     _, _, plain = _oracle(hf, ids)
-    assert (logits - plain).abs().max() > 1e-3, "the blocking changes the output"
+    assert (logits - plain).abs().max() > min_change, "the edit changes the output"
     lm = language_model(hf)
     view = MoEView(lm)
     with torch.no_grad(), lm.trace(ids, remote="local"):
-        views = nnsight.save({i: view.layer(i, block=blocked[i], mode=mode) for i in view.moe_layers})
+        views = nnsight.save({i: view.layer(i, **options(i)) for i in view.moe_layers})
         out = lm.output.logits.save()
     _assert_view_equals_hooks(layout, views, values)
     torch.testing.assert_close(out, logits, atol=ATOL, rtol=0)
@@ -119,17 +125,8 @@ def test_view_keep_top_and_shared_ablation_equal_restrict_experts(family, top, s
     layout = nnsight_moe.layout(hf)
     if not shared and not layout.has_shared:
         pytest.skip("no shared expert")
-    ids = _ids()
-    layout, values, logits = _oracle(hf, ids, lambda m: nnsight_moe.restrict_experts(m, top, shared=shared))
-    _, _, plain = _oracle(hf, ids)
-    assert (logits - plain).abs().max() > 1e-4, "the configuration changes the output"
-    lm = language_model(hf)
-    view = MoEView(lm)
-    with torch.no_grad(), lm.trace(ids, remote="local"):
-        views = nnsight.save({i: view.layer(i, keep_top=top, shared=shared) for i in view.moe_layers})
-        out = lm.output.logits.save()
-    _assert_view_equals_hooks(layout, views, values)
-    torch.testing.assert_close(out, logits, atol=ATOL, rtol=0)
+    _assert_view_edit_equals_hook_edit(hf, _ids(), lambda m: nnsight_moe.restrict_experts(m, top, shared=shared),
+                                       lambda i: {"keep_top": top, "shared": shared}, min_change=1e-4)
 
 
 def test_view_keep_top_and_shared_errors():
