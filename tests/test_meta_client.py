@@ -95,3 +95,34 @@ def test_head_expert_correlate_and_causal(setup):
     a, b = effects_local.to_frame(), effects_remote.to_frame()
     assert list(a["mrr_suppressed"]) == pytest.approx(list(b["mrr_suppressed"]), abs=1e-9)
     assert list(a["d_prob_selected"]) == pytest.approx(list(b["d_prob_selected"]), abs=1e-5)
+
+
+def test_main_job_on_a_meta_client(tmp_path, monkeypatch):
+    """``nnsight-moe run --remote ndif --model <repo>``: every section runs on the server's weights."""
+    import json
+
+    from nnsight_moe import demo, models
+    from nnsight_moe.job import run_job
+    from nnsight_moe.report import validate
+
+    model, tokenizer = demo.load("demo-moe")
+    model.save_pretrained(tmp_path / "repo")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        client = nnsight.LanguageModel(str(tmp_path / "repo"), tokenizer=tokenizer)  # what load_traced builds
+        server = nnsight.LanguageModel(model, tokenizer=tokenizer)
+    backend = _Server(server)
+    client._remote_backend = lambda *args, **kwargs: backend
+    opened = []
+    monkeypatch.setattr(models, "load_traced", lambda name, remote, **kw: opened.append((name, remote)) or (client, tokenizer))
+    run_job("some-org/demo-moe", out=tmp_path / "out", remote=True, quick=True)
+    assert opened == [("some-org/demo-moe", True)]
+    assert next(nnsight_moe.hf_model(client).parameters()).is_meta, "the client never held weights"
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    validate(results)
+    sections = results["sections"]
+    assert sections["baseline"]["metrics"][-1]["MRR"] == 1.0
+    assert sections["attribution"]["models"][0]["summary"]["MRR"] == 1.0
+    assert sections["blocking"]["sweep"]["original"]["all"]["mrr"] == 1.0
+    assert "causal" in sections["head_expert"]
+    assert backend.calls > 20 and nnsight_moe.handle_of(model) is None
