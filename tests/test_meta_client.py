@@ -5,6 +5,7 @@ only the values the request saved, as NDIF does. Every recipe must give the loca
 
 from __future__ import annotations
 
+import linecache
 import warnings
 
 import nnsight
@@ -30,7 +31,17 @@ class _Server(Backend):
     def __call__(self, tracer):
         self.calls += 1
         blob = RequestModel.serialize(tracer, compress=False)
-        restored = RequestModel.deserialize(blob, self.server._remoteable_persistent_objects(), compress=False)
+        # as nnsight's LocalSimulationBackend: give back the linecache entry that deserialisation overwrites
+        # with the block's source (else later requests from that file ship a wrong source)
+        filename = tracer.info.frame.f_code.co_filename
+        saved_lines = linecache.cache.get(filename)
+        try:
+            restored = RequestModel.deserialize(blob, self.server._remoteable_persistent_objects(), compress=False)
+        finally:
+            if saved_lines is not None:
+                linecache.cache[filename] = saved_lines
+            else:
+                linecache.cache.pop(filename, None)
         before = dict(restored.info.frame.f_locals)
         restored.execute(restored.info.code)  # pushes only nnsight.save()-marked values into its frame
         after = restored.info.frame.f_locals
