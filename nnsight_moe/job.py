@@ -87,7 +87,7 @@ def baseline_section(job: Job) -> Section:
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from nnsight_moe.recipes.metrics import target_ranks
+    from nnsight_moe.recipes.metrics import hits_of_ranks, mrr_of_ranks, target_ranks
 
     if job.remote is not None:
         ranks, load = _baseline_remote(job)
@@ -96,7 +96,7 @@ def baseline_section(job: Job) -> Section:
         load = routing_load(job) if job.is_moe else None
 
     def metrics(r):
-        return {"MRR": float((1.0 / r.double()).mean()), "HIT@10": float((r <= 10).double().mean())}
+        return {"MRR": mrr_of_ranks(r), "HIT@10": hits_of_ranks(r, 10)}
 
     rows = [{"relation": relation, "facts": len(idx), **metrics(ranks[idx])} for relation, idx in job.by_relation().items()]
     rows.append({"relation": "all", "facts": len(ranks), **metrics(ranks)})

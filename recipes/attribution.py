@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import nnsight_moe
+from nnsight_moe.recipes.metrics import hits_of_ranks, mrr_of_ranks
 from nnsight_moe.recipes.prompts import encode_prompts, last_positions
 
 __all__ = ["AttributionResult", "LEVELS", "attribute", "attribute_relations", "capture", "compare", "lpi"]
@@ -469,8 +470,8 @@ class AttributionResult:
         edges = [0, *[int(round(b * self.n_layers)) for b in bands], self.n_layers]
         total = ffn.sum()
         out = {
-            "HIT@10": float((ranks <= 10).double().mean()),
-            "MRR": float((1 / ranks).mean()),
+            "HIT@10": hits_of_ranks(ranks, 10),
+            "MRR": mrr_of_ranks(ranks),
             "FFN gain": float(total),
             "Attn gain": float(attn.sum()),
             "peak position %": float(100.0 * (int(ffn.to_numpy().argmax()) + 1) / self.n_layers),

@@ -44,7 +44,7 @@ import nnsight_moe
 from nnsight_moe.attach import attached, hf_model
 from nnsight_moe.interventions import BLOCK_MODES, block_experts, restrict_experts
 from nnsight_moe.layout import MoELayout
-from nnsight_moe.recipes.metrics import target_ranks
+from nnsight_moe.recipes.metrics import hits_of_ranks, mrr_of_ranks, target_ranks
 from nnsight_moe.recipes.prompts import last_positions
 
 __all__ = [
@@ -513,8 +513,7 @@ def _positive(value: Any, name: str) -> int:
 
 
 def _metrics(ranks: Tensor, k: int) -> dict[str, float]:
-    ranks = ranks.double()
-    return {"mrr": float((1.0 / ranks).mean()), "hit_at_k": float((ranks <= k).double().mean())}
+    return {"mrr": mrr_of_ranks(ranks), "hit_at_k": hits_of_ranks(ranks, k)}
 
 
 # ============================================================================================= sweep

@@ -43,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import nnsight_moe
-from nnsight_moe.recipes.metrics import mrr
+from nnsight_moe.recipes.metrics import mrr, mrr_of_ranks
 from nnsight_moe.recipes.prompts import encode_prompts, last_positions
 from nnsight_moe.remote import _envoy as _remote_envoy
 from nnsight_moe.routing import rule_scores as _remote_scores
@@ -585,9 +585,6 @@ def _causal_remote(model, prompts, targets, tokenizer, correlation, *, k_heads, 
 
     ranks = torch.cat([result["rank"] for result in results], dim=1)  # [groups, P]
 
-    def mrr_of(group: int) -> float:
-        return float((1.0 / ranks[group].double()).mean())
-
     rows = []
     for c, (condition, s, _) in enumerate(conditions):
         d_corr, d_sel = [], []
@@ -599,7 +596,8 @@ def _causal_remote(model, prompts, targets, tokenizer, correlation, *, k_heads, 
                 before = scores[layer][0].gather(-1, chosen[layer])
                 after = scores[layer][1 + c].gather(-1, chosen[layer])
                 d_sel.append((after - before).float().reshape(-1))
-        rows.append(_causal_row(condition, s, mrr_of(0), mrr_of(1 + 2 * c), mrr_of(2 + 2 * c), d_corr, d_sel))
+        rows.append(_causal_row(condition, s, mrr_of_ranks(ranks[0]), mrr_of_ranks(ranks[1 + 2 * c]),
+                                 mrr_of_ranks(ranks[2 + 2 * c]), d_corr, d_sel))
     return CausalResult(pd.DataFrame(rows), [tuple(h) for h in top_heads])
 
 

@@ -10,7 +10,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["hit_at_k", "mrr", "target_ranks"]
+__all__ = ["hit_at_k", "hits_of_ranks", "mrr", "mrr_of_ranks", "target_ranks"]
 
 
 def _check(logits: Tensor, targets: Tensor) -> Tensor:
@@ -31,15 +31,27 @@ def target_ranks(logits: Float[Tensor, "P V"], targets: Int[Tensor, " P"]) -> In
     return (logits > target_logit).sum(dim=1) + 1
 
 
+def mrr_of_ranks(ranks: Int[Tensor, " P"]) -> float:
+    """Mean reciprocal rank of 1-based ranks (nan for none)."""
+    ranks = torch.as_tensor(ranks)
+    return float((1.0 / ranks.double()).mean()) if ranks.numel() else float("nan")
+
+
+def hits_of_ranks(ranks: Int[Tensor, " P"], k: int = 10) -> float:
+    """Fraction of 1-based ranks that are <= ``k`` (nan for none)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    ranks = torch.as_tensor(ranks)
+    return float((ranks <= k).double().mean()) if ranks.numel() else float("nan")
+
+
 def mrr(logits: Float[Tensor, "P V"], targets: Int[Tensor, " P"]) -> float:
     """Mean reciprocal rank of the targets (1.0 = every target is the top prediction)."""
-    ranks = target_ranks(logits, targets)
-    return float((1.0 / ranks.double()).mean()) if ranks.numel() else float("nan")
+    return mrr_of_ranks(target_ranks(logits, targets))
 
 
 def hit_at_k(logits: Float[Tensor, "P V"], targets: Int[Tensor, " P"], k: int = 10) -> float:
     """Fraction of prompts whose target is among the top ``k`` predictions."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    ranks = target_ranks(logits, targets)
-    return float((ranks <= k).double().mean()) if ranks.numel() else float("nan")
+    return hits_of_ranks(target_ranks(logits, targets), k)
