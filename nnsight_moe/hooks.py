@@ -26,6 +26,7 @@ from transformer_lens.hook_points import HookPoint
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
 from nnsight_moe.layout import LayerLayout
+from nnsight_moe.routing import keep_top_weights, zero_weights
 
 EXPERTS_IMPLEMENTATION = "nnsight_moe"
 _STATE = "_nnsight_moe"
@@ -96,17 +97,10 @@ class BlockState:
     def edit_weights(self, indices: Int[Tensor, "b p k"], weights: Float[Tensor, "b p k"]) -> Tensor:
         """Apply blocking / renormalisation / top-n restriction to the gate weights."""
         if self.zero is not None:
-            b, p, _ = indices.shape
-            hit = self.row_mask(self.zero, b, indices.device).expand(b, p, -1).gather(-1, indices)
-            edited = weights.masked_fill(hit, 0.0)
-            if self.renorm:
-                kept = edited.sum(dim=-1, keepdim=True)
-                ratio = weights.sum(dim=-1, keepdim=True) / kept.masked_fill(kept == 0, 1.0)
-                edited = edited * ratio
-            weights = edited
+            mask = self.row_mask(self.zero, indices.shape[0], indices.device)[:, 0, :]
+            weights = zero_weights(weights, indices, mask, self.renorm)
         if self.keep_top is not None:
-            rank = weights.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
-            weights = weights.masked_fill(rank >= self.keep_top, 0.0)
+            weights = keep_top_weights(weights, self.keep_top)
         return weights
 
 

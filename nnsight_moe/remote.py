@@ -44,7 +44,7 @@ import torch
 
 from nnsight_moe.attach import hf_model
 from nnsight_moe.layout import MoELayout
-from nnsight_moe.routing import Routing, rule_scores, rule_select, rule_weights
+from nnsight_moe.routing import Routing, keep_top_weights, rule_scores, rule_select, rule_weights, zero_weights
 
 __all__ = ["MoEView", "RemoteBatchError", "VIEW_QUANTITIES", "moe_spec", "read_layer", "run_batches"]
 
@@ -417,14 +417,13 @@ def read_layer(
             weights = weights.to(raw_logits.dtype)
     edited = rederive
     if mask is not None and mode != "reroute":
-        weights = _zero_weights(weights, indices, mask, mode == "renorm")
+        weights = zero_weights(weights, indices, mask, mode == "renorm")
         edited = True
     if edit_weights is not None:
         weights = edit_weights(indices, weights)
         edited = True
     if keep_top is not None:
-        rank = weights.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
-        weights = weights.masked_fill(rank >= keep_top, 0.0)
+        weights = keep_top_weights(weights, keep_top)
         edited = True
     if edited:
         router.output = (
@@ -523,17 +522,6 @@ def _expert_mask(block: Any, n_experts: int, batch: int, device: Any) -> Any:
     mask = torch.zeros(1, n_experts, dtype=torch.bool, device=device)
     mask[0, ids] = True
     return mask
-
-
-def _zero_weights(weights: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor, renorm: bool) -> torch.Tensor:
-    """Zero the gate weights of masked experts ([1 or b, E]); optionally renormalise to the original sum."""
-    b, p, _ = indices.shape
-    hit = mask[:, None, :].expand(b, p, -1).gather(-1, indices)
-    edited = weights.masked_fill(hit, 0.0)
-    if renorm:
-        kept = edited.sum(dim=-1, keepdim=True)
-        edited = edited * (weights.sum(dim=-1, keepdim=True) / kept.masked_fill(kept == 0, 1.0))
-    return edited
 
 
 def _expert_slots(experts: Any, x: torch.Tensor, indices: torch.Tensor) -> tuple:

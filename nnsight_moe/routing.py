@@ -13,7 +13,9 @@ top-k renormalisation, scaling factor, softmax over the top-k, PhiMoE's sparsemi
 
 The maths live once, in :func:`rule_scores` / :func:`rule_select` / :func:`rule_weights` of a plain-data
 rule (:meth:`Routing.rule`): the classes delegate to them and the remote view calls them in a trace,
-shipped by value as source (so they read only ``torch`` and each other).
+shipped by value as source (so they read only ``torch`` and each other). The gate-weight edits
+(:func:`zero_weights` for blocking, :func:`keep_top_weights` for top-n restriction) are shared the same
+way by the attached hooks and the remote view.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-__all__ = ["ClampNormRouting", "Routing", "SigmoidOfLogits", "SoftmaxTopK", "SparseMixer", "rule_scores",
-           "rule_select", "rule_weights"]
+__all__ = ["ClampNormRouting", "Routing", "SigmoidOfLogits", "SoftmaxTopK", "SparseMixer", "keep_top_weights",
+           "rule_scores", "rule_select", "rule_weights", "zero_weights"]
 
 
 @dataclass
@@ -163,6 +165,24 @@ def rule_weights(rule: dict, scores: torch.Tensor, indices: torch.Tensor) -> tor
     if rule["scale"] != 1.0:
         w = w * rule["scale"]
     return w
+
+
+def zero_weights(weights: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor, renorm: bool) -> torch.Tensor:
+    """Blocking: gate weights [b, p, k] of the experts in ``mask`` (bool [1 or b, E]) set to 0; with
+    ``renorm`` the others are rescaled to the original per-token sum (a token losing all keeps 0)."""
+    b, p, _ = indices.shape
+    hit = mask[:, None, :].expand(b, p, -1).gather(-1, indices)
+    edited = weights.masked_fill(hit, 0.0)
+    if renorm:
+        kept = edited.sum(dim=-1, keepdim=True)
+        edited = edited * (weights.sum(dim=-1, keepdim=True) / kept.masked_fill(kept == 0, 1.0))
+    return edited
+
+
+def keep_top_weights(weights: torch.Tensor, n: int) -> torch.Tensor:
+    """Gate weights [..., k] with all but the ``n`` largest per token set to 0 (ties: first slot wins)."""
+    rank = weights.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+    return weights.masked_fill(rank >= n, 0.0)
 
 
 def _mask_groups(choice: torch.Tensor, n_group: int, topk_group: int, how: str) -> torch.Tensor:
