@@ -217,6 +217,8 @@ def run_batches(
     import nnsight
 
     _check_remote(remote)
+    if not hasattr(model, "trace"):
+        raise TypeError(f"remote={remote!r} needs an nnsight model (e.g. nnsight.LanguageModel), got {type(model).__name__}")
     if not callable(fn):
         raise TypeError(f"fn must be a callable fn(model, batch), got {type(fn).__name__}")
     batches = list(batches)

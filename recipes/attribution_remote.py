@@ -82,8 +82,6 @@ def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *
     from nnsight_moe.recipes.prompts import encode_prompts, last_positions
     from nnsight_moe.remote import MoEView, run_batches
 
-    if not hasattr(model, "trace"):
-        raise TypeError(f"remote={remote!r} needs an nnsight model (e.g. nnsight.LanguageModel), got {type(model).__name__}")
     unsupported = set(levels) - set(REMOTE_LEVELS)
     if unsupported:
         raise ValueError(f"levels {sorted(unsupported)} are local only; remote attribution offers {REMOTE_LEVELS}")

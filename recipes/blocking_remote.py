@@ -21,13 +21,6 @@ from torch import Tensor
 __all__ = ["ranks_remote", "routing_remote"]
 
 
-def _need_nnsight(model: Any, remote: Any) -> None:
-    if not hasattr(model, "trace"):
-        raise TypeError(
-            f"remote={remote!r} needs an nnsight model (e.g. nnsight.LanguageModel), got {type(model).__name__}"
-        )
-
-
 def _inputs(chunk: Any, repeat: int = 1) -> dict:
     return {"input_ids": chunk.input_ids.cpu().repeat(repeat, 1),
             "attention_mask": chunk.attention_mask.cpu().repeat(repeat, 1)}
@@ -45,7 +38,6 @@ def ranks_remote(model: Any, layout: Any, tasks: Sequence[tuple], targets: Tenso
     """
     from nnsight_moe.remote import MoEView, run_batches
 
-    _need_nnsight(model, remote)
     view = MoEView(model)
     batches, extras, places = [], [], []
     for t, (chunks, conditions) in enumerate(tasks):
@@ -118,7 +110,6 @@ def routing_remote(model: Any, chunks: Sequence[Any], *, remote: Any, results_pa
     """Per chunk ``{layer: (indices [b, k], weights [b, k])}`` at each prompt's last position, remotely."""
     from nnsight_moe.remote import MoEView, run_batches
 
-    _need_nnsight(model, remote)
     view = MoEView(model)
     batches = [_inputs(chunk) for chunk in chunks]
     extras = [{"last": chunk.last.cpu()} for chunk in chunks]

@@ -476,13 +476,6 @@ def causal(model: Any, dataset: Any, *, tokenizer=None, correlation: HeadExpertR
     """
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
-    if remote is not None:
-        from nnsight_moe.remote import _check_remote
-
-        _check_remote(remote)
-        if not hasattr(model, "trace"):
-            raise TypeError(f"remote={remote!r} needs an nnsight model (e.g. nnsight.LanguageModel), "
-                            f"got {type(model).__name__}")
     prompts, targets, _ = _prompts_and_targets(model, dataset, tokenizer)
     if correlation is None:
         correlation = correlate(model, (prompts, targets), tokenizer=tokenizer, top_k=k_heads, batch_size=batch_size,
