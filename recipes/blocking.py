@@ -891,16 +891,18 @@ def configurations(
     if remote is not None:
         from nnsight_moe.recipes.blocking_remote import ranks_remote
 
-        edits = [{i: {**({} if top is None else {"keep_top": top}), **({} if shared else {"shared": False})}
-                  for i in layout.moe_layers} if top is not None or not shared else {} for _, top, shared in configs]
+        edits = []  # per configuration: the same view options in every MoE layer ({} = the unmodified model)
+        for _, top, shared in configs:
+            options = {**({} if top is None else {"keep_top": top}), **({} if shared else {"shared": False})}
+            edits.append({i: options for i in layout.moe_layers} if options else {})
         remote_ranks = ranks_remote(model, layout, [(chunks, edits)], data.targets, remote=remote,
-                                    results_path=results_path, progress=progress)[0]
+                                    results_path=results_path, progress=progress)[0]  # [configs, P] in prompt order
     for c, (name, top, shared) in enumerate(tqdm(configs, desc="configurations", disable=not progress or remote is not None,
                                                   leave=False)):
-        ranks = torch.zeros(len(data.prompts), dtype=torch.long)
         if remote is not None:
-            ranks[[i for chunk in chunks for i in chunk.rows]] = remote_ranks[c]
+            ranks = remote_ranks[c]
         else:
+            ranks = torch.zeros(len(data.prompts), dtype=torch.long)
             with restrict_experts(hf, top, shared=shared):
                 for chunk in chunks:
                     logits = _last_logits(hf, chunk.input_ids, chunk.attention_mask, chunk.last)
