@@ -72,14 +72,6 @@ BASELINES = ("uniform", "matched")
 Pair = tuple[int, int]
 
 
-def _edits(pairs: Sequence[Pair], mode: str) -> dict[int, dict]:
-    """A blocking condition as remote-view edits: ``{layer: {"block": [experts], "mode": mode}}``."""
-    edits: dict[int, dict] = {}
-    for layer, expert in pairs:
-        edits.setdefault(layer, {"block": [], "mode": mode})["block"].append(expert)
-    return edits
-
-
 # ============================================================================================== data
 @dataclass
 class _Data:
@@ -495,15 +487,35 @@ def evaluate(
 
 
 def _run_remote(model, layout, tasks, targets, remote, max_rows, results_path, progress) -> list[Tensor]:
-    """Ranks [C, P] per ``(chunks, conditions, mode)`` task, through nnsight on the unmodified model."""
+    """Ranks [C, P] per ``(chunks, conditions, mode)`` task, through nnsight on the unmodified model.
+
+    The same plan as the stacked local path: per chunk, groups of ``max_rows // b`` conditions share a
+    trace, each row with its condition's mask in every layer some condition of the task blocks.
+    """
     from nnsight_moe.recipes.blocking_remote import ranks_remote
 
-    for _, conditions, mode in tasks:
+    traces, places = [], []
+    for t, (chunks, conditions, mode) in enumerate(tasks):
         if mode not in BLOCK_MODES:
             raise ValueError(f"mode must be one of {BLOCK_MODES}, got {mode!r}")
-        _masks(layout, conditions, mode)  # the same checks as the local path (reroute capacity)
-    return ranks_remote(model, layout, [(chunks, [_edits(c, mode) for c in conditions]) for chunks, conditions, mode in tasks],
-                        targets, remote=remote, max_rows=max_rows, results_path=results_path, progress=progress)
+        masks = _masks(layout, conditions, mode)
+        start = 0
+        for chunk in chunks:
+            b = len(chunk.rows)
+            per = max(1, max_rows // b)
+            for c0 in range(0, len(conditions), per):
+                c1 = min(c0 + per, len(conditions))
+                edits = {layer: {"block": mask[c0:c1].repeat_interleave(b, dim=0), "mode": mode}
+                         for layer, mask in masks.items()}
+                traces.append((chunk, c1 - c0, edits))
+                places.append((t, c0, c1, start, b))
+            start += b
+    found = ranks_remote(model, traces, targets, remote=remote, results_path=results_path, progress=progress)
+    out = [torch.zeros(len(conditions), sum(len(c.rows) for c in chunks), dtype=torch.long)
+           for chunks, conditions, _ in tasks]
+    for (t, c0, c1, start, b), ranks in zip(places, found):
+        out[t][c0:c1, start : start + b] = ranks.view(c1 - c0, b)
+    return out
 
 
 def _positive(value: Any, name: str) -> int:
@@ -891,12 +903,12 @@ def configurations(
     if remote is not None:
         from nnsight_moe.recipes.blocking_remote import ranks_remote
 
-        edits = []  # per configuration: the same view options in every MoE layer ({} = the unmodified model)
+        traces = []  # per configuration and chunk: the same view options in every MoE layer ({}: unmodified)
         for _, top, shared in configs:
             options = {**({} if top is None else {"keep_top": top}), **({} if shared else {"shared": False})}
-            edits.append({i: options for i in layout.moe_layers} if options else {})
-        remote_ranks = ranks_remote(model, layout, [(chunks, edits)], data.targets, remote=remote,
-                                    results_path=results_path, progress=progress)[0]  # [configs, P] in prompt order
+            traces += [(chunk, 1, {i: options for i in layout.moe_layers} if options else {}) for chunk in chunks]
+        found = ranks_remote(model, traces, data.targets, remote=remote, results_path=results_path, progress=progress)
+        remote_ranks = torch.cat(found).view(len(configs), -1)  # [configs, P]: chunks cover the prompts in order
     for c, (name, top, shared) in enumerate(tqdm(configs, desc="configurations", disable=not progress or remote is not None,
                                                   leave=False)):
         if remote is not None:
