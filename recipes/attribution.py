@@ -599,11 +599,8 @@ def section(job: Any):
     """
     from nnsight_moe.report import Section
 
+    # with job.remote, job.model is an nnsight LanguageModel: every level, neurons included, runs in its traces
     levels, model, remote = LEVELS, job.model, job.remote
-    if remote is not None:  # through nnsight on the unmodified model; every level, neurons included
-        from nnsight import LanguageModel
-
-        model = job.model if hasattr(job.model, "trace") else LanguageModel(job.model, tokenizer=job.tokenizer)
     sample = job.sample()
     options = dict(tokenizer=job.tokenizer, batch_size=job.batch_size, neurons="fast", fast_top=20, remote=remote)
     result = attribute(model, sample.prompts, sample.targets, levels=levels, **options)
