@@ -536,7 +536,7 @@ def _causal_remote(model, prompts, targets, tokenizer, correlation, *, k_heads, 
     replaced by the clean rows' (what setting ``hook_topk_indices`` / ``hook_topk_weights`` does
     locally). Only target ranks, last-position router scores and the clean selection come back.
     """
-    from nnsight_moe.remote import _fingerprint, moe_spec, run_batches
+    from nnsight_moe.remote import moe_spec, run_batches
 
     hf = nnsight_moe.hf_model(model)
     layout = nnsight_moe.layout(hf)
@@ -566,14 +566,14 @@ def _causal_remote(model, prompts, targets, tokenizer, correlation, *, k_heads, 
                         "routing": info["routing"]} for index, info in spec["layers"].items()},
     }
     groups = settings["groups"]
-    key = _fingerprint(settings)  # part of each batch's resume fingerprint: other heads, other results
     batches, extras = [], []
     for start in range(0, len(prompts), batch_size):
         batch = encode_prompts(tokenizer, prompts[start : start + batch_size], "cpu")
         batches.append({name: t.repeat(groups, 1) for name, t in batch.items()})
         extras.append({"last": last_positions(batch["attention_mask"]),
-                       "target": torch.as_tensor(targets[start : start + batch_size]), "settings": key})
+                       "target": torch.as_tensor(targets[start : start + batch_size])})
     results = run_batches(model, batches, functools.partial(_causal_in_trace, settings), extras=extras,
+                          key=settings,  # resume fingerprint: a results file for other heads is refused
                           remote=remote, results_path=results_path, progress=progress)
 
     ranks = torch.cat([result["rank"] for result in results], dim=1)  # [groups, P]
