@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import nnsight_moe
-from nnsight_moe.recipes.metrics import hits_of_ranks, mrr_of_ranks
+from nnsight_moe.hooks import unwrap
+from nnsight_moe.recipes.metrics import hits_of_ranks, mrr_of_ranks, target_ranks
 from nnsight_moe.recipes.prompts import encode_prompts, last_positions
 
 __all__ = ["AttributionResult", "LEVELS", "attribute", "attribute_relations", "capture", "compare", "lpi"]
@@ -91,16 +92,57 @@ def lpi(readout: Readout, base: Tensor, c: Tensor, rows: Tensor, budget_bytes: i
 
 
 # ------------------------------------------------------------------------------------ capture
+#: Where decoder layers keep their token mixer (attention, linear attention, SSM) and their MLP / MoE.
+MIXER_NAMES = ("self_attn", "attn", "attention", "linear_attn", "mamba", "mixer")
+MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward")
+#: Layer types (``config.layer_types``, ``block_type``) whose single ``mixer`` module is the MLP / MoE.
+_CHANNEL_TYPES = ("mlp", "moe", "ffn", "dense")
+
+
 @dataclass
 class Parts:
-    """Where the pieces of a decoder stack live (HF modules)."""
+    """Where the pieces of a decoder stack live (the modules the model calls; bridge wrappers included).
+
+    Per layer: ``mixers[i]`` the token mixer (None when the layer has none), ``kinds[i]`` its row name at
+    the ``layer`` level (``"attn"`` for softmax attention, ``"mixer"`` for linear attention / Mamba /
+    other mixers without attention heads, None), ``o_proj[i]`` the output projection whose input holds
+    the heads (attention layers only), ``mlp[i]`` the MLP / MoE block (None when absent); ``*_names`` the
+    attribute names on the (unwrapped) decoder layer.
+    """
 
     layers: list[nn.Module]
-    attn: list[nn.Module]
-    mlp: list[nn.Module]
+    mixers: list[nn.Module | None]
+    kinds: list[str | None]
+    o_proj: list[nn.Module | None]
+    mlp: list[nn.Module | None]
     norm: nn.Module
     unembed: nn.Module
     n_heads: int
+    mixer_names: list[str | None]
+    mlp_names: list[str | None]
+
+    @property
+    def head_layers(self) -> list[int]:
+        """Layers with attention heads (head rows)."""
+        return [i for i, o in enumerate(self.o_proj) if o is not None]
+
+
+def _layer_type(layer: nn.Module, config: Any, i: int, n_layers: int) -> str | None:
+    found = getattr(layer, "block_type", None) or getattr(layer, "layer_type", None)
+    if isinstance(found, str):
+        return found
+    for key in ("layer_types", "layers_block_type"):
+        types = getattr(config, key, None)
+        if isinstance(types, (list, tuple)) and len(types) == n_layers and isinstance(types[i], str):
+            return types[i]
+    return None
+
+
+def _is_attention(kind: str | None, module: nn.Module) -> bool:
+    if kind is not None:
+        kind = kind.lower()
+        return "attention" in kind and "linear" not in kind or kind in ("attn", "global", "local", "sliding", "full")
+    return hasattr(unwrap(module), "o_proj")
 
 
 def _parts(hf: nn.Module) -> Parts:
@@ -110,41 +152,76 @@ def _parts(hf: nn.Module) -> Parts:
                   if isinstance(m, nn.ModuleList) and name.endswith("layers") and len(m) == n_layers), None)
     if stack is None:
         raise ValueError(f"{type(hf).__name__}: no decoder layer list of length {n_layers} found")
-    attn = [getattr(layer, "self_attn", None) for layer in stack]
-    mlp = [getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None) for layer in stack]
-    if any(a is None or not hasattr(a, "o_proj") for a in attn) or any(m is None for m in mlp):
-        raise ValueError(f"{type(hf).__name__}: every decoder layer needs self_attn.o_proj and an mlp module")
+    n_heads = int(getattr(config, "num_attention_heads", 0) or 0)
+    mixers, kinds, o_projs, mlps, mixer_names, mlp_names = [], [], [], [], [], []
+    for i, wrapped in enumerate(stack):
+        layer = unwrap(wrapped)
+        kind = _layer_type(layer, config, i, n_layers)
+        mixer_name = next((n for n in MIXER_NAMES if isinstance(getattr(layer, n, None), nn.Module)), None)
+        mlp_name = next((n for n in MLP_NAMES if isinstance(getattr(layer, n, None), nn.Module)), None)
+        if mlp_name is None and mixer_name is not None and kind is not None and kind.lower() in _CHANNEL_TYPES:
+            mixer_name, mlp_name = None, mixer_name  # one module per layer (nemotron_h): this one is the MLP / MoE
+        mixer = getattr(layer, mixer_name) if mixer_name else None
+        attention = mixer is not None and _is_attention(kind, mixer)
+        o_proj = getattr(unwrap(mixer), "o_proj", None) if attention else None
+        if o_proj is not None and (not n_heads or _linear(o_proj) is None or _linear(o_proj).in_features % n_heads):
+            o_proj = None
+        mixers.append(mixer), mixer_names.append(mixer_name)
+        kinds.append(None if mixer is None else "attn" if attention else "mixer")
+        o_projs.append(o_proj)
+        mlps.append(getattr(layer, mlp_name) if mlp_name else None), mlp_names.append(mlp_name)
+    if all(m is None for m in mixers) and all(m is None for m in mlps):
+        raise ValueError(f"{type(hf).__name__}: its decoder layers have none of {MIXER_NAMES + MLP_NAMES}")
     base = hf.base_model
-    norm = getattr(base, "norm", None) or getattr(base, "final_layernorm", None)
+    norm = next((getattr(base, n) for n in ("norm", "final_layernorm", "norm_f", "ln_f")
+                 if isinstance(getattr(base, n, None), nn.Module)), None)
     if norm is None:
-        raise ValueError(f"{type(hf).__name__}: no final norm (base_model.norm) found")
-    return Parts(list(stack), attn, mlp, norm, hf.get_output_embeddings(), int(config.num_attention_heads))
+        raise ValueError(f"{type(hf).__name__}: no final norm (base_model.norm / final_layernorm / norm_f) found")
+    return Parts(list(stack), mixers, kinds, o_projs, mlps, norm, hf.get_output_embeddings(), n_heads,
+                 mixer_names, mlp_names)
+
+
+def _linear(module: nn.Module | None) -> nn.Linear | None:
+    """The ``nn.Linear`` behind ``module`` (a TransformerBridge wraps them), else None."""
+    inner = unwrap(module) if module is not None else None
+    return inner if isinstance(inner, nn.Linear) else None
+
+
+def _out(o):
+    return o[0] if isinstance(o, tuple) else o
 
 
 @torch.no_grad()
 def capture(hf: nn.Module, batch: dict[str, Tensor], parts: Parts, handle=None) -> dict[str, Any]:
     """Run ``hf`` on ``batch`` and keep every quantity attribution needs at the last non-pad position.
 
-    Returns a dict: ``resid_pre`` [L, P, D], ``attn_out`` [L, P, D], ``z`` [L, P, H*dh], ``mlp_out``
-    [L, P, D], ``mlp_acts`` {dense layer: [P, I]}, ``final`` [P, D], ``logits`` [P, V] and, with an
-    attach ``handle``, ``moe`` {layer: {hook name without "hook_": last-position tensor}}.
+    Returns a dict: ``resid_pre`` [L, P, D], ``attn_out`` [L, P, D] (token mixer output: attention,
+    linear attention or SSM; 0 where a layer has none), ``z`` {attention layer: [P, H*dh]}, ``mlp_out``
+    [L, P, D] (0 where a layer has no MLP), ``mlp_acts`` {dense layer: [P, I]}, ``final`` [P, D],
+    ``logits`` [P, V] (last position only) and, with an attach ``handle``, ``moe`` {layer: {hook name
+    without "hook_": last-position tensor}}. Nothing of size [P, positions, V] outlives the forward.
     """
     last = last_positions(batch["attention_mask"])
     rows = torch.arange(last.shape[0], device=last.device)
     pick = lambda t: t[rows, last].float()  # noqa: E731
     got: dict[str, Any] = {"resid_pre": {}, "attn_out": {}, "z": {}, "mlp_out": {}, "mlp_acts": {}, "moe": {}}
+    moe_layers = set(handle.layout.moe_layers) if handle is not None else set()
     handles = []
-    for i, (layer, attn, mlp) in enumerate(zip(parts.layers, parts.attn, parts.mlp)):
+    for i, layer in enumerate(parts.layers):
         handles.append(layer.register_forward_pre_hook(
             lambda m, a, k, i=i: got["resid_pre"].__setitem__(i, pick(a[0] if a else k["hidden_states"])),
             with_kwargs=True))
-        handles.append(attn.register_forward_hook(lambda m, a, o, i=i: got["attn_out"].__setitem__(i, pick(o[0]))))
-        handles.append(attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: got["z"].__setitem__(i, pick(a[0]))))
-        handles.append(mlp.register_forward_hook(
-            lambda m, a, o, i=i: got["mlp_out"].__setitem__(i, pick(o[0] if isinstance(o, tuple) else o))))
-        down = getattr(mlp, "down_proj", None)
-        if isinstance(down, nn.Linear):
-            handles.append(down.register_forward_pre_hook(lambda m, a, i=i: got["mlp_acts"].__setitem__(i, pick(a[0]))))
+        if parts.mixers[i] is not None:
+            handles.append(parts.mixers[i].register_forward_hook(
+                lambda m, a, o, i=i: got["attn_out"].__setitem__(i, pick(_out(o)))))
+        if parts.o_proj[i] is not None:
+            handles.append(parts.o_proj[i].register_forward_pre_hook(lambda m, a, i=i: got["z"].__setitem__(i, pick(a[0]))))
+        mlp = parts.mlp[i]
+        if mlp is not None:
+            handles.append(mlp.register_forward_hook(lambda m, a, o, i=i: got["mlp_out"].__setitem__(i, pick(_out(o)))))
+            down = getattr(unwrap(mlp), "down_proj", None)
+            if i not in moe_layers and _linear(down) is not None:
+                handles.append(down.register_forward_pre_hook(lambda m, a, i=i: got["mlp_acts"].__setitem__(i, pick(a[0]))))
     handles.append(parts.norm.register_forward_pre_hook(
         lambda m, a, k: got.__setitem__("final", pick(a[0] if a else k["hidden_states"])), with_kwargs=True))
     points = []
@@ -155,25 +232,38 @@ def capture(hf: nn.Module, batch: dict[str, Tensor], parts: Parts, handle=None) 
                 point = handle.block(i)._modules[name]
                 points.append(point)
                 point.add_hook(lambda v, hook, i=i, name=name: got["moe"][i].__setitem__(name[5:], v[rows, last]))
+    keep = {"logits_to_keep": last[:, None]} if _keeps_logits(hf) else {}
     try:
-        logits = hf(**batch).logits
+        logits = hf(**batch, **keep).logits  # [P, 1, V] with logits_to_keep: only the scored positions
     finally:
         for h in handles:
             h.remove()
         for point in points:
             point.remove_hooks()
-    got["logits"] = pick(logits)
-    for key in ("resid_pre", "attn_out", "z", "mlp_out"):
-        got[key] = torch.stack([got[key][i] for i in range(len(parts.layers))])
+    got["logits"] = logits[:, 0].float() if keep and logits.shape[1] == 1 else pick(logits)
+    del logits
+    zeros = torch.zeros_like(got["resid_pre"][0])
+    for key in ("resid_pre", "attn_out", "mlp_out"):
+        got[key] = torch.stack([got[key].get(i, zeros) for i in range(len(parts.layers))])
     return got
+
+
+def _keeps_logits(hf: nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (then only the scored positions are projected)."""
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(unwrap(hf).forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def readout(parts: Parts, captured: dict, targets: Tensor, atol: float = 1e-3) -> Readout:
     """The frozen final projection for a batch, checked against the model's own log-probabilities."""
-    norm = parts.norm
+    norm = unwrap(parts.norm)
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
     final = captured["final"]
-    unembed = parts.unembed
+    unembed = unwrap(parts.unembed)
     bias = None if getattr(unembed, "bias", None) is None else unembed.bias.float()
     if isinstance(norm, nn.LayerNorm):
         mean = final.mean(-1, keepdim=True)
@@ -182,7 +272,7 @@ def readout(parts: Parts, captured: dict, targets: Tensor, atol: float = 1e-3) -
         out = Readout(unembed.weight.float(), norm.weight.float(), scale, bias, targets, mean, beta)
     else:
         scale = torch.rsqrt(final.pow(2).mean(-1, keepdim=True) + eps)
-        out = Readout(unembed.weight.float(), norm.weight.float(), scale, bias, targets)
+        out = Readout(unembed.weight.float(), rms_gamma(norm, eps), scale, bias, targets)
     rows = torch.arange(final.shape[0])
     mine = out.logprob(final, rows)
     theirs = captured["logits"].log_softmax(-1).gather(-1, targets[:, None])[:, 0]
@@ -193,6 +283,18 @@ def readout(parts: Parts, captured: dict, targets: Tensor, atol: float = 1e-3) -
             "its logits in a way attribution does not model"
         )
     return out
+
+
+@torch.no_grad()
+def rms_gamma(norm: nn.Module, eps: float) -> Tensor:
+    """The per-channel scale γ [D] an RMSNorm-like final norm applies after dividing by the RMS.
+
+    Read off the module itself, ``γ = norm(1) · sqrt(1 + eps)`` (the RMS of a vector of ones is 1), so
+    conventions such as Qwen3-Next's / Gemma's ``(1 + weight)`` are covered without knowing them.
+    """
+    weight = norm.weight
+    ones = torch.ones(1, weight.shape[-1], device=weight.device, dtype=torch.float32)
+    return (norm(ones).float() * (1.0 + float(eps)) ** 0.5).reshape(-1)
 
 
 def _rows(**cols) -> pd.DataFrame:
@@ -221,10 +323,12 @@ def score_batch(hf: nn.Module, parts: Parts, captured: dict, ro: Readout, levels
 
     for layer in range(n_layers):
         if "layer" in levels:
-            add(layer, "attn", ar, lpi(ro, h_prev[layer], attn_out[layer], ar, budget_bytes))
-            add(layer, "moe", ar, lpi(ro, u[layer], mlp_out[layer], ar, budget_bytes))
-        if "head" in levels:
-            o_proj = parts.attn[layer].o_proj
+            if parts.kinds[layer] is not None:  # "attn" (attention) or "mixer" (linear attention, SSM, ...)
+                add(layer, parts.kinds[layer], ar, lpi(ro, h_prev[layer], attn_out[layer], ar, budget_bytes))
+            if parts.mlp[layer] is not None:
+                add(layer, "moe", ar, lpi(ro, u[layer], mlp_out[layer], ar, budget_bytes))
+        if "head" in levels and layer in captured["z"]:
+            o_proj = _linear(parts.o_proj[layer])
             z = captured["z"][layer].reshape(n_prompts, parts.n_heads, -1)
             w_o = o_proj.weight.float().reshape(o_proj.out_features, parts.n_heads, -1)
             heads = torch.einsum("phd,ohd->pho", z, w_o).reshape(-1, o_proj.out_features)
@@ -244,20 +348,20 @@ def score_batch(hf: nn.Module, parts: Parts, captured: dict, ro: Readout, levels
                 contrib = moe["shared_gate"].float() * moe["shared_out"].float()
                 add(layer, "shared", ar, lpi(ro, u[layer], contrib, ar, budget_bytes))
             if "neuron" in levels:
-                experts = handle.states[layer].experts
+                experts = unwrap(handle.states[layer].experts)
                 acts = moe["expert_acts"].float().reshape(len(ids), -1)  # [P*k, I]
                 w_down = _down_columns(experts, ids)  # [P*k, I, D]
                 frames.append(_neurons(ro, u[layer], rows, gate[:, None] * acts, w_down, layer, ids,
                                        budget_bytes, neurons, fast_top))
                 if "shared_acts" in moe:
-                    shared = hf.get_submodule(handle.layout.layer(layer).shared)
+                    shared = unwrap(hf.get_submodule(handle.layout.layer(layer).shared))
                     acts = moe["shared_gate"].float() * moe["shared_acts"].float()
-                    w_down = shared.down_proj.weight.float().T.expand(n_prompts, -1, -1)
+                    w_down = _linear(shared.down_proj).weight.float().T.expand(n_prompts, -1, -1)
                     frames.append(_neurons(ro, u[layer], ar, acts, w_down, layer, torch.full((n_prompts,), -1),
                                            budget_bytes, neurons, fast_top))
         elif "neuron" in levels and layer in captured["mlp_acts"]:
             acts = captured["mlp_acts"][layer]
-            w_down = parts.mlp[layer].down_proj.weight.float().T.expand(n_prompts, -1, -1)
+            w_down = _linear(unwrap(parts.mlp[layer]).down_proj).weight.float().T.expand(n_prompts, -1, -1)
             frames.append(_neurons(ro, u[layer], ar, acts, w_down, layer, torch.full((n_prompts,), -1),
                                    budget_bytes, neurons, fast_top))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
@@ -313,63 +417,101 @@ def _logprob_gradient(ro: Readout, base: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ entry points
-def _targets(targets, prompts, tokenizer) -> list[int] | None:
-    from nnsight_moe.data import target_token
+TARGETS = ("gold", "prediction")
 
-    if targets is None or isinstance(targets, str) and targets == "predicted":
+
+def _targets(targets, prompts, tokenizer) -> list[int] | None:
+    """Target ids: ints as given; strings as the object's first token in the context of its prompt
+    (:func:`nnsight_moe.data.target_token`; token-id prompts are decoded for the context); None for
+    the model's own prediction."""
+    from nnsight_moe.data import _first_tokens
+
+    if targets is None or isinstance(targets, str) and targets in ("predicted", "prediction"):
         return None
+    if isinstance(targets, str):
+        raise ValueError(f"targets must be a sequence (one per prompt), None or 'prediction', got {targets!r}")
     if len(targets) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(targets)} targets")
-    out = []
-    for t in targets:
-        if isinstance(t, str):
-            if tokenizer is None:
-                raise ValueError("string targets need a tokenizer=")
-            tid = target_token(tokenizer, t)
+    out = [None if isinstance(t, str) else int(t) for t in targets]
+    strings = [i for i, t in enumerate(targets) if isinstance(t, str)]
+    if strings:
+        if tokenizer is None:
+            raise ValueError("string targets need a tokenizer= (or a model that carries one)")
+        pairs = [(prompts[i] if isinstance(prompts[i], str)
+                  else tokenizer.decode(list(prompts[i]), skip_special_tokens=True), targets[i]) for i in strings]
+        for i, (tid, reason) in zip(strings, _first_tokens(tokenizer, pairs)):
             if tid is None:
-                raise ValueError(f"target {t!r}: its first token is unknown to the tokenizer")
-            out.append(tid)
-        else:
-            out.append(int(t))
+                raise ValueError(f"target {targets[i]!r} of prompt {i} has no usable first token ({reason})")
+            out[i] = tid
+    return out
+
+
+def _select(got: dict, keep: Tensor) -> dict:
+    """The captured quantities of the prompts ``keep`` (indices into the batch) only."""
+    out = {key: got[key][:, keep] for key in ("resid_pre", "attn_out", "mlp_out")}
+    out["final"], out["logits"] = got["final"][keep], got["logits"][keep]
+    for key in ("z", "mlp_acts"):
+        out[key] = {i: t[keep] for i, t in got[key].items()}
+    out["moe"] = {i: {name: t[keep] for name, t in q.items()} for i, q in got["moe"].items()}
     return out
 
 
 def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = None, *, tokenizer=None,
               levels: Sequence[str] = LEVELS, remote: Any = None, batch_size: int = 16,
               budget_bytes: int = 2 << 30, neurons: str = "exact", fast_top: int = 100,
-              progress: bool = True, results_path: Any = None) -> "AttributionResult":
+              progress: bool = True, results_path: Any = None, only_correct: bool = False) -> "AttributionResult":
     """LPI attribution of every component at the last prompt position.
 
     Args:
-        model: HF model, TransformerBridge or nnsight model (MoE of a supported family, or dense).
+        model: HF model, TransformerBridge or nnsight model (MoE of a supported family, or dense; hybrid
+            stacks with linear-attention / Mamba layers included).
         prompts: strings (with ``tokenizer``) or lists of token ids.
-        targets: strings (first token of " " + target), token ids, or None / ``"predicted"`` for the
-            model's own top-1 prediction.
-        levels: any of ``"layer"`` (attn + moe/mlp rows), ``"head"``, ``"expert"``, ``"shared"``, ``"neuron"``.
+        targets: token ids; strings (the object's first token in the context of its prompt, see
+            :func:`nnsight_moe.data.target_token`); or None / ``"prediction"`` for the model's own top-1
+            prediction at the last position (then every rank is 1).
+        tokenizer: for string prompts / targets; None uses the model's own (nnsight ``LanguageModel``
+            and TransformerBridge carry one).
+        levels: any of ``"layer"`` (rows ``attn`` for attention, ``mixer`` for token mixers without
+            attention heads (linear attention, Mamba), ``moe`` for the MLP / MoE block), ``"head"``
+            (attention layers only), ``"expert"``, ``"shared"``, ``"neuron"``.
+        only_correct: keep only the prompts whose target (the gold one; ``targets`` must be given) is
+            the model's top-1 prediction; the result's ``prompt_ids`` maps its prompts back to ``prompts``.
+            Locally the others are dropped after the forward, before any scoring.
         remote: run inside ``model.trace(..., remote=remote)`` on the unmodified model (``True`` for NDIF,
-            ``"local"``, or a host URL; ``model`` must be an nnsight model): every level, RMSNorm models
-            (dense MLP layers need a gated MLP for the neuron level); all scores, neuron ones included
-            (``neurons``, ``fast_top`` and ``budget_bytes`` as locally), are computed on the server and
-            only they come back (:mod:`nnsight_moe.recipes.attribution_remote`).
+            ``"local"``, or a host URL; ``model`` must be an nnsight model): every level, RMSNorm models;
+            all scores, neuron ones included (``neurons``, ``fast_top`` and ``budget_bytes`` as locally),
+            are computed on the server and only they come back (:mod:`nnsight_moe.recipes.attribution_remote`).
         results_path: remote only: partial results file; a failed run resumes from it when rerun.
         budget_bytes: memory budget for the [chunk, vocab] logits of a chunk of contributions.
         neurons: ``"exact"`` (every neuron) or ``"fast"``: a first-order (linearised log-sum-exp) screen
             of every neuron, then exact LPI for the ``fast_top`` neurons with the largest |screen score|
             per prompt and layer (routed and shared/dense neurons screened separately); others omitted.
+
+    Memory: per batch, only the last position's logits [batch, V] are projected and kept while the batch
+    is scored; afterwards only its rows, targets and ranks remain (O(batch x vocab), not O(prompts x vocab)).
     """
+    from nnsight_moe.recipes.prompts import check_vocab, model_tokenizer, vocab_size
+
     unknown = set(levels) - set(LEVELS)
     if unknown:
         raise ValueError(f"unknown levels {sorted(unknown)}; choose from {LEVELS}")
     if len(prompts) == 0:
         raise ValueError("no prompts to attribute")
+    tokenizer = model_tokenizer(model, tokenizer)
     wanted = _targets(targets, prompts, tokenizer)
+    if only_correct and wanted is None:
+        raise ValueError("only_correct=True compares the model's prediction with the gold targets: pass targets")
+    vocab = vocab_size(model)
+    if wanted is not None:
+        check_vocab(wanted, vocab, "the targets", tokenizer)
     if remote is not None:
         from nnsight_moe.recipes.attribution_remote import attribute_remote
 
-        return attribute_remote(model, prompts, wanted, tokenizer=tokenizer,
-                                levels=levels, remote=remote, batch_size=batch_size, progress=progress,
-                                results_path=results_path, budget_bytes=budget_bytes, neurons=neurons,
-                                fast_top=fast_top)
+        result = attribute_remote(model, prompts, wanted, tokenizer=tokenizer,
+                                  levels=levels, remote=remote, batch_size=batch_size, progress=progress,
+                                  results_path=results_path, budget_bytes=budget_bytes, neurons=neurons,
+                                  fast_top=fast_top)
+        return result.select([p for p, r in enumerate(result.ranks) if r == 1]) if only_correct else result
     hf = nnsight_moe.hf_model(model)
     parts = _parts(hf)
     try:
@@ -377,24 +519,35 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
     except nnsight_moe.UnsupportedModelError:
         layout = None
     device = next(hf.parameters()).device
-    frames, all_targets, all_logits = [], [], []
+    frames, all_targets, all_ranks, kept = [], [], [], []
     context = nnsight_moe.attached(hf) if layout is not None else _null()
     with context as handle:
         for start in tqdm(range(0, len(prompts), batch_size), desc="attribution", disable=not progress, leave=False):
-            batch = encode_prompts(tokenizer, prompts[start : start + batch_size], device)
+            batch = encode_prompts(tokenizer, prompts[start : start + batch_size], device, vocab=vocab)
             got = capture(hf, batch, parts, handle)
             tgt = (got["logits"].argmax(-1) if wanted is None
                    else torch.tensor(wanted[start : start + batch_size], device=got["logits"].device))
-            ro = readout(parts, got, tgt)
-            frame = score_batch(hf, parts, got, ro, levels, handle, budget_bytes, neurons, fast_top)
-            frame["prompt"] += start
-            frames.append(frame)
+            ranks = target_ranks(got["logits"], tgt)
+            keep = torch.arange(len(tgt), device=tgt.device)
+            if only_correct:
+                keep = (ranks == 1).nonzero()[:, 0]
+                got, tgt, ranks = _select(got, keep), tgt[keep], ranks[keep]
+            if len(keep):
+                ro = readout(parts, got, tgt)
+                frame = score_batch(hf, parts, got, ro, levels, handle, budget_bytes, neurons, fast_top)
+                frame["prompt"] += sum(len(k) for k in kept)
+                frames.append(frame)
+            del got  # the batch's logits [b, V] and captured states go here: nothing of size V is kept
+            kept.append((keep + start).tolist())
             all_targets.append(tgt.cpu())
-            all_logits.append(got["logits"].cpu())
-    frame = pd.concat(frames, ignore_index=True)[COLUMNS]
-    return AttributionResult(frame, torch.cat(all_targets).tolist(), _ranks(torch.cat(all_logits), torch.cat(all_targets)),
-                             n_layers=len(parts.layers), family=layout.family if layout else "dense",
-                             model_type=hf.config.model_type)
+            all_ranks.append(ranks.cpu())
+    frame = pd.concat(frames, ignore_index=True)[COLUMNS] if frames else pd.DataFrame(columns=COLUMNS)
+    result = AttributionResult(frame, torch.cat(all_targets).tolist(), torch.cat(all_ranks).tolist(),
+                               n_layers=len(parts.layers), family=layout.family if layout else "dense",
+                               model_type=hf.config.model_type)
+    if only_correct:
+        result.prompt_ids = [p for k in kept for p in k]
+    return result
 
 
 class _null:
@@ -405,26 +558,34 @@ class _null:
         return False
 
 
-def _ranks(logits: Tensor, targets: Tensor) -> list[int]:
-    from nnsight_moe.recipes.metrics import target_ranks
-
-    return target_ranks(logits, targets).tolist()
-
-
-def attribute_relations(model: Any, tokenizer, relations, *, per_relation: int | None = None, **kwargs) -> "AttributionResult":
+def attribute_relations(model: Any, tokenizer, relations, *, per_relation: int | None = None, target: str = "gold",
+                        only_correct: bool = False, **kwargs) -> "AttributionResult":
     """:func:`attribute` over relation facts (``nnsight_moe.data``); adds a ``relation`` column.
 
     ``per_relation`` keeps at most that many facts per relation (evenly spread) to bound the cost.
+    ``target``: ``"gold"`` scores the object's first token (in context); ``"prediction"`` the model's
+    own top-1 prediction. ``only_correct`` keeps only the facts whose gold target is the model's top-1
+    (then both targets coincide). ``tokenizer`` None uses the model's own. Both are recorded on the
+    result (``target``, ``only_correct``; ``to_json``).
     """
     from nnsight_moe.data import Relation, encode_facts, evenly_spaced
+    from nnsight_moe.recipes.prompts import model_tokenizer
 
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    tokenizer = model_tokenizer(model, tokenizer)
+    if tokenizer is None:
+        raise ValueError("relation facts need a tokenizer= (the model carries none)")
     relations = [relations] if isinstance(relations, Relation) else list(relations)
     facts = [f for relation in relations for f in evenly_spaced(relation.facts(), per_relation)]
     encoded = encode_facts(tokenizer, facts)
     if not encoded.facts:
-        raise ValueError("no fact has a known target token for this tokenizer")
-    result = attribute(model, encoded.prompts, encoded.targets, tokenizer=tokenizer, **kwargs)
-    result.relations = [f.relation for f in encoded.facts]
+        raise ValueError("no fact has a usable target token for this tokenizer")
+    gold = encoded.targets if target == "gold" or only_correct else None
+    result = attribute(model, encoded.prompts, gold, tokenizer=tokenizer, only_correct=only_correct, **kwargs)
+    ids = result.prompt_ids if result.prompt_ids is not None else range(len(encoded.facts))
+    result.relations = [encoded.facts[i].relation for i in ids]
+    result.target, result.only_correct = target, only_correct
     return result
 
 
@@ -444,6 +605,21 @@ class AttributionResult:
     model_type: str = ""
     name: str = ""
     relations: list[str] | None = None
+    target: str = "gold"
+    only_correct: bool = False
+    prompt_ids: list[int] | None = None  # with only_correct: index of each kept prompt in the input
+
+    def select(self, keep: Sequence[int]) -> "AttributionResult":
+        """The result restricted to prompts ``keep`` (renumbered 0..len(keep)-1, ``prompt_ids`` set)."""
+        keep = list(keep)
+        new = {old: i for i, old in enumerate(keep)}
+        frame = self.frame[self.frame["prompt"].isin(new)].copy()
+        frame["prompt"] = frame["prompt"].map(new)
+        base = self.prompt_ids if self.prompt_ids is not None else range(self.n_prompts)
+        return AttributionResult(frame.reset_index(drop=True), [self.targets[i] for i in keep],
+                                 [self.ranks[i] for i in keep], self.n_layers, self.family, self.model_type,
+                                 self.name, None if self.relations is None else [self.relations[i] for i in keep],
+                                 self.target, True, [base[i] for i in keep])
 
     def to_frame(self) -> pd.DataFrame:
         """One long table: prompt, [relation,] layer, level, head, expert, neuron, score (LPI, nats)."""
@@ -457,13 +633,16 @@ class AttributionResult:
         return len(self.targets)
 
     def layer_gains(self) -> pd.DataFrame:
-        """Mean Imp(A^l) and Imp(F^l) over prompts, per layer (columns attn, moe)."""
-        layer = self.frame[self.frame["level"].isin(["attn", "moe"])]
-        return layer.pivot_table(index="layer", columns="level", values="score", aggfunc="mean").reindex(
-            range(self.n_layers))
+        """Mean Imp(A^l) and Imp(F^l) over prompts, per layer (columns ``attn``, ``moe``; and ``mixer`` for
+        token mixers without attention heads, in hybrid stacks). NaN where a layer has no such part."""
+        levels = ["attn", "moe"] + (["mixer"] if (self.frame["level"] == "mixer").any() else [])
+        layer = self.frame[self.frame["level"].isin(levels)]
+        table = layer.pivot_table(index="layer", columns="level", values="score", aggfunc="mean")
+        return table.reindex(index=range(self.n_layers), columns=levels)
 
     def summary(self, bands: Sequence[float] = (1 / 3, 2 / 3)) -> dict[str, float]:
-        """Table-1 quantities: HIT@10, MRR, FFN gain, Attn gain, peak position (% depth), efficiency, band shares."""
+        """Table-1 quantities: HIT@10, MRR, FFN gain, Attn gain, peak position (% depth), efficiency, band
+        shares; ``Mixer gain`` too when the model has token mixers without attention heads."""
         gains = self.layer_gains()
         ffn, attn = gains["moe"].fillna(0.0), gains["attn"].fillna(0.0)
         ranks = torch.tensor(self.ranks, dtype=torch.float64)
@@ -477,6 +656,8 @@ class AttributionResult:
             "peak position %": float(100.0 * (int(ffn.to_numpy().argmax()) + 1) / self.n_layers),
             "efficiency": float(total / self.n_layers),
         }
+        if "mixer" in gains:
+            out["Mixer gain"] = float(gains["mixer"].fillna(0.0).sum())
         for name, lo, hi in zip(BANDS, edges[:-1], edges[1:]):
             out[f"{name} share"] = float(ffn.iloc[lo:hi].sum() / total) if total != 0 else float("nan")
         return out
@@ -490,6 +671,7 @@ class AttributionResult:
     def to_json(self) -> dict:
         """Summary, per-layer gains and expert matrix for results.json."""
         return {"name": self.name, "family": self.family, "n_prompts": self.n_prompts,
+                "target": self.target, "only_correct": self.only_correct,
                 "summary": self.summary(),
                 "layer_gains": self.layer_gains().reset_index().to_dict(orient="list"),
                 "expert_matrix": self.expert_matrix().to_dict() if (self.frame["level"] == "expert").any() else {}}
@@ -499,7 +681,8 @@ class AttributionResult:
         path = Path(path)
         self.to_frame().to_csv(path, index=False)
         meta = {"targets": self.targets, "ranks": self.ranks, "n_layers": self.n_layers, "family": self.family,
-                "model_type": self.model_type, "name": self.name, "relations": self.relations}
+                "model_type": self.model_type, "name": self.name, "relations": self.relations,
+                "target": self.target, "only_correct": self.only_correct, "prompt_ids": self.prompt_ids}
         path.with_suffix(path.suffix + ".json").write_text(json.dumps(meta))
         return path
 
@@ -521,6 +704,8 @@ class AttributionResult:
         fig, ax = plt.subplots(figsize=(6, 3))
         x = torch.arange(self.n_layers).numpy()
         ax.bar(x - 0.2, gains["attn"], 0.4, label="attention  Imp(A^l)")
+        if "mixer" in gains:  # hybrid stacks: linear attention / Mamba layers in the same slot
+            ax.bar(x - 0.2, gains["mixer"], 0.4, label="mixer (no heads)  Imp(M^l)", hatch="//")
         ax.bar(x + 0.2, gains["moe"], 0.4, label="MoE / FFN  Imp(F^l)")
         ax.axhline(0, color="black", linewidth=0.5)
         ax.set_xlabel("layer"), ax.set_ylabel("mean LPI (nats)"), ax.legend(fontsize=8)

@@ -7,11 +7,13 @@ nnsight envoys, routed / shared expert values through :func:`nnsight_moe.remote.
 Only the scores [layers, prompts, ...], the target ranks and two self-check scalars travel back (a few
 KB per prompt; for the ``neuron`` level the per-neuron scores, and in fast mode the selected neuron ids).
 
-Levels: all of them (``layer``, ``head``, ``expert``, ``shared``, ``neuron``). The ``neuron`` level covers
-the selected routed experts, the shared expert and dense MLP layers (gated MLPs: ``act_fn(gate_proj(x))
-* up_proj(x)``, recomputed from the envoys); exact mode scores every neuron in chunks of at most
+Levels: all of them (``layer``, ``head``, ``expert``, ``shared``, ``neuron``), on hybrid stacks too
+(Mamba / linear-attention layers give a ``mixer`` row, head rows exist for attention layers only). The
+``neuron`` level covers the selected routed experts, the shared expert and dense MLP layers (read at
+the input of their ``down_proj``, gated or not); exact mode scores every neuron in chunks of at most
 ``budget_bytes``, fast mode screens on the server and scores the ``fast_top`` best per prompt and layer.
-RMSNorm final norms only. The numbers equal the local path (tested under ``remote="local"``).
+RMSNorm final norms only (``weight`` or ``1 + weight`` conventions: γ is read off a CPU copy of the norm
+module, see ``_gamma_rule``). The numbers equal the local path (tested under ``remote="local"``).
 """
 
 from __future__ import annotations
@@ -36,38 +38,48 @@ def _lp(unembed, gamma, scale, x, target):
     return ((x * gamma * scale) @ unembed.T).log_softmax(-1).gather(-1, target[:, None])[:, 0]
 
 
-def _paths(hf) -> tuple[list[str], list[str], str, str, int]:
-    """(decoder layer paths, MLP attribute names, final norm path, unembedding path, heads) of ``hf``."""
+def _paths(hf) -> dict:
+    """Where the parts of ``hf`` live, as names the trace can follow: decoder layer paths, per layer the
+    token mixer and MLP attribute names (None when absent), the mixer's row name (``attn`` / ``mixer``),
+    the layers with head rows, the final norm and unembedding paths and the head count."""
     from nnsight_moe.recipes.attribution import _parts
 
     parts = _parts(hf)
     names = {id(m): name for name, m in hf.named_modules()}
-    layers = [names[id(layer)] for layer in parts.layers]
-    mlp = [names[id(m)].rsplit(".", 1)[-1] for m in parts.mlp]
     norm = parts.norm
     if not hasattr(norm, "variance_epsilon") and not hasattr(norm, "eps"):
         raise ValueError(f"the remote path supports RMSNorm final norms, not {type(norm).__name__}")
     if getattr(norm, "bias", None) is not None or isinstance(norm, torch.nn.LayerNorm):
         raise ValueError("the remote path supports RMSNorm final norms only; run LayerNorm models locally")
-    return layers, mlp, names[id(norm)], names[id(parts.unembed)], parts.n_heads
+    return {"layers": [names[id(layer)] for layer in parts.layers], "mixer": parts.mixer_names, "kinds": parts.kinds,
+            "mlp": parts.mlp_names, "head_layers": parts.head_layers, "norm": names[id(norm)],
+            "unembed": names[id(parts.unembed)], "heads": parts.n_heads}
+
+
+@torch.no_grad()
+def _gamma_rule(norm) -> tuple[float, float]:
+    """(slope, offset) with γ = slope * weight + offset for an RMSNorm-like final norm, read off a CPU copy
+    of the module with weight 0 and 1 (works on meta weights: nothing of the real model is needed)."""
+    import copy
+
+    probe = copy.deepcopy(norm)
+    probe = probe.to_empty(device="cpu") if norm.weight.device.type == "meta" else probe.to("cpu")
+    probe = probe.float()
+    eps = float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6))
+    ones = torch.ones(1, probe.weight.shape[-1])
+    found = []
+    for value in (0.0, 1.0):
+        probe.weight.fill_(value)
+        found.append(float(probe(ones).float().mean()) * (1.0 + eps) ** 0.5)
+    return round(found[1] - found[0], 6), round(found[0], 6)
 
 
 def _dense_neuron_layers(hf, moe_layers: list[int]) -> list[int]:
-    """Non-MoE layers whose MLP gets neuron rows locally (an ``nn.Linear`` down_proj); each must be a gated
-    MLP (gate_proj / up_proj / down_proj / act_fn), whose activations the trace recomputes from the envoys."""
-    from nnsight_moe.recipes.attribution import _parts
+    """Non-MoE layers whose MLP gets neuron rows (an ``nn.Linear`` down_proj, whose input the trace reads)."""
+    from nnsight_moe.recipes.attribution import _linear, _parts
 
-    layers = []
-    for i, mlp in enumerate(_parts(hf).mlp):
-        if i in moe_layers or not isinstance(getattr(mlp, "down_proj", None), torch.nn.Linear):
-            continue
-        gated = all(isinstance(getattr(mlp, name, None), torch.nn.Linear) for name in ("gate_proj", "up_proj"))
-        if not gated or not callable(getattr(mlp, "act_fn", None)):
-            raise ValueError(
-                f"layer {i}: the remote neuron level reads dense MLP activations as act_fn(gate_proj(x)) * up_proj(x), "
-                f"but {type(mlp).__name__} is not such a gated MLP; compute the neuron level locally (remote=None)")
-        layers.append(i)
-    return layers
+    return [i for i, mlp in enumerate(_parts(hf).mlp)
+            if mlp is not None and i not in moe_layers and _linear(getattr(mlp, "down_proj", None)) is not None]
 
 
 def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *, tokenizer, levels: Sequence[str],
@@ -79,7 +91,7 @@ def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *
     ``RemoteBatchError`` naming it, and with ``results_path`` a rerun resumes from the finished batches.
     """
     from nnsight_moe.recipes.attribution import COLUMNS, AttributionResult
-    from nnsight_moe.recipes.prompts import encode_prompts, last_positions
+    from nnsight_moe.recipes.prompts import encode_prompts, last_positions, vocab_size
     from nnsight_moe.remote import MoEView, run_batches
 
     unsupported = set(levels) - set(REMOTE_LEVELS)
@@ -93,8 +105,10 @@ def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *
     if want_neurons and int(budget_bytes) <= 0:
         raise ValueError(f"budget_bytes must be positive, got {budget_bytes!r}")
     hf = nnsight_moe.hf_model(model)
-    layer_paths, mlp_names, norm_path, unembed_path, n_heads = _paths(hf)
-    norm = hf.get_submodule(norm_path)
+    vocab = vocab_size(hf)
+    where = _paths(hf)
+    layer_paths, n_heads = where["layers"], where["heads"]
+    norm = hf.get_submodule(where["norm"])
     try:
         layout = nnsight_moe.layout(hf)
     except nnsight_moe.UnsupportedModelError:
@@ -106,8 +120,10 @@ def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *
     shared_layers = [i for i in moe_layers if view.spec["layers"][i]["shared"]]
     dense = _dense_neuron_layers(hf, moe_layers) if want_neurons else []
     settings = {
-        "layers": layer_paths, "mlp": mlp_names, "norm": norm_path, "unembed": unembed_path, "heads": n_heads,
+        "layers": layer_paths, "mixer": where["mixer"], "kinds": where["kinds"], "mlp": where["mlp"],
+        "head_layers": where["head_layers"], "norm": where["norm"], "unembed": where["unembed"], "heads": n_heads,
         "eps": float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)),
+        "gamma": _gamma_rule(norm),
         "moe_layers": moe_layers, "want_heads": "head" in levels, "want_experts": want_experts,
         "want_shared": want_shared, "view": view,
         "quantities": {i: tuple(q for q, on in (
@@ -120,7 +136,7 @@ def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *
     }
     batches, extras = [], []
     for start in range(0, len(prompts), batch_size):
-        batch = encode_prompts(tokenizer, prompts[start : start + batch_size], "cpu")
+        batch = encode_prompts(tokenizer, prompts[start : start + batch_size], "cpu", vocab=vocab)
         batches.append(batch)
         extras.append({"last": last_positions(batch["attention_mask"]),
                        "target": None if targets is None else torch.tensor(targets[start : start + batch_size])})
@@ -134,7 +150,7 @@ def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *
                              f"(max diff {float(result['check']):.2e}); attribution does not apply to this model")
         if float(result["residual"]) > atol * max(1.0, float(result["scale"])):
             raise ValueError("this model's residual stream is not h + attn + mlp per layer; LPI attribution does not apply")
-        frames.append(_frame(result, levels, moe_layers, n_heads, start))
+        frames.append(_frame(result, levels, moe_layers, n_heads, start, where["kinds"], where["mlp"]))
         all_targets.append(result["target"].cpu())
         all_ranks.append(result["rank"].cpu())
         start += batch["input_ids"].shape[0]
@@ -152,14 +168,21 @@ def _scores_in_trace(settings: dict, model: Any, batch: dict, extra: dict) -> di
     last = extra["last"]
     rows = torch.arange(last.shape[0])
     n_heads, moe_layers, view = settings["heads"], settings["moe_layers"], settings["view"]
-    states, attn, mlp_out, heads, experts, shared = [], [], [], [], [], []
+    states, attn, mlp_out, heads, experts, shared = [], [], [], {}, [], []
     units = {}  # layer -> [(weighted acts [P, n, I], expert ids [P, n] (-1: shared/dense), down, transposed)]
     for i, path in enumerate(settings["layers"]):
         layer = model.get(path)
         states.append(layer.input[rows, last].float())
-        if settings["want_heads"]:
-            z = layer.self_attn.o_proj.input[rows, last].float()
-        attn.append(layer.self_attn.output[0][rows, last].float())
+        mixer_name, mlp_name = settings["mixer"][i], settings["mlp"][i]
+        heads_here = settings["want_heads"] and i in settings["head_layers"]
+        if mixer_name is not None:  # attention, linear attention or SSM
+            mixer = getattr(layer, mixer_name)
+            if heads_here:
+                z = mixer.o_proj.input[rows, last].float()
+            out = mixer.output
+            attn.append((out[0] if isinstance(out, tuple) else out)[rows, last].float())
+        else:
+            attn.append(torch.zeros_like(states[-1]))
         if i in moe_layers and settings["quantities"][i]:
             q = view.layer(i, want=settings["quantities"][i])
             if settings["want_experts"]:
@@ -178,35 +201,39 @@ def _scores_in_trace(settings: dict, model: Any, batch: dict, extra: dict) -> di
                     units[i].append((acts[:, None], torch.full_like(ids[:, :1], -1),
                                      model.get(info["shared"]).down_proj.weight[None], False))
         elif i in settings["dense"]:
-            mlp = getattr(layer, settings["mlp"][i])
-            x = mlp.input[rows, last]
-            acts = (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).float()
+            mlp = getattr(layer, mlp_name)
+            acts = mlp.down_proj.input[rows, last].float()  # the dense MLP's neuron activations
             units[i] = [(acts[:, None], torch.full((acts.shape[0], 1), -1, dtype=torch.long, device=acts.device),
                          mlp.down_proj.weight[None], False)]
-        out = getattr(layer, settings["mlp"][i]).output
-        mlp_out.append((out[0] if isinstance(out, tuple) else out)[rows, last].float())
-        if settings["want_heads"]:
-            w_o = layer.self_attn.o_proj.weight.float()
-            heads.append(torch.einsum("phd,ohd->pho", z.reshape(z.shape[0], n_heads, -1),
-                                      w_o.reshape(w_o.shape[0], n_heads, -1)))
+        if mlp_name is not None:
+            out = getattr(layer, mlp_name).output
+            mlp_out.append((out[0] if isinstance(out, tuple) else out)[rows, last].float())
+        else:
+            mlp_out.append(torch.zeros_like(states[-1]))
+        if heads_here:
+            w_o = mixer.o_proj.weight.float()
+            heads[i] = torch.einsum("phd,ohd->pho", z.reshape(z.shape[0], n_heads, -1),
+                                    w_o.reshape(w_o.shape[0], n_heads, -1))
     final = model.get(settings["norm"]).input[rows, last].float()
     logits = model.output.logits[rows, last].float()
     target = logits.argmax(-1) if extra["target"] is None else extra["target"]
-    unembed, gamma = model.get(settings["unembed"]).weight.float(), model.get(settings["norm"]).weight.float()
+    slope, offset = settings["gamma"]  # γ = slope * weight + offset (offset 1 for "(1 + weight)" norms)
+    unembed = model.get(settings["unembed"]).weight.float()
+    gamma = model.get(settings["norm"]).weight.float() * slope + offset
     scale = torch.rsqrt(final.pow(2).mean(-1, keepdim=True) + settings["eps"])
     check = (_lp(unembed, gamma, scale, final, target)
              - logits.log_softmax(-1).gather(-1, target[:, None])[:, 0]).abs().max()
     after = torch.stack(states[1:] + [final])
     residual = (torch.stack(states) + torch.stack(attn) + torch.stack(mlp_out) - after).abs().max()
-    layer_scores, head_scores, expert_scores, shared_scores, neuron_scores = [], [], [], [], {}
+    layer_scores, head_scores, expert_scores, shared_scores, neuron_scores = [], {}, [], [], {}
     for i in range(len(states)):
         u = states[i] + attn[i]
         base_h, base_u = _lp(unembed, gamma, scale, states[i], target), _lp(unembed, gamma, scale, u, target)
         layer_scores.append(torch.stack([_lp(unembed, gamma, scale, u, target) - base_h,
                                          _lp(unembed, gamma, scale, u + mlp_out[i], target) - base_u]))
-        if settings["want_heads"]:
+        if i in heads:
             per = [_lp(unembed, gamma, scale, states[i] + heads[i][:, h], target) - base_h for h in range(n_heads)]
-            head_scores.append(torch.stack(per, dim=-1))
+            head_scores[i] = torch.stack(per, dim=-1)
         if i in moe_layers and settings["want_experts"]:
             ids, contrib = experts[moe_layers.index(i)]
             per = [_lp(unembed, gamma, scale, u + contrib[:, j], target) - base_u for j in range(contrib.shape[1])]
@@ -268,8 +295,9 @@ def _neuron_lpi(unembed, gamma, scale, target, base, before, weighted, ids, down
             "picked": None if fast_top is None else picked.to(torch.int32)}
 
 
-def _frame(result: dict, levels, moe_layers: list[int], n_heads: int, start: int) -> pd.DataFrame:
-    """Rows in the local recipe's order and format from the tensors the trace sent back."""
+def _frame(result: dict, levels, moe_layers: list[int], n_heads: int, start: int, kinds: list, mlp: list) -> pd.DataFrame:
+    """Rows in the local recipe's order and format from the tensors the trace sent back (``kinds``: the
+    token mixer's row name per layer, ``attn`` / ``mixer`` / None; ``mlp``: None where a layer has none)."""
     frames, rows = [], []
     n_layers, _, n_prompts = result["layer"].shape
 
@@ -284,10 +312,10 @@ def _frame(result: dict, levels, moe_layers: list[int], n_heads: int, start: int
 
     for i in range(n_layers):
         if "layer" in levels:
-            for level, scores in zip(("attn", "moe"), result["layer"][i]):
-                for p in range(n_prompts):
+            for level, scores in zip((kinds[i], "moe" if mlp[i] is not None else None), result["layer"][i]):
+                for p in range(n_prompts if level is not None else 0):
                     add(p, i, level, scores[p])
-        if result["head"]:
+        if i in result["head"]:
             for p in range(n_prompts):
                 for h in range(n_heads):
                     add(p, i, "head", result["head"][i][p, h], head=h)

@@ -16,7 +16,8 @@ Models" (public repository ``evandez/relations``): one JSON object per relation 
     enc = encode_facts(tokenizer, [f for r in relations for f in r.facts()])
     enc.prompts[0], enc.targets[0]                          # prompt string, target token id
 
-Target rule (see :func:`target_token`): the target of a fact is the FIRST token of ``" " + object``.
+Target rule (see :func:`target_token`): the target of a fact is the first token the tokenizer produces for
+the object IN CONTEXT: encode ``prompt + " " + object`` and take the first token after the prompt's tokens.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ __all__ = [
     "AmbiguousTargetWarning",
     "EncodedFacts",
     "Fact",
+    "NEUTRAL_PROMPT",
     "Relation",
     "RelationFormatError",
+    "SKIP_REASONS",
     "TargetTokenWarning",
     "UnknownTargetWarning",
     "bundled",
@@ -60,7 +63,7 @@ class TargetTokenWarning(UserWarning):
 
 
 class UnknownTargetWarning(TargetTokenWarning):
-    """Some facts were skipped because their target token is the tokenizer's unknown token."""
+    """Some facts were skipped because their object has no usable target token (see ``SKIP_REASONS``)."""
 
 
 class AmbiguousTargetWarning(TargetTokenWarning):
@@ -139,6 +142,24 @@ class EncodedFacts:
     def __len__(self) -> int:
         """Number of kept facts."""
         return len(self.facts)
+
+    def skipped_per_relation(self) -> dict[str, dict[str, int]]:
+        """``{relation: {reason kind: count}}`` of the skipped facts (kinds: keys of ``SKIP_REASONS``)."""
+        out: dict[str, dict[str, int]] = {}
+        for fact, reason in self.skipped:
+            kind = reason.split(":", 1)[0]
+            per = out.setdefault(fact.relation, {})
+            per[kind] = per.get(kind, 0) + 1
+        return out
+
+    def subset(self, indices: Sequence[int], targets: Sequence[int] | None = None) -> "EncodedFacts":
+        """The kept facts at ``indices`` (optionally with new ``targets``); ``skipped`` is carried over."""
+        indices = list(indices)
+        chosen = [self.targets[i] for i in indices] if targets is None else [int(t) for t in targets]
+        if len(chosen) != len(indices):
+            raise ValueError(f"got {len(indices)} indices but {len(chosen)} targets")
+        return EncodedFacts([self.facts[i] for i in indices], [self.prompts[i] for i in indices], chosen,
+                            list(self.skipped), [a for a in self.ambiguous])
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -291,29 +312,98 @@ def bundled(names: str | Iterable[str] | None = None) -> list[Relation]:
 
 # ---------------------------------------------------------------------------------------- targets
 
+#: Context used by :func:`target_token` when no prompt is given: the object follows a word.
+NEUTRAL_PROMPT = "The answer is"
 
-def target_token(tokenizer, obj: str) -> int | None:
-    """The target token id of an object: the FIRST token of ``" " + obj``.
+#: Why a fact has no usable target; every ``EncodedFacts.skipped`` reason starts with one of these.
+SKIP_REASONS = {
+    "empty": "the object has no tokens",
+    "unknown": "the first token is the tokenizer's unknown token",
+    "whitespace": "the first token in context is a bare separator piece (whitespace only)",
+    "boundary": "the object merges with the end of the prompt (no token boundary there)",
+    "error": "the tokenizer failed on the text",
+}
 
-    Computed as ``tokenizer(" " + obj, add_special_tokens=False).input_ids[0]``: the leading space makes
-    the token the one a model predicts right after a prompt that ends in a word (``"... is" -> " Paris"``
-    for byte-level BPE tokenizers such as GPT-2/Qwen). Returns None when the encoding is empty or the
-    token is the tokenizer's unknown token (``tokenizer.unk_token_id``).
 
-    Caveats: only the first token is scored, so different objects sharing a first token
-    (``" United States"``/``" United Kingdom"``) are indistinguishable (see :func:`encode_facts`);
-    SentencePiece tokenizers may encode the space as a token of its own, which then becomes the target.
+def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of ``texts`` without special tokens (one batched call)."""
+    out = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return [list(map(int, ids)) for ids in out]
+
+
+def _separator(prompt: str, separator: str | None) -> str:
+    if separator is not None:
+        return separator
+    return "" if not prompt or prompt[-1].isspace() else " "
+
+
+def _first_tokens(tokenizer, pairs: list[tuple[str, str]], separator: str | None = None
+                  ) -> list[tuple[int | None, str | None]]:
+    """``(target id, None)`` or ``(None, reason)`` for each ``(prompt, object)`` pair (batched).
+
+    The target is the first token after the prompt's tokens in ``prompt + separator + object``, both
+    encoded without special tokens (so BOS/EOS/[CLS]/[SEP] never take part).
     """
-    ids = tokenizer(" " + obj, add_special_tokens=False)["input_ids"]
-    if ids and isinstance(ids[0], list):  # a batched answer
-        ids = ids[0]
-    if not ids:
-        return None
-    first = int(ids[0])
+    prompts = [p for p, _ in pairs]
+    fulls = [p + _separator(p, separator) + o for p, o in pairs]
+    unique = sorted(set(prompts))
+    try:
+        prompt_ids = dict(zip(unique, _ids(tokenizer, unique)))
+        full_ids = _ids(tokenizer, fulls)
+    except Exception:  # noqa: BLE001 - fall back to one text at a time to find the failing ones
+        prompt_ids, full_ids = {}, []
+        for p, full in zip(prompts, fulls):
+            try:
+                prompt_ids.setdefault(p, _ids(tokenizer, [p])[0])
+                full_ids.append(_ids(tokenizer, [full])[0])
+            except Exception as err:  # noqa: BLE001
+                full_ids.append(err)
     unk = getattr(tokenizer, "unk_token_id", None)
-    if unk is not None and first == unk:
-        return None
-    return first
+    out = []
+    for (prompt, obj), full in zip(pairs, full_ids):
+        if isinstance(full, Exception):
+            out.append((None, f"error: tokenizer failed on {obj!r}: {full}"))
+            continue
+        if not obj.strip():
+            out.append((None, f"empty: object {obj!r} has no tokens"))
+            continue
+        before = prompt_ids[prompt]
+        n = len(before)
+        if full[:n] != before:
+            at = next((i for i, (a, b) in enumerate(zip(full, before)) if a != b), min(n, len(full)) - 1)
+            out.append((None, f"boundary: object {obj!r} merges with the end of the prompt {prompt[-24:]!r} "
+                              f"(token {_token_text(tokenizer, full[at])!r} spans the boundary)"))
+            continue
+        if len(full) == n:
+            out.append((None, f"empty: object {obj!r} has no tokens after the prompt"))
+            continue
+        first = full[n]
+        if unk is not None and first == unk:
+            out.append((None, f"unknown: unknown target token for object {obj!r}"))
+            continue
+        if not tokenizer.decode([first]).strip():
+            out.append((None, f"whitespace: the first token of object {obj!r} in context is the bare separator "
+                              f"piece {_token_text(tokenizer, first)!r}"))
+            continue
+        out.append((first, None))
+    return out
+
+
+def target_token(tokenizer, obj: str, prompt: str | None = None, *, separator: str | None = None) -> int | None:
+    """The target token id of an object: its FIRST token IN CONTEXT, i.e. after the prompt.
+
+    ``prompt + separator + obj`` and ``prompt`` are encoded without special tokens; the target is the
+    first token after the prompt's tokens. ``separator`` defaults to ``" "`` (``""`` when the prompt
+    ends in whitespace); without a ``prompt`` the object follows :data:`NEUTRAL_PROMPT`. This is the
+    token a model predicts right after the prompt, for every tokenizer kind: byte-level BPE (``"ĠParis"``,
+    GPT-2 / OLMoE / Qwen), SentencePiece / Metaspace (``"▁Paris"``, Llama / Mistral, where the
+    stand-alone ``" Paris"`` may start with a bare ``"▁"``) and WordPiece (``"paris"``).
+
+    Returns None when the object has no usable token: no tokens, the unknown token, a whitespace-only
+    piece (e.g. Llama's ``"▁"`` before digits), or a token that merges across the prompt/object boundary
+    (the prompt's tokens are then not a prefix of the full text's). :func:`encode_facts` reports why.
+    """
+    return _first_tokens(tokenizer, [(NEUTRAL_PROMPT if prompt is None else prompt, obj)], separator)[0][0]
 
 
 def _token_text(tokenizer, token_id: int) -> str:
@@ -323,33 +413,34 @@ def _token_text(tokenizer, token_id: int) -> str:
         return str(token_id)
 
 
-def encode_facts(tokenizer, facts: Iterable[Fact]) -> EncodedFacts:
-    """Prompts and target token ids (:func:`target_token`) of ``facts``, skipping unusable ones.
+def encode_facts(tokenizer, facts: Iterable[Fact], *, separator: str | None = None) -> EncodedFacts:
+    """Prompts and target token ids (:func:`target_token`, in each fact's own prompt) of ``facts``.
 
-    Facts whose object has no usable target token (unknown token or empty encoding) are left out and
-    recorded in ``skipped`` with the reason, with one :class:`UnknownTargetWarning` per call (never an
-    error). When two DIFFERENT objects of the same relation share a target token, an
+    Facts whose object has no usable target token (see :data:`SKIP_REASONS`) are left out and recorded
+    in ``skipped`` with the reason (``EncodedFacts.skipped_per_relation()`` counts them per relation and
+    reason), with one :class:`UnknownTargetWarning` per call that names the counts per relation (never
+    an error). When two DIFFERENT objects of the same relation share a target token, an
     :class:`AmbiguousTargetWarning` names them (the facts are kept; see ``ambiguous``).
     """
+    facts = list(facts)
+    found = _first_tokens(tokenizer, [(f.prompt, f.object) for f in facts], separator) if facts else []
     kept, prompts, targets, skipped = [], [], [], []
-    for fact in facts:
-        try:
-            target = target_token(tokenizer, fact.object)
-        except Exception as err:  # noqa: BLE001 - a tokenizer failure on one object skips that object
-            skipped.append((fact, f"tokenizer failed on {fact.object!r}: {err}"))
-            continue
+    for fact, (target, reason) in zip(facts, found):
         if target is None:
-            skipped.append((fact, f"unknown target token for object {fact.object!r}"))
+            skipped.append((fact, reason))
             continue
         kept.append(fact)
         prompts.append(fact.prompt)
         targets.append(target)
+    encoded = EncodedFacts(kept, prompts, targets, skipped)
     if skipped:
         examples = sorted({f.object for f, _ in skipped})
         shown = ", ".join(repr(o) for o in examples[:8]) + (", ..." if len(examples) > 8 else "")
+        per = "; ".join(f"{rel!r}: " + ", ".join(f"{n} {kind}" for kind, n in kinds.items())
+                        for rel, kinds in encoded.skipped_per_relation().items())
         warnings.warn(
-            f"skipped {len(skipped)} of {len(skipped) + len(kept)} facts whose target token is unknown "
-            f"to the tokenizer ({len(examples)} objects: {shown})",
+            f"skipped {len(skipped)} of {len(skipped) + len(kept)} facts whose object has no usable target token "
+            f"({per}; {len(examples)} objects: {shown})",
             UnknownTargetWarning,
             stacklevel=2,
         )
@@ -370,4 +461,5 @@ def encode_facts(tokenizer, facts: Iterable[Fact]) -> EncodedFacts:
             AmbiguousTargetWarning,
             stacklevel=2,
         )
-    return EncodedFacts(kept, prompts, targets, skipped, ambiguous)
+    encoded.ambiguous = ambiguous
+    return encoded
