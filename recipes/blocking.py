@@ -10,7 +10,7 @@
 **Datasets.** Every entry point takes ``dataset`` as one of
 
 * a list of :class:`nnsight_moe.data.Relation` (or one Relation) -- needs ``tokenizer``; facts are
-  encoded with :func:`nnsight_moe.data.encode_facts` (target = first token of ``" " + object``);
+  encoded with :func:`nnsight_moe.data.encode_facts` (target = the object's first token after the prompt);
 * an :class:`nnsight_moe.data.EncodedFacts`;
 * a pair ``(prompts, targets)`` or a triple ``(prompts, targets, relation_names)``: ``prompts`` are
   strings (``tokenizer`` needed) or lists of token ids (padded here on ``padding_side``), ``targets``
@@ -45,7 +45,7 @@ from nnsight_moe.attach import attached, hf_model
 from nnsight_moe.interventions import BLOCK_MODES, block_experts, restrict_experts
 from nnsight_moe.layout import MoELayout
 from nnsight_moe.recipes.metrics import hits_of_ranks, mrr_of_ranks, target_ranks
-from nnsight_moe.recipes.prompts import last_positions
+from nnsight_moe.recipes.prompts import check_vocab, encode_prompts, last_positions, model_tokenizer, vocab_size
 
 __all__ = [
     "ALL",
@@ -123,7 +123,7 @@ def _dataset(dataset: Any, tokenizer: Any, max_per_relation: int | None = None) 
     if not data.prompts:
         raise ValueError("dataset is empty: no prompt with a usable target (need at least one fact)")
     if isinstance(data.prompts[0], str) and tokenizer is None:
-        raise ValueError("string prompts need tokenizer=; or pass prompts as lists of token ids")
+        raise ValueError("string prompts need tokenizer= (or a model that carries one); or pass lists of token ids")
     if max_per_relation is not None:
         data = _subsample(data, max_per_relation)
     return data
@@ -158,6 +158,7 @@ def _chunks(hf, data: _Data, indices: list[int], tokenizer, batch_size: int, pad
     device = next(hf.parameters()).device
     if device.type == "meta":  # an nnsight model whose weights live on the server (NDIF)
         device = torch.device("cpu")
+    vocab = vocab_size(hf)
     out = []
     for start in range(0, len(indices), batch_size):
         rows = indices[start : start + batch_size]
@@ -165,11 +166,13 @@ def _chunks(hf, data: _Data, indices: list[int], tokenizer, batch_size: int, pad
         if isinstance(prompts[0], str):
             if getattr(tokenizer, "pad_token_id", None) is None:
                 raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before batching")
-            enc = tokenizer(prompts, return_tensors="pt", padding=True)
+            enc = encode_prompts(tokenizer, prompts, "cpu")  # BOS kept, an appended EOS / [SEP] left out
             ids, mask = enc["input_ids"], enc["attention_mask"]
         else:
             ids, mask = _pad([list(map(int, p)) for p in prompts], hf.config.get_text_config().pad_token_id,
                              padding_side)
+        check_vocab(ids[mask.bool()], vocab, "the prompts", tokenizer)
+        check_vocab(data.targets[rows], vocab, "the targets", tokenizer)
         last = last_positions(mask)
         out.append(_Chunk(rows, ids.to(device), mask.to(device), last.to(device)))
     return out
@@ -237,7 +240,8 @@ def rank_experts(
     Args:
         model: HF model, TransformerBridge or nnsight model of a supported MoE family.
         dataset: Relations, EncodedFacts or ``(prompts, targets[, relation_names])`` (module docstring).
-        tokenizer: needed for string prompts and Relations.
+        tokenizer: needed for string prompts and Relations; None uses the model's own (nnsight
+            ``LanguageModel`` and TransformerBridge carry one).
         by: ``"attribution"`` -- mean gated LPI of the expert for the target over the relation's prompts
             (a prompt where the expert is not selected counts 0), from
             :func:`nnsight_moe.recipes.attribution.attribute`; ``"frequency"`` -- how often the expert is
@@ -253,6 +257,7 @@ def rank_experts(
     """
     if by not in RANK_BY:
         raise ValueError(f"by must be one of {RANK_BY}, got {by!r}")
+    tokenizer = model_tokenizer(model, tokenizer)  # None: the one the model carries (LanguageModel, bridge)
     hf = hf_model(model)
     layout = nnsight_moe.layout(hf)
     data = _dataset(dataset, tokenizer, max_per_relation)
@@ -473,6 +478,7 @@ def evaluate(
             ``max_rows`` rows per trace as locally, and only the ranks come back.
         results_path: remote only: partial results file; a failed run resumes from it when rerun.
     """
+    tokenizer = model_tokenizer(model, tokenizer)  # None: the one the model carries (LanguageModel, bridge)
     hf = hf_model(model)
     layout = nnsight_moe.layout(hf)
     data = _dataset(dataset, tokenizer)
@@ -632,6 +638,7 @@ def sweep(
     Random draws for ``reroute`` keep at most E - k blocked experts per layer (for every mode, so the
     modes are compared on the same draws when ``"reroute"`` is among them).
     """
+    tokenizer = model_tokenizer(model, tokenizer)  # None: the one the model carries (LanguageModel, bridge)
     hf = hf_model(model)
     layout = nnsight_moe.layout(hf)
     modes = tuple(modes)
@@ -893,6 +900,7 @@ def configurations(
 
     Each configuration is global to the model, so it runs as its own pass (batched over prompts).
     """
+    tokenizer = model_tokenizer(model, tokenizer)  # None: the one the model carries (LanguageModel, bridge)
     hf = hf_model(model)
     layout = nnsight_moe.layout(hf)
     data = _dataset(dataset, tokenizer, max_per_relation)

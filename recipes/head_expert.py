@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 import nnsight_moe
 from nnsight_moe.recipes.metrics import mrr, mrr_of_ranks
-from nnsight_moe.recipes.prompts import encode_prompts, last_positions
+from nnsight_moe.recipes.prompts import encode_prompts, last_positions, model_tokenizer
 from nnsight_moe.remote import _envoy as _remote_envoy
 from nnsight_moe.routing import rule_scores as _remote_scores
 
@@ -120,19 +120,32 @@ def _prompts_and_targets(model, dataset, tokenizer):
     return prompts, targets, relations
 
 
-def _attention_modules(model: nn.Module, layout) -> list[tuple[nn.Module, int]]:
-    """(o_proj, n_heads) of every decoder layer."""
-    hf = nnsight_moe.hf_model(model)
-    n_heads = int(hf.config.get_text_config().num_attention_heads)
-    out = []
-    for layer in layout.layers:
-        decoder_layer = re.match(rf"(.*\.{layer.index})(\.|$)", layer.path).group(1)
-        module = hf.get_submodule(decoder_layer)
-        attn = getattr(module, "self_attn", None) or getattr(module, "attn", None)
-        if attn is None or not hasattr(attn, "o_proj"):
-            raise ValueError(f"layer {layer.index} ({decoder_layer}) has no self_attn.o_proj; head suppression needs one")
-        out.append((attn.o_proj, n_heads))
+def _attention_modules(model: nn.Module) -> dict[int, tuple[nn.Module, int]]:
+    """``{layer: (o_proj, n_heads)}`` of every attention layer (as the model calls the o_proj: a bridge's
+    wrapper included). Layers without attention heads (Mamba, linear attention, MLP-only) have none."""
+    from nnsight_moe.recipes.attribution import _parts
+
+    parts = _parts(nnsight_moe.hf_model(model))
+    out = {i: (parts.o_proj[i], parts.n_heads) for i in parts.head_layers}
+    if not out:
+        raise ValueError("this model has no attention layer with an o_proj (heads are its input slices): "
+                         "head-expert analyses need attention heads")
     return out
+
+
+def _in_features(o_proj: nn.Module) -> int:
+    from nnsight_moe.recipes.attribution import _linear
+
+    return int(_linear(o_proj).in_features)
+
+
+def _attention_layer(modules: dict, layer: int, n_layers: int) -> int:
+    """``layer`` (negative counts from the end) if it has attention heads, else an error naming those that do."""
+    index = layer + n_layers if isinstance(layer, int) and layer < 0 else layer
+    if index not in modules:
+        raise ValueError(f"layer {layer} has no attention heads (a Mamba / linear-attention / MLP-only layer, or "
+                         f"out of range); attention layers: {sorted(modules)}")
+    return index
 
 
 @contextmanager
@@ -142,17 +155,19 @@ def suppress_heads(model: Any, heads: Sequence[tuple[int, int]]) -> Iterator[Non
     Equivalent to zeroing that head's columns of ``W_O`` (and exactly what ``z_h = 0`` means).
     """
     layout = nnsight_moe.layout(model)
-    modules = _attention_modules(model, layout)
+    modules = _attention_modules(model)
     by_layer: dict[int, list[int]] = {}
     for layer, head in heads:
-        o_proj, n_heads = modules[layout.layer(layer).index]
+        layout.layer(layer)  # IndexError for a layer out of range
+        index = _attention_layer(modules, layer, layout.n_layers)
+        o_proj, n_heads = modules[index]
         if not 0 <= head < n_heads:
             raise IndexError(f"head {head} is out of range for layer {layer}: valid heads are 0..{n_heads - 1}")
-        by_layer.setdefault(layout.layer(layer).index, []).append(head)
+        by_layer.setdefault(index, []).append(head)
     handles = []
     for layer, hs in by_layer.items():
         o_proj, n_heads = modules[layer]
-        d_head = o_proj.in_features // n_heads
+        d_head = _in_features(o_proj) // n_heads
 
         def pre_hook(module, args, hs=tuple(hs), d_head=d_head):
             z = args[0].clone()
@@ -235,7 +250,8 @@ class HeadExpertResult:
 
 
 def _signals(model, prompts, targets, tokenizer, signal: str, batch_size: int, remote: Any = None):
-    """(heads [P, L, H], experts [P, L', E], layout) for the prompts."""
+    """(heads [P, attention layers, H], attention layer indices, experts [P, L', E], expert attributions
+    [P, L', E], layout) for the prompts."""
     from nnsight_moe.recipes.attribution import attribute
 
     layout = nnsight_moe.layout(model)
@@ -244,8 +260,11 @@ def _signals(model, prompts, targets, tokenizer, signal: str, batch_size: int, r
     n_prompts = len(prompts)
     heads = frame[frame["level"] == "head"]
     n_heads = int(heads["head"].max()) + 1
-    head_arr = np.zeros((n_prompts, layout.n_layers, n_heads))
-    head_arr[heads["prompt"].to_numpy(), heads["layer"].to_numpy(), heads["head"].to_numpy()] = heads["score"].to_numpy()
+    head_layers = sorted(int(layer) for layer in heads["layer"].unique())  # attention layers only
+    head_row = {layer: i for i, layer in enumerate(head_layers)}
+    head_arr = np.zeros((n_prompts, len(head_layers), n_heads))
+    head_arr[heads["prompt"].to_numpy(), heads["layer"].map(head_row).to_numpy(),
+             heads["head"].to_numpy()] = heads["score"].to_numpy()
     moe_layers = layout.moe_layers
     expert_arr = np.zeros((n_prompts, len(moe_layers), layout.n_experts))
     experts = frame[frame["level"] == "expert"]
@@ -255,7 +274,7 @@ def _signals(model, prompts, targets, tokenizer, signal: str, batch_size: int, r
     attribution_experts = expert_arr
     if signal == "router_prob":
         expert_arr = _router_probs(model, prompts, tokenizer, batch_size, remote)
-    return head_arr, expert_arr, attribution_experts, layout
+    return head_arr, head_layers, expert_arr, attribution_experts, layout
 
 
 @torch.no_grad()
@@ -305,7 +324,9 @@ def _router_probs_in_trace(view, model, batch, extra):
 
 def _batch(tokenizer, prompts, hf) -> dict:
     """Model inputs for ``prompts`` on ``hf``'s device."""
-    return encode_prompts(tokenizer, prompts, next(hf.parameters()).device)
+    from nnsight_moe.recipes.prompts import vocab_size
+
+    return encode_prompts(tokenizer, prompts, next(hf.parameters()).device, vocab=vocab_size(hf))
 
 
 def correlate(model: Any, dataset: Any, *, tokenizer=None, signal: str = "attribution", top_k: int = 5,
@@ -324,12 +345,14 @@ def correlate(model: Any, dataset: Any, *, tokenizer=None, signal: str = "attrib
     """
     if signal not in ("attribution", "router_prob"):
         raise ValueError(f"signal must be 'attribution' or 'router_prob', got {signal!r}")
+    tokenizer = model_tokenizer(model, tokenizer)
     prompts, targets, _ = _prompts_and_targets(model, dataset, tokenizer)
-    heads, experts, expert_attr, layout = _signals(model, prompts, targets, tokenizer, signal, batch_size, remote)
-    n_prompts, n_layers, n_heads = heads.shape
+    heads, head_layers, experts, expert_attr, layout = _signals(model, prompts, targets, tokenizer, signal,
+                                                                batch_size, remote)
+    n_prompts, n_layers, n_heads = heads.shape  # n_layers: attention layers
     moe_layers = layout.moe_layers
     r, p = pearson_matrix(heads.reshape(n_prompts, -1), experts.reshape(n_prompts, -1))
-    head_layer = np.repeat(np.arange(n_layers), n_heads)
+    head_layer = np.repeat(np.array(head_layers), n_heads)
     expert_layer = np.repeat(np.array(moe_layers), experts.shape[2])
     allowed = head_layer[:, None] <= expert_layer[None, :]
     r, p = np.where(allowed, r, np.nan), np.where(allowed, p, np.nan)
@@ -348,7 +371,7 @@ def correlate(model: Any, dataset: Any, *, tokenizer=None, signal: str = "attrib
     y = experts.reshape(n_prompts, -1)[:, expert_order].sum(1)
     summary_r = float(pearson_matrix(x[:, None], y[:, None])[0][0, 0])
     summary_p = _permutation_p(x, y, summary_r, permutations, seed)
-    top_heads = [(int(i // n_heads), int(i % n_heads)) for i in head_order]
+    top_heads = [(int(head_layers[i // n_heads]), int(i % n_heads)) for i in head_order]
     top_experts = [(int(moe_layers[i // experts.shape[2]]), int(i % experts.shape[2])) for i in expert_order]
     return HeadExpertResult(pairs, summary_r, summary_p, top_heads, top_experts, signal, n_prompts)
 
@@ -428,14 +451,16 @@ def _run(hf, handle, batch, patch: dict | None = None, capture: bool = False):
     return logits[torch.arange(logits.shape[0]), last].float(), routing
 
 
-def _conditions(correlation: HeadExpertResult, n_layers: int, n_heads: int, k_heads: int, seeds: int, seed: int):
-    """(top heads, correlated experts, [(condition, seed, heads)]) of the causal checks."""
+def _conditions(correlation: HeadExpertResult, head_layers: Sequence[int], n_heads: int, k_heads: int, seeds: int,
+                seed: int):
+    """(top heads, correlated experts, [(condition, seed, heads)]) of the causal checks; random heads are
+    drawn from the attention layers ``head_layers``."""
     top_heads = correlation.top_heads[:k_heads]
     strongest = correlation.strongest(n=50)
     correlated = sorted({(int(r.expert_layer), int(r.expert)) for r in strongest.itertuples()
                          if (int(r.head_layer), int(r.head)) in top_heads}) or correlation.top_experts
     rng = np.random.default_rng(seed)
-    all_heads = [(l, h) for l in range(n_layers) for h in range(n_heads)]
+    all_heads = [(l, h) for l in head_layers for h in range(n_heads)]
     conditions = [("top-K heads", 0, top_heads)] + [
         ("random heads", s, [all_heads[i] for i in rng.choice(len(all_heads), size=len(top_heads), replace=False)])
         for s in range(seeds)
@@ -476,6 +501,7 @@ def causal(model: Any, dataset: Any, *, tokenizer=None, correlation: HeadExpertR
     """
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
+    tokenizer = model_tokenizer(model, tokenizer)
     prompts, targets, _ = _prompts_and_targets(model, dataset, tokenizer)
     if correlation is None:
         correlation = correlate(model, (prompts, targets), tokenizer=tokenizer, top_k=k_heads, batch_size=batch_size,
@@ -486,8 +512,9 @@ def causal(model: Any, dataset: Any, *, tokenizer=None, correlation: HeadExpertR
                               progress=progress)
     hf = nnsight_moe.hf_model(model)
     layout = nnsight_moe.layout(hf)
-    n_heads = _attention_modules(hf, layout)[0][1]
-    top_heads, correlated, conditions = _conditions(correlation, layout.n_layers, n_heads, k_heads, seeds, seed)
+    attention = _attention_modules(hf)
+    n_heads = next(iter(attention.values()))[1]
+    top_heads, correlated, conditions = _conditions(correlation, sorted(attention), n_heads, k_heads, seeds, seed)
     targets_t = torch.as_tensor(targets)
     rows = []
     with nnsight_moe.attached(hf) as handle:
@@ -540,9 +567,9 @@ def _causal_remote(model, prompts, targets, tokenizer, correlation, *, k_heads, 
 
     hf = nnsight_moe.hf_model(model)
     layout = nnsight_moe.layout(hf)
-    attention = _attention_modules(hf, layout)
-    n_heads = attention[0][1]
-    top_heads, correlated, conditions = _conditions(correlation, layout.n_layers, n_heads, k_heads, seeds, seed)
+    attention = _attention_modules(hf)
+    n_heads = next(iter(attention.values()))[1]
+    top_heads, correlated, conditions = _conditions(correlation, sorted(attention), n_heads, k_heads, seeds, seed)
     names = {id(module): name for name, module in hf.named_modules()}
     suppress: dict[int, list] = {}
     for c, (_, _, heads) in enumerate(conditions):
@@ -551,6 +578,7 @@ def _causal_remote(model, prompts, targets, tokenizer, correlation, *, k_heads, 
             layer, head = int(layer), int(head)
             if not 0 <= layer < layout.n_layers:
                 raise IndexError(f"layer {layer} is out of range: valid layers are 0..{layout.n_layers - 1}")
+            _attention_layer(attention, layer, layout.n_layers)
             if not 0 <= head < n_heads:
                 raise IndexError(f"head {head} is out of range for layer {layer}: valid heads are 0..{n_heads - 1}")
             by_layer.setdefault(layer, []).append(head)
@@ -558,8 +586,9 @@ def _causal_remote(model, prompts, targets, tokenizer, correlation, *, k_heads, 
             suppress.setdefault(layer, []).append([c, hs])
     spec = moe_spec(hf)
     settings = {
-        "o_proj": [names[id(o_proj)] for o_proj, _ in attention],
-        "d_head": [int(o_proj.in_features) // heads for o_proj, heads in attention],
+        "n_layers": layout.n_layers,
+        "o_proj": {layer: names[id(o_proj)] for layer, (o_proj, _) in attention.items()},
+        "d_head": {layer: _in_features(o_proj) // heads for layer, (o_proj, heads) in attention.items()},
         "suppress": suppress,
         "groups": 1 + 2 * len(conditions),
         "moe": {index: {"router": info["router"], "n_experts": info["n_experts"], "top_k": info["top_k"],
@@ -607,9 +636,9 @@ def _causal_in_trace(settings: dict, model: Any, batch: dict, extra: dict) -> di
     rows = torch.arange(b)
     kept = [0] + list(range(1, groups, 2))  # clean and suppressed row groups
     scores, chosen = {}, {}
-    for layer, path in enumerate(settings["o_proj"]):
+    for layer in range(settings["n_layers"]):
         if layer in settings["suppress"]:
-            o_proj = _remote_envoy(model, path)
+            o_proj = _remote_envoy(model, settings["o_proj"][layer])
             z = o_proj.input.clone()
             d = settings["d_head"][layer]
             for c, heads in settings["suppress"][layer]:

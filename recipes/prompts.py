@@ -32,9 +32,6 @@ def model_tokenizer(model: Any, tokenizer: Any = None) -> Any:
 
 def _affixes(tokenizer) -> tuple[list[int], int] | None:
     """(special ids the tokenizer puts before a text, number it puts after), or None if unclear."""
-    cached = getattr(tokenizer, "_nnsight_moe_affixes", False)
-    if cached is not False:
-        return cached
     found = None
     try:
         full = list(tokenizer("a")["input_ids"])
@@ -45,10 +42,6 @@ def _affixes(tokenizer) -> tuple[list[int], int] | None:
                 break
     except Exception:  # noqa: BLE001 - a tokenizer without these options: use its plain call
         found = None
-    try:
-        tokenizer._nnsight_moe_affixes = found
-    except Exception:  # noqa: BLE001
-        pass
     return found
 
 

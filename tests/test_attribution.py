@@ -278,3 +278,109 @@ def test_remote_failure_resumes_and_ships_no_client_code(tmp_path, monkeypatch):
                         progress=False).to_frame()
     assert len(calls) == full // 3, "only the failed batch ran again"
     assert (resumed["score"] - expected["score"]).abs().max() < 1e-4
+
+
+def test_memory_is_one_batch_of_last_position_logits(monkeypatch):
+    """attribute() is O(batch x vocab): each batch projects only its scored positions ([b, 1, V] from the
+    unembedding) and its [b, V] logits are released once the batch is scored (ranks are kept instead)."""
+    import weakref
+
+    from nnsight_moe.recipes import attribution
+
+    model = tiny_model("olmoe")
+    vocab = model.config.vocab_size
+    alive, still_alive_at_capture, projected = [], [], []
+    real = attribution.capture
+
+    def spy(hf, batch, parts, handle=None):
+        still_alive_at_capture.append(sum(ref() is not None for ref in alive))
+        got = real(hf, batch, parts, handle)
+        assert got["logits"].shape == (batch["input_ids"].shape[0], vocab)
+        alive.append(weakref.ref(got["logits"]))
+        return got
+
+    monkeypatch.setattr(attribution, "capture", spy)
+    hook = model.lm_head.register_forward_hook(lambda m, a, o: projected.append(tuple(o.shape)))
+    try:
+        result = attribution.attribute(model, PROMPTS * 4, TARGETS * 4, levels=("layer",), batch_size=2,
+                                       progress=False)
+    finally:
+        hook.remove()
+    assert len(still_alive_at_capture) == 6 and max(still_alive_at_capture) == 0, still_alive_at_capture
+    assert all(shape[1:] == (1, vocab) for shape in projected), projected  # never [b, positions, V]
+    reference = attribute(model, PROMPTS, TARGETS, levels=("layer",), progress=False)
+    assert result.ranks == reference.ranks * 4 and result.targets == TARGETS * 4
+
+
+@torch.no_grad()
+def _hybrid_layer_oracle(model, prompt, target, mixer_of, mlp_of, gamma):
+    """attn / mixer / moe LPI of one prompt from module outputs and an explicit final-norm γ."""
+    seen, handles = {}, []
+    for i, layer in enumerate(model.model.layers):
+        handles.append(layer.register_forward_pre_hook(
+            lambda m, a, k, i=i: seen.__setitem__(("h", i), (a[0] if a else k["hidden_states"])[0, -1]), with_kwargs=True))
+        for key, module in (("t", mixer_of(layer)), ("f", mlp_of(layer))):
+            if module is not None:
+                handles.append(module.register_forward_hook(
+                    lambda m, a, o, key=key, i=i: seen.__setitem__((key, i), (o[0] if isinstance(o, tuple) else o)[0, -1])))
+    norm = getattr(model.model, "norm", None) or model.model.final_layernorm
+    handles.append(norm.register_forward_pre_hook(lambda m, a: seen.__setitem__("final", a[0][0, -1])))
+    logits = model(torch.tensor([prompt])).logits[0, -1]
+    for h in handles:
+        h.remove()
+    eps = getattr(norm, "variance_epsilon", None) or norm.eps
+    scale = torch.rsqrt(seen["final"].pow(2).mean() + eps)
+    logprob = lambda x: model.lm_head(gamma * x * scale).log_softmax(-1)[target]  # noqa: E731
+    assert torch.allclose(logprob(seen["final"]), logits.log_softmax(-1)[target], atol=1e-5)
+    out = {}
+    for i in range(len(model.model.layers)):
+        h = seen[("h", i)]
+        t = seen.get(("t", i), torch.zeros_like(h))
+        if ("t", i) in seen:
+            out[i, "mixer" if hasattr(model.model.layers[i], "mamba") or hasattr(model.model.layers[i], "linear_attn")
+                else "attn"] = float(logprob(h + t) - logprob(h))
+        if ("f", i) in seen:
+            out[i, "moe"] = float(logprob(h + t + seen[("f", i)]) - logprob(h + t))
+    return out
+
+
+@pytest.mark.parametrize("family", ["jamba", "qwen3_next"])
+def test_hybrid_layer_level_equals_brute_force(family):
+    """Mamba (jamba) and gated-delta-net (qwen3_next, whose final norm scales by 1 + weight) layers give a
+    ``mixer`` row = LPI of their output; attention layers an ``attn`` row; every layer a ``moe`` row."""
+    if family == "jamba":
+        model = tiny_model("jamba")
+        mixer_of = lambda layer: getattr(layer, "mamba", None) or layer.self_attn  # noqa: E731
+        mlp_of, gamma = (lambda layer: layer.feed_forward), model.model.final_layernorm.weight
+    else:
+        model = tiny_model("qwen3_next", layer_types=["linear_attention", "full_attention"], num_hidden_layers=2,
+                           linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                           linear_num_value_heads=4)
+        mixer_of = lambda layer: getattr(layer, "linear_attn", None) or layer.self_attn  # noqa: E731
+        mlp_of, gamma = (lambda layer: layer.mlp), 1.0 + model.model.norm.weight
+    frame = attribute(model, PROMPTS, TARGETS, levels=("layer",), batch_size=2, progress=False).to_frame()
+    for p, (prompt, target) in enumerate(zip(PROMPTS, TARGETS)):
+        expected = _hybrid_layer_oracle(model, prompt, target, mixer_of, mlp_of, gamma)
+        got = {(r.layer, r.level): r.score for r in frame[frame["prompt"] == p].itertuples()}
+        assert set(got) == set(expected) and {"mixer", "attn", "moe"} == {level for _, level in got}
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, abs=1e-4), key
+
+
+def test_prediction_targets_and_only_correct():
+    model = tiny_model("olmoe")
+    levels = ("layer", "expert")
+    predicted = attribute(model, PROMPTS, "prediction", levels=levels, progress=False)
+    assert predicted.ranks == [1, 1, 1]
+    gold = [predicted.targets[0], (predicted.targets[1] + 1) % 128, predicted.targets[2]]  # prompt 1 answered wrong
+    kept = attribute(model, PROMPTS, gold, levels=levels, batch_size=2, only_correct=True, progress=False)
+    assert kept.prompt_ids == [0, 2] and kept.targets == [gold[0], gold[2]] and kept.ranks == [1, 1]
+    expected = predicted.to_frame()
+    keys = ["prompt", "layer", "level", "head", "expert", "neuron"]
+    expected = expected[expected["prompt"].isin([0, 2])].replace({"prompt": {2: 1}})
+    expected = expected.sort_values(keys).reset_index(drop=True)
+    got = kept.to_frame().sort_values(keys).reset_index(drop=True)
+    assert got.drop(columns="score").equals(expected.drop(columns="score"))
+    assert (got["score"] - expected["score"]).abs().max() < 1e-5  # batch composition differs: float noise
+    with pytest.raises(ValueError, match="only_correct=True compares"):
+        attribute(model, PROMPTS, None, only_correct=True)

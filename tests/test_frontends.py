@@ -27,7 +27,8 @@ FAMILIES = {
     "jamba": {},
     "deepseek_v3": {},
     "nemotron_h": {"layers_block_type": ["mlp", "attention", "moe", "mamba"], "num_hidden_layers": 4,
-                   "moe_shared_expert_intermediate_size": 32},
+                   "moe_shared_expert_intermediate_size": 32, "ssm_state_size": 16, "mamba_num_heads": 4,
+                   "mamba_head_dim": 16, "n_groups": 2, "chunk_size": 16},
 }
 
 
@@ -75,3 +76,25 @@ def test_four_frontends_give_the_same_rows(family):
         assert frame[KEYS].equals(reference[KEYS]), f"{name}: different rows than the HF model"
         assert (frame["score"] - reference["score"]).abs().max() < 1e-4, name
         assert result.targets == frames["hf"].targets and result.ranks == frames["hf"].ranks, name
+
+
+def test_recipes_take_the_tokenizer_the_model_carries():
+    """blocking and head_expert on a LanguageModel / bridge with string prompts and no tokenizer= equal the
+    HF model with the tokenizer passed."""
+    from nnsight_moe.recipes import blocking, head_expert
+
+    tok, hf, lm, bridge = _frontends("deepseek_v3")
+    data = (TEXTS, TARGETS)
+    try:
+        expected = blocking.rank_experts(hf, data, tokenizer=tok, by="gate", progress=False)
+        mine = blocking.rank_experts(lm, data, by="gate", progress=False)
+        assert mine.overall == expected.overall
+        flat = lambda r: [s for rows in r.scores.values() for *_, s in rows]  # noqa: E731
+        assert flat(mine) == pytest.approx(flat(expected), abs=1e-6) and sum(flat(expected)) > 0
+        corr = head_expert.correlate(hf, data, tokenizer=tok, top_k=2, permutations=10)
+        mine = head_expert.correlate(bridge, data, top_k=2, permutations=10)
+        assert mine.top_heads == corr.top_heads and mine.summary_r == pytest.approx(corr.summary_r, abs=1e-4)
+    finally:
+        nnsight_moe.detach(bridge)
+    with pytest.raises(ValueError, match="string prompts need tokenizer="):
+        blocking.rank_experts(hf, data, by="gate", progress=False)
