@@ -69,13 +69,17 @@ def inspect(model: str) -> None:
 @click.option("--per-relation", default=24, show_default=True, type=click.IntRange(min=0),
               help="Prompts per relation for the recipes (0 = all facts); the baseline uses every fact.")
 @click.option("--quick", is_flag=True, help="8 prompts per relation and fewer seeds (smoke runs).")
-def run(model, data, out, remote, device, dtype, batch_size, per_relation, quick) -> None:
+@click.option("--target", default="gold", show_default=True, type=click.Choice(["gold", "prediction"]),
+              help="What the recipes score: the gold object's first token, or the model's own top-1 prediction.")
+@click.option("--only-correct", is_flag=True, help="Run the recipes only on facts the model answers correctly.")
+def run(model, data, out, remote, device, dtype, batch_size, per_relation, quick, target, only_correct) -> None:
     """Run the main job: every recipe on a model and relations; writes results.json and report.html."""
     from nnsight_moe.job import check_out_dir, run_job
 
     _or_fail(lambda: check_out_dir(out))
     _or_fail(lambda: run_job(model, data, out, remote=_remote(remote), device=device, dtype=dtype,
-                             batch_size=batch_size, quick=quick, max_per_relation=per_relation))
+                             batch_size=batch_size, quick=quick, max_per_relation=per_relation,
+                             target=target, only_correct=only_correct))
 
 
 def _or_fail(fn):

@@ -19,25 +19,40 @@ from tqdm.auto import tqdm
 
 from nnsight_moe.report import Section, write
 
-__all__ = ["RECIPE_SECTIONS", "Job", "check_out_dir", "run_job"]
+__all__ = ["RECIPE_SECTIONS", "TARGETS", "Job", "check_out_dir", "run_job"]
+
+
+#: Which token the recipes score: the gold object's first token, or the model's own top-1 prediction.
+TARGETS = ("gold", "prediction")
 
 
 class Job:
     """What every section gets: the model, tokenizer, encoded facts and options.
+
+    ``gold`` holds every usable fact with its gold target (the baseline scores these). ``encoded`` is
+    what the recipes run on: with ``target="prediction"`` the targets are the model's own top-1
+    predictions at the last position (the study's lineage code), with ``only_correct`` only the facts
+    whose gold target is the model's top-1 are kept (:meth:`predictions` gives both, computed once).
 
     With ``remote`` set, ``model`` is an nnsight ``LanguageModel`` (its weights may be on the meta
     device, with NDIF) and every section runs through ``model.trace(..., remote=remote)``.
     """
 
     def __init__(self, name, model, tokenizer, relations, encoded, *, remote=None, batch_size=16, quick=False,
-                 max_per_relation: int | None = 24):
+                 max_per_relation: int | None = 24, target: str = "gold", only_correct: bool = False):
         import nnsight_moe
 
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         self.name, self.model, self.tokenizer = name, model, tokenizer
-        self.relations, self.encoded = relations, encoded
+        self.relations, self.gold = relations, encoded
         self.remote, self.batch_size, self.quick = remote, batch_size, quick
+        self.target, self.only_correct = target, bool(only_correct)
         #: prompts per relation the recipes use (None: all); the baseline always uses every fact
         self.max_per_relation = 8 if quick else max_per_relation
+        self._predictions = None
+        self._selected = None
+        self._remote_load = None
         try:
             self.layout = nnsight_moe.layout(model)
         except nnsight_moe.UnsupportedModelError:
@@ -47,39 +62,73 @@ class Job:
     def is_moe(self) -> bool:
         return self.layout is not None
 
-    def by_relation(self) -> dict[str, list[int]]:
-        """Fact indices (into ``encoded``) per relation name."""
+    @property
+    def encoded(self):
+        """The facts and targets the recipes run on (see the class docstring)."""
+        if self._selected is None:
+            if self.target == "gold" and not self.only_correct:
+                self._selected = self.gold
+            else:
+                ranks, top1 = self.predictions()
+                keep = [i for i in range(len(self.gold)) if not self.only_correct or int(ranks[i]) == 1]
+                targets = [int(top1[i]) for i in keep] if self.target == "prediction" else None
+                self._selected = self.gold.subset(keep, targets)
+                if not self._selected.facts:
+                    raise ValueError("--only-correct: the model answers no fact correctly (no gold target is its "
+                                     "top-1 prediction); nothing for the recipes to run on")
+        return self._selected
+
+    def by_relation(self, encoded=None) -> dict[str, list[int]]:
+        """Fact indices (into ``encoded``, default the recipes' facts) per relation name."""
         groups: dict[str, list[int]] = {}
-        for i, fact in enumerate(self.encoded.facts):
+        for i, fact in enumerate((self.encoded if encoded is None else encoded).facts):
             groups.setdefault(fact.relation, []).append(i)
         return groups
 
     def sample(self):
         """The encoded facts the recipes run on: at most ``max_per_relation`` per relation, evenly spread."""
-        from nnsight_moe.data import EncodedFacts, evenly_spaced
+        from nnsight_moe.data import evenly_spaced
 
         if self.max_per_relation is None:
             return self.encoded
         keep = sorted(i for indices in self.by_relation().values() for i in evenly_spaced(indices, self.max_per_relation))
-        enc = self.encoded
-        return EncodedFacts(facts=[enc.facts[i] for i in keep], prompts=[enc.prompts[i] for i in keep],
-                            targets=[enc.targets[i] for i in keep], skipped=list(enc.skipped))
+        return self.encoded.subset(keep)
+
+    def predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rank of the gold target [P], the model's top-1 token [P]) for every fact of ``gold``, computed
+        once per job (batched; only [batch, V] logits at a time), remotely under ``remote``."""
+        if self._predictions is None:
+            if self.remote is not None:
+                ranks, top1, self._remote_load = _baseline_remote(self)
+            else:
+                ranks, top1 = self._predict_local()
+            self._predictions = (ranks, top1)
+        return self._predictions
 
     @torch.no_grad()
-    def last_logits(self, indices: list[int] | None = None, desc: str = "forward") -> torch.Tensor:
-        """Last-position logits [P, V] for the encoded prompts (left padding, batched)."""
-        from nnsight_moe.recipes.prompts import last_positions
+    def _predict_local(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from nnsight_moe.recipes.metrics import target_ranks
+        from nnsight_moe.recipes.prompts import encode_prompts, last_positions
 
-        prompts = self.encoded.prompts if indices is None else [self.encoded.prompts[i] for i in indices]
+        prompts, targets = self.gold.prompts, torch.tensor(self.gold.targets)
         device = next(self.model.parameters()).device
-        rows = []
-        for start in tqdm(range(0, len(prompts), self.batch_size), desc=desc, leave=False):
-            batch = self.tokenizer(prompts[start : start + self.batch_size], return_tensors="pt", padding=True)
-            batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-            logits = self.model(**batch).logits
+        ranks, top1 = [], []
+        for start in tqdm(range(0, len(prompts), self.batch_size), desc="baseline", leave=False):
+            batch = encode_prompts(self.tokenizer, prompts[start : start + self.batch_size], device)
             last = last_positions(batch["attention_mask"])
-            rows.append(logits[torch.arange(logits.shape[0]), last].float().cpu())
-        return torch.cat(rows)
+            logits = self.model(**batch, logits_to_keep=last[:, None]).logits[:, -1].float()
+            ranks.append(target_ranks(logits, targets[start : start + self.batch_size].to(logits.device)).cpu())
+            top1.append(logits.argmax(-1).cpu())
+        return torch.cat(ranks), torch.cat(top1)
+
+    def selection(self) -> dict:
+        """What the recipes score, for results.json: target kind, only-correct, facts used per relation."""
+        out = {"target": self.target, "only_correct": self.only_correct, "n_facts": len(self.encoded),
+               "per_relation": {name: len(idx) for name, idx in self.by_relation().items()}}
+        if self._predictions is not None:
+            ranks = self._predictions[0]
+            out["n_correct"] = {name: int((ranks[idx] == 1).sum()) for name, idx in self.by_relation(self.gold).items()}
+        return out
 
 
 def baseline_section(job: Job) -> Section:
@@ -89,20 +138,24 @@ def baseline_section(job: Job) -> Section:
 
     from nnsight_moe.recipes.metrics import hits_of_ranks, mrr_of_ranks, target_ranks
 
+    ranks, _ = job.predictions()
     if job.remote is not None:
-        ranks, load = _baseline_remote(job)
+        load = job._remote_load
     else:
-        ranks = target_ranks(job.last_logits(desc="baseline"), torch.tensor(job.encoded.targets))
         load = routing_load(job) if job.is_moe else None
 
     def metrics(r):
         return {"MRR": mrr_of_ranks(r), "HIT@10": hits_of_ranks(r, 10)}
 
-    rows = [{"relation": relation, "facts": len(idx), **metrics(ranks[idx])} for relation, idx in job.by_relation().items()]
-    rows.append({"relation": "all", "facts": len(ranks), **metrics(ranks)})
+    rows = [{"relation": relation, "facts": len(idx), **metrics(ranks[idx]), "correct": int((ranks[idx] == 1).sum())}
+            for relation, idx in job.by_relation(job.gold).items()]
+    rows.append({"relation": "all", "facts": len(ranks), **metrics(ranks), "correct": int((ranks == 1).sum())})
     table = pd.DataFrame(rows).set_index("relation")
+    chosen = {"gold": "the gold object's first token", "prediction": "the model's own top-1 prediction"}[job.target]
     section = Section("baseline", "Knowledge of the relations (no intervention)",
-                      "Rank of the target's first token among the last-position logits."
+                      "Rank of the target's first token (in context) among the last-position logits. The recipes "
+                      f"score {chosen}" + (" on the facts the model answers correctly" if job.only_correct else "")
+                      + f" ({len(job.encoded)} facts)."
                       + (f" Computed through nnsight with remote={job.remote!r}." if job.remote is not None else ""),
                       data={"metrics": table.reset_index().to_dict(orient="records")},
                       tables={"MRR and HIT@10 per relation": table})
@@ -122,6 +175,7 @@ def baseline_section(job: Job) -> Section:
 def routing_load(job: Job) -> torch.Tensor:
     """Share of routed slots per expert, [MoE layers, E], over all non-pad prompt tokens."""
     import nnsight_moe
+    from nnsight_moe.recipes.prompts import encode_prompts
 
     layers = job.layout.moe_layers
     counts = torch.zeros(len(layers), job.layout.n_experts)
@@ -140,25 +194,25 @@ def routing_load(job: Job) -> torch.Tensor:
         for row, point in enumerate(points):
             point.add_hook(count(row))
         try:
-            prompts = job.encoded.prompts
+            prompts = job.gold.prompts
             for start in range(0, len(prompts), job.batch_size):
-                batch = job.tokenizer(prompts[start : start + job.batch_size], return_tensors="pt", padding=True)
-                mask_holder["mask"] = batch["attention_mask"].to(device)
-                job.model(input_ids=batch["input_ids"].to(device), attention_mask=mask_holder["mask"])
+                batch = encode_prompts(job.tokenizer, prompts[start : start + job.batch_size], device)
+                mask_holder["mask"] = batch["attention_mask"]
+                job.model(**batch, logits_to_keep=1)
         finally:
             for point in points:
                 point.remove_hooks()
     return counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
 
 
-def _baseline_remote(job: Job) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Target ranks [P] and expert load [MoE layers, E] computed inside ``job.model.trace`` (remote)."""
+def _baseline_remote(job: Job) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gold target ranks [P], top-1 tokens [P] and expert load [MoE layers, E] inside ``job.model.trace``."""
     import functools
 
     from nnsight_moe.recipes.prompts import encode_prompts, last_positions
     from nnsight_moe.remote import MoEView, run_batches
 
-    prompts, targets = job.encoded.prompts, torch.tensor(job.encoded.targets)
+    prompts, targets = job.gold.prompts, torch.tensor(job.gold.targets)
     batches, extras = [], []
     for start in range(0, len(prompts), job.batch_size):
         batch = encode_prompts(job.tokenizer, prompts[start : start + job.batch_size], "cpu")
@@ -169,10 +223,11 @@ def _baseline_remote(job: Job) -> tuple[torch.Tensor, torch.Tensor | None]:
     results = run_batches(job.model, batches, functools.partial(_baseline_in_trace, view), extras=extras,
                           remote=job.remote, progress=True)
     ranks = torch.cat([r["rank"] for r in results])
+    top1 = torch.cat([r["top1"] for r in results])
     if view is None:
-        return ranks, None
+        return ranks, top1, None
     counts = sum(r["counts"].double() for r in results)
-    return ranks, (counts / counts.sum(dim=1, keepdim=True).clamp(min=1)).float()
+    return ranks, top1, (counts / counts.sum(dim=1, keepdim=True).clamp(min=1)).float()
 
 
 def _baseline_in_trace(view, model, batch, extra) -> dict:
@@ -188,6 +243,7 @@ def _baseline_in_trace(view, model, batch, extra) -> dict:
     last, target = extra["last"], extra["target"]
     picked = model.output.logits[torch.arange(last.shape[0]), last].float()
     out["rank"] = (picked > picked.gather(1, target[:, None])).sum(-1) + 1
+    out["top1"] = picked.argmax(-1)
     return out
 
 
@@ -231,13 +287,22 @@ def check_out_dir(out: str | Path) -> Path:
 
 def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = "results", *,
             remote: Any = None, device: str | None = None, dtype: str | None = None,
-            batch_size: int = 16, quick: bool = False, max_per_relation: int | None = 24) -> dict:
-    """Run the main job and write ``out/results.json`` and ``out/report.html``; returns the results dict."""
+            batch_size: int = 16, quick: bool = False, max_per_relation: int | None = 24,
+            target: str = "gold", only_correct: bool = False) -> dict:
+    """Run the main job and write ``out/results.json`` and ``out/report.html``; returns the results dict.
+
+    ``target``: what the recipes score, ``"gold"`` (the object's first token) or ``"prediction"`` (the
+    model's own top-1 at the last position); ``only_correct``: run the recipes on the facts whose gold
+    target is the model's top-1 only. Both are recorded in results.json (``data.selection``).
+    """
     import warnings
 
     from nnsight_moe import data as relation_data
     from nnsight_moe.models import load_model, load_traced
+    from nnsight_moe.recipes.prompts import check_vocab, vocab_size
 
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     started = time.time()
     out = check_out_dir(out)
     relations = relation_data.load_relations(data) if data else relation_data.bundled()
@@ -254,9 +319,13 @@ def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = 
     for warning in caught:
         print(f"warning: {warning.message}")
     if not encoded.facts:
-        raise ValueError("no fact has a known target token for this tokenizer; nothing to run")
+        raise ValueError("no fact has a usable target token for this tokenizer; nothing to run")
+    vocab = vocab_size(lm)  # a tokenizer that belongs to another checkpoint: say so before any compute
+    check_vocab([i for ids in tokenizer(encoded.prompts)["input_ids"] for i in ids], vocab,
+                "the tokenized prompts", tokenizer)
+    check_vocab(encoded.targets, vocab, "the target tokens", tokenizer)
     job = Job(model, lm, tokenizer, relations, encoded, remote=remote, batch_size=batch_size, quick=quick,
-              max_per_relation=max_per_relation or None)
+              max_per_relation=max_per_relation or None, target=target, only_correct=only_correct)
     layout = job.layout
     header = {
         "model": {
@@ -282,6 +351,8 @@ def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = 
         },
     }
     sections = [baseline_section(job), *_recipe_sections(job)]
+    header["data"]["selection"] = job.selection()
+    header["data"]["skipped_per_relation"] = encoded.skipped_per_relation()
     results = write(out, header, sections, started)
     print(f"wrote {out / 'results.json'} and {out / 'report.html'} ({results['runtime_s']} s)")
     return results

@@ -790,6 +790,8 @@ def section(job: Any):
     options = dict(tokenizer=job.tokenizer, batch_size=job.batch_size, neurons="fast", fast_top=20, remote=remote)
     result = attribute(model, sample.prompts, sample.targets, levels=levels, **options)
     result.name, result.relations = job.name, [f.relation for f in sample.facts]
+    # the job chose the targets (gold or the model's own top-1) and the facts (all or only correct ones)
+    result.target, result.only_correct = getattr(job, "target", "gold"), getattr(job, "only_correct", False)
     results = [result]
     if job.name == "demo-moe":
         from nnsight_moe import demo
@@ -802,6 +804,7 @@ def section(job: Any):
         dense_levels = [level for level in ("layer", "head", "neuron") if level in levels]
         dense = attribute(dense_model, sample.prompts, sample.targets, levels=dense_levels, **options)
         dense.name, dense.family = "demo-dense", "dense"
+        dense.target, dense.only_correct = result.target, result.only_correct
         results.append(dense)
     table, ratio = compare(results)
     figures = {"gains": ("Attention vs MoE/FFN gain by layer", result.plot_gains())}
