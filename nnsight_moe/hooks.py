@@ -288,3 +288,35 @@ def register_experts_implementation() -> None:
     """Register ``"nnsight_moe"`` in transformers' ``ExpertsInterface`` (idempotent)."""
     if EXPERTS_IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
         ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, hooked_experts_forward)
+
+
+class TemporaryHooks:
+    """Hooks a recipe adds to hook points, removed exactly: hooks the user added stay in place.
+
+    ``HookPoint.remove_hooks()`` removes every (non-permanent) hook of a point, the user's too; this
+    keeps the handles :meth:`add` made and removes only those (:meth:`remove`, or on leaving a ``with``).
+    """
+
+    def __init__(self) -> None:
+        self._added: list[tuple[HookPoint, Any]] = []
+
+    def add(self, point: HookPoint, fn: Any, dir: str = "fwd") -> Any:
+        """``point.add_hook(fn, dir=dir)``, remembered for :meth:`remove`; returns the handle."""
+        handle = point.add_hook(fn, dir=dir)
+        self._added.append((point, handle))
+        return handle
+
+    def remove(self) -> None:
+        """Remove the hooks added through :meth:`add` (and nothing else)."""
+        while self._added:
+            point, handle = self._added.pop()
+            handle.hook.remove()
+            point.fwd_hooks = [h for h in point.fwd_hooks if h is not handle]
+            point.bwd_hooks = [h for h in point.bwd_hooks if h is not handle]
+
+    def __enter__(self) -> "TemporaryHooks":
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        self.remove()
+        return False

@@ -117,7 +117,13 @@ class Job:
             batch = encode_prompts(self.tokenizer, prompts[start : start + self.batch_size], device)
             last = last_positions(batch["attention_mask"])
             logits = self.model(**batch, logits_to_keep=last[:, None]).logits[:, -1].float()
-            ranks.append(target_ranks(logits, targets[start : start + self.batch_size].to(logits.device)).cpu())
+            def locate(row, batch=batch):  # the first module with a non-finite output, for the error
+                from nnsight_moe.recipes.metrics import first_nonfinite
+
+                return first_nonfinite(self.model, **{k: v[row : row + 1] for k, v in batch.items()})
+
+            ranks.append(target_ranks(logits, targets[start : start + self.batch_size].to(logits.device),
+                                      prompts=range(start, start + len(logits)), locate=locate).cpu())
             top1.append(logits.argmax(-1).cpu())
         return torch.cat(ranks), torch.cat(top1)
 
@@ -136,7 +142,7 @@ def baseline_section(job: Job) -> Section:
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from nnsight_moe.recipes.metrics import hits_of_ranks, mrr_of_ranks, target_ranks
+    from nnsight_moe.recipes.metrics import hits_of_ranks, mrr_of_ranks
 
     ranks, _ = job.predictions()
     if job.remote is not None:
@@ -176,6 +182,7 @@ def routing_load(job: Job) -> torch.Tensor:
     """Share of routed slots per expert, [MoE layers, E], over all non-pad prompt tokens."""
     import nnsight_moe
     from nnsight_moe.recipes.prompts import encode_prompts
+    from nnsight_moe.hooks import TemporaryHooks
 
     layers = job.layout.moe_layers
     counts = torch.zeros(len(layers), job.layout.n_experts)
@@ -191,8 +198,9 @@ def routing_load(job: Job) -> torch.Tensor:
                 counts[row] += torch.bincount(chosen, minlength=counts.shape[1]).float()
             return hook
 
+        added = TemporaryHooks()
         for row, point in enumerate(points):
-            point.add_hook(count(row))
+            added.add(point, count(row))
         try:
             prompts = job.gold.prompts
             for start in range(0, len(prompts), job.batch_size):
@@ -200,8 +208,7 @@ def routing_load(job: Job) -> torch.Tensor:
                 mask_holder["mask"] = batch["attention_mask"]
                 job.model(**batch, logits_to_keep=1)
         finally:
-            for point in points:
-                point.remove_hooks()
+            added.remove()  # ours only: hooks the user added stay
     return counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
 
 
@@ -209,6 +216,7 @@ def _baseline_remote(job: Job) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     """Gold target ranks [P], top-1 tokens [P] and expert load [MoE layers, E] inside ``job.model.trace``."""
     import functools
 
+    from nnsight_moe.recipes.metrics import checked_ranks
     from nnsight_moe.recipes.prompts import encode_prompts, last_positions
     from nnsight_moe.remote import MoEView, run_batches
 
@@ -222,7 +230,7 @@ def _baseline_remote(job: Job) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     view = MoEView(job.model) if job.is_moe else None
     results = run_batches(job.model, batches, functools.partial(_baseline_in_trace, view), extras=extras,
                           remote=job.remote, progress=True)
-    ranks = torch.cat([r["rank"] for r in results])
+    ranks = checked_ranks(torch.cat([r["rank"] for r in results]), 0)
     top1 = torch.cat([r["top1"] for r in results])
     if view is None:
         return ranks, top1, None
@@ -242,7 +250,8 @@ def _baseline_in_trace(view, model, batch, extra) -> dict:
         out["counts"] = torch.stack(counts)
     last, target = extra["last"], extra["target"]
     picked = model.output.logits[torch.arange(last.shape[0]), last].float()
-    out["rank"] = (picked > picked.gather(1, target[:, None])).sum(-1) + 1
+    ranks = (picked > picked.gather(1, target[:, None])).sum(-1) + 1
+    out["rank"] = torch.where(torch.isfinite(picked).all(-1), ranks, 0)  # 0: non-finite logits (checked_ranks)
     out["top1"] = picked.argmax(-1)
     return out
 
@@ -304,6 +313,10 @@ def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = 
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     started = time.time()
+    if remote is not None:
+        from nnsight_moe.remote import _check_remote
+
+        _check_remote(remote)  # before any loading: a bad or plain-http host fails at once
     out = check_out_dir(out)
     relations = relation_data.load_relations(data) if data else relation_data.bundled()
     if not relations:

@@ -32,17 +32,18 @@ own; scores follow the family's rule; ``moe_out`` is the block's real output.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import sys
 import time
 import types
+import warnings
 from typing import Any
 
 import cloudpickle
 import torch
 
 from nnsight_moe.attach import hf_model
+from nnsight_moe.files import ResultsFileError, call_identity, digest, identity_changes, load_results, model_identity, save_results
 from nnsight_moe.layout import MoELayout
 from nnsight_moe.routing import Routing, keep_top_weights, rule_scores, rule_select, rule_weights, zero_weights
 
@@ -163,7 +164,7 @@ class RemoteBatchError(RuntimeError):
         self.batch, self.results_path, self.completed = batch, results_path, completed
 
 
-_RESULTS_FORMAT = "nnsight_moe.run_batches/1"
+_RESULTS_FORMAT = "nnsight_moe.run_batches/2"
 
 
 def run_batches(
@@ -203,11 +204,19 @@ def run_batches(
             registered for by-value shipping automatically (nnsight_moe is not installed on NDIF).
         extras: optional per-batch plain data (e.g. target ids, last positions), one item per batch,
             handed to ``fn`` as a third argument and part of the resume fingerprint.
-        key: optional plain data describing what ``fn`` computes (its settings); part of every batch's
-            resume fingerprint, so a results file written with other settings is refused, not reused.
+        key: optional plain data describing what ``fn`` computes (its settings); part of the resume
+            fingerprint (with ``fn``'s name and the arguments bound by a ``functools.partial``), so a
+            results file written with other settings is refused, not reused.
         remote: ``False`` (local), ``True`` (NDIF; host and key from ``nnsight.CONFIG`` /
             ``NDIF_API_KEY``), ``"local"`` (nnsight's serialise-and-run-here simulation) or a host URL.
-        results_path: file for partial and final results (``torch.save`` format); None keeps nothing.
+        results_path: file for partial and final results; None keeps nothing. It is a safetensors file
+            with a JSON header (loaded without unpickling anything, so a crafted file cannot run code),
+            written atomically after each batch. A rerun resumes from it only when the batches, the
+            model (class, config, dtype, weights digest, or hub name and revision for a meta-device
+            remote model), the function and ``key`` are the same; otherwise it raises
+            :class:`~nnsight_moe.files.ResultsFileError` (a ``ValueError``) saying what differs. If
+            writing fails (a full disk), a ``RuntimeWarning`` is issued and the run goes on (the write
+            is retried after each batch); the returned results are complete.
         trace_kwargs: extra keyword arguments for ``model.trace``.
         progress: print one line per batch.
 
@@ -227,8 +236,10 @@ def run_batches(
         extras = list(extras)
         if len(extras) != n:
             raise ValueError(f"got {n} batches but {len(extras)} extras (one per batch)")
-    fingerprints = [_fingerprint((key, batch, None if extras is None else extras[i])) for i, batch in enumerate(batches)]
-    done = _load_results(results_path, fingerprints)
+    fingerprints = [_fingerprint((batch, None if extras is None else extras[i])) for i, batch in enumerate(batches)]
+    identity = {**model_identity(model), **call_identity(fn, key)} if results_path is not None else None
+    done = _load_results(results_path, fingerprints, identity)
+    unsaved = False
     _ship_by_value(fn)
     trace_kwargs = dict(trace_kwargs or {})
     if progress and done:
@@ -248,13 +259,33 @@ def run_batches(
                 index, results_path, sorted(done),
             ) from error
         done[index] = _to_cpu(result)
-        _save_results(results_path, fingerprints, done)
+        try:
+            _save_results(results_path, fingerprints, done, identity)
+            unsaved = False
+        except OSError as error:  # e.g. a full disk: keep going, the results are in memory; retried next batch
+            unsaved = True
+            warnings.warn(f"{error}; batch {index + 1}/{n} is kept in memory and the file is rewritten after the "
+                          "next batch", RuntimeWarning, stacklevel=2)
         if progress:
             print(f"[nnsight_moe] batch {index + 1}/{n} done in {time.perf_counter() - start:.1f}s", flush=True)
+    if unsaved:
+        warnings.warn(f"{results_path} could not be updated after the last batch: the results returned are "
+                      "complete, but a rerun would recompute the batches missing from the file",
+                      RuntimeWarning, stacklevel=2)
     return [done[index] for index in range(n)]
 
 
+#: Set to 1 to allow ``remote="http://..."`` to a host that is not this machine (the API key travels in clear).
+ALLOW_HTTP_ENV = "NNSIGHT_MOE_ALLOW_HTTP"
+
+
 def _check_remote(remote: Any) -> None:
+    """Refuse a bad ``remote=``, and a plain-http host other than loopback (the NDIF API key would travel in clear).
+
+    ``remote=True`` is checked against the configured host (``nnsight.CONFIG.API.HOST``). Plain http to
+    another host needs an explicit opt-in: the environment variable ``NNSIGHT_MOE_ALLOW_HTTP=1`` (the
+    CLI's ``--allow-http``).
+    """
     ok = remote in (False, True, None, "local") or (
         isinstance(remote, str) and remote.startswith(("http://", "https://"))
     )
@@ -263,55 +294,85 @@ def _check_remote(remote: Any) -> None:
             f"remote must be False, True (NDIF), 'local' (nnsight's local simulation) or a host URL "
             f"starting with http:// or https://, got {remote!r}"
         )
+    if remote is True:
+        import nnsight
+
+        _check_host(str(nnsight.CONFIG.API.HOST), "the configured NDIF host (nnsight.CONFIG.API.HOST)")
+    elif isinstance(remote, str) and remote != "local":
+        _check_host(remote, "remote")
+
+
+def _check_host(url: str, what: str) -> None:
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    if "://" not in url:  # nnsight's own config may hold a bare host name; it adds https
+        url = f"https://{url}"
+    parts = urlsplit(url)
+    try:
+        host = parts.hostname
+        parts.port  # noqa: B018 (validates the port)
+    except ValueError as error:
+        raise ValueError(f"{what}: {url!r} is not a valid host URL ({error})") from None
+    if not host:
+        raise ValueError(f"{what}: {url!r} names no host; expected e.g. https://host:port")
+    if parts.username or parts.password:
+        raise ValueError(f"{what}: {url!r} carries credentials in the URL; give the API key through NDIF_API_KEY")
+    if parts.scheme != "http" or os.environ.get(ALLOW_HTTP_ENV) == "1":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(".localhost")
+    if not loopback:
+        raise ValueError(
+            f"{what}: refusing plain http to {host!r}: the NDIF API key and your requests would travel "
+            f"unencrypted. Use https://, a loopback host (localhost, 127.0.0.1), or opt in explicitly with "
+            f"{ALLOW_HTTP_ENV}=1 (nnsight-moe run --allow-http)"
+        )
 
 
 def _fingerprint(batch: Any) -> str:
-    """A content hash of a batch, to tell on resume whether a results file belongs to these batches."""
-    digest = hashlib.sha1()
-
-    def feed(value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            t = value.detach().cpu().contiguous()
-            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        elif isinstance(value, dict):
-            for key in sorted(value, key=repr):
-                digest.update(repr(key).encode())
-                feed(value[key])
-        elif isinstance(value, (list, tuple)):
-            digest.update(f"L{len(value)}".encode())
-            for item in value:
-                feed(item)
-        else:
-            digest.update(repr(value).encode())
-
-    feed(batch)
-    return digest.hexdigest()
+    """A content hash of a batch (and its extras), to tell on resume whether a results file belongs to it."""
+    return digest(batch)
 
 
-def _load_results(path: Any, fingerprints: list[str]) -> dict:
-    """Finished results from ``path`` (empty if absent); refuses a file written for other batches."""
+def _load_results(path: Any, fingerprints: list[str], identity: dict | None = None) -> dict:
+    """Finished results from ``path`` (empty if absent).
+
+    Refuses (``ResultsFileError`` naming the file and what is wrong) a file that is not a results file,
+    was modified, or was written for other batches, another model, dtype, function or settings. The
+    file is safetensors + JSON: nothing in it is unpickled.
+    """
     if path is None or not os.path.exists(path):
         return {}
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(saved, dict) or saved.get("format") != _RESULTS_FORMAT:
-        raise ValueError(f"{path} is not a run_batches results file (expected format {_RESULTS_FORMAT!r})")
-    if saved["fingerprints"] != fingerprints:
-        changed = [i for i in saved["results"] if i >= len(fingerprints) or saved["fingerprints"][i] != fingerprints[i]]
-        raise ValueError(
+    header, results = load_results(path, _RESULTS_FORMAT)
+    saved_prints, saved_identity = header.get("fingerprints"), header.get("identity")
+    if (not isinstance(saved_prints, list) or not all(isinstance(f, str) for f in saved_prints)
+            or not isinstance(saved_identity, dict) or not isinstance(results, dict)
+            or not all(isinstance(i, int) and 0 <= i < len(saved_prints) for i in results)):
+        raise ResultsFileError(f"{path} is not a valid run_batches results file (malformed header or results)")
+    if identity is not None:
+        changes = identity_changes(saved_identity, identity)
+        if changes:
+            raise ResultsFileError(
+                f"{path} holds results of another run: {'; '.join(changes)} differ. A resume needs the same "
+                "model, dtype, function and settings: pass a new results_path (or delete the file) to start over"
+            )
+    if saved_prints != fingerprints:
+        changed = [i for i in results if i >= len(fingerprints) or saved_prints[i] != fingerprints[i]]
+        raise ResultsFileError(
             f"{path} holds results for different batches (batches {changed or 'count'} differ): "
             "pass the same batches to resume, or a new results_path"
         )
-    return dict(saved["results"])
+    return dict(results)
 
 
-def _save_results(path: Any, fingerprints: list[str], done: dict) -> None:
-    """Write the results so far atomically (a crash mid-write leaves the previous file intact)."""
+def _save_results(path: Any, fingerprints: list[str], done: dict, identity: dict | None = None) -> None:
+    """Write the results so far atomically (unique temporary file + ``os.replace``; safetensors + JSON)."""
     if path is None:
         return
-    tmp = f"{path}.tmp"
-    torch.save({"format": _RESULTS_FORMAT, "fingerprints": fingerprints, "results": done}, tmp)
-    os.replace(tmp, path)
+    save_results(path, _RESULTS_FORMAT, {"fingerprints": fingerprints, "identity": identity or {}}, done)
 
 
 def _to_cpu(value: Any) -> Any:

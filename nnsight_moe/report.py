@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nnsight_moe.files import atomic_write
+
 __all__ = ["SCHEMA", "Section", "validate", "write"]
 
 SCHEMA = "nnsight-moe/results/v1"
@@ -87,7 +89,11 @@ def _png(figure) -> bytes:
 
 
 def write(out: Path, header: dict[str, Any], sections: list[Section], started: float) -> dict:
-    """Write results.json, the PNGs and report.html into ``out``; returns the results dict."""
+    """Write results.json, the PNGs and report.html into ``out``; returns the results dict.
+
+    Each file is written atomically (:func:`nnsight_moe.files.atomic_write`): a failure mid-write (a
+    full disk) raises an ``OSError`` naming the file and leaves the previous run's file intact.
+    """
     import matplotlib.pyplot as plt
 
     out = Path(out)
@@ -106,7 +112,7 @@ def write(out: Path, header: dict[str, Any], sections: list[Section], started: f
             data = _png(figure)
             plt.close(figure)
             file = f"{section.name}_{name}.png"
-            (out / file).write_bytes(data)
+            atomic_write(out / file, data)
             results["plots"].append({"section": section.name, "name": name, "file": file, "title": title})
             encoded = base64.b64encode(data).decode()
             body.append(
@@ -117,7 +123,7 @@ def write(out: Path, header: dict[str, Any], sections: list[Section], started: f
         body.append("</section>")
     results["runtime_s"] = round(time.time() - started, 2)
     validate(results)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
+    atomic_write(out / "results.json", json.dumps(results, indent=2, default=_json_default))
     model = results["model"]
     page = _PAGE.format(
         title=html.escape(f"nnsight-moe report: {model['name']}"),
@@ -129,7 +135,7 @@ def write(out: Path, header: dict[str, Any], sections: list[Section], started: f
         ),
         body="\n".join(body),
     )
-    (out / "report.html").write_text(page, encoding="utf-8")
+    atomic_write(out / "report.html", page)
     return results
 
 

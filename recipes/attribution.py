@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import nnsight_moe
-from nnsight_moe.hooks import unwrap
+from nnsight_moe.hooks import TemporaryHooks, unwrap
 from nnsight_moe.recipes.metrics import hits_of_ranks, mrr_of_ranks, target_ranks
 from nnsight_moe.recipes.prompts import encode_prompts, last_positions
 
@@ -224,22 +224,20 @@ def capture(hf: nn.Module, batch: dict[str, Tensor], parts: Parts, handle=None) 
                 handles.append(down.register_forward_pre_hook(lambda m, a, i=i: got["mlp_acts"].__setitem__(i, pick(a[0]))))
     handles.append(parts.norm.register_forward_pre_hook(
         lambda m, a, k: got.__setitem__("final", pick(a[0] if a else k["hidden_states"])), with_kwargs=True))
-    points = []
+    added = TemporaryHooks()
     if handle is not None:
         for i in handle.layout.moe_layers:
             got["moe"][i] = {}
             for name in handle.layout.layer(i).hook_names:
-                point = handle.block(i)._modules[name]
-                points.append(point)
-                point.add_hook(lambda v, hook, i=i, name=name: got["moe"][i].__setitem__(name[5:], v[rows, last]))
+                added.add(handle.block(i)._modules[name],
+                          lambda v, hook, i=i, name=name: got["moe"][i].__setitem__(name[5:], v[rows, last]))
     keep = {"logits_to_keep": last[:, None]} if _keeps_logits(hf) else {}
     try:
         logits = hf(**batch, **keep).logits  # [P, 1, V] with logits_to_keep: only the scored positions
     finally:
         for h in handles:
             h.remove()
-        for point in points:
-            point.remove_hooks()
+        added.remove()  # ours only: hooks the user added stay
     got["logits"] = logits[:, 0].float() if keep and logits.shape[1] == 1 else pick(logits)
     del logits
     zeros = torch.zeros_like(got["resid_pre"][0])
@@ -520,6 +518,12 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
         layout = None
     device = next(hf.parameters()).device
     frames, all_targets, all_ranks, kept = [], [], [], []
+
+    def locate(row: int, start: int = 0):  # the first module with a non-finite output, for NonFiniteError
+        from nnsight_moe.recipes.metrics import first_nonfinite
+
+        return first_nonfinite(hf, **encode_prompts(tokenizer, prompts[start + row : start + row + 1], device))
+
     context = nnsight_moe.attached(hf) if layout is not None else _null()
     with context as handle:
         for start in tqdm(range(0, len(prompts), batch_size), desc="attribution", disable=not progress, leave=False):
@@ -527,7 +531,8 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
             got = capture(hf, batch, parts, handle)
             tgt = (got["logits"].argmax(-1) if wanted is None
                    else torch.tensor(wanted[start : start + batch_size], device=got["logits"].device))
-            ranks = target_ranks(got["logits"], tgt)
+            ranks = target_ranks(got["logits"], tgt, prompts=range(start, start + len(tgt)),
+                                 locate=lambda r, s=start: locate(r, s))
             keep = torch.arange(len(tgt), device=tgt.device)
             if only_correct:
                 keep = (ranks == 1).nonzero()[:, 0]
@@ -542,6 +547,7 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
             all_targets.append(tgt.cpu())
             all_ranks.append(ranks.cpu())
     frame = pd.concat(frames, ignore_index=True)[COLUMNS] if frames else pd.DataFrame(columns=COLUMNS)
+    frame = check_finite_scores(frame, locate)
     result = AttributionResult(frame, torch.cat(all_targets).tolist(), torch.cat(all_ranks).tolist(),
                                n_layers=len(parts.layers), family=layout.family if layout else "dense",
                                model_type=hf.config.model_type)
@@ -556,6 +562,34 @@ class _null:
 
     def __exit__(self, *exc):
         return False
+
+
+def check_finite_scores(frame: pd.DataFrame, locate: Any = None) -> pd.DataFrame:
+    """``frame`` unchanged if every score is finite; else a ``NonFiniteError`` naming the first bad component.
+
+    NaN/inf scores come from NaN/inf activations (a broken checkpoint, an overflow in this dtype); they
+    would make every summary statistic meaningless. Every score goes through the final norm, so one
+    non-finite activation usually spoils all of them: ``locate(prompt) -> str | None`` (e.g.
+    :func:`~nnsight_moe.recipes.metrics.first_nonfinite` on that prompt) names the module where they start.
+    """
+    import numpy as np
+
+    from nnsight_moe.recipes.metrics import NonFiniteError
+
+    bad = ~np.isfinite(frame["score"].to_numpy(dtype=float))
+    if bad.any():
+        first = frame[bad].iloc[0]
+        origin = locate(int(first["prompt"])) if locate is not None else None
+        where = ", ".join(f"{c} {first[c]}" for c in ("layer", "head", "expert", "neuron")
+                          if c in frame and not pd.isna(first[c]) and int(first[c]) >= 0)
+        raise NonFiniteError(
+            f"attribution scores are NaN or infinite for {int(bad.sum())} of {len(frame)} components (first: prompt "
+            f"{int(first['prompt'])}, {where}, level {first['level']!r}"
+            + (f"; the first module with a non-finite output is {origin}" if origin else "")
+            + "): the model's weights or activations hold "
+            "NaN/inf (a broken checkpoint, or an overflow in this dtype)",
+            sorted({int(p) for p in frame["prompt"][bad]}))
+    return frame
 
 
 def attribute_relations(model: Any, tokenizer, relations, *, per_relation: int | None = None, target: str = "gold",

@@ -90,7 +90,8 @@ def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *
     Batches run through :func:`nnsight_moe.remote.run_batches`: progress per batch, a failed batch raises
     ``RemoteBatchError`` naming it, and with ``results_path`` a rerun resumes from the finished batches.
     """
-    from nnsight_moe.recipes.attribution import COLUMNS, AttributionResult
+    from nnsight_moe.recipes.attribution import COLUMNS, AttributionResult, check_finite_scores
+    from nnsight_moe.recipes.metrics import checked_ranks
     from nnsight_moe.recipes.prompts import encode_prompts, last_positions, vocab_size
     from nnsight_moe.remote import MoEView, run_batches
 
@@ -154,8 +155,8 @@ def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *
         all_targets.append(result["target"].cpu())
         all_ranks.append(result["rank"].cpu())
         start += batch["input_ids"].shape[0]
-    frame = pd.concat(frames, ignore_index=True)[COLUMNS]
-    return AttributionResult(frame, torch.cat(all_targets).tolist(), torch.cat(all_ranks).tolist(),
+    frame = check_finite_scores(pd.concat(frames, ignore_index=True)[COLUMNS])
+    return AttributionResult(frame, torch.cat(all_targets).tolist(), checked_ranks(torch.cat(all_ranks), 0).tolist(),
                              n_layers=len(layer_paths), family=layout.family if layout else "dense",
                              model_type=hf.config.model_type)
 
@@ -245,7 +246,7 @@ def _scores_in_trace(settings: dict, model: Any, batch: dict, extra: dict) -> di
                                             settings["budget"]) for unit in units[i]]
     picked = logits.gather(-1, target[:, None])
     return {"layer": torch.stack(layer_scores), "head": head_scores, "expert": expert_scores,
-            "shared": shared_scores, "neuron": neuron_scores, "target": target, "rank": (logits > picked).sum(-1) + 1,
+            "shared": shared_scores, "neuron": neuron_scores, "target": target, "rank": torch.where(torch.isfinite(logits).all(-1), (logits > picked).sum(-1) + 1, 0),
             "check": check, "residual": residual, "scale": after.abs().max()}
 
 

@@ -42,9 +42,10 @@ from tqdm.auto import tqdm
 
 import nnsight_moe
 from nnsight_moe.attach import attached, hf_model
+from nnsight_moe.hooks import TemporaryHooks
 from nnsight_moe.interventions import BLOCK_MODES, block_experts, restrict_experts
 from nnsight_moe.layout import MoELayout
-from nnsight_moe.recipes.metrics import hits_of_ranks, mrr_of_ranks, target_ranks
+from nnsight_moe.recipes.metrics import checked_ranks, first_nonfinite, hits_of_ranks, mrr_of_ranks, target_ranks
 from nnsight_moe.recipes.prompts import check_vocab, encode_prompts, last_positions, model_tokenizer, vocab_size
 
 __all__ = [
@@ -313,12 +314,11 @@ def _routing_local(hf, layout, chunks, by, progress) -> list[dict]:
     seen: dict[tuple[int, str], Tensor] = {}
     out = []
     with attached(hf) as handle:
-        points = []
+        added = TemporaryHooks()
         for i in layout.moe_layers:
             block = handle.block(i)
-            points += [block.hook_topk_indices, block.hook_topk_weights]
-            for point in points[-2:]:
-                point.add_hook(lambda t, hook, i=i: seen.__setitem__((i, hook.name.rsplit(".", 1)[-1]), t))
+            for point in (block.hook_topk_indices, block.hook_topk_weights):
+                added.add(point, lambda t, hook, i=i: seen.__setitem__((i, hook.name.rsplit(".", 1)[-1]), t))
         try:
             for chunk in tqdm(chunks, desc=f"rank experts by {by}", disable=not progress, leave=False):
                 hf(input_ids=chunk.input_ids, attention_mask=chunk.attention_mask, logits_to_keep=1)
@@ -326,8 +326,7 @@ def _routing_local(hf, layout, chunks, by, progress) -> list[dict]:
                 out.append({i: tuple(seen[(i, f"hook_topk_{name}")][rows, chunk.last].cpu()
                                      for name in ("indices", "weights")) for i in layout.moe_layers})
         finally:
-            for point in points:
-                point.remove_hooks()
+            added.remove()  # ours only: hooks the user added stay
     return out
 
 
@@ -393,6 +392,11 @@ def _masks(layout: MoELayout, conditions: list[list[Pair]], mode: str) -> dict[i
     return masks
 
 
+def _locate(hf, chunk):
+    """``locate(row)`` for :func:`target_ranks`: the first module with a non-finite output on that row."""
+    return lambda r: first_nonfinite(hf, input_ids=chunk.input_ids[r : r + 1], attention_mask=chunk.attention_mask[r : r + 1])
+
+
 @torch.no_grad()
 def _run(hf, layout, chunks, targets, conditions, mode, max_rows, stacked, progress) -> Tensor:
     """Target ranks [C, P_chunks] of every condition on every prompt of ``chunks``."""
@@ -410,7 +414,8 @@ def _run(hf, layout, chunks, targets, conditions, mode, max_rows, stacked, progr
                 start = 0
                 for chunk in chunks:
                     logits = _last_logits(hf, chunk.input_ids, chunk.attention_mask, chunk.last)
-                    ranks[c, start : start + len(chunk.rows)] = target_ranks(logits, targets[chunk.rows]).cpu()
+                    ranks[c, start : start + len(chunk.rows)] = target_ranks(
+                        logits, targets[chunk.rows], prompts=chunk.rows, locate=_locate(hf, chunk)).cpu()
                     start += len(chunk.rows)
         return ranks
     field = "exclude" if mode == "reroute" else "zero"
@@ -438,7 +443,7 @@ def _run(hf, layout, chunks, targets, conditions, mode, max_rows, stacked, progr
                         state.renorm = mode == "renorm"
                 logits = _last_logits(hf, chunk.input_ids.repeat(g, 1), chunk.attention_mask.repeat(g, 1),
                                       chunk.last.repeat(g))
-                found = target_ranks(logits, targets[chunk.rows].repeat(g)).cpu().view(g, b)
+                found = target_ranks(logits, targets[chunk.rows].repeat(g), prompts=list(chunk.rows) * g).cpu().view(g, b)
                 ranks[c0:c1, start : start + b] = found
         finally:
             for i, (zero, exclude, renorm) in saved.items():
@@ -516,7 +521,8 @@ def _run_remote(model, layout, tasks, targets, remote, max_rows, results_path, p
                 traces.append((chunk, c1 - c0, edits))
                 places.append((t, c0, c1, start, b))
             start += b
-    found = ranks_remote(model, traces, targets, remote=remote, results_path=results_path, progress=progress)
+    found = [checked_ranks(r, 0) for r in
+             ranks_remote(model, traces, targets, remote=remote, results_path=results_path, progress=progress)]
     out = [torch.zeros(len(conditions), sum(len(c.rows) for c in chunks), dtype=torch.long)
            for chunks, conditions, _ in tasks]
     for (t, c0, c1, start, b), ranks in zip(places, found):
@@ -915,7 +921,8 @@ def configurations(
         for _, top, shared in configs:
             options = {**({} if top is None else {"keep_top": top}), **({} if shared else {"shared": False})}
             traces += [(chunk, 1, {i: options for i in layout.moe_layers} if options else {}) for chunk in chunks]
-        found = ranks_remote(model, traces, data.targets, remote=remote, results_path=results_path, progress=progress)
+        found = [checked_ranks(r, 0) for r in
+                 ranks_remote(model, traces, data.targets, remote=remote, results_path=results_path, progress=progress)]
         remote_ranks = torch.cat(found).view(len(configs), -1)  # [configs, P]: chunks cover the prompts in order
     for c, (name, top, shared) in enumerate(tqdm(configs, desc="configurations", disable=not progress or remote is not None,
                                                   leave=False)):
@@ -926,7 +933,8 @@ def configurations(
             with restrict_experts(hf, top, shared=shared):
                 for chunk in chunks:
                     logits = _last_logits(hf, chunk.input_ids, chunk.attention_mask, chunk.last)
-                    ranks[chunk.rows] = target_ranks(logits, data.targets[chunk.rows]).cpu()
+                    ranks[chunk.rows] = target_ranks(logits, data.targets[chunk.rows], prompts=chunk.rows,
+                                                     locate=_locate(hf, chunk)).cpu()
         parts = dict(groups, **({ALL: list(range(len(ranks)))} if len(groups) > 1 else {}))
         for rel, idx in parts.items():
             metrics = _metrics(ranks[idx], k)

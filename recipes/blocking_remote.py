@@ -52,7 +52,8 @@ def _ranks_in_trace(view: Any, model: Any, batch: dict, extra: dict) -> Tensor:
         view.layer(layer, want=("topk_weights",), **extra["edits"][layer])
     last, targets = extra["last"], extra["targets"]
     picked = model.output.logits[torch.arange(last.shape[0]), last].float()
-    return (picked > picked.gather(1, targets[:, None])).sum(-1) + 1
+    ranks = (picked > picked.gather(1, targets[:, None])).sum(-1) + 1
+    return torch.where(torch.isfinite(picked).all(-1), ranks, 0)  # 0: non-finite logits (checked_ranks)
 
 
 def routing_remote(model: Any, chunks: Sequence[Any], *, remote: Any, results_path: Any = None,

@@ -43,7 +43,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import nnsight_moe
-from nnsight_moe.recipes.metrics import mrr, mrr_of_ranks
+from nnsight_moe.hooks import TemporaryHooks
+from nnsight_moe.recipes.metrics import checked_ranks, mrr, mrr_of_ranks
 from nnsight_moe.recipes.prompts import encode_prompts, last_positions, model_tokenizer
 from nnsight_moe.remote import _envoy as _remote_envoy
 from nnsight_moe.routing import rule_scores as _remote_scores
@@ -289,13 +290,10 @@ def _router_probs(model, prompts, tokenizer, batch_size, remote: Any = None) -> 
         for start in range(0, len(prompts), batch_size):
             batch = _batch(tokenizer, prompts[start : start + batch_size], hf)
             seen = {}
-            for i in layers:
-                handle.block(i).hook_router_scores.add_hook(lambda s, hook, i=i: seen.__setitem__(i, s))
-            try:
-                hf(**batch)
-            finally:
+            with TemporaryHooks() as added:  # removes ours only: hooks the user added stay
                 for i in layers:
-                    handle.block(i).hook_router_scores.remove_hooks()
+                    added.add(handle.block(i).hook_router_scores, lambda s, hook, i=i: seen.__setitem__(i, s))
+                hf(**batch)
             last = last_positions(batch["attention_mask"])
             rows = torch.arange(len(last))
             out.append(torch.stack([seen[i][rows, last] for i in layers], dim=1).float().cpu())
@@ -432,21 +430,19 @@ def _run(hf, handle, batch, patch: dict | None = None, capture: bool = False):
     """Forward; optionally patch every router's selection/weights; returns (last logits, routing)."""
     layers = handle.layout.moe_layers
     routing: dict[int, dict[str, torch.Tensor]] = {i: {} for i in layers}
-    points = []
+    added = TemporaryHooks()
     for i in layers:
         block = handle.block(i)
         for name in ("hook_router_scores", "hook_topk_indices", "hook_topk_weights"):
             point = getattr(block, name)
-            points.append(point)
             if patch is not None and name != "hook_router_scores":
-                point.add_hook(lambda value, hook, i=i, name=name: patch[i][name])
+                added.add(point, lambda value, hook, i=i, name=name: patch[i][name])
             if capture:
-                point.add_hook(lambda value, hook, i=i, name=name: routing[i].__setitem__(name, value))
+                added.add(point, lambda value, hook, i=i, name=name: routing[i].__setitem__(name, value))
     try:
         logits = hf(**batch).logits
     finally:
-        for point in points:
-            point.remove_hooks()
+        added.remove()  # ours only: hooks the user added stay
     last = last_positions(batch["attention_mask"])
     return logits[torch.arange(logits.shape[0]), last].float(), routing
 
@@ -605,7 +601,7 @@ def _causal_remote(model, prompts, targets, tokenizer, correlation, *, k_heads, 
                           key=settings,  # resume fingerprint: a results file for other heads is refused
                           remote=remote, results_path=results_path, progress=progress)
 
-    ranks = torch.cat([result["rank"] for result in results], dim=1)  # [groups, P]
+    ranks = checked_ranks(torch.cat([result["rank"] for result in results], dim=1), 0)  # [groups, P]
 
     rows = []
     for c, (condition, s, _) in enumerate(conditions):
@@ -662,7 +658,8 @@ def _causal_in_trace(settings: dict, model: Any, batch: dict, extra: dict) -> di
     out = model.output.logits
     logits = out.reshape(groups, b, p, out.shape[-1])[:, rows, last].float()
     picked = logits.gather(-1, target.to(logits.device)[None, :, None].expand(groups, b, 1))
-    return {"rank": (logits > picked).sum(-1) + 1, "scores": scores, "chosen": chosen}
+    ranks = torch.where(torch.isfinite(logits).all(-1), (logits > picked).sum(-1) + 1, 0)  # 0: non-finite (checked_ranks)
+    return {"rank": ranks, "scores": scores, "chosen": chosen}
 
 
 # ----------------------------------------------------------------------------- main job

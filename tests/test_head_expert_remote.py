@@ -111,7 +111,7 @@ def test_causal_remote_failure_keeps_batches_and_resumes(tmp_path, monkeypatch):
     resumed = _frame(lm, corr, remote="local", results_path=path, progress=False)
     assert len(calls) == 2, "only the unfinished batches ran again"
     _assert_same(resumed, expected)
-    with pytest.raises(ValueError, match="different batches"):  # other heads: the file is refused
+    with pytest.raises(ValueError, match="settings differ"):  # other heads: the file is refused
         _frame(lm, _correlation(hf, [(1, 0), (0, 0), (2, 1)]), remote="local", results_path=path, progress=False)
     assert len(calls) == 2
 

@@ -14,6 +14,7 @@ from nnsight.intervention.serialization import CustomCloudUnpickler, loads
 from nnsight.schema.request import RequestModel
 
 import nnsight_moe
+from nnsight_moe.files import load_results
 from nnsight_moe.remote import MoEView, RemoteBatchError, moe_spec, read_layer, run_batches
 from nnsight_moe.adapters import supported_families
 from nnsight_moe.testing import tiny_model
@@ -328,8 +329,8 @@ def test_run_batches_failure_keeps_results_and_resumes(tmp_path, monkeypatch, ca
         run_batches(lm, batches, fn, remote="local", results_path=path)
     assert info.value.batch == 2 and info.value.completed == [0, 1]
     assert isinstance(info.value.__cause__, ConnectionError)
-    saved = torch.load(path, weights_only=False)
-    assert sorted(saved["results"]) == [0, 1]
+    _, saved = load_results(path, "nnsight_moe.run_batches/2")
+    assert sorted(saved) == [0, 1]
     assert "batch 2/4" in capsys.readouterr().out
 
     calls.clear()
@@ -362,7 +363,7 @@ def test_run_batches_rejects_bad_inputs(tmp_path):
     run_batches(lm, batches, fn, results_path=path, progress=False)
     with pytest.raises(ValueError, match="different batches"):
         run_batches(lm, [_ids(1, 4, 1)], fn, results_path=path, progress=False)
-    with pytest.raises(ValueError, match="different batches"):  # same batches, other settings (key)
+    with pytest.raises(ValueError, match="settings differ"):  # same batches, other settings (key)
         run_batches(lm, batches, fn, key={"levels": ("neuron",)}, results_path=path, progress=False)
 
 

@@ -113,7 +113,9 @@ def test_remote_neurons_ship_code_by_value_and_return_only_scores(tmp_path, monk
                    "collections", "_codecs"}
     assert {m for m, _ in kept["u"].globals if m.split(".")[0] not in server_side} == set()
     # what came back for the neuron level: [prompts, fast_top] scores and int32 ids, expert ids [prompts, k]
-    result = torch.load(path, weights_only=False)["results"][0]
+    from nnsight_moe.files import load_results
+
+    result = load_results(path, "nnsight_moe.run_batches/2")[1][0]
     for layer, units in result["neuron"].items():
         for unit in units:
             assert unit["scores"].shape == (3, 4) and unit["picked"].shape == (3, 4)
