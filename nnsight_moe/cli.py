@@ -72,9 +72,11 @@ def inspect(model: str) -> None:
 @click.option("--target", default="gold", show_default=True, type=click.Choice(["gold", "prediction"]),
               help="What the recipes score: the gold object's first token, or the model's own top-1 prediction.")
 @click.option("--only-correct", is_flag=True, help="Run the recipes only on facts the model answers correctly.")
+@click.option("--fresh", is_flag=True,
+              help="Discard the finished work an interrupted run kept in --out, and start over (default: resume).")
 @click.option("--allow-http", is_flag=True,
               help="Allow --remote http://HOST to a host other than this machine (the API key travels unencrypted).")
-def run(model, data, out, remote, device, dtype, batch_size, per_relation, quick, target, only_correct,
+def run(model, data, out, remote, device, dtype, batch_size, per_relation, quick, target, only_correct, fresh,
         allow_http) -> None:
     """Run the main job: every recipe on a model and relations; writes results.json and report.html."""
     from nnsight_moe.job import check_out_dir, run_job
@@ -89,7 +91,7 @@ def run(model, data, out, remote, device, dtype, batch_size, per_relation, quick
     _or_fail(lambda: check_out_dir(out))
     _or_fail(lambda: run_job(model, data, out, remote=_remote(remote), device=device, dtype=dtype,
                              batch_size=batch_size, quick=quick, max_per_relation=per_relation,
-                             target=target, only_correct=only_correct))
+                             target=target, only_correct=only_correct, fresh=fresh))
 
 
 def _or_fail(fn):

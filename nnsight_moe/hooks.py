@@ -13,10 +13,18 @@ Nothing of the family's modeling code is copied or replaced. ``attach`` leaves e
 
 Every hook point is a TransformerLens :class:`~transformer_lens.hook_points.HookPoint` registered as a
 submodule of the MoE block, so TransformerLens and nnsight see it like any other module.
+
+Threads: a block's per-forward state (its input shape) and its interventions live on the block, like
+torch hooks and weights, so they are shared by every thread using the model. A forward of an attached
+block that starts while another thread is inside a forward of the same block raises
+:class:`ConcurrentForwardError` instead of silently mixing the two (use one model copy per thread, or
+a lock). Interventions are model-wide by design (a ``block_experts`` context applies to every forward
+while it is open), which is why the state is not made per-thread.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -30,6 +38,10 @@ from nnsight_moe.routing import keep_top_weights, zero_weights
 
 EXPERTS_IMPLEMENTATION = "nnsight_moe"
 _STATE = "_nnsight_moe"
+
+
+class ConcurrentForwardError(RuntimeError):
+    """Two threads ran forwards of the same attached MoE block at the same time."""
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -67,6 +79,9 @@ class BlockState:
         self.exclude: Tensor | None = None
         self.keep_top: int | None = None
         self.shared_scale: float | None = None
+        self._lock = threading.Lock()
+        self._thread: int | None = None  # the thread inside a forward of this block, if any
+        self._depth = 0
 
     def hook(self, name: str, value: Tensor) -> Tensor:
         """Pass ``value`` through the block's hook point ``name``."""
@@ -116,6 +131,7 @@ def install(block: nn.Module, state: BlockState) -> list:
         block.register_forward_pre_hook(_record_shape, with_kwargs=True),
         state.router.register_forward_hook(_route),
         block.register_forward_hook(_moe_out),
+        block.register_forward_hook(_end_forward, always_call=True),  # also when the forward raises
     ]
     if state.layer.has_shared:
         shared = unwrap(block.get_submodule(state.adapter.shared))
@@ -143,8 +159,30 @@ def uninstall(block: nn.Module, state: BlockState, handles: list) -> None:
 
 # ---------------------------------------------------------------- torch hooks
 def _record_shape(block, args, kwargs):
+    state: BlockState = block.__dict__[_STATE]
+    me = threading.get_ident()
+    with state._lock:
+        if state._thread not in (None, me):
+            raise ConcurrentForwardError(
+                f"layer {state.layer.index}: this attached model is already running a forward in another thread "
+                f"(id {state._thread}). An attached MoE block keeps its per-forward state (input shape) and its "
+                "interventions on the module, shared by all threads, so concurrent forwards would mix them: use "
+                "one model per thread (copy.deepcopy) or run the forwards one at a time (a threading.Lock)"
+            )
+        state._thread = me
+        state._depth += 1
+    state.experts_pending = False
     x = args[0] if args else kwargs["hidden_states"]
-    block.__dict__[_STATE].shape = (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, x.shape[0])
+    state.shape = (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, x.shape[0])
+
+
+def _end_forward(block, args, output):
+    state: BlockState = block.__dict__[_STATE]
+    with state._lock:
+        if state._thread == threading.get_ident():
+            state._depth -= 1
+            if state._depth <= 0:
+                state._thread, state._depth = None, 0
 
 
 def _route(router, args, output):
@@ -152,20 +190,44 @@ def _route(router, args, output):
     logits = output[0]
     b, p = state.bp(logits.shape[:-1].numel())
     rule = state.rule()
-    logits = state.hook("hook_router_logits", logits.reshape(b, p, -1))
-    scores = state.hook("hook_router_scores", rule.scores(logits))
+    n_experts, k = state.layer.n_experts, state.layer.top_k
+    logits = _checked(state, "hook_router_logits", state.hook("hook_router_logits", logits.reshape(b, p, -1)),
+                      (b, p, n_experts))
+    scores = _checked(state, "hook_router_scores", state.hook("hook_router_scores", rule.scores(logits)), (b, p, n_experts))
     exclude = state.row_mask(state.exclude, b, scores.device)
     indices = state.hook("hook_topk_indices", rule.select(scores, exclude))
+    _checked(state, "hook_topk_indices", indices, (b, p, k))
+    if indices.is_floating_point() or (indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_experts)):
+        raise ValueError(f"layer {state.layer.index}: hook_topk_indices must hold integer expert ids in "
+                         f"0..{n_experts - 1}, got {indices.dtype} values in [{indices.min()}, {indices.max()}]")
     weights = rule.weights(scores, indices, exclude)
     if rule.cast_weights:
         weights = weights.to(logits.dtype)
-    weights = state.hook("hook_topk_weights", state.edit_weights(indices, weights))
-    k = indices.shape[-1]
+    weights = _checked(state, "hook_topk_weights", state.hook("hook_topk_weights", state.edit_weights(indices, weights)),
+                       (b, p, k))
+    state.experts_pending = True  # cleared by the "nnsight_moe" experts implementation
     return (logits.reshape(b * p, -1), weights.reshape(b * p, k), indices.reshape(b * p, k), *output[3:])
+
+
+def _checked(state: "BlockState", name: str, value: Any, shape: tuple) -> Tensor:
+    """``value`` if it is a tensor of ``shape``; else a ``ValueError`` naming the hook point (an edit of the wrong shape)."""
+    if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+        got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"layer {state.layer.index}: {name} must be a tensor of shape {list(shape)} "
+                         f"([batch, pos, {'experts' if name.startswith('hook_router') else 'top_k'}]), got {got}")
+    return value
 
 
 def _moe_out(block, args, output):
     state: BlockState = block.__dict__[_STATE]
+    if getattr(state, "experts_pending", False):
+        state.experts_pending = False
+        current = getattr(getattr(state.experts, "config", None), "_experts_implementation", None)
+        raise RuntimeError(
+            f"layer {state.layer.index}: the routed experts ran without the {EXPERTS_IMPLEMENTATION!r} experts "
+            f"implementation (now {current!r}: was it switched with set_experts_implementation while attached?), so "
+            "hook_expert_acts / hook_expert_out / hook_routed_out did not fire. Switch back with "
+            f"model.set_experts_implementation({EXPERTS_IMPLEMENTATION!r}), or detach and attach again")
     if isinstance(output, tuple):
         return (state.hook("hook_moe_out", output[0]), *output[1:])
     return state.hook("hook_moe_out", output)
@@ -218,6 +280,7 @@ def hooked_experts_forward(
     state: BlockState | None = experts.__dict__.get(_STATE)
     if state is None:  # an experts module of a block that is not attached
         return grouped_mm_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
+    state.experts_pending = False
     n, d = hidden_states.shape
     b, p = state.bp(n)
     k = top_k_index.shape[-1]

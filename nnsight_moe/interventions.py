@@ -75,7 +75,8 @@ def block_experts(
     masks = {}
     for layer, ids in experts.items():
         info = layout.moe_layer(layer)
-        ids = layout.check_experts(layer, [ids] if isinstance(ids, int) else ids)
+        scalar = isinstance(ids, int) or (hasattr(ids, "__index__") and getattr(ids, "ndim", 0) == 0)
+        ids = layout.check_experts(layer, [ids] if scalar else ids)
         if mode == "reroute" and len(ids) > info.n_experts - info.top_k:
             raise ValueError(
                 f"cannot reroute around {len(ids)} of {info.n_experts} experts in layer {layer}: "
@@ -91,6 +92,12 @@ def block_experts(
             field = "exclude" if mode == "reroute" else "zero"
             previous = getattr(state, field)
             combined = mask if previous is None else previous.cpu() | mask
+            cap = state.layer.n_experts - state.layer.top_k
+            if mode == "reroute" and int(combined.reshape(-1, combined.shape[-1]).sum(-1).max()) > cap:
+                raise ValueError(
+                    f"cannot reroute around {int(combined.reshape(-1, combined.shape[-1]).sum(-1).max())} of "
+                    f"{state.layer.n_experts} experts in layer {index} (this block and the enclosing ones together): "
+                    f"at most {cap} can be blocked with top-{state.layer.top_k} routing")
             edits[index] = {field: combined.to(state.experts.down_proj.device)}
             if mode != "reroute":
                 edits[index]["renorm"] = mode == "renorm"

@@ -4,11 +4,22 @@ Sections, each skipped with a note when it does not apply (e.g. a dense model ha
 
 * ``baseline``: MRR / HIT@10 of the target per relation, and the expert load per MoE layer;
 * the recipes in :data:`RECIPE_SECTIONS` (attribution, blocking, head-expert correlation).
+
+Resume: the job keeps its finished work under ``<out>/.nnsight-moe-resume/``: each finished section,
+the stages a section marks with :meth:`Job.stage` (the expert ranking of the blocking sweep, the
+correlation of the causal checks) and, with ``remote``, every finished remote batch
+(:meth:`Job.results_path`). A rerun into the same ``--out`` after an interrupt (Ctrl-C, a lost
+connection) recomputes only what is missing, and refuses (naming what differs) to resume a run of
+another model, dtype, data or settings; ``fresh=True`` (``--fresh``) discards the kept work first. The
+folder is removed once results.json and report.html are written.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,11 +30,14 @@ from tqdm.auto import tqdm
 
 from nnsight_moe.report import Section, write
 
-__all__ = ["RECIPE_SECTIONS", "TARGETS", "Job", "check_out_dir", "run_job"]
+__all__ = ["RECIPE_SECTIONS", "RESUME_DIR", "TARGETS", "Job", "check_out_dir", "run_job"]
 
 
 #: Which token the recipes score: the gold object's first token, or the model's own top-1 prediction.
 TARGETS = ("gold", "prediction")
+
+#: Folder under ``--out`` holding the finished work of an unfinished run.
+RESUME_DIR = ".nnsight-moe-resume"
 
 
 class Job:
@@ -57,6 +71,32 @@ class Job:
             self.layout = nnsight_moe.layout(model)
         except nnsight_moe.UnsupportedModelError:
             self.layout = None  # dense model: only the sections that need no experts run
+        #: resume folder (None: nothing is kept); set by :func:`run_job`
+        self.checkpoint: Path | None = None
+
+    def results_path(self, stage: str) -> Path | None:
+        """With ``remote`` and a resume folder: the ``run_batches`` results file of ``stage``, else None."""
+        if self.remote is None or self.checkpoint is None:
+            return None
+        return self.checkpoint / f"{stage}.safetensors"
+
+    def stage(self, name: str, compute: Callable[[], Any], save: Callable[[Any], Any] = lambda v: v,
+              load: Callable[[Any], Any] = lambda v: v) -> Any:
+        """``compute()``, kept in the resume folder as JSON ``save(value)`` and read back as ``load(json)``.
+
+        Without a resume folder this is just ``compute()``.
+        """
+        if self.checkpoint is None:
+            return compute()
+        from nnsight_moe.files import atomic_write
+
+        path = self.checkpoint / f"stage-{name}.json"
+        if path.exists():
+            print(f"stage {name}: resumed from {path}")
+            return load(_read_json(path)["value"])
+        value = compute()
+        atomic_write(path, json.dumps({"value": save(value)}, default=_json_value))
+        return value
 
     @property
     def is_moe(self) -> bool:
@@ -229,7 +269,7 @@ def _baseline_remote(job: Job) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
                        "mask": batch["attention_mask"].bool()})
     view = MoEView(job.model) if job.is_moe else None
     results = run_batches(job.model, batches, functools.partial(_baseline_in_trace, view), extras=extras,
-                          remote=job.remote, progress=True)
+                          remote=job.remote, progress=True, results_path=job.results_path("baseline"))
     ranks = checked_ranks(torch.cat([r["rank"] for r in results]), 0)
     top1 = torch.cat([r["top1"] for r in results])
     if view is None:
@@ -273,12 +313,100 @@ def _recipe_sections(job: Job) -> list[Section]:
             make: Callable[[Job], Section | None] = getattr(importlib.import_module(module), function)
         except (ImportError, AttributeError):
             continue
-        started = time.time()
-        section = make(job)
-        print(f"section {name}: {time.time() - started:.1f} s")
+        section = _checkpointed(job, name, lambda: make(job))
         if section is not None:
             sections.append(section)
     return sections
+
+
+def _json_value(value: Any) -> Any:
+    """``json.dumps`` default for numpy / torch scalars and arrays."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise ValueError(f"{path} is not a readable nnsight-moe checkpoint ({error}); "
+                         "rerun with --fresh to discard the kept work") from None
+    if not isinstance(data, dict) or "value" not in data:
+        raise ValueError(f"{path} is not an nnsight-moe checkpoint; rerun with --fresh to discard the kept work")
+    return data
+
+
+def _section_to_json(section: Section | None) -> Any:
+    """A finished section as JSON: data as is, tables as their report HTML, figures as PNG (base64)."""
+    import matplotlib.pyplot as plt
+
+    from nnsight_moe.report import render_table, render_figure
+
+    if section is None:
+        return None
+    figures = {}
+    for name, (title, figure) in section.figures.items():
+        figures[name] = [title, base64.b64encode(render_figure(figure)).decode()]
+        if not isinstance(figure, bytes):
+            plt.close(figure)
+    return {"name": section.name, "title": section.title, "text": section.text, "data": section.data,
+            "tables": {caption: render_table(frame) for caption, frame in section.tables.items()},
+            "figures": figures}
+
+
+def _section_from_json(value: Any) -> Section | None:
+    if value is None:
+        return None
+    try:
+        return Section(value["name"], value["title"], value["text"], data=value["data"], tables=dict(value["tables"]),
+                       figures={n: (t, base64.b64decode(png)) for n, (t, png) in value["figures"].items()})
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"a section checkpoint is malformed ({error}); rerun with --fresh") from None
+
+
+def _checkpointed(job: Job, name: str, make: Callable[[], Section | None]) -> Section | None:
+    """Section ``name``, from the resume folder when an earlier run finished it; kept there once made."""
+    started = time.time()
+    if job.checkpoint is not None and (job.checkpoint / f"section-{name}.json").exists():
+        section = _section_from_json(_read_json(job.checkpoint / f"section-{name}.json")["value"])
+        print(f"section {name}: resumed from {job.checkpoint}")
+        return section
+    section = make()
+    if job.checkpoint is not None:
+        from nnsight_moe.files import atomic_write
+
+        value = _section_to_json(section)  # figures become PNG: the report gets the same bytes either way
+        atomic_write(job.checkpoint / f"section-{name}.json", json.dumps({"value": value}, default=_json_value))
+        section = _section_from_json(json.loads(json.dumps(value, default=_json_value)))
+    print(f"section {name}: {time.time() - started:.1f} s")
+    return section
+
+
+def _open_checkpoint(out: Path, identity: dict, fresh: bool) -> Path:
+    """The resume folder under ``out`` for a job with ``identity``; refuses one kept for another job."""
+    from nnsight_moe.files import atomic_write, identity_changes
+
+    folder = out / RESUME_DIR
+    if fresh and folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(exist_ok=True)
+    manifest = folder / "job.json"
+    if manifest.exists():
+        saved = _read_json(manifest)["value"]
+        changes = identity_changes(saved, identity) if isinstance(saved, dict) else ["everything"]
+        changes += [f"{key} ({saved.get(key)!r} then, {identity[key]!r} now)" for key in identity
+                    if key.startswith("job.") and saved.get(key) != identity[key]]
+        if changes:
+            raise ValueError(
+                f"{out} holds the unfinished work of another run ({'; '.join(changes)} differ): rerun with --fresh "
+                "to discard it, or choose another --out")
+        print(f"resuming the unfinished run kept in {folder}")
+    else:
+        atomic_write(manifest, json.dumps({"value": identity}))
+    return folder
 
 
 def check_out_dir(out: str | Path) -> Path:
@@ -297,12 +425,14 @@ def check_out_dir(out: str | Path) -> Path:
 def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = "results", *,
             remote: Any = None, device: str | None = None, dtype: str | None = None,
             batch_size: int = 16, quick: bool = False, max_per_relation: int | None = 24,
-            target: str = "gold", only_correct: bool = False) -> dict:
+            target: str = "gold", only_correct: bool = False, fresh: bool = False) -> dict:
     """Run the main job and write ``out/results.json`` and ``out/report.html``; returns the results dict.
 
     ``target``: what the recipes score, ``"gold"`` (the object's first token) or ``"prediction"`` (the
     model's own top-1 at the last position); ``only_correct``: run the recipes on the facts whose gold
     target is the model's top-1 only. Both are recorded in results.json (``data.selection``).
+    Finished sections, stages and remote batches are kept under ``out/.nnsight-moe-resume`` so that a
+    rerun after an interrupt resumes (module docstring); ``fresh=True`` starts over.
     """
     import warnings
 
@@ -321,6 +451,10 @@ def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = 
     relations = relation_data.load_relations(data) if data else relation_data.bundled()
     if not relations:
         raise ValueError(f"no relations found in {data!r}")
+    clash = [r.source or r.name for r in relations if r.name == "all"]
+    if clash:
+        raise ValueError(f"relation {clash[0]!r} is named 'all', the name of the rows that pool every relation "
+                         "in results.json; rename it")
     if remote is None:
         lm, tokenizer = load_model(model, device=device, dtype=dtype)
     else:  # an nnsight LanguageModel: every section runs through model.trace(..., remote=remote)
@@ -339,6 +473,14 @@ def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = 
     check_vocab(encoded.targets, vocab, "the target tokens", tokenizer)
     job = Job(model, lm, tokenizer, relations, encoded, remote=remote, batch_size=batch_size, quick=quick,
               max_per_relation=max_per_relation or None, target=target, only_correct=only_correct)
+    from nnsight_moe import __version__
+    from nnsight_moe.files import digest, model_identity
+
+    identity = {**model_identity(lm), "function": "nnsight_moe.job.run_job",
+                "settings": digest([remote, batch_size, quick, max_per_relation or None, target, only_correct]),
+                "job.model": model, "job.data": digest([(r.name, r.prompt_templates, r.samples) for r in relations]),
+                "job.version": __version__}
+    job.checkpoint = _open_checkpoint(out, identity, fresh)
     layout = job.layout
     header = {
         "model": {
@@ -363,10 +505,12 @@ def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = 
                         for f, reason in encoded.skipped],
         },
     }
-    sections = [baseline_section(job), *_recipe_sections(job)]
+    sections = [_checkpointed(job, "baseline", lambda: baseline_section(job)), *_recipe_sections(job)]
+    job.predictions()  # cached; recomputed once when every section using it was resumed
     header["data"]["selection"] = job.selection()
     header["data"]["skipped_per_relation"] = encoded.skipped_per_relation()
     results = write(out, header, sections, started)
+    shutil.rmtree(job.checkpoint, ignore_errors=True)  # the run is complete: nothing to resume
     print(f"wrote {out / 'results.json'} and {out / 'report.html'} ({results['runtime_s']} s)")
     return results
 

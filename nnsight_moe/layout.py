@@ -7,6 +7,7 @@ d_expert, d_shared) and the family's :class:`~nnsight_moe.routing.Routing` rule 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -101,6 +102,11 @@ class MoELayout:
     def layer(self, index: int) -> LayerLayout:
         """The layout of layer ``index``; negative indices count from the end."""
         n = len(self.layers)
+        if not isinstance(index, (int, bool)) and hasattr(index, "__index__"):
+            try:
+                index = operator.index(index)  # numpy / torch integers (0-d integer tensors)
+            except TypeError:
+                pass
         if not isinstance(index, int) or isinstance(index, bool) or not -n <= index < n:
             raise IndexError(f"layer {index!r} is out of range: this model has layers 0..{n - 1}")
         return self.layers[index]

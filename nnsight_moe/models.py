@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DTYPES", "load_model"]
+__all__ = ["DTYPES", "check_device", "load_model"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -21,14 +21,42 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a ``torch.device``, after checking this machine has it; ``ValueError`` naming it otherwise.
+
+    E.g. ``"cuda"`` without a CUDA GPU, ``"cuda:3"`` on a machine with two GPUs or ``"mps"`` off Apple
+    silicon fail here, before any model is loaded.
+    """
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps): {err}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA GPU is available on this machine "
+                             "(torch.cuda.is_available() is False); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r}: Apple MPS is not available on this machine; use cpu")
+    elif dev.type not in ("cpu", "cuda", "mps", "meta") and not hasattr(torch, dev.type):
+        raise ValueError(f"device {device!r}: unknown device type {dev.type!r}")
+    return dev
+
+
 def load_model(name: str, *, device: str | None = None, dtype: str | torch.dtype | None = None):
     """(model, tokenizer) for a demo name, a local model directory or a hub name; eval mode.
 
-    Raises ``ValueError`` naming the accepted forms when ``name`` is none of them.
+    Raises ``ValueError`` naming the accepted forms when ``name`` is none of them, and naming
+    ``device`` when this machine does not have it (:func:`check_device`).
     """
     from nnsight_moe import demo
 
     dtype = _dtype(dtype)
+    check_device(device)
     if name in demo.names():
         model, tokenizer = demo.load(name, dtype=dtype, device=device)
         return model, tokenizer

@@ -88,6 +88,18 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
+def render_table(frame: Any) -> str:
+    """A table's report HTML: a pandas DataFrame rendered, or HTML already rendered (a resumed section)."""
+    if isinstance(frame, str):
+        return frame
+    return frame.to_html(float_format=lambda v: f"{v:.4g}", border=0, classes="table")
+
+
+def render_figure(figure: Any) -> bytes:
+    """A figure's PNG bytes: a matplotlib figure rendered, or PNG bytes already rendered (a resumed section)."""
+    return figure if isinstance(figure, bytes) else _png(figure)
+
+
 def write(out: Path, header: dict[str, Any], sections: list[Section], started: float) -> dict:
     """Write results.json, the PNGs and report.html into ``out``; returns the results dict.
 
@@ -107,10 +119,11 @@ def write(out: Path, header: dict[str, Any], sections: list[Section], started: f
             body.append(f"<p>{html.escape(section.text)}</p>")
         for caption, frame in section.tables.items():
             body.append(f"<h3>{html.escape(caption)}</h3>")
-            body.append(frame.to_html(float_format=lambda v: f"{v:.4g}", border=0, classes="table"))
+            body.append(render_table(frame))
         for name, (title, figure) in section.figures.items():
-            data = _png(figure)
-            plt.close(figure)
+            data = render_figure(figure)
+            if not isinstance(figure, bytes):
+                plt.close(figure)
             file = f"{section.name}_{name}.png"
             atomic_write(out / file, data)
             results["plots"].append({"section": section.name, "name": name, "file": file, "title": title})

@@ -822,7 +822,8 @@ def section(job: Any):
     levels, model, remote = LEVELS, job.model, job.remote
     sample = job.sample()
     options = dict(tokenizer=job.tokenizer, batch_size=job.batch_size, neurons="fast", fast_top=20, remote=remote)
-    result = attribute(model, sample.prompts, sample.targets, levels=levels, **options)
+    path = getattr(job, "results_path", lambda stage: None)  # remote batches kept for a resume
+    result = attribute(model, sample.prompts, sample.targets, levels=levels, results_path=path("attribution"), **options)
     result.name, result.relations = job.name, [f.relation for f in sample.facts]
     # the job chose the targets (gold or the model's own top-1) and the facts (all or only correct ones)
     result.target, result.only_correct = getattr(job, "target", "gold"), getattr(job, "only_correct", False)
@@ -836,7 +837,8 @@ def section(job: Any):
 
             dense_model = LanguageModel(dense_model, tokenizer=job.tokenizer)
         dense_levels = [level for level in ("layer", "head", "neuron") if level in levels]
-        dense = attribute(dense_model, sample.prompts, sample.targets, levels=dense_levels, **options)
+        dense = attribute(dense_model, sample.prompts, sample.targets, levels=dense_levels,
+                          results_path=path("attribution-dense"), **options)
         dense.name, dense.family = "demo-dense", "dense"
         dense.target, dense.only_correct = result.target, result.only_correct
         results.append(dense)

@@ -107,7 +107,11 @@ def _dataset(dataset: Any, tokenizer: Any, max_per_relation: int | None = None) 
         encoded = encode_facts(tokenizer, [f for r in dataset for f in r.facts()])
         return _dataset(encoded, tokenizer, max_per_relation)
     elif isinstance(dataset, (list, tuple)) and len(dataset) in (2, 3) and not isinstance(dataset[0], str):
-        prompts, targets = list(dataset[0]), torch.as_tensor(dataset[1], dtype=torch.long).reshape(-1)
+        prompts, targets = list(dataset[0]), torch.as_tensor(dataset[1]).reshape(-1)
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            raise TypeError(f"dataset: target ids must be integer token ids, got {targets.dtype} values such as "
+                            f"{targets[:3].tolist()}")
+        targets = targets.long()
         names = [str(r) for r in dataset[2]] if len(dataset) == 3 else [ALL] * len(prompts)
         if not (len(prompts) == targets.numel() == len(names)):
             raise ValueError(
@@ -123,6 +127,8 @@ def _dataset(dataset: Any, tokenizer: Any, max_per_relation: int | None = None) 
         )
     if not data.prompts:
         raise ValueError("dataset is empty: no prompt with a usable target (need at least one fact)")
+    if ALL in data.relations and len(set(data.relations)) > 1:
+        raise ValueError(f"a relation is named {ALL!r}, the name of the rows that pool every relation; rename it")
     if isinstance(data.prompts[0], str) and tokenizer is None:
         raise ValueError("string prompts need tokenizer= (or a model that carries one); or pass lists of token ids")
     if max_per_relation is not None:
@@ -216,6 +222,12 @@ class Ranking:
         """The ranking of relation ``name`` (``overall`` for :data:`ALL` or a relation not ranked)."""
         return self.per_relation.get(name, self.overall)
 
+    @classmethod
+    def from_json(cls, data: dict) -> "Ranking":
+        """The ranking :meth:`to_json` wrote."""
+        return cls(data["by"], [tuple(p) for p in data["overall"]],
+                   {k: [tuple(p) for p in v] for k, v in data["per_relation"].items()}, data["scores"])
+
     def to_json(self) -> dict:
         """JSON-ready dict (``{"by", "overall", "per_relation", "scores"}``, pairs as ``[layer, expert]``)."""
         return {"by": self.by, "overall": [list(p) for p in self.overall],
@@ -252,7 +264,8 @@ def rank_experts(
         remote: compute inside ``model.trace(..., remote=remote)`` on the unmodified model (``True`` for
             NDIF, ``"local"`` for nnsight's local simulation, or a host URL; ``model`` must be an nnsight
             model): routing at the last positions (frequency / gate) or the remote attribution recipe.
-        results_path: remote ``frequency`` / ``gate`` only: partial results file; a rerun resumes from it.
+        results_path: remote only: partial results file; a rerun resumes from it (``by="attribution"``
+            keeps one file per relation, ``results_path`` + ``.0``, ``.1``, ...).
 
     Ties are broken by (layer, expert) order. Returns a :class:`Ranking`.
     """
@@ -264,7 +277,8 @@ def rank_experts(
     data = _dataset(dataset, tokenizer, max_per_relation)
     pairs = _all_pairs(layout)
     if by == "attribution":
-        totals = _attribution_scores(model, data, tokenizer, pairs, batch_size, progress, remote)
+        totals = _attribution_scores(model, data, tokenizer, pairs, batch_size, progress, remote,
+                                     results_path if remote is not None else None)
     else:
         totals = _routing_scores(model, layout, data, tokenizer, pairs, by, batch_size, padding_side, progress,
                                  remote, results_path)
@@ -330,7 +344,8 @@ def _routing_local(hf, layout, chunks, by, progress) -> list[dict]:
     return out
 
 
-def _attribution_scores(model, data, tokenizer, pairs, batch_size, progress, remote=None) -> dict[str, Tensor]:
+def _attribution_scores(model, data, tokenizer, pairs, batch_size, progress, remote=None,
+                        results_path=None) -> dict[str, Tensor]:
     """Summed per-relation gated-LPI scores of each routed expert, from the attribution recipe."""
     try:
         from nnsight_moe.recipes.attribution import attribute
@@ -341,10 +356,10 @@ def _attribution_scores(model, data, tokenizer, pairs, batch_size, progress, rem
         ) from err
     column = {pair: j for j, pair in enumerate(pairs)}
     totals = {}
-    for name, idx in data.groups().items():
+    for g, (name, idx) in enumerate(data.groups().items()):
         result = attribute(model, [data.prompts[i] for i in idx], data.targets[idx].tolist(),
                            tokenizer=tokenizer, levels=("expert",), batch_size=batch_size, progress=progress,
-                           remote=remote)
+                           remote=remote, results_path=None if results_path is None else f"{results_path}.{g}")
         frame = result.to_frame()
         frame = frame[frame["level"] == "expert"]
         total = torch.zeros(len(pairs), dtype=torch.float64)
@@ -996,14 +1011,20 @@ def section(job: Any):
     per_relation = getattr(job, "max_per_relation", 16 if job.quick else None)
     options = {"tokenizer": job.tokenizer, "batch_size": job.batch_size, "max_per_relation": per_relation,
                "remote": job.remote}
-    try:
-        ranking = rank_experts(model, job.encoded, by="attribution", **options)
-    except ImportError:
-        ranking = rank_experts(model, job.encoded, by="frequency", **options)
+    path = getattr(job, "results_path", lambda stage: None)  # remote batches kept for a resume
+
+    def rank():
+        try:
+            return rank_experts(model, job.encoded, by="attribution", results_path=path("blocking-ranking"), **options)
+        except ImportError:
+            return rank_experts(model, job.encoded, by="frequency", results_path=path("blocking-ranking"), **options)
+
+    ranking = job.stage("blocking-ranking", rank, Ranking.to_json, Ranking.from_json) if hasattr(job, "stage") else rank()
     n_routed = len(_all_pairs(job.layout))
     top_n = tuple(n for n in (1, 5, 10) if n <= n_routed)
-    result = sweep(model, job.encoded, ranking=ranking, top_n=top_n, modes=("zero",), seeds=5, **options)
-    configs = configurations(model, job.encoded, **options)
+    result = sweep(model, job.encoded, ranking=ranking, top_n=top_n, modes=("zero",), seeds=5,
+                   results_path=path("blocking-sweep"), **options)
+    configs = configurations(model, job.encoded, results_path=path("blocking-configurations"), **options)
     text = (f"Experts ranked per relation by {ranking.by}; the top-N blocked (gate weight 0) vs N random "
             "experts (uniform, and with the same per-layer counts), 5 seeds, mean +- std."
             + (f" Computed through nnsight with remote={job.remote!r}." if job.remote is not None else ""))

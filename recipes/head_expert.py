@@ -221,6 +221,20 @@ class HeadExpertResult:
             "strongest": self.strongest().to_dict(orient="records"),
         }
 
+    def to_dict(self) -> dict:
+        """Everything, JSON-ready (read back by :meth:`from_dict`)."""
+        return {"pairs": self.pairs.to_dict(orient="split"), "summary_r": self.summary_r, "summary_p": self.summary_p,
+                "top_heads": [list(h) for h in self.top_heads], "top_experts": [list(e) for e in self.top_experts],
+                "signal": self.signal, "n_prompts": self.n_prompts, "definition": self.definition}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HeadExpertResult":
+        """The result :meth:`to_dict` wrote."""
+        split = data["pairs"]
+        pairs = pd.DataFrame(split["data"], index=split["index"], columns=split["columns"])
+        return cls(pairs, data["summary_r"], data["summary_p"], [tuple(h) for h in data["top_heads"]],
+                   [tuple(e) for e in data["top_experts"]], data["signal"], data["n_prompts"], data["definition"])
+
     def save(self, path: str | Path) -> Path:
         """Save as JSON (pairs included)."""
         path = Path(path)
@@ -673,11 +687,16 @@ def section(job: Any):
     sample = job.sample()
     data = (sample.prompts, sample.targets)
     model = job.model  # an nnsight LanguageModel when job.remote is set
-    corr = correlate(model, data, tokenizer=job.tokenizer, top_k=3, permutations=200 if job.quick else 1000,
-                     batch_size=job.batch_size, remote=job.remote)
+    def correlation():
+        return correlate(model, data, tokenizer=job.tokenizer, top_k=3, permutations=200 if job.quick else 1000,
+                         batch_size=job.batch_size, remote=job.remote)
+
+    corr = (job.stage("head_expert-correlation", correlation, HeadExpertResult.to_dict, HeadExpertResult.from_dict)
+            if hasattr(job, "stage") else correlation())
+    path = getattr(job, "results_path", lambda stage: None)  # remote batches kept for a resume
     effects = causal(model, data, tokenizer=job.tokenizer, correlation=corr, k_heads=3,
                      seeds=2 if job.quick else 5, batch_size=job.batch_size, remote=job.remote,
-                     progress=False)
+                     results_path=path("head_expert-causal"), progress=False)
     summary = effects.summary()
     summary.columns = [f"{a} {b}" for a, b in summary.columns]
     where = "" if job.remote is None else f" Attribution, suppression and patching ran with remote={job.remote!r}."

@@ -116,5 +116,13 @@ def check_vocab(ids: Any, vocab: int, what: str = "the token ids", tokenizer: An
 
 
 def last_positions(mask: Int[Tensor, "b p"]) -> Int[Tensor, " b"]:
-    """Index of the last non-pad token of each row of an attention mask, for left or right padding."""
+    """Index of the last non-pad token of each row of an attention mask, for left or right padding.
+
+    Raises ``ValueError`` naming the rows that have no token at all (an empty prompt has no last
+    position: scoring it would read a pad position).
+    """
+    empty = (mask.sum(-1) == 0).nonzero().reshape(-1).tolist()
+    if empty:
+        raise ValueError(f"prompts {empty} of this batch are empty (no token after tokenization); "
+                         "every prompt needs at least one token")
     return mask.cumsum(-1).argmax(-1)

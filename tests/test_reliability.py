@@ -400,3 +400,253 @@ def test_cli_refuses_plain_http_before_loading(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["run", "--remote", "http://ndif.example.org", "--out", str(tmp_path / "o"),
                                        "--model", "Org/Model"])
     assert result.exit_code == 1 and "refusing plain http" in result.output, result.output
+
+
+# ------------------------------------------------------------------ 4. the main job resumes after an interrupt
+def _job(out, data, *extra):
+    return [sys.executable, "-m", "nnsight_moe.cli", "run", "--data", str(data), "--out", str(out), "--quick",
+            "--batch-size", "4", *extra]
+
+
+def _comparable(out):
+    results = json.loads((out / "results.json").read_text())
+    del results["created"], results["runtime_s"]
+    return results
+
+
+def test_cli_interrupted_with_sigint_resumes_and_matches_a_full_run(tmp_path):
+    import signal
+    import time
+
+    from nnsight_moe import data as relation_data
+
+    good = json.loads((relation_data.bundled_dir() / "country_capital_city.json").read_text())
+    good["samples"] = good["samples"][:6]
+    data = tmp_path / "small.json"
+    data.write_text(json.dumps(good))
+    env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
+    reference = tmp_path / "reference"
+    run = subprocess.run(_job(reference, data), capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    out = tmp_path / "out"
+    kept = out / ".nnsight-moe-resume" / "section-attribution.json"
+    proc = subprocess.Popen(_job(out, data), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 600
+    while not kept.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C during the blocking section
+    first = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0 and not (out / "results.json").exists(), first[-3000:]
+    assert "section baseline" in first and "section attribution" in first and "section blocking" not in first
+
+    other = subprocess.run(_job(out, data, "--batch-size", "3"), capture_output=True, text=True, timeout=600, env=env)
+    assert other.returncode == 1 and "holds the unfinished work of another run (settings differ)" in other.stderr
+
+    rerun = subprocess.run(_job(out, data), capture_output=True, text=True, timeout=600, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "section baseline: resumed" in rerun.stdout and "section attribution: resumed" in rerun.stdout
+    assert "section blocking: resumed" not in rerun.stdout and "section head_expert: resumed" not in rerun.stdout
+    assert _comparable(out) == _comparable(reference), "the resumed run gives the results of an uninterrupted one"
+    assert not (out / ".nnsight-moe-resume").exists(), "a finished run leaves nothing to resume"
+
+
+def test_job_stage_and_fresh(tmp_path, monkeypatch):
+    """Stages are kept and reused; --fresh discards kept work; a corrupt checkpoint is named."""
+    from nnsight_moe.job import Job, _open_checkpoint
+
+    job = Job.__new__(Job)
+    job.remote, job.checkpoint = None, _open_checkpoint(tmp_path, {"function": "f", "settings": "s"}, fresh=False)
+    calls = []
+    assert job.stage("x", lambda: calls.append(1) or {"a": [1, 2]}) == {"a": [1, 2]}
+    assert job.stage("x", lambda: calls.append(1) or {"a": [9]}) == {"a": [1, 2]} and calls == [1]
+    with pytest.raises(ValueError, match=r"another run \(settings differ\).*--fresh"):
+        _open_checkpoint(tmp_path, {"function": "f", "settings": "t"}, fresh=False)
+    job.checkpoint = _open_checkpoint(tmp_path, {"function": "f", "settings": "t"}, fresh=True)
+    assert job.stage("x", lambda: {"a": [3]}) == {"a": [3]}
+    (job.checkpoint / "stage-y.json").write_text("{" * 100000)
+    with pytest.raises(ValueError, match="stage-y.json is not a readable nnsight-moe checkpoint"):
+        job.stage("y", lambda: 1)
+
+
+# ------------------------------------------------------------------ 9. clear errors instead of tracebacks
+def test_device_without_a_gpu_is_a_clear_error(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from nnsight_moe.cli import main
+    from nnsight_moe.models import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'cuda': no CUDA GPU is available"):
+        check_device("cuda")
+    with pytest.raises(ValueError, match="is not a torch device"):
+        check_device("gpu0")
+    assert check_device("cpu") == torch.device("cpu") and check_device(None) is None
+    result = CliRunner().invoke(main, ["run", "--device", "cuda", "--out", str(tmp_path / "o"), "--quick"])
+    assert result.exit_code == 1 and "Error: device 'cuda': no CUDA GPU is available" in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_relation_files_nested_too_deeply_or_with_lone_surrogates(tmp_path):
+    from click.testing import CliRunner
+
+    from nnsight_moe.cli import main
+    from nnsight_moe.data import RelationFormatError, load_relation
+
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 200000 + "]" * 200000)
+    with pytest.raises(RelationFormatError, match="'nested.json' is not LRE relation JSON: nested too deeply"):
+        load_relation(nested)
+    lone = tmp_path / "lone.json"
+    lone.write_text('{"name": "r", "prompt_templates": ["{} is in"], "samples": [{"subject": "a", "object": "b"}, '
+                    '{"subject": "x\\ud800y", "object": "c"}]}')
+    with pytest.raises(RelationFormatError, match=r"'lone.json' .*samples\[1\] subject holds a lone UTF-16 surrogate"):
+        load_relation(lone)
+    doubly = tmp_path / "doubly.json"  # a doubly escaped surrogate PAIR is one character, not an error
+    doubly.write_text('{"name": "r", "prompt_templates": ["{} is in"], "samples": [{"subject": "a\\\\ud83c\\\\udf0d", '
+                      '"object": "b"}]}')
+    assert load_relation(doubly).samples[0][0] == "a\U0001f30d"
+    for path in (nested, lone):
+        result = CliRunner().invoke(main, ["run", "--data", str(path), "--out", str(tmp_path / "o")])
+        assert result.exit_code == 1 and path.name in result.output and "Traceback" not in result.output
+
+
+# ------------------------------------------------------------------ 10. concurrent forwards are refused
+def test_concurrent_forwards_on_an_attached_model_are_refused():
+    from nnsight_moe.hooks import ConcurrentForwardError
+
+    hf = tiny_model("olmoe")
+    ids_a, ids_b = _ids(2, 6, 0), _ids(3, 4, 1)
+    with torch.no_grad():
+        want_a, want_b = hf(ids_a).logits, hf(ids_b).logits
+    handle = nnsight_moe.attach(hf)
+    first = handle.layout.moe_layers[0]
+    inside, release, out, errors = threading.Event(), threading.Event(), {}, []
+
+    def pause(value, hook):
+        if threading.current_thread().name == "A":
+            inside.set()
+            assert release.wait(60)
+
+    handle.block(first).hook_router_logits.add_hook(pause)
+
+    def run_a():
+        with torch.no_grad():
+            out["a"] = hf(ids_a).logits
+
+    a = threading.Thread(target=run_a, name="A")
+    a.start()
+    assert inside.wait(60)
+    try:
+        with torch.no_grad(), pytest.raises(ConcurrentForwardError, match=f"layer {first}: .*another thread"):
+            hf(ids_b)  # thread A is inside layer `first`: refused, not mixed
+    finally:
+        release.set()
+        a.join(60)
+    torch.testing.assert_close(out["a"], want_a, atol=1e-5, rtol=0)  # A was not disturbed
+
+    def failing(value, hook):
+        raise KeyError("user hook fails")
+
+    point = handle.block(first).hook_router_scores
+    point.add_hook(failing)
+    with pytest.raises(KeyError):
+        hf(ids_a)
+    point.remove_hooks()
+    handle.block(first).hook_router_logits.remove_hooks()
+    worker = threading.Thread(target=lambda: out.__setitem__("b", hf(ids_b).logits.detach()))
+    worker.start()
+    worker.join(60)  # after A finished and after a failed forward, another thread runs normally
+    torch.testing.assert_close(out["b"], want_b, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ 7. bad inputs named, not mishandled
+def test_relation_named_all_is_refused():
+    from nnsight_moe.recipes import blocking
+
+    with pytest.raises(ValueError, match="a relation is named 'all'"):
+        blocking.evaluate(tiny_model("olmoe"), (PROMPTS, TARGETS, ["all", "b", "b"]), [[]], progress=False)
+
+
+def test_job_refuses_a_relation_named_all(tmp_path):
+    from nnsight_moe.job import run_job
+
+    bad = tmp_path / "all.json"
+    bad.write_text(json.dumps({"name": "all", "prompt_templates": ["{} is in"],
+                               "samples": [{"subject": "Paris", "object": "France"}]}))
+    with pytest.raises(ValueError, match="is named 'all'"):
+        run_job("demo-moe", str(bad), tmp_path / "o", quick=True)
+
+
+def test_empty_prompts_are_refused():
+    from nnsight_moe.recipes import blocking
+    from nnsight_moe.recipes.attribution import attribute
+
+    from helpers import word_tokenizer
+
+    hf = tiny_model("olmoe")
+    with pytest.raises(ValueError, match=r"prompts \[1\] of this batch are empty"):
+        attribute(hf, [[5, 6], []], [3, 4], levels=("layer",), progress=False)
+    with pytest.raises(ValueError, match=r"prompts \[0\] of this batch are empty"):
+        attribute(hf, ["", "w5 w6"], [3, 4], tokenizer=word_tokenizer("left"), levels=("layer",), progress=False)
+    with pytest.raises(ValueError, match="no tokens"):  # blocking already refused them
+        blocking.evaluate(hf, ([[5, 6], [], [7]], [3, 4, 5]), [[]], progress=False)
+
+
+def test_float_targets_and_integer_like_layer_keys():
+    import numpy as np
+
+    from nnsight_moe.recipes import blocking
+    from nnsight_moe.recipes.metrics import target_ranks
+
+    hf = tiny_model("olmoe")
+    with pytest.raises(TypeError, match="target ids must be integer token ids, got torch.float32"):
+        target_ranks(torch.randn(2, 10), torch.tensor([1.7, 2.2]))
+    with pytest.raises(TypeError, match="target ids must be integer token ids"):
+        blocking.evaluate(hf, (PROMPTS, [3.7, 40.2, 77.9]), [[]], progress=False)
+    layer = nnsight_moe.layout(hf).moe_layers[0]
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        with nnsight_moe.block_experts(hf, {layer: [0, 1]}):
+            want = hf(ids).logits
+        for key, experts in ((np.int64(layer), [np.int64(0), np.int64(1)]), (torch.tensor(layer), torch.tensor([0, 1]))):
+            with nnsight_moe.block_experts(hf, {key: experts}):
+                torch.testing.assert_close(hf(ids).logits, want, atol=0, rtol=0)
+    with pytest.raises(IndexError, match="layer 1.5 is out of range"):
+        nnsight_moe.layout(hf).layer(1.5)
+
+
+def test_nested_reroute_respects_the_cap():
+    hf = tiny_model("olmoe")  # 8 experts, top-2: at most 6 can be rerouted around
+    layer = nnsight_moe.layout(hf).moe_layers[0]
+    with nnsight_moe.block_experts(hf, {layer: [0, 1, 2, 3]}, mode="reroute"):
+        with nnsight_moe.block_experts(hf, {layer: [4, 5]}, mode="reroute"):
+            pass  # 6 together: allowed
+        with pytest.raises(ValueError, match="cannot reroute around 7 of 8 experts .* enclosing ones together"):
+            with nnsight_moe.block_experts(hf, {layer: [4, 5, 6]}, mode="reroute"):
+                pass
+
+
+def test_router_edit_of_the_wrong_width_is_refused():
+    hf = tiny_model("olmoe")
+    handle = nnsight_moe.attach(hf)
+    layer = handle.layout.moe_layers[0]
+    point = handle.block(layer).hook_router_scores
+    point.add_hook(lambda scores, hook: scores[..., :-1])  # one expert short
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"layer {layer}: hook_router_scores must be a tensor of shape"):
+        hf(torch.tensor([PROMPTS[0]]))
+    point.remove_hooks()
+    handle.block(layer).hook_topk_indices.add_hook(lambda idx, hook: idx + 100)
+    with torch.no_grad(), pytest.raises(ValueError, match="hook_topk_indices must hold integer expert ids in 0..7"):
+        hf(torch.tensor([PROMPTS[0]]))
+
+
+def test_switching_the_experts_implementation_while_attached_is_detected():
+    hf = tiny_model("olmoe")
+    nnsight_moe.attach(hf)
+    hf.set_experts_implementation("eager")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="ran without the 'nnsight_moe' experts implementation"):
+        hf(torch.tensor([PROMPTS[0]]))
+    hf.set_experts_implementation("nnsight_moe")
+    with torch.no_grad():
+        hf(torch.tensor([PROMPTS[0]]))

@@ -168,7 +168,13 @@ class EncodedFacts:
 def _unescape(text: str) -> str:
     # Some upstream LRE files store non-ASCII letters doubly escaped ("Bras\\u00edlia" in the JSON,
     # i.e. a literal backslash-u in the decoded string); turn those back into the letter.
-    return _ESCAPED_UNICODE.sub(lambda m: chr(int(m.group(1), 16)), text) if "\\u" in text else text
+    if "\\u" not in text:
+        return text
+    text = _ESCAPED_UNICODE.sub(lambda m: chr(int(m.group(1), 16)), text)
+    try:  # a doubly escaped surrogate pair ("\\ud83c\\udf0d") is one character
+        return text.encode("utf-16", "surrogatepass").decode("utf-16")
+    except UnicodeDecodeError:
+        return text  # a lone surrogate: load_relation names it
 
 
 def _check_templates(label: str, key: str, value: Any, *, required: bool) -> list[str]:
@@ -230,6 +236,21 @@ def _relation_from_dict(data: Any, label: str, source: str | None) -> Relation:
     )
 
 
+def _lone_surrogate(relation: "Relation") -> str | None:
+    """Which field of ``relation`` (e.g. ``samples[3] object``) holds a lone UTF-16 surrogate, else None."""
+    fields = [("name", relation.name)]
+    fields += [(f"prompt_templates[{i}]", t) for i, t in enumerate(relation.prompt_templates)]
+    fields += [(f"prompt_templates_zs[{i}]", t) for i, t in enumerate(relation.prompt_templates_zs)]
+    fields += [(f"samples[{i}] {part}", text) for i, pair in enumerate(relation.samples)
+               for part, text in zip(("subject", "object"), pair)]
+    for where, text in fields:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+    return None
+
+
 def load_relation(path: str | Path) -> Relation:
     """Read one LRE relation JSON file.
 
@@ -247,10 +268,18 @@ def load_relation(path: str | Path) -> Relation:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise RelationFormatError(f"{label} is not LRE relation JSON: invalid JSON ({err}) [{path}]") from None
+    except RecursionError:
+        raise RelationFormatError(f"{label} is not LRE relation JSON: nested too deeply to parse [{path}]") from None
     try:
-        return _relation_from_dict(data, label, str(path))
+        relation = _relation_from_dict(data, label, str(path))
     except RelationFormatError as err:
         raise RelationFormatError(f"{err} [{path}]") from None
+    bad = _lone_surrogate(relation)
+    if bad is not None:
+        raise RelationFormatError(
+            f"{label} is not LRE relation JSON: {bad} holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape "
+            f"without its pair), which is not text [{path}]")
+    return relation
 
 
 def load_relations(path_or_dir: str | Path) -> list[Relation]:
