@@ -650,3 +650,22 @@ def test_switching_the_experts_implementation_while_attached_is_detected():
     hf.set_experts_implementation("nnsight_moe")
     with torch.no_grad():
         hf(torch.tensor([PROMPTS[0]]))
+
+
+def test_resumed_stages_round_trip_exactly():
+    """What Job.stage keeps for the sweep's ranking and the causal checks' correlation reads back equal."""
+    from nnsight_moe.recipes import blocking, head_expert
+
+    hf = tiny_model("olmoe")
+    data = (PROMPTS * 2, TARGETS * 2, ["a"] * 3 + ["b"] * 3)
+    ranking = blocking.rank_experts(hf, data, by="gate", progress=False)
+    back = blocking.Ranking.from_json(json.loads(json.dumps(ranking.to_json())))
+    assert back == ranking
+    corr = head_expert.correlate(hf, (PROMPTS * 2, TARGETS * 2), signal="router_prob", top_k=2, permutations=5)
+    again = head_expert.HeadExpertResult.from_dict(json.loads(json.dumps(corr.to_dict())))
+    assert again.to_json() == corr.to_json() and again.top_heads == corr.top_heads
+    assert again.pairs.equals(corr.pairs)
+    options = dict(k_heads=1, seeds=1, progress=False)
+    pairs = (PROMPTS * 2, TARGETS * 2)
+    assert head_expert.causal(hf, pairs, correlation=again, **options).to_frame().equals(
+        head_expert.causal(hf, pairs, correlation=corr, **options).to_frame())
