@@ -88,11 +88,11 @@ def _check(logits: Tensor, targets: Tensor) -> Tensor:
     if logits.ndim != 2:
         raise ValueError(f"logits must be last-position logits [prompts, vocab], got shape {tuple(logits.shape)}")
     targets = torch.as_tensor(targets, device=logits.device).reshape(-1)
+    if targets.shape[0] != logits.shape[0]:
+        raise ValueError(f"got {logits.shape[0]} rows of logits but {targets.shape[0]} targets")
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise TypeError(f"target ids must be integer token ids, got {targets.dtype} values such as "
                         f"{targets[:3].tolist()}")
-    if targets.shape[0] != logits.shape[0]:
-        raise ValueError(f"got {logits.shape[0]} rows of logits but {targets.shape[0]} targets")
     if targets.numel() and (targets.min() < 0 or targets.max() >= logits.shape[1]):
         raise ValueError(f"target ids must be in 0..{logits.shape[1] - 1}")
     return targets.long()
