@@ -108,7 +108,7 @@ def _dataset(dataset: Any, tokenizer: Any, max_per_relation: int | None = None) 
         return _dataset(encoded, tokenizer, max_per_relation)
     elif isinstance(dataset, (list, tuple)) and len(dataset) in (2, 3) and not isinstance(dataset[0], str):
         prompts, targets = list(dataset[0]), torch.as_tensor(dataset[1]).reshape(-1)
-        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        if targets.numel() and (targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool):
             raise TypeError(f"dataset: target ids must be integer token ids, got {targets.dtype} values such as "
                             f"{targets[:3].tolist()}")
         targets = targets.long()
