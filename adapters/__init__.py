@@ -147,6 +147,7 @@ def _moe_layer(index: int, path: str, block: nn.Module, adapter: Adapter, config
         d_expert=int(d_expert),
         d_shared=int(d_shared),
         routing=routing,
+        routed_scale=float(getattr(block, adapter.routed_scale)) if adapter.routed_scale else 1.0,
     )
 
 

@@ -151,7 +151,8 @@ def rule_weights(rule: dict, scores: torch.Tensor, indices: torch.Tensor) -> tor
     w = scores.gather(-1, indices)
     kind = rule["kind"]
     if kind == "softmax_topk":
-        return w / w.sum(dim=-1, keepdim=True)
+        w = w / w.sum(dim=-1, keepdim=True)
+        return w * rule["scale"] if rule["scale"] != 1.0 else w  # OpenAI-Privacy-Filter: / top_k
     if kind == "sparsemixer":
         raise ValueError("rule_weights does not implement sparsemixer (phimoe): use SparseMixer.weights")
     if kind == "sigmoid_of_logits":
@@ -208,7 +209,8 @@ class SoftmaxTopK(Routing):
     _kind: ClassVar[str] = "softmax_topk"
 
     def describe(self) -> str:
-        return f"top-{self.top_k} of {self.n_experts} logits, softmax over the top-k"
+        scale = f", x{self.scale:g}" if self.scale != 1.0 else ""
+        return f"top-{self.top_k} of {self.n_experts} logits, softmax over the top-k{scale}"
 
 
 @dataclass

@@ -76,7 +76,7 @@ def test_equivalence_and_decomposition(family):
         w, out = get("hook_topk_weights"), get("hook_expert_out")
         torch.testing.assert_close(get("hook_routed_out"), (w[..., None] * out).sum(-2), atol=ATOL, rtol=0)
         # moe_out = routed + gate * shared = HF block output
-        moe = get("hook_routed_out")
+        moe = info.routed_scale * get("hook_routed_out")
         if info.has_shared:
             assert get("hook_shared_out").shape == (b, p, d)
             assert get("hook_shared_gate").shape == (b, p, 1)
