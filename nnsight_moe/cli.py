@@ -22,10 +22,16 @@ def main() -> None:
 
 @main.command()
 @click.option("--markdown", is_flag=True, help="A markdown table with each family's routing and shared experts.")
-def families(markdown: bool) -> None:
+@click.option("--coverage", "show_coverage", is_flag=True,
+              help="Markdown tables of the installed transformers' MoE packages: served by another family, "
+                   "not yet supported, excluded (with reasons).")
+def families(markdown: bool, show_coverage: bool) -> None:
     """List the supported MoE families (HF model_type values)."""
     import nnsight_moe
 
+    if show_coverage:
+        _coverage_tables()
+        return
     if not markdown:
         for name in nnsight_moe.supported_families():
             click.echo(name)
@@ -35,6 +41,28 @@ def families(markdown: bool) -> None:
     click.echo("| family | routing | shared experts |\n|---|---|---|")
     for name, routing, shared in family_table():
         click.echo(f"| {name} | {routing} | {shared} |")
+
+
+def _coverage_tables() -> None:
+    """Markdown tables of :func:`nnsight_moe.coverage.coverage` (all but the supported families' own packages)."""
+    from nnsight_moe.coverage import coverage
+
+    rows = coverage()
+    count = {status: sum(s == status for _, s, _ in rows) for status in ("supported", "not yet", "excluded", "unlisted")}
+    click.echo(f"{len(rows)} MoE packages in the installed transformers: {count['supported']} supported, "
+               f"{count['not yet']} not yet, {count['excluded']} excluded, {count['unlisted']} unlisted.\n")
+    for title, header, body in (
+        ("Served by another family's adapter", "| package | family |",
+         [(p, d) for p, s, d in rows if s == "supported" and p != d]),
+        ("Not yet supported", "| package | what it needs |", [(p, d) for p, s, d in rows if s == "not yet"]),
+        ("Excluded (not a causal-LM MoE)", "| package | why |", [(p, d) for p, s, d in rows if s == "excluded"]),
+        ("Unlisted (add to nnsight_moe.coverage)", "| package | found |", [(p, d) for p, s, d in rows if s == "unlisted"]),
+    ):
+        if body:
+            click.echo(f"{title}:\n\n{header}\n|---|---|")
+            for package, detail in body:
+                click.echo(f"| {package} | {detail} |")
+            click.echo()
 
 
 @main.command()
