@@ -81,6 +81,7 @@ FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
     "deepseek_ocr2": {"mlp_layer_types": ["dense", "sparse", "sparse"]},
     "dots3_note": {"num_key_value_heads": 4, "per_layer_config": {}, "shared_experts_intermediate_size": 48},
     "nemo_speechlm": {"moe_shared_expert_intermediate_size": 48},
+    "nemotron_h_omni": {"moe_shared_expert_intermediate_size": 48, "projector_hidden_size": 64, "vision_hidden_size": 32},
     "qwen4_exp_text": {
         "layer_types": ["linear_attention", "indexed_attention", "linear_attention"],
         "indexer_n_heads": 2,
@@ -133,19 +134,26 @@ def tiny_config(model_type: str, **overrides: Any):
     text = {**TINY, **FAMILY_EXTRAS.get(text_type, {}), **FAMILY_EXTRAS.get(model_type, {}), **overrides}
     subs = {name: _shrunk(getattr(default, name), text if name == "text_config" else TOWER)
             for name in sub_configs if getattr(default, name, None) is not None}
-    top = {k: v for k, v in {**TINY, **overrides}.items() if hasattr(default, k) and k not in sub_configs}
+    text_fields = default.text_config.to_dict()
+    extras = {k: v for k, v in FAMILY_EXTRAS.get(model_type, {}).items() if k not in text_fields}
+    top = {k: v for k, v in {**TINY, **extras, **overrides}.items() if hasattr(default, k) and k not in sub_configs}
     return AutoConfig.for_model(model_type, **subs, **top)
 
 
 def _shrunk(config, sizes: dict[str, Any]):
     """A new ``type(config)`` with ``sizes`` (the fields it has), its own sub-configs shrunk to :data:`TOWER`.
 
-    Built from the class defaults, not from ``config``'s values, so per-layer fields are re-derived.
+    ``config``'s scalar values are kept (its parent may have set some); its list and dict values (per-layer
+    types, rope parameters, ...) are left to the constructor, so they follow the new sizes.
     """
     fields = config.to_dict()
     nested = {name: _shrunk(getattr(config, name), TOWER)
               for name in (getattr(config, "sub_configs", None) or {}) if getattr(config, name, None) is not None}
-    return type(config)(**{k: v for k, v in sizes.items() if k in fields}, **nested)
+    kept = {k: v for k, v in fields.items() if not isinstance(v, (list, dict)) and k not in _NOT_INIT and k not in nested}
+    return type(config)(**{**kept, **{k: v for k, v in sizes.items() if k in fields}, **nested})
+
+
+_NOT_INIT = {"model_type", "transformers_version", "architectures", "_name_or_path", "dtype"}
 
 
 def _model_class(config):

@@ -13,8 +13,9 @@ from nnsight_moe.testing import tiny_model
 from helpers import capture_blocks, capture_hooks, capture_routers, naive_expert, zero_expert_
 
 #: Every supported family, plus model types served by another family's adapter through their text model
-#: (Kimi-K2.5: DeepSeek-V3; Nemotron-3.5-Transcribe: Nemotron-H), built as the full multimodal model.
-FAMILIES = nnsight_moe.supported_families() + ["kimi_k25", "nemo_speechlm"]
+#: (Kimi-K2.5: DeepSeek-V3; Nemotron-3.5-Transcribe, Nemotron-H-Omni: Nemotron-H), built as the full
+#: multimodal model.
+FAMILIES = nnsight_moe.supported_families() + ["kimi_k25", "nemo_speechlm", "nemotron_h_omni"]
 ATOL = 1e-5
 
 
