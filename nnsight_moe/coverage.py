@@ -54,8 +54,6 @@ NOT_YET: dict[str, str] = {
     "jetmoe": "dispatch router and ParallelExperts (also mixture-of-attention experts)",
     "inkling": "the router also returns shared-expert gammas: a fourth router output the contract lacks",
     "zaya": "a skip expert and cross-layer router state",
-    "openai_privacy_filter": "bidirectional token classifier; routing is a softmax over the top-k divided by top_k "
-                             "(a SoftmaxTopK with scale)",
     "gemma4": "no MoE block module: router and experts live on the decoder layer beside a dense MLP",
     "diffusion_gemma": "no MoE block module (as gemma4)",
     "longcat_flash": "zero-compute identity experts mixed with real experts",
