@@ -102,6 +102,9 @@ def inspect(model: str) -> None:
 @click.option("--only-correct", is_flag=True, help="Run the recipes only on facts the model answers correctly.")
 def run(model, data, out, remote, device, dtype, batch_size, per_relation, quick, target, only_correct) -> None:
     """Run the main job: every recipe on a model and relations; writes results.json and report.html."""
+    from nnsight_moe.models import check_model_name
+
+    _or_fail(lambda: check_model_name(model))  # before torch is imported: a bad name fails at once
     from nnsight_moe.job import check_out_dir, run_job
 
     _or_fail(lambda: check_out_dir(out))
