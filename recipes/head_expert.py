@@ -390,9 +390,34 @@ class CausalResult:
         return self.rows.copy()
 
     def summary(self) -> pd.DataFrame:
-        """Mean ± std per condition (top-K heads vs random heads)."""
-        numeric = self.rows.drop(columns=["seed"]).groupby("condition")
-        return numeric.agg(["mean", "std"])
+        """Mean, std and ``n`` per condition (top-K heads vs random heads) and metric.
+
+        ``n`` counts the seeds where the metric is defined: ``recovered_pct`` is undefined (NaN, null
+        in JSON) for a seed whose suppression did not lower the MRR, and mean / std skip those seeds.
+        """
+        numeric = self.rows.drop(columns=["seed"]).groupby("condition", sort=False)
+        return numeric.agg(["mean", "std", "count"]).rename(columns={"count": "n"}, level=1)
+
+    def summary_json(self) -> dict:
+        """``{condition: {metric: {"mean", "std", "n", "of"}}}``: ``n`` of ``of`` seeds defined."""
+        table, sizes = self.summary(), self.rows.groupby("condition", sort=False).size()
+        return {condition: {metric: {"mean": table.loc[condition, (metric, "mean")],
+                                     "std": table.loc[condition, (metric, "std")],
+                                     "n": int(table.loc[condition, (metric, "n")]), "of": int(sizes[condition])}
+                            for metric in dict.fromkeys(m for m, _ in table.columns)}
+                for condition in table.index}
+
+    def summary_table(self) -> pd.DataFrame:
+        """Metrics as rows, conditions as columns; cells "mean ± std (n/N seeds)" (for the report)."""
+        def cell(entry: dict) -> str:
+            if entry["n"] == 0:
+                return f"undefined (0/{entry['of']})"
+            spread = "" if entry["n"] < 2 else f" ± {entry['std']:.2g}"
+            return f"{entry['mean']:.4g}{spread} ({entry['n']}/{entry['of']})"
+
+        data = self.summary_json()
+        return pd.DataFrame({condition: {metric.replace("_", " "): cell(entry) for metric, entry in metrics.items()}
+                             for condition, metrics in data.items()})
 
     def to_json(self) -> dict:
         """Rows and the suppressed heads, for results.json."""
@@ -681,16 +706,15 @@ def section(job: Any):
     effects = causal(model, data, tokenizer=job.tokenizer, correlation=corr, k_heads=3,
                      seeds=2 if job.quick else 5, batch_size=job.batch_size, remote=job.remote,
                      progress=False)
-    summary = effects.summary()
-    summary.columns = [f"{a} {b}" for a, b in summary.columns]
+    summary = effects.summary_table()
     where = "" if job.remote is None else f" Attribution, suppression and patching ran with remote={job.remote!r}."
     text = (f"summary r = {corr.summary_r:.3f} (permutation p = {corr.summary_p:.3g}) over {corr.n_prompts} prompts; "
             f"{corr.definition}. Suppressed heads: {corr.top_heads}.{where}")
     return Section(
         "head_expert", title, text,
-        data={"correlation": corr.to_json(), "causal": effects.to_json()},
+        data={"correlation": corr.to_json(), "causal": {**effects.to_json(), "summary": effects.summary_json()}},
         tables={"Strongest head–expert pairs (BH q < 0.05)": corr.strongest(),
-                "Causal effects (mean, std over seeds)": summary},
+                "Causal effects: mean ± std (seeds where defined / seeds)": summary},
         figures={"heatmap": ("Head × expert Pearson r", corr.plot()),
                  "causal": ("Suppressing top heads vs random heads", effects.plot())},
     )
