@@ -93,6 +93,8 @@ def inspect(model: str) -> None:
 @click.option("--remote", default=None, help="Run through nnsight remotely: 'ndif', 'local' (simulation) or a host URL.")
 @click.option("--device", default=None, help="torch device, e.g. cpu or cuda.")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="torch CPU threads [default: $NNSIGHT_MOE_THREADS, else 1 for small models like the demos].")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--per-relation", default=24, show_default=True, type=click.IntRange(min=0),
               help="Prompts per relation for the recipes (0 = all facts); the baseline uses every fact.")
@@ -100,7 +102,8 @@ def inspect(model: str) -> None:
 @click.option("--target", default="gold", show_default=True, type=click.Choice(["gold", "prediction"]),
               help="What the recipes score: the gold object's first token, or the model's own top-1 prediction.")
 @click.option("--only-correct", is_flag=True, help="Run the recipes only on facts the model answers correctly.")
-def run(model, data, out, remote, device, dtype, batch_size, per_relation, quick, target, only_correct) -> None:
+def run(model, data, out, remote, device, dtype, threads, batch_size, per_relation, quick, target,
+        only_correct) -> None:
     """Run the main job: every recipe on a model and relations; writes results.json and report.html."""
     from nnsight_moe.models import check_model_name
 
@@ -110,7 +113,7 @@ def run(model, data, out, remote, device, dtype, batch_size, per_relation, quick
     _or_fail(lambda: check_out_dir(out))
     _or_fail(lambda: run_job(model, data, out, remote=_remote(remote), device=device, dtype=dtype,
                              batch_size=batch_size, quick=quick, max_per_relation=per_relation,
-                             target=target, only_correct=only_correct))
+                             target=target, only_correct=only_correct, threads=threads))
 
 
 def _or_fail(fn):

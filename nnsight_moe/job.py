@@ -288,13 +288,18 @@ def check_out_dir(out: str | Path) -> Path:
 def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = "results", *,
             remote: Any = None, device: str | None = None, dtype: str | None = None,
             batch_size: int = 16, quick: bool = False, max_per_relation: int | None = 24,
-            target: str = "gold", only_correct: bool = False) -> dict:
+            target: str = "gold", only_correct: bool = False, threads: int | None = None) -> dict:
     """Run the main job and write ``out/results.json`` and ``out/report.html``; returns the results dict.
 
     ``target``: what the recipes score, ``"gold"`` (the object's first token) or ``"prediction"`` (the
     model's own top-1 at the last position); ``only_correct``: run the recipes on the facts whose gold
     target is the model's top-1 only. Both are recorded in results.json (``data.selection``).
+    ``threads``: torch CPU threads (default: ``$NNSIGHT_MOE_THREADS``, else 1 for small models such as the
+    demos, else torch's default; see :mod:`nnsight_moe.threads`).
     """
+    from nnsight_moe import threads as cpu_threads
+
+    cpu_threads.requested(threads)  # a bad count fails before any compute
     import warnings
 
     from nnsight_moe import data as relation_data
@@ -312,6 +317,8 @@ def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = 
         lm, tokenizer = load_model(model, device=device, dtype=dtype)
     else:  # an nnsight LanguageModel: every section runs through model.trace(..., remote=remote)
         lm, tokenizer = load_traced(model, remote, device=device, dtype=dtype)
+    print(f"torch CPU threads: {cpu_threads.configure(threads, model=lm)} (set with --threads or "
+          f"{cpu_threads.ENV})")
     facts = [fact for relation in relations for fact in relation.facts()]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -72,9 +72,12 @@ def load(name: str = "demo-moe", *, dtype=None, device=None):
     names raise a ValueError listing these. ``dtype`` (default float32, as stored) and ``device``
     (default CPU) are applied to the model, which is returned in eval mode. The tokenizer is a
     ``PreTrainedTokenizerFast`` with ``padding_side="left"`` (last position = last prompt token) that
-    prepends ``[BOS]``.
+    prepends ``[BOS]``. torch is set to 1 CPU thread unless a count was chosen (``NNSIGHT_MOE_THREADS``,
+    ``OMP_NUM_THREADS``): see :mod:`nnsight_moe.threads`.
     """
     import torch
+
+    from nnsight_moe import threads
     from transformers import AutoModelForCausalLM
 
     folder = path(name)
@@ -84,4 +87,5 @@ def load(name: str = "demo-moe", *, dtype=None, device=None):
     if device is not None:
         model = model.to(device)
     model.eval()
+    threads.configure(model=model)
     return model, load_tokenizer(name)
