@@ -97,6 +97,7 @@ def write(out: Path, header: dict[str, Any], sections: list[Section], started: f
     import matplotlib.pyplot as plt
 
     out = Path(out)
+    stale = _previous_plots(out)
     results = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **header}
     results["sections"] = {s.name: {"title": s.title, **s.data} for s in sections}
     results["plots"] = []
@@ -122,6 +123,8 @@ def write(out: Path, header: dict[str, Any], sections: list[Section], started: f
             )
         body.append("</section>")
     results["runtime_s"] = round(time.time() - started, 2)
+    for file in stale - {plot["file"] for plot in results["plots"]}:  # plots of an earlier run into this --out
+        (out / file).unlink(missing_ok=True)
     validate(results)
     (out / "results.json").write_text(json.dumps(json_value(results), indent=2, allow_nan=False))
     model = results["model"]
@@ -137,6 +140,16 @@ def write(out: Path, header: dict[str, Any], sections: list[Section], started: f
     )
     (out / "report.html").write_text(page, encoding="utf-8")
     return results
+
+
+def _previous_plots(out: Path) -> set[str]:
+    """PNG files an earlier results.json in ``out`` lists (plain names inside ``out`` only)."""
+    try:
+        previous = json.loads((out / "results.json").read_text())
+        files = {plot["file"] for plot in previous.get("plots", [])}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return set()
+    return {f for f in files if isinstance(f, str) and f.endswith(".png") and Path(f).name == f}
 
 
 def json_value(value: Any) -> Any:

@@ -29,10 +29,10 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 import nnsight_moe
 from nnsight_moe.hooks import unwrap
+from nnsight_moe.progress import bar as progress_bar, label
 from nnsight_moe.recipes.metrics import hits_of_ranks, mrr_of_ranks, target_ranks
 from nnsight_moe.recipes.prompts import encode_prompts, last_positions
 
@@ -522,7 +522,7 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
     frames, all_targets, all_ranks, kept = [], [], [], []
     context = nnsight_moe.attached(hf) if layout is not None else _null()
     with context as handle:
-        for start in tqdm(range(0, len(prompts), batch_size), desc="attribution", disable=not progress, leave=False):
+        for start in progress_bar(range(0, len(prompts), batch_size), "attribution batches", disable=not progress):
             batch = encode_prompts(tokenizer, prompts[start : start + batch_size], device, vocab=vocab)
             got = capture(hf, batch, parts, handle)
             tgt = (got["logits"].argmax(-1) if wanted is None
@@ -708,7 +708,9 @@ class AttributionResult:
             ax.bar(x - 0.2, gains["mixer"], 0.4, label="mixer (no heads)  Imp(M^l)", hatch="//")
         ax.bar(x + 0.2, gains["moe"], 0.4, label="MoE / FFN  Imp(F^l)")
         ax.axhline(0, color="black", linewidth=0.5)
-        ax.set_xlabel("layer"), ax.set_ylabel("mean LPI (nats)"), ax.legend(fontsize=8)
+        ax.set_xticks(x)  # whole layers only
+        ax.set_xlabel("layer"), ax.set_ylabel("mean LPI (nats)")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside the bars
         ax.set_title(f"{self.name or self.family}: gain by layer")
         fig.tight_layout()
         return fig
@@ -739,7 +741,8 @@ class AttributionResult:
         ax.bar(x - 0.2, [routed.get(l, 0.0) for l in layers], 0.4, label="routed experts (sum)")
         ax.bar(x + 0.2, [shared.get(l, 0.0) for l in layers], 0.4, label="shared expert")
         ax.set_xticks(x, layers), ax.axhline(0, color="black", linewidth=0.5)
-        ax.set_xlabel("layer"), ax.set_ylabel("mean LPI (nats)"), ax.legend(fontsize=8)
+        ax.set_xlabel("layer"), ax.set_ylabel("mean LPI (nats)")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
         ax.set_title("Shared vs routed contribution by layer")
         fig.tight_layout()
         return fig
@@ -788,7 +791,8 @@ def section(job: Any):
     levels, model, remote = LEVELS, job.model, job.remote
     sample = job.sample()
     options = dict(tokenizer=job.tokenizer, batch_size=job.batch_size, neurons="fast", fast_top=20, remote=remote)
-    result = attribute(model, sample.prompts, sample.targets, levels=levels, **options)
+    with label(f"model 1/{2 if job.name == 'demo-moe' else 1} {job.name}"):
+        result = attribute(model, sample.prompts, sample.targets, levels=levels, **options)
     result.name, result.relations = job.name, [f.relation for f in sample.facts]
     # the job chose the targets (gold or the model's own top-1) and the facts (all or only correct ones)
     result.target, result.only_correct = getattr(job, "target", "gold"), getattr(job, "only_correct", False)
@@ -802,7 +806,8 @@ def section(job: Any):
 
             dense_model = LanguageModel(dense_model, tokenizer=job.tokenizer)
         dense_levels = [level for level in ("layer", "head", "neuron") if level in levels]
-        dense = attribute(dense_model, sample.prompts, sample.targets, levels=dense_levels, **options)
+        with label("model 2/2 demo-dense (the Table-1 comparison)"):
+            dense = attribute(dense_model, sample.prompts, sample.targets, levels=dense_levels, **options)
         dense.name, dense.family = "demo-dense", "dense"
         dense.target, dense.only_correct = result.target, result.only_correct
         results.append(dense)

@@ -40,9 +40,9 @@ import pandas as pd
 import torch
 from scipy import stats
 from torch import nn
-from tqdm.auto import tqdm
 
 import nnsight_moe
+from nnsight_moe.progress import bar as progress_bar
 from nnsight_moe.recipes.metrics import mrr, mrr_of_ranks
 from nnsight_moe.recipes.prompts import encode_prompts, last_positions, model_tokenizer
 from nnsight_moe.remote import _envoy as _remote_envoy
@@ -440,11 +440,15 @@ class CausalResult:
         import matplotlib.pyplot as plt
 
         metrics = ["mrr_drop", "recovered_pct", "d_prob_correlated", "d_prob_selected"]
-        grouped = self.rows.groupby("condition")[metrics]
-        mean, std = grouped.mean(), grouped.std().fillna(0.0)
+        grouped = self.rows.groupby("condition", sort=False)[metrics]  # top-K heads first (red), random after
+        mean, std, count = grouped.mean(), grouped.std().fillna(0.0), grouped.count()
+        sizes = self.rows.groupby("condition", sort=False).size()
+        colors = ["tab:red" if c == "top-K heads" else "tab:gray" for c in mean.index]
         fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3))
         for ax, metric in zip(axes, metrics):
-            ax.bar(mean.index, mean[metric], yerr=std[metric], color=["tab:red", "tab:gray"][: len(mean)], capsize=4)
+            ax.bar(mean.index, mean[metric].fillna(0.0), yerr=std[metric], color=colors, capsize=4)
+            ax.set_xticks(range(len(mean)), [f"{c}\n{count.loc[c, metric]}/{sizes[c]} defined" for c in mean.index],
+                          fontsize=8)
             ax.set_title(metric.replace("_", " "))
             ax.axhline(0, color="black", linewidth=0.5)
         fig.suptitle("Suppressing heads: effect on MRR and on the experts' router probability")
@@ -550,7 +554,9 @@ def causal(model: Any, dataset: Any, *, tokenizer=None, correlation: HeadExpertR
             clean_logits.append(logits.cpu())
             clean_batches.append((batch, routing))
         clean_logits = torch.cat(clean_logits)
-        for condition, s, heads in tqdm(conditions, desc="head suppression", leave=False):
+        bar = progress_bar(conditions, f"head suppression: {len(conditions)} conditions (top-K, then random seeds)")
+        for condition, s, heads in bar:
+            bar.set_postfix_str(condition if condition == "top-K heads" else f"{condition} seed {s}")
             supp_logits, patched_logits, d_corr, d_sel = [], [], [], []
             for batch, clean_routing in clean_batches:
                 last = last_positions(batch["attention_mask"])

@@ -66,3 +66,20 @@ def test_write_produces_strict_json(tmp_path):
     rows = results["sections"]["head_expert"]["causal"]["rows"]
     assert [r["recovered_pct"] for r in rows] == [80.0, None, 5.0]
     assert results["sections"]["head_expert"]["causal"]["summary"]["random heads"]["recovered_pct"]["n"] == 1
+
+
+def test_rerun_into_the_same_out_removes_stale_plots(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    header = {"model": {k: 0 for k in ("name", "family", "model_type", "n_layers", "moe_layers", "n_experts",
+                                       "top_k", "has_shared")},
+              "data": {"source": "x", "n_facts": 0, "relations": [], "skipped": []}}
+    first = Section("a", "A", figures={"one": ("one", plt.figure()), "two": ("two", plt.figure())})
+    write(tmp_path, header, [first], 0.0)
+    (tmp_path / "mine.png").write_bytes(b"not the job's")
+    assert {p.name for p in tmp_path.glob("*.png")} == {"a_one.png", "a_two.png", "mine.png"}
+    write(tmp_path, header, [Section("a", "A", figures={"one": ("one", plt.figure())})], 0.0)
+    assert {p.name for p in tmp_path.glob("*.png")} == {"a_one.png", "mine.png"}  # only the job's own stale plot
