@@ -62,6 +62,7 @@ class BlockState:
         self.router = unwrap(block.get_submodule(adapter.router))
         self.experts = unwrap(block.get_submodule(adapter.experts))
         self.shape: tuple[int, int] = (1, 0)
+        self.input_dtype: torch.dtype | None = None  # the block input's dtype (for routers called by keyword)
         self.zero: Tensor | None = None
         self.renorm = False
         self.exclude: Tensor | None = None
@@ -144,7 +145,9 @@ def uninstall(block: nn.Module, state: BlockState, handles: list) -> None:
 # ---------------------------------------------------------------- torch hooks
 def _record_shape(block, args, kwargs):
     x = args[0] if args else kwargs["hidden_states"]
-    block.__dict__[_STATE].shape = (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, x.shape[0])
+    state = block.__dict__[_STATE]
+    state.shape = (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, x.shape[0])
+    state.input_dtype = x.dtype
 
 
 def _route(router, args, output):
@@ -156,9 +159,9 @@ def _route(router, args, output):
     scores = state.hook("hook_router_scores", rule.scores(logits))
     exclude = state.row_mask(state.exclude, b, scores.device)
     indices = state.hook("hook_topk_indices", rule.select(scores, exclude))
-    weights = rule.weights(scores, indices, exclude)
-    if rule.cast_weights:
-        weights = weights.to(logits.dtype)
+    x = args[0] if args and isinstance(args[0], Tensor) else None  # the router's input (hidden states)
+    input_dtype = x.dtype if x is not None else state.input_dtype
+    weights = rule.weights(scores, indices, exclude, logits_dtype=logits.dtype, input_dtype=input_dtype)
     weights = state.hook("hook_topk_weights", state.edit_weights(indices, weights))
     k = indices.shape[-1]
     return (logits.reshape(b * p, -1), weights.reshape(b * p, k), indices.reshape(b * p, k), *output[3:])

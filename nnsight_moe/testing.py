@@ -195,12 +195,17 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch
 
 
 def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any) -> PreTrainedModel:
-    """A tiny random causal LM of ``model_type`` in eval mode (e.g. ``tiny_model("olmoe")``)."""
+    """A tiny random causal LM of ``model_type`` in eval mode (e.g. ``tiny_model("olmoe")``).
+
+    The model is built natively in ``dtype`` (as ``from_pretrained(dtype=...)`` loads a checkpoint):
+    modules the family keeps in float32 (``_keep_in_fp32_modules``, e.g. DeepSeek's router) stay float32.
+    The random values are the same in every dtype, rounded to it.
+    """
     model_class, config = _model_class(tiny_config(model_type, **overrides))
     torch.manual_seed(seed)
-    model = model_class._from_config(config, dtype=torch.float32)
+    model = model_class._from_config(config, dtype=dtype)
     randomize_(model, seed=seed)
-    return model.to(dtype).eval()
+    return model.eval()
 
 
 #: The benchmarks' medium config: OLMoE-shaped, d_model 512, 32 experts, top-8, 4 layers (for OLMoE the
