@@ -27,6 +27,7 @@ _API = {
     "AttachHandle": "nnsight_moe.attach",
     "attach": "nnsight_moe.attach",
     "attached": "nnsight_moe.attach",
+    "check_routing": "nnsight_moe.check",
     "handle_of": "nnsight_moe.attach",
     "hf_model": "nnsight_moe.attach",
     "BLOCK_MODES": "nnsight_moe.interventions",
@@ -41,8 +42,9 @@ _API = {
 
 #: Subpackages / modules reachable as attributes (``nnsight_moe.tl.boot``, ``nnsight_moe.demo.load``).
 _SUBMODULES = frozenset({
-    "adapters", "attach", "cli", "data", "demo", "hooks", "interventions", "job", "layout", "models",
-    "nnsight_frontend", "recipes", "remote", "report", "routing", "testing", "threads", "tl",
+    "adapters", "attach", "check", "cli", "coverage", "data", "demo", "hooks", "interventions", "job", "layout",
+    "models", "nnsight_frontend", "precision", "progress", "recipes", "remote", "report", "routing", "testing",
+    "threads", "tl",
 })
 
 #: Public functions named like a submodule: ``nnsight_moe.attach`` / ``nnsight_moe.layout`` stay the
@@ -111,6 +113,7 @@ __all__ = [
     "attach",
     "attached",
     "block_experts",
+    "check_routing",
     "detach",
     "handle_of",
     "hf_model",

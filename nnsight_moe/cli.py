@@ -1,4 +1,4 @@
-"""The ``nnsight-moe`` command line: ``families``, ``inspect`` and ``run`` (the main job)."""
+"""The ``nnsight-moe`` command line: ``families``, ``inspect``, ``check`` (routing fidelity) and ``run`` (the main job)."""
 
 from __future__ import annotations
 
@@ -114,6 +114,30 @@ def run(model, data, out, remote, device, dtype, threads, batch_size, per_relati
     _or_fail(lambda: run_job(model, data, out, remote=_remote(remote), device=device, dtype=dtype,
                              batch_size=batch_size, quick=quick, max_per_relation=per_relation,
                              target=target, only_correct=only_correct, threads=threads))
+
+
+@main.command()
+@click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
+              help="demo-moe, a local model directory, or a hub name.")
+@click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="dtype to check the model in [default: the checkpoint's].")
+@click.option("--device", default=None, help="torch device, e.g. cpu or cuda.")
+@click.option("--no-float32", is_flag=True, help="Skip the float32 comparison (it needs a float32 copy of the model).")
+def check(model, dtype, device, no_float32) -> None:
+    """Check the hooks on a model: per MoE layer, attached vs unattached output, the decomposition
+    identities and top-k flips across dtypes and experts implementations. Exit code 1 when an identity fails."""
+    import nnsight_moe
+    from nnsight_moe.check import check_routing
+    from nnsight_moe.models import load_model
+
+    lm, tokenizer = _or_fail(lambda: load_model(model, device=device, dtype=dtype))
+    try:
+        report = check_routing(lm, tokenizer=tokenizer, compare_float32=not no_float32)
+    except (nnsight_moe.UnsupportedModelError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(report.format())
+    if not report.ok:
+        raise SystemExit(1)
 
 
 def _or_fail(fn):

@@ -156,12 +156,16 @@ def _route(router, args, output):
     b, p = state.bp(logits.shape[:-1].numel())
     rule = state.rule()
     logits = state.hook("hook_router_logits", logits.reshape(b, p, -1))
-    scores = state.hook("hook_router_scores", rule.scores(logits))
+    raw = rule.scores(logits)
+    version = raw._version  # bumped by an in-place edit
+    scores = state.hook("hook_router_scores", raw)
+    unedited = scores is raw and raw._version == version
     exclude = state.row_mask(state.exclude, b, scores.device)
     indices = state.hook("hook_topk_indices", rule.select(scores, exclude))
     x = args[0] if args and isinstance(args[0], Tensor) else None  # the router's input (hidden states)
     input_dtype = x.dtype if x is not None else state.input_dtype
-    weights = rule.weights(scores, indices, exclude, logits_dtype=logits.dtype, input_dtype=input_dtype)
+    weights = rule.weights(scores, indices, exclude, logits_dtype=logits.dtype, input_dtype=input_dtype,
+                           logits=logits if unedited else None)
     weights = state.hook("hook_topk_weights", state.edit_weights(indices, weights))
     k = indices.shape[-1]
     return (logits.reshape(b * p, -1), weights.reshape(b * p, k), indices.reshape(b * p, k), *output[3:])

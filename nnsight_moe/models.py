@@ -17,13 +17,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    import torch
+    """``dtype`` as a torch dtype; a ValueError names the accepted ones (see :mod:`nnsight_moe.precision`)."""
+    from nnsight_moe.precision import resolve_dtype
 
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    return getattr(torch, dtype)
+    return resolve_dtype(dtype)
 
 
 EXAMPLE_HUB_MODEL = "allenai/OLMoE-1B-7B-0924"
@@ -100,12 +97,15 @@ def _hub_cached_only(name: str) -> bool:
 def load_model(name: str, *, device: str | None = None, dtype: str | torch.dtype | None = None):
     """(model, tokenizer) for a demo name, a local model directory or a hub name; eval mode.
 
-    Raises ``ValueError`` naming the accepted forms when ``name`` is none of them.
+    Raises ``ValueError`` naming the accepted forms when ``name`` is none of them, for an unknown
+    ``dtype``, and before loading anything when ``device`` cannot run ``dtype``.
     """
     from nnsight_moe import demo
+    from nnsight_moe.precision import check_dtype_runs
 
     source = check_model_name(name)
     dtype = _dtype(dtype)
+    check_dtype_runs(dtype, device)
     if source == "demo":
         return demo.load(name, dtype=dtype, device=device)
     from transformers import AutoModelForCausalLM, AutoTokenizer

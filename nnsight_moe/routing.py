@@ -127,13 +127,15 @@ class Routing:
         exclude: Bool[Tensor, "... E"] | None = None,
         logits_dtype: torch.dtype | None = None,
         input_dtype: torch.dtype | None = None,
+        logits: Float[Tensor, "... E"] | None = None,
     ) -> Float[Tensor, "... k"]:
         """Gate weights of the selected experts, as the family multiplies them into expert outputs.
 
         ``logits_dtype`` / ``input_dtype`` are the dtypes of the router's logits and of its input
-        (hidden states); they set the weights' dtype by the family's rule (None: float32).
+        (hidden states); they set the weights' dtype by the family's rule (None: float32). ``logits``
+        are the router logits when ``scores`` are exactly ``scores(logits)`` (not edited), else None.
         """
-        return rule_weights(self.rule(), scores, indices, logits_dtype, input_dtype)
+        return rule_weights(self.rule(), scores, indices, logits_dtype, input_dtype, logits)
 
     def describe(self) -> str:
         """One line for layout tables, e.g. ``softmax top-2 of 8, renorm``."""
@@ -169,7 +171,7 @@ def weights_dtypes(rule: dict, logits_dtype: Any = None, input_dtype: Any = None
 def rule_scores(rule: dict, logits: torch.Tensor) -> torch.Tensor:
     """Selection scores (float32) from ``logits`` [..., E] by ``rule``, without the selection-only bias."""
     logits = logits.float()
-    if rule["kind"] in ("sparsemixer", "sigmoid_of_logits", "softmax_topk"):
+    if rule["kind"] in ("sparsemixer", "sigmoid_of_logits"):
         return logits
     return logits.softmax(dim=-1) if rule["scoring"] == "softmax" else logits.sigmoid()
 
@@ -188,10 +190,16 @@ def rule_select(rule: dict, scores: torch.Tensor, exclude: Any, bias: Any, k: in
 
 
 def rule_weights(rule: dict, scores: torch.Tensor, indices: torch.Tensor, logits_dtype: Any = None,
-                 input_dtype: Any = None) -> torch.Tensor:
+                 input_dtype: Any = None, logits: Any = None) -> torch.Tensor:
     """Gate weights [..., k] of the selected experts ``indices`` by ``rule``, in the dtype the family
-    multiplies them with (:func:`weights_dtypes` of the router's ``logits_dtype`` / ``input_dtype``)."""
+    multiplies them with (:func:`weights_dtypes` of the router's ``logits_dtype`` / ``input_dtype``).
+
+    ``logits``: the router logits the (unedited) ``scores`` came from, or None. Only a softmax over the
+    selected k (:class:`SoftmaxTopK`) uses them, to compute that softmax as the router does.
+    """
     compute, out = weights_dtypes(rule, logits_dtype, input_dtype)
+    if rule["kind"] == "softmax_topk" and logits is not None:
+        return logits.float().gather(-1, indices).to(compute).softmax(dim=-1).to(out)
     return _rule_weights(rule, scores.gather(-1, indices).to(compute)).to(out)
 
 
@@ -251,10 +259,11 @@ class SoftmaxTopK(Routing):
     """GPT-OSS, Granite-MoE, Cohere2-MoE: select the top-k logits, gate weights are the softmax over the
     selected k only.
 
-    Scores are the raw logits (float32), since that is what these routers select on: the weights are
-    then the softmax over the k selected scores, the model's own operation on its own operands, so they
-    are bit-identical to the router's in every dtype (a renormalised softmax over all E equals it only
-    up to float32 rounding, which a later cast to fp16 / bf16 can turn into a one-ulp difference).
+    Scores are the softmax over all E logits (same ranking as the logits). The weights, the
+    renormalised selected scores, equal the softmax over the k selected logits; given the (unedited)
+    logits, :meth:`weights` computes exactly that, the router's own operation on its own operands, so
+    the weights are bit-identical in every dtype (the renormalised scores agree only to float32
+    rounding, which a cast to fp16 / bf16 can turn into a one-ulp difference).
     """
 
     _kind: ClassVar[str] = "softmax_topk"
@@ -283,7 +292,7 @@ class SparseMixer(Routing):
         second = scores.scatter(-1, first, float("-inf")).argmax(dim=-1, keepdim=True)
         return torch.cat([first, second], dim=-1)
 
-    def weights(self, scores, indices, exclude=None, logits_dtype=None, input_dtype=None):
+    def weights(self, scores, indices, exclude=None, logits_dtype=None, input_dtype=None, logits=None):
         if exclude is not None:
             scores = scores.masked_fill(exclude.to(scores.device), float("-inf"))
         compute, cast = weights_dtypes(self.rule(), logits_dtype, input_dtype)
