@@ -13,6 +13,9 @@ missing norm, a logit soft-cap, a scaled residual) is still caught.
 
 from __future__ import annotations
 
+import sys
+
+import cloudpickle
 import torch
 from torch import Tensor
 
@@ -99,3 +102,7 @@ def readout_bound(dtype: torch.dtype, unembed: Tensor, normed: Tensor, logits: T
     e = eps(dtype) + 4 * eps(torch.float32)
     per_logit = e * (normed.abs() @ unembed.abs().T) + e / 2 * logits.abs()
     return 2 * per_logit.max(dim=-1).values
+
+
+# The bounds run inside traces too (remote attribution): ship this module by value, as nnsight_moe.routing.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])

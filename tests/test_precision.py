@@ -186,3 +186,27 @@ def test_bad_dtype_errors(monkeypatch):
     with pytest.raises(ValueError, match=r"dtype float16 cannot run on device cpu \(RuntimeError: .*Half.*\); try float32 or bfloat16"):
         load_model("demo-moe", dtype="float16")
     check_dtype_runs(torch.bfloat16, "cpu")  # the others still run
+
+
+# ------------------------------------------------------------------------------------ attribution self-checks
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda d: str(d).replace("torch.", ""))
+def test_attribution_self_checks_follow_the_dtype(dtype):
+    """A low-precision model passes both self-checks on its own rounding; a real mismatch still fails, and
+    the error names the dtype and the measured deviation."""
+    from nnsight_moe.recipes.attribution import attribute
+
+    model = tiny_model("qwen3_moe", dtype=dtype)
+    prompts = [[5, 9, 17, 33, 40, 61], [7, 8, 99, 12, 4, 70]]
+    result = attribute(model, prompts, [11, 12], levels=("layer", "expert"), progress=False)
+    assert len(result.to_frame()) and torch.isfinite(torch.tensor(result.to_frame()["score"].values)).all()
+    name = str(dtype).replace("torch.", "")
+    scaled = model.lm_head.register_forward_hook(lambda m, a, out: out * 1.5)  # logits the readout does not model
+    with pytest.raises(ValueError, match=rf"this {name} model's log-probabilities: max deviation \S+ \(prompt \d\) exceeds"):
+        attribute(model, prompts, [11, 12], levels=("layer",), progress=False)
+    scaled.remove()
+    layer = model.model.layers[1]
+    skewed = layer.register_forward_hook(lambda m, a, out: out * 1.25 if torch.is_tensor(out) else (out[0] * 1.25, *out[1:]))
+    with pytest.raises(ValueError, match=rf"this {name} model's residual stream is not h \+ attn \+ mlp per layer: "
+                                         r"max deviation \S+ \(layer 1\) exceeds the tolerance"):
+        attribute(model, prompts, [11, 12], levels=("layer",), progress=False)
+    skewed.remove()
