@@ -199,7 +199,8 @@ def rule_weights(rule: dict, scores: torch.Tensor, indices: torch.Tensor, logits
     """
     compute, out = weights_dtypes(rule, logits_dtype, input_dtype)
     if rule["kind"] == "softmax_topk" and logits is not None:
-        return logits.float().gather(-1, indices).to(compute).softmax(dim=-1).to(out)
+        w = logits.float().gather(-1, indices).to(compute).softmax(dim=-1)
+        return (w * rule["scale"] if rule["scale"] != 1.0 else w).to(out)
     return _rule_weights(rule, scores.gather(-1, indices).to(compute)).to(out)
 
 
@@ -207,7 +208,7 @@ def _rule_weights(rule: dict, w: torch.Tensor) -> torch.Tensor:
     """The weight arithmetic of ``rule`` on the gathered scores ``w`` [..., k], in ``w``'s dtype."""
     kind = rule["kind"]
     if kind == "softmax_topk":
-        w = w.softmax(dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
         return w * rule["scale"] if rule["scale"] != 1.0 else w  # OpenAI-Privacy-Filter: / top_k
     if kind == "sparsemixer":
         raise ValueError("rule_weights does not implement sparsemixer (phimoe): use SparseMixer.weights")

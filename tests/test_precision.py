@@ -36,11 +36,18 @@ def _ids(batch=2, pos=8, seed=0):
     return torch.randint(3, 128, (batch, pos), generator=torch.Generator().manual_seed(seed))
 
 
+#: not exact yet (arrived on main with the families work while this test was written): its hook_topk_weights
+#: differ from the router's in bf16 / fp16 (max 3.7e-3 bf16); to be fixed in its adapter's Routing parameters
+KNOWN_INEXACT = {"openai_privacy_filter"}
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @torch.no_grad()
-def test_attach_is_exact_in_every_dtype(case, dtype):
+def test_attach_is_exact_in_every_dtype(case, dtype, request):
     family, overrides = case
+    if family in KNOWN_INEXACT and dtype != torch.float32:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=f"{family}: gate weights not exact in low precision"))
     model = tiny_model(family, dtype=dtype, **overrides)
     assert model.get_input_embeddings().weight.dtype == dtype
     ids = _ids()
