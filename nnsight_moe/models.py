@@ -101,9 +101,10 @@ def load_model(name: str, *, device: str | None = None, dtype: str | torch.dtype
     ``dtype``, and before loading anything when ``device`` cannot run ``dtype``.
     """
     from nnsight_moe import demo
+
+    source = check_model_name(name)  # before torch is imported: a bad name fails at once
     from nnsight_moe.precision import check_dtype_runs
 
-    source = check_model_name(name)
     dtype = _dtype(dtype)
     check_dtype_runs(dtype, device)
     if source == "demo":
