@@ -56,15 +56,40 @@ def _text_config(model: nn.Module):
 
 
 def adapter_for(model: nn.Module) -> Adapter:
-    """The adapter for ``model``'s family, or :class:`UnsupportedModelError` listing the supported ones."""
+    """The adapter for ``model``'s family, or :class:`UnsupportedModelError` listing the supported ones.
+
+    Found by ``model_type`` (of the text config, then of the model's config), else by structure: the
+    adapter registered for the transformers package whose MoE block classes the model runs (a config
+    with its own ``model_type`` on DeepSeek-V3's modeling classes is served by ``deepseek_v3``).
+    """
     config = _text_config(model)
     for model_type in (getattr(config, "model_type", None), getattr(model.config, "model_type", None)):
         if model_type in _REGISTRY:
             return _REGISTRY[model_type]
+    adapter = _adapter_by_structure(model)
+    if adapter is not None:
+        return adapter
     raise UnsupportedModelError(
         f"model_type {getattr(model.config, 'model_type', None)!r} ({type(model).__name__}) is not a supported "
         f"MoE family. Supported families: {', '.join(supported_families())}"
     )
+
+
+def _adapter_by_structure(model: nn.Module) -> Adapter | None:
+    """The adapter of the first module of ``model`` that is a MoE block of the package defining its class."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
+
+    by_package: dict[str, list[Adapter]] = {}
+    for model_type in CONFIG_MAPPING_NAMES:
+        if model_type in _REGISTRY:
+            by_package.setdefault(model_type_to_module_name(model_type), []).append(_REGISTRY[model_type])
+    for module in model.modules():
+        parts = type(module).__module__.split(".")
+        if len(parts) > 3 and parts[:2] == ["transformers", "models"]:
+            adapter = next((a for a in by_package.get(parts[2], []) if a.is_block(module)), None)
+            if adapter is not None:
+                return adapter
+    return None
 
 
 def _decoder_layers(model: nn.Module, adapter: Adapter) -> tuple[str, nn.ModuleList]:
@@ -122,6 +147,7 @@ def _moe_layer(index: int, path: str, block: nn.Module, adapter: Adapter, config
         d_expert=int(d_expert),
         d_shared=int(d_shared),
         routing=routing,
+        routed_scale=float(getattr(block, adapter.routed_scale)) if adapter.routed_scale else 1.0,
     )
 
 

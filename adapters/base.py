@@ -31,6 +31,8 @@ class Adapter:
         experts: attribute of the MoE block holding the fused experts.
         shared: attribute of the shared expert MLP, if the family has one.
         shared_gate: attribute of the shared expert gate (a Linear to 1, passed through a sigmoid).
+        routed_scale: attribute of the block holding a constant its forward multiplies the routed sum
+            by (becomes :attr:`~nnsight_moe.layout.LayerLayout.routed_scale`); None for 1.
     """
 
     name: str
@@ -40,6 +42,7 @@ class Adapter:
     experts: str = "experts"
     shared: str | None = None
     shared_gate: str | None = None
+    routed_scale: str | None = None
 
     def is_block(self, module: nn.Module) -> bool:
         """Whether ``module`` is a MoE block of this family."""

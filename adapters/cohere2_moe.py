@@ -13,14 +13,15 @@ def cohere2_moe_routing(block, router, config) -> Routing:
             "averages routed and shared outputs, which the hook contract cannot express; accepted: 'sum' "
             "(or num_shared_experts=0)"
         )
-    if router.expert_selection_fn == "softmax":
-        return SoftmaxTopK(n_experts=router.num_experts, top_k=router.top_k, cast_weights=True)
-    return Routing(
+    if router.expert_selection_fn == "softmax":  # softmax(dtype=float32) over the k, cast to the input dtype
+        return SoftmaxTopK(n_experts=router.num_experts, top_k=router.top_k, cast_weights="input")
+    return Routing(  # sigmoid and renormalisation in the logits' dtype (bf16 on a bf16 model)
         n_experts=router.num_experts,
         top_k=router.top_k,
         scoring="sigmoid",
         normalize=bool(router.norm_topk_prob),
-        cast_weights=True,
+        cast_weights="input",
+        precision="logits",
     )
 
 

@@ -5,14 +5,15 @@ from nnsight_moe.routing import ClampNormRouting
 
 
 def ernie4_5_moe_routing(block, router, config) -> ClampNormRouting:
-    """Choose on ``softmax + e_score_correction_bias``; weights are the renormalised softmax scores."""
+    """Choose on ``softmax + e_score_correction_bias``; weights are the renormalised softmax scores
+    (float32 logits and arithmetic, cast to the hidden states' dtype)."""
     return ClampNormRouting(
         n_experts=router.num_experts,
         top_k=router.top_k,
         scoring="softmax",
         normalize=True,
         bias=router.moe_statics.e_score_correction_bias.squeeze(0),
-        cast_weights=True,
+        cast_weights="input",  # the router computes in float32 and casts the weights to the hidden states' dtype
         norm_min=float(router.norm_min),
     )
 

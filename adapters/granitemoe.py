@@ -5,8 +5,10 @@ from nnsight_moe.routing import SoftmaxTopK
 
 
 def granitemoe_routing(block, router, config) -> SoftmaxTopK:
-    """Scores are the softmax over all experts; weights the softmax over the k selected logits."""
-    return SoftmaxTopK(n_experts=router.num_experts, top_k=router.top_k, cast_weights=True)
+    """Scores are the softmax over all experts; weights the softmax over the k selected logits.
+
+    The router upcasts its logits to float32 and casts the weights to the hidden states' dtype."""
+    return SoftmaxTopK(n_experts=router.num_experts, top_k=router.top_k, cast_weights="input")
 
 
 GRANITEMOE = Adapter(

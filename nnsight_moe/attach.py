@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import importlib
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -29,6 +30,10 @@ _HANDLE = "_nnsight_moe_handle"
 #: makes the hook points visible there (idempotently) and registers its undo with
 #: ``handle.on_detach(undo)``; it ignores objects that are not its own.
 FRONTENDS: list = []
+
+#: Modules that append their frontend to :data:`FRONTENDS` when imported; :func:`attach` imports them
+#: on its first call (so ``import nnsight_moe`` stays cheap and never misses a frontend).
+FRONTEND_MODULES = ("nnsight_moe.nnsight_frontend", "nnsight_moe.tl")
 
 
 def hf_model(model: Any) -> nn.Module:
@@ -105,6 +110,8 @@ def attach(model: Any) -> AttachHandle:
     """
     hf = hf_model(model)
     handle = hf.__dict__.get(_HANDLE) or _attach_hf(hf)
+    for module in FRONTEND_MODULES:
+        importlib.import_module(module)  # registers its frontend once (a no-op after the first import)
     for frontend in FRONTENDS:
         frontend(model, handle)
     return handle

@@ -1,4 +1,4 @@
-"""The ``nnsight-moe`` command line: ``families``, ``inspect`` and ``run`` (the main job)."""
+"""The ``nnsight-moe`` command line: ``families``, ``inspect``, ``check`` (routing fidelity) and ``run`` (the main job)."""
 
 from __future__ import annotations
 
@@ -22,10 +22,16 @@ def main() -> None:
 
 @main.command()
 @click.option("--markdown", is_flag=True, help="A markdown table with each family's routing and shared experts.")
-def families(markdown: bool) -> None:
+@click.option("--coverage", "show_coverage", is_flag=True,
+              help="Markdown tables of the installed transformers' MoE packages: served by another family, "
+                   "not yet supported, excluded (with reasons).")
+def families(markdown: bool, show_coverage: bool) -> None:
     """List the supported MoE families (HF model_type values)."""
     import nnsight_moe
 
+    if show_coverage:
+        _coverage_tables()
+        return
     if not markdown:
         for name in nnsight_moe.supported_families():
             click.echo(name)
@@ -35,6 +41,28 @@ def families(markdown: bool) -> None:
     click.echo("| family | routing | shared experts |\n|---|---|---|")
     for name, routing, shared in family_table():
         click.echo(f"| {name} | {routing} | {shared} |")
+
+
+def _coverage_tables() -> None:
+    """Markdown tables of :func:`nnsight_moe.coverage.coverage` (all but the supported families' own packages)."""
+    from nnsight_moe.coverage import coverage
+
+    rows = coverage()
+    count = {status: sum(s == status for _, s, _ in rows) for status in ("supported", "not yet", "excluded", "unlisted")}
+    click.echo(f"{len(rows)} MoE packages in the installed transformers: {count['supported']} supported, "
+               f"{count['not yet']} not yet, {count['excluded']} excluded, {count['unlisted']} unlisted.\n")
+    for title, header, body in (
+        ("Served by another family's adapter", "| package | family |",
+         [(p, d) for p, s, d in rows if s == "supported" and p != d]),
+        ("Not yet supported", "| package | what it needs |", [(p, d) for p, s, d in rows if s == "not yet"]),
+        ("Excluded (not a causal-LM MoE)", "| package | why |", [(p, d) for p, s, d in rows if s == "excluded"]),
+        ("Unlisted (add to nnsight_moe.coverage)", "| package | found |", [(p, d) for p, s, d in rows if s == "unlisted"]),
+    ):
+        if body:
+            click.echo(f"{title}:\n\n{header}\n|---|---|")
+            for package, detail in body:
+                click.echo(f"| {package} | {detail} |")
+            click.echo()
 
 
 @main.command()
@@ -65,6 +93,8 @@ def inspect(model: str) -> None:
 @click.option("--remote", default=None, help="Run through nnsight remotely: 'ndif', 'local' (simulation) or a host URL.")
 @click.option("--device", default=None, help="torch device, e.g. cpu or cuda.")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="torch CPU threads [default: $NNSIGHT_MOE_THREADS, else 1 for small models like the demos].")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--per-relation", default=24, show_default=True, type=click.IntRange(min=0),
               help="Prompts per relation for the recipes (0 = all facts); the baseline uses every fact.")
@@ -76,9 +106,12 @@ def inspect(model: str) -> None:
               help="Discard the finished work an interrupted run kept in --out, and start over (default: resume).")
 @click.option("--allow-http", is_flag=True,
               help="Allow --remote http://HOST to a host other than this machine (the API key travels unencrypted).")
-def run(model, data, out, remote, device, dtype, batch_size, per_relation, quick, target, only_correct, fresh,
-        allow_http) -> None:
+def run(model, data, out, remote, device, dtype, threads, batch_size, per_relation, quick, target, only_correct,
+        fresh, allow_http) -> None:
     """Run the main job: every recipe on a model and relations; writes results.json and report.html."""
+    from nnsight_moe.models import check_model_name
+
+    _or_fail(lambda: check_model_name(model))  # before torch is imported: a bad name fails at once
     from nnsight_moe.job import check_out_dir, run_job
 
     if allow_http:
@@ -91,7 +124,31 @@ def run(model, data, out, remote, device, dtype, batch_size, per_relation, quick
     _or_fail(lambda: check_out_dir(out))
     _or_fail(lambda: run_job(model, data, out, remote=_remote(remote), device=device, dtype=dtype,
                              batch_size=batch_size, quick=quick, max_per_relation=per_relation,
-                             target=target, only_correct=only_correct, fresh=fresh))
+                             target=target, only_correct=only_correct, fresh=fresh, threads=threads))
+
+
+@main.command()
+@click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
+              help="demo-moe, a local model directory, or a hub name.")
+@click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="dtype to check the model in [default: the checkpoint's].")
+@click.option("--device", default=None, help="torch device, e.g. cpu or cuda.")
+@click.option("--no-float32", is_flag=True, help="Skip the float32 comparison (it needs a float32 copy of the model).")
+def check(model, dtype, device, no_float32) -> None:
+    """Check the hooks on a model: per MoE layer, attached vs unattached output, the decomposition
+    identities and top-k flips across dtypes and experts implementations. Exit code 1 when an identity fails."""
+    import nnsight_moe
+    from nnsight_moe.check import check_routing
+    from nnsight_moe.models import load_model
+
+    lm, tokenizer = _or_fail(lambda: load_model(model, device=device, dtype=dtype))
+    try:
+        report = check_routing(lm, tokenizer=tokenizer, compare_float32=not no_float32)
+    except (nnsight_moe.UnsupportedModelError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(report.format())
+    if not report.ok:
+        raise SystemExit(1)
 
 
 def _or_fail(fn):

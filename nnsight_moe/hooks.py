@@ -74,6 +74,7 @@ class BlockState:
         self.router = unwrap(block.get_submodule(adapter.router))
         self.experts = unwrap(block.get_submodule(adapter.experts))
         self.shape: tuple[int, int] = (1, 0)
+        self.input_dtype: torch.dtype | None = None  # the block input's dtype (for routers called by keyword)
         self.zero: Tensor | None = None
         self.renorm = False
         self.exclude: Tensor | None = None
@@ -174,6 +175,7 @@ def _record_shape(block, args, kwargs):
     state.experts_pending = False
     x = args[0] if args else kwargs["hidden_states"]
     state.shape = (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, x.shape[0])
+    state.input_dtype = x.dtype
 
 
 def _end_forward(block, args, output):
@@ -193,16 +195,20 @@ def _route(router, args, output):
     n_experts, k = state.layer.n_experts, state.layer.top_k
     logits = _checked(state, "hook_router_logits", state.hook("hook_router_logits", logits.reshape(b, p, -1)),
                       (b, p, n_experts))
-    scores = _checked(state, "hook_router_scores", state.hook("hook_router_scores", rule.scores(logits)), (b, p, n_experts))
+    raw = rule.scores(logits)
+    version = raw._version  # bumped by an in-place edit
+    scores = _checked(state, "hook_router_scores", state.hook("hook_router_scores", raw), (b, p, n_experts))
+    unedited = scores is raw and raw._version == version
     exclude = state.row_mask(state.exclude, b, scores.device)
     indices = state.hook("hook_topk_indices", rule.select(scores, exclude))
     _checked(state, "hook_topk_indices", indices, (b, p, k))
     if indices.is_floating_point() or (indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_experts)):
         raise ValueError(f"layer {state.layer.index}: hook_topk_indices must hold integer expert ids in "
                          f"0..{n_experts - 1}, got {indices.dtype} values in [{indices.min()}, {indices.max()}]")
-    weights = rule.weights(scores, indices, exclude)
-    if rule.cast_weights:
-        weights = weights.to(logits.dtype)
+    x = args[0] if args and isinstance(args[0], Tensor) else None  # the router's input (hidden states)
+    input_dtype = x.dtype if x is not None else state.input_dtype
+    weights = rule.weights(scores, indices, exclude, logits_dtype=logits.dtype, input_dtype=input_dtype,
+                           logits=logits if unedited else None)
     weights = _checked(state, "hook_topk_weights", state.hook("hook_topk_weights", state.edit_weights(indices, weights)),
                        (b, p, k))
     state.experts_pending = True  # cleared by the "nnsight_moe" experts implementation

@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
-
+from nnsight_moe.progress import bar, label
 from nnsight_moe.report import Section, write
 
 __all__ = ["RECIPE_SECTIONS", "RESUME_DIR", "TARGETS", "Job", "check_out_dir", "run_job"]
@@ -153,7 +152,7 @@ class Job:
         prompts, targets = self.gold.prompts, torch.tensor(self.gold.targets)
         device = next(self.model.parameters()).device
         ranks, top1 = [], []
-        for start in tqdm(range(0, len(prompts), self.batch_size), desc="baseline", leave=False):
+        for start in bar(range(0, len(prompts), self.batch_size), f"target ranks of {len(prompts)} facts"):
             batch = encode_prompts(self.tokenizer, prompts[start : start + self.batch_size], device)
             last = last_positions(batch["attention_mask"])
             logits = self.model(**batch, logits_to_keep=last[:, None]).logits[:, -1].float()
@@ -243,7 +242,7 @@ def routing_load(job: Job) -> torch.Tensor:
             added.add(point, count(row))
         try:
             prompts = job.gold.prompts
-            for start in range(0, len(prompts), job.batch_size):
+            for start in bar(range(0, len(prompts), job.batch_size), f"expert load over {len(prompts)} facts"):
                 batch = encode_prompts(job.tokenizer, prompts[start : start + job.batch_size], device)
                 mask_holder["mask"] = batch["attention_mask"]
                 job.model(**batch, logits_to_keep=1)
@@ -304,18 +303,47 @@ RECIPE_SECTIONS: list[tuple[str, str, str]] = [
 ]
 
 
-def _recipe_sections(job: Job) -> list[Section]:
+#: What each section computes, printed when it starts (the job's step lines).
+_STEP_TEXT = {
+    "baseline": "rank of every fact's target, then the expert load (one routing pass over the same facts)",
+    "attribution": "LPI of every layer, head, expert and neuron on the sampled facts",
+    "blocking": "rank experts, block the top ones vs random baselines per relation, then shared/routed configurations",
+    "head_expert": "head-expert correlation, then suppressing the top heads vs random heads",
+}
+
+
+def _step(i: int, n: int, name: str, job: Job, make: Callable[[Job], Section | None]) -> Section | None:
+    """Run one section under the label ``[i/n name]``, printing a start and an end line."""
+    text = _STEP_TEXT.get(name, "")
+    if name == "baseline" and not job.is_moe:
+        text = "rank of every fact's target (a dense model has no expert load)"
+    print(f"[{i}/{n}] {name}: {text} ...", flush=True)
+    started = time.time()
+    with label(f"[{i}/{n} {name}]"):
+        section = make(job)
+    print(f"[{i}/{n}] {name}: done in {time.time() - started:.1f} s", flush=True)
+    return section
+
+
+def _recipe_sections(job: Job, first_step: int = 2) -> list[Section]:
     import importlib
 
-    sections = []
+    makers = []
     for name, module, function in RECIPE_SECTIONS:
         try:
-            make: Callable[[Job], Section | None] = getattr(importlib.import_module(module), function)
+            makers.append((name, getattr(importlib.import_module(module), function)))
         except (ImportError, AttributeError):
             continue
-        section = _checkpointed(job, name, lambda: make(job))
-        if section is not None:
-            sections.append(section)
+    n = first_step - 1 + len(makers)
+    sections = []
+    for i, (name, make) in enumerate(makers, first_step):
+        section = _step(i, n, name, job, lambda j, name=name, make=make: _checkpointed(j, name, lambda: make(j)))
+        if section is None:  # the recipe does not apply (e.g. no experts): say so in the report
+            reason = ("skipped: the model is dense (no routed experts), so this MoE recipe does not apply"
+                      if not job.is_moe else "skipped: the recipe does not apply to this model")
+            section = Section(name, f"{name.replace('_', ' ').capitalize()} (skipped)", reason + ".",
+                              data={"skipped": reason})
+        sections.append(section)
     return sections
 
 
@@ -425,7 +453,8 @@ def check_out_dir(out: str | Path) -> Path:
 def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = "results", *,
             remote: Any = None, device: str | None = None, dtype: str | None = None,
             batch_size: int = 16, quick: bool = False, max_per_relation: int | None = 24,
-            target: str = "gold", only_correct: bool = False, fresh: bool = False) -> dict:
+            target: str = "gold", only_correct: bool = False, fresh: bool = False,
+            threads: int | None = None) -> dict:
     """Run the main job and write ``out/results.json`` and ``out/report.html``; returns the results dict.
 
     ``target``: what the recipes score, ``"gold"`` (the object's first token) or ``"prediction"`` (the
@@ -433,7 +462,12 @@ def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = 
     target is the model's top-1 only. Both are recorded in results.json (``data.selection``).
     Finished sections, stages and remote batches are kept under ``out/.nnsight-moe-resume`` so that a
     rerun after an interrupt resumes (module docstring); ``fresh=True`` starts over.
+    ``threads``: torch CPU threads (default: ``$NNSIGHT_MOE_THREADS``, else 1 for small models such as the
+    demos, else torch's default; see :mod:`nnsight_moe.threads`).
     """
+    from nnsight_moe import threads as cpu_threads
+
+    cpu_threads.requested(threads)  # a bad count fails before any compute
     import warnings
 
     from nnsight_moe import data as relation_data
@@ -459,6 +493,8 @@ def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = 
         lm, tokenizer = load_model(model, device=device, dtype=dtype)
     else:  # an nnsight LanguageModel: every section runs through model.trace(..., remote=remote)
         lm, tokenizer = load_traced(model, remote, device=device, dtype=dtype)
+    print(f"torch CPU threads: {cpu_threads.configure(threads, model=lm)} (set with --threads or "
+          f"{cpu_threads.ENV})")
     facts = [fact for relation in relations for fact in relation.facts()]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -505,7 +541,9 @@ def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = 
                         for f, reason in encoded.skipped],
         },
     }
-    sections = [_checkpointed(job, "baseline", lambda: baseline_section(job)), *_recipe_sections(job)]
+    n_steps = 1 + len(RECIPE_SECTIONS)
+    sections = [_step(1, n_steps, "baseline", job, lambda j: _checkpointed(j, "baseline", lambda: baseline_section(j))),
+                *_recipe_sections(job)]
     job.predictions()  # cached; recomputed once when every section using it was resumed
     header["data"]["selection"] = job.selection()
     header["data"]["skipped_per_relation"] = encoded.skipped_per_relation()

@@ -52,6 +52,9 @@ class LayerLayout:
     d_expert: int = 0
     d_shared: int = 0
     routing: Routing | None = field(default=None, repr=False, compare=False)
+    #: The block multiplies its routed sum by this constant (OpenAI-Privacy-Filter: by top_k, undoing its
+    #: router's / top_k): ``hook_moe_out = routed_scale * hook_routed_out (+ gate * shared)``.
+    routed_scale: float = 1.0
 
     @property
     def is_moe(self) -> bool:
@@ -149,6 +152,7 @@ class MoELayout:
                 lines.append(f"  {layer.index:>3} dense  {layer.path}")
                 continue
             shared = f", shared d={layer.d_shared}" if layer.has_shared else ""
+            shared += f", routed sum x{layer.routed_scale:g}" if layer.routed_scale != 1.0 else ""
             rule = layer.routing.describe() if layer.routing is not None else ""
             lines.append(
                 f"  {layer.index:>3} moe    {layer.path}  E={layer.n_experts} k={layer.top_k} "

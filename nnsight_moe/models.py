@@ -2,23 +2,96 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
-__all__ = ["DTYPES", "check_device", "load_model"]
+__all__ = ["DTYPES", "check_device", "check_model_name", "load_model", "load_traced"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: ``--dtype`` names (torch is imported only when a model is loaded, so name checks stay instant).
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    """``dtype`` as a torch dtype; a ValueError names the accepted ones (see :mod:`nnsight_moe.precision`)."""
+    from nnsight_moe.precision import resolve_dtype
+
+    return resolve_dtype(dtype)
+
+
+EXAMPLE_HUB_MODEL = "allenai/OLMoE-1B-7B-0924"
+
+
+def _accepted(name: str) -> str:
+    """What ``--model`` accepts, with the demo name closest to ``name`` first when there is one."""
+    import difflib
+
+    from nnsight_moe import demo
+
+    close = difflib.get_close_matches(name.lower(), demo.names(), n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return (f"{hint}use {' or '.join(demo.names())} (bundled, offline), a local model directory (with "
+            f"config.json), or a hub name like {EXAMPLE_HUB_MODEL!r}")
+
+
+def check_model_name(name: str) -> str:
+    """Where ``name`` comes from, checked without loading anything heavy (no torch, one hub request at most).
+
+    Returns ``"demo"`` (a bundled demo), ``"local"`` (a directory with config.json), ``"hub"`` or
+    ``"cache"`` (a hub name, from the local cache when the hub cannot be reached). Raises a ValueError
+    naming what is accepted (and the closest demo name) otherwise; see :func:`load_model`.
+    """
+    from nnsight_moe import demo
+
+    if name in demo.names():
+        return "demo"
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model {name!r}: no such model directory (a directory with config.json is expected); "
+                             f"{_accepted(name)}")
+        return "local"
+    return "cache" if _hub_cached_only(name) else "hub"
+
+
+@functools.lru_cache(maxsize=32)
+def _hub_cached_only(name: str) -> bool:
+    """Check a hub name before loading it; True: load it from the local cache only (hub unreachable).
+
+    Fails fast (one request, no retries) with a ValueError naming what is accepted when the hub is
+    offline (``HF_HUB_OFFLINE=1`` or no network) and the model is not in the local cache, when the
+    repository does not exist, or when it is gated.
+    """
+    from huggingface_hub import is_offline_mode, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except HFValidationError as err:
+        raise ValueError(f"model {name!r} is not a valid hub repo id ({err}); {_accepted(name)}") from err
+    if is_offline_mode():
+        if cached:
+            return True
+        raise ValueError(f"model {name!r} is not in the local Hugging Face cache and the hub is off "
+                         f"(HF_HUB_OFFLINE=1); {_accepted(name)}")
+    try:
+        model_info(name, timeout=10)
+    except GatedRepoError as err:
+        raise ValueError(f"model {name!r} is gated on the hub: accept its license on huggingface.co and log in "
+                         f"(`hf auth login`); or {_accepted(name)}") from err
+    except RepositoryNotFoundError as err:
+        raise ValueError(f"model {name!r}: no such model on the Hugging Face hub (or it is private: log in with "
+                         f"`hf auth login`); {_accepted(name)}") from err
+    except Exception as err:  # no network, DNS, proxy, timeout: anything that is not an answer from the hub
+        if cached:
+            return True
+        raise ValueError(f"model {name!r}: the Hugging Face hub cannot be reached ({type(err).__name__}: {err}) "
+                         f"and the model is not in the local cache; {_accepted(name)}") from err
+    return False
 
 
 def check_device(device: str | torch.device | None) -> torch.device | None:
@@ -29,6 +102,8 @@ def check_device(device: str | torch.device | None) -> torch.device | None:
     """
     if device is None:
         return None
+    import torch
+
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
@@ -50,28 +125,26 @@ def check_device(device: str | torch.device | None) -> torch.device | None:
 def load_model(name: str, *, device: str | None = None, dtype: str | torch.dtype | None = None):
     """(model, tokenizer) for a demo name, a local model directory or a hub name; eval mode.
 
-    Raises ``ValueError`` naming the accepted forms when ``name`` is none of them, and naming
-    ``device`` when this machine does not have it (:func:`check_device`).
+    Raises ``ValueError`` naming the accepted forms when ``name`` is none of them, for an unknown
+    ``dtype``, naming ``device`` when this machine does not have it (:func:`check_device`), and before
+    loading anything when ``device`` cannot run ``dtype``.
     """
     from nnsight_moe import demo
 
+    source = check_model_name(name)  # before torch is imported: a bad name fails at once
+    from nnsight_moe.precision import check_dtype_runs
+
     dtype = _dtype(dtype)
     check_device(device)
-    if name in demo.names():
-        model, tokenizer = demo.load(name, dtype=dtype, device=device)
-        return model, tokenizer
-    path = Path(name).expanduser()
-    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
-    if looks_local and not (path / "config.json").is_file():
-        raise ValueError(
-            f"model {name!r}: no such model directory (a directory with config.json is expected); "
-            f"use {' or '.join(demo.names())}, a local model directory, or a hub name like 'allenai/OLMoE-1B-7B-0924'"
-        )
+    check_dtype_runs(dtype, device)
+    if source == "demo":
+        return demo.load(name, dtype=dtype, device=device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    local_only = source in ("local", "cache")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto")
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto", local_files_only=local_only)
     except OSError as err:
         raise ValueError(
             f"model {name!r} is neither {' nor '.join(demo.names())}, nor a local model directory, nor a hub "
@@ -105,6 +178,7 @@ def load_traced(name: str, remote: Any, *, device: str | None = None, dtype: str
             f"remote={remote!r} runs on models the NDIF server hosts, named by hub repo id (see "
             f"nnsight.ndif.status()); {name!r} exists only on this machine: use --remote local to simulate"
         )
+    check_model_name(name)  # fail fast when the hub cannot serve the config
     try:
         lm = LanguageModel(name, dtype=_dtype(dtype) or "auto")
     except OSError as err:

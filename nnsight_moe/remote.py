@@ -475,9 +475,7 @@ def read_layer(
         exclude = mask[:, None, :] if mask is not None and mode == "reroute" else None
         bias = _envoy(model, f"{info['block']}.{rule['bias']}").reshape(-1) if rule["bias"] else None
         indices = rule_select(rule, scores, exclude, bias, k)
-        weights = rule_weights(rule, scores, indices)
-        if rule["cast_weights"]:
-            weights = weights.to(raw_logits.dtype)
+        weights = rule_weights(rule, scores, indices, raw_logits.dtype, x.dtype, logits)
     edited = rederive
     if mask is not None and mode != "reroute":
         weights = zero_weights(weights, indices, mask, mode == "renorm")

@@ -12,6 +12,11 @@ results.json (``"schema": "nnsight-moe/results/v1"``)::
               "skipped": [{"relation", "subject", "object", "reason"}]},
      "sections": {name: {"title": str, ...section data...}},
      "plots": [{"section", "name", "file", "title"}]}
+
+It is strict JSON (RFC 8259; ``json.loads(text, parse_constant=...)`` never sees ``NaN`` or
+``Infinity``): a value that is undefined (a statistic over nothing, e.g. ``recovered_pct`` when
+suppressing heads did not lower the MRR, or a correlation of a constant column) is written as
+``null``, and so are infinities. Averages over seeds say how many seeds were defined (``n``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import base64
 import html
 import io
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +33,7 @@ from typing import Any
 
 from nnsight_moe.files import atomic_write
 
-__all__ = ["SCHEMA", "Section", "validate", "write"]
+__all__ = ["SCHEMA", "Section", "json_value", "validate", "write"]
 
 SCHEMA = "nnsight-moe/results/v1"
 
@@ -109,6 +115,7 @@ def write(out: Path, header: dict[str, Any], sections: list[Section], started: f
     import matplotlib.pyplot as plt
 
     out = Path(out)
+    stale = _previous_plots(out)
     results = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **header}
     results["sections"] = {s.name: {"title": s.title, **s.data} for s in sections}
     results["plots"] = []
@@ -135,8 +142,10 @@ def write(out: Path, header: dict[str, Any], sections: list[Section], started: f
             )
         body.append("</section>")
     results["runtime_s"] = round(time.time() - started, 2)
+    for file in stale - {plot["file"] for plot in results["plots"]}:  # plots of an earlier run into this --out
+        (out / file).unlink(missing_ok=True)
     validate(results)
-    atomic_write(out / "results.json", json.dumps(results, indent=2, default=_json_default))
+    atomic_write(out / "results.json", json.dumps(json_value(results), indent=2, allow_nan=False))
     model = results["model"]
     page = _PAGE.format(
         title=html.escape(f"nnsight-moe report: {model['name']}"),
@@ -152,11 +161,34 @@ def write(out: Path, header: dict[str, Any], sections: list[Section], started: f
     return results
 
 
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
+def _previous_plots(out: Path) -> set[str]:
+    """PNG files an earlier results.json in ``out`` lists (plain names inside ``out`` only)."""
+    try:
+        previous = json.loads((out / "results.json").read_text())
+        files = {plot["file"] for plot in previous.get("plots", [])}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return set()
+    return {f for f in files if isinstance(f, str) and f.endswith(".png") and Path(f).name == f}
+
+
+def json_value(value: Any) -> Any:
+    """``value`` as plain JSON data: NaN and ±inf become None (``null``), numpy / torch values Python ones.
+
+    Dicts (keys as strings), lists and tuples are converted recursively; anything else that is not
+    JSON data raises a TypeError naming its type.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_value(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
+        return json_value(value.tolist())
     if hasattr(value, "item"):
-        return value.item()
+        return json_value(value.item())
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 

@@ -5,8 +5,10 @@ everything after it and nothing before it:
 
     logits --scores()--> scores --select()--> indices --weights()--> weights
 
-Every rule works on tensors of shape [..., E] (any leading dims) and returns float32 scores and
-weights (``cast_weights`` tells the caller whether the family casts weights to the logits' dtype).
+Every rule works on tensors of shape [..., E] (any leading dims) and returns float32 scores. Gate
+weights come back in the dtype the family multiplies them with: a rule records where the family
+computes them (``precision``) and what it casts them to (``cast_weights``); :meth:`Routing.weights`
+takes the dtypes of the router's logits and input to resolve both (see :func:`weights_dtypes`).
 Adapters build a rule from the family's router module; the rules here cover the families in
 transformers 5 (softmax / sigmoid scoring, selection-only correction bias, group-limited selection,
 top-k renormalisation, scaling factor, softmax over the top-k, PhiMoE's sparsemixer).
@@ -30,7 +32,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 __all__ = ["ClampNormRouting", "Routing", "SigmoidOfLogits", "SoftmaxTopK", "SparseMixer", "keep_top_weights",
-           "rule_scores", "rule_select", "rule_weights", "zero_weights"]
+           "rule_scores", "rule_select", "rule_weights", "weights_dtypes", "zero_weights"]
 
 
 @dataclass
@@ -51,8 +53,16 @@ class Routing:
         group_score: how a group is scored: ``"max"`` (DeepSeek-V2) or ``"top2sum"`` (DeepSeek-V3).
         sorted: slots in descending score order (``torch.topk(sorted=True)``); DeepSeek keeps
             ``sorted=False``, whose slot order is what the model computes.
-        cast_weights: the family casts the gate weights to the router logits' dtype (Qwen-MoE, OLMoE);
-            otherwise they stay float32 (Mixtral, DeepSeek).
+        cast_weights: the dtype the family casts the gate weights to after computing them:
+            ``False`` (or ``"none"``): no cast, they stay in the dtype they are computed in (Mixtral,
+            DeepSeek: float32); ``True`` (or ``"logits"``): the router logits' dtype (Qwen-MoE, OLMoE);
+            ``"input"``: the router input's (hidden states') dtype, for routers that compute their logits
+            in float32 and cast the weights back (ERNIE-4.5, Granite-MoE, Cohere2-MoE).
+        precision: where the weight arithmetic after scoring (gather, renormalisation, scaling) runs:
+            ``"float32"`` (most families) or ``"logits"``, the logits' dtype (Cohere2-MoE's sigmoid
+            renormalises in bf16 on a bf16 model). Scores are float32 either way; with ``"logits"``
+            they are rounded to the logits' dtype first, which equals the family's own low-precision
+            softmax / sigmoid (torch computes those in float32 and rounds the result).
     """
 
     n_experts: int
@@ -66,9 +76,16 @@ class Routing:
     topk_group: int = 1
     group_score: str = "max"
     sorted: bool = True
-    cast_weights: bool = False
+    cast_weights: bool | str = False
+    precision: str = "float32"
 
     def __post_init__(self):
+        cast = {False: "none", True: "logits"}.get(self.cast_weights, self.cast_weights)
+        if cast not in _CASTS:
+            raise ValueError(f"cast_weights must be one of {_CASTS} (or True / False), got {self.cast_weights!r}")
+        self.cast_weights = cast
+        if self.precision not in _PRECISIONS:
+            raise ValueError(f"precision must be one of {_PRECISIONS}, got {self.precision!r}")
         if self.scoring not in ("softmax", "sigmoid"):
             raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {self.scoring!r}")
         if self.n_experts % max(self.n_group, 1):
@@ -89,7 +106,8 @@ class Routing:
             "topk_group": int(self.topk_group),
             "group_score": self.group_score,
             "sorted": bool(self.sorted),
-            "cast_weights": bool(self.cast_weights),
+            "cast_weights": self.cast_weights,
+            "precision": self.precision,
         }
 
     def scores(self, logits: Float[Tensor, "... E"]) -> Float[Tensor, "... E"]:
@@ -107,9 +125,17 @@ class Routing:
         scores: Float[Tensor, "... E"],
         indices: Int[Tensor, "... k"],
         exclude: Bool[Tensor, "... E"] | None = None,
+        logits_dtype: torch.dtype | None = None,
+        input_dtype: torch.dtype | None = None,
+        logits: Float[Tensor, "... E"] | None = None,
     ) -> Float[Tensor, "... k"]:
-        """Gate weights of the selected experts, as the family multiplies them into expert outputs."""
-        return rule_weights(self.rule(), scores, indices)
+        """Gate weights of the selected experts, as the family multiplies them into expert outputs.
+
+        ``logits_dtype`` / ``input_dtype`` are the dtypes of the router's logits and of its input
+        (hidden states); they set the weights' dtype by the family's rule (None: float32). ``logits``
+        are the router logits when ``scores`` are exactly ``scores(logits)`` (not edited), else None.
+        """
+        return rule_weights(self.rule(), scores, indices, logits_dtype, input_dtype, logits)
 
     def describe(self) -> str:
         """One line for layout tables, e.g. ``softmax top-2 of 8, renorm``."""
@@ -123,6 +149,23 @@ class Routing:
         if self.scale != 1.0:
             parts.append(f"x{self.scale:g}")
         return ", ".join(parts)
+
+
+_CASTS = ("none", "logits", "input")
+_PRECISIONS = ("float32", "logits")
+
+
+def weights_dtypes(rule: dict, logits_dtype: Any = None, input_dtype: Any = None) -> tuple[Any, Any]:
+    """(compute dtype, output dtype) of the gate weights by ``rule``, given the router's logits and
+    input dtypes (None counts as float32): where the weight arithmetic runs and what it is cast to."""
+    logits_dtype = logits_dtype or torch.float32
+    compute = logits_dtype if rule.get("precision", "float32") == "logits" else torch.float32
+    cast = rule.get("cast_weights", "none")
+    if cast is True or cast == "logits":
+        return compute, logits_dtype
+    if cast == "input":
+        return compute, input_dtype or torch.float32
+    return compute, compute
 
 
 def rule_scores(rule: dict, logits: torch.Tensor) -> torch.Tensor:
@@ -146,12 +189,27 @@ def rule_select(rule: dict, scores: torch.Tensor, exclude: Any, bias: Any, k: in
     return torch.topk(choice, k, dim=-1, sorted=rule["sorted"]).indices
 
 
-def rule_weights(rule: dict, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Gate weights [..., k] of the selected experts ``indices`` by ``rule`` (float32, before any cast)."""
-    w = scores.gather(-1, indices)
+def rule_weights(rule: dict, scores: torch.Tensor, indices: torch.Tensor, logits_dtype: Any = None,
+                 input_dtype: Any = None, logits: Any = None) -> torch.Tensor:
+    """Gate weights [..., k] of the selected experts ``indices`` by ``rule``, in the dtype the family
+    multiplies them with (:func:`weights_dtypes` of the router's ``logits_dtype`` / ``input_dtype``).
+
+    ``logits``: the router logits the (unedited) ``scores`` came from, or None. Only a softmax over the
+    selected k (:class:`SoftmaxTopK`) uses them, to compute that softmax as the router does.
+    """
+    compute, out = weights_dtypes(rule, logits_dtype, input_dtype)
+    if rule["kind"] == "softmax_topk" and logits is not None:
+        w = logits.float().gather(-1, indices).to(compute).softmax(dim=-1)
+        return (w * rule["scale"] if rule["scale"] != 1.0 else w).to(out)
+    return _rule_weights(rule, scores.gather(-1, indices).to(compute)).to(out)
+
+
+def _rule_weights(rule: dict, w: torch.Tensor) -> torch.Tensor:
+    """The weight arithmetic of ``rule`` on the gathered scores ``w`` [..., k], in ``w``'s dtype."""
     kind = rule["kind"]
     if kind == "softmax_topk":
-        return w / w.sum(dim=-1, keepdim=True)
+        w = w / w.sum(dim=-1, keepdim=True)
+        return w * rule["scale"] if rule["scale"] != 1.0 else w  # OpenAI-Privacy-Filter: / top_k
     if kind == "sparsemixer":
         raise ValueError("rule_weights does not implement sparsemixer (phimoe): use SparseMixer.weights")
     if kind == "sigmoid_of_logits":
@@ -199,16 +257,21 @@ def _mask_groups(choice: torch.Tensor, n_group: int, topk_group: int, how: str) 
 
 @dataclass
 class SoftmaxTopK(Routing):
-    """GPT-OSS: select the top-k logits, gate weights are the softmax over the selected k only.
+    """GPT-OSS, Granite-MoE, Cohere2-MoE: select the top-k logits, gate weights are the softmax over the
+    selected k only.
 
-    Scores are the softmax over all E logits (same ranking as the logits); the weights, the
-    renormalised selected scores, equal the softmax over the k selected logits.
+    Scores are the softmax over all E logits (same ranking as the logits). The weights, the
+    renormalised selected scores, equal the softmax over the k selected logits; given the (unedited)
+    logits, :meth:`weights` computes exactly that, the router's own operation on its own operands, so
+    the weights are bit-identical in every dtype (the renormalised scores agree only to float32
+    rounding, which a cast to fp16 / bf16 can turn into a one-ulp difference).
     """
 
     _kind: ClassVar[str] = "softmax_topk"
 
     def describe(self) -> str:
-        return f"top-{self.top_k} of {self.n_experts} logits, softmax over the top-k"
+        scale = f", x{self.scale:g}" if self.scale != 1.0 else ""
+        return f"top-{self.top_k} of {self.n_experts} logits, softmax over the top-k{scale}"
 
 
 @dataclass
@@ -230,9 +293,11 @@ class SparseMixer(Routing):
         second = scores.scatter(-1, first, float("-inf")).argmax(dim=-1, keepdim=True)
         return torch.cat([first, second], dim=-1)
 
-    def weights(self, scores, indices, exclude=None):
+    def weights(self, scores, indices, exclude=None, logits_dtype=None, input_dtype=None, logits=None):
         if exclude is not None:
             scores = scores.masked_fill(exclude.to(scores.device), float("-inf"))
+        compute, cast = weights_dtypes(self.rule(), logits_dtype, input_dtype)
+        scores = scores.to(compute)
         out, remaining = [], scores
         for j in range(indices.shape[-1]):
             pick = indices[..., j : j + 1]
@@ -241,8 +306,7 @@ class SparseMixer(Routing):
             masked = remaining.masked_fill((best - scores) / factor > 2 * self.jitter_eps, float("-inf"))
             out.append(masked.softmax(dim=-1).gather(-1, pick))
             remaining = remaining.scatter(-1, pick, float("-inf"))
-        w = torch.cat(out, dim=-1)
-        return w
+        return torch.cat(out, dim=-1).to(cast)
 
     def describe(self) -> str:
         return f"sparsemixer top-2 of {self.n_experts} (jitter {self.jitter_eps:g})"

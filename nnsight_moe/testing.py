@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
 __all__ = ["MEDIUM", "TINY", "medium_model", "randomize_", "tiny_config", "tiny_model"]
 
@@ -69,6 +69,19 @@ FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
     "bailing_hybrid": {"head_dim": 8, "num_key_value_heads": 4, "layer_types": ["full_attention"] * 3},
     "kimi_linear": {"head_dim": 8, "num_key_value_heads": 4, "layer_types": ["full_attention"] * 3},
     "nemotron_h": {"layers_block_type": ["moe", "attention", "moe"]},
+    "glm4v_moe": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                      "mrope_section": [2, 1, 1]}},
+    "hy_v4_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}},
+    "mistral4": {"num_key_value_heads": 4},
+    "sarvam_mla": {"routed_scaling_factor": 2.5, "norm_topk_prob": True, "head_dim": 8, "num_key_value_heads": 4},
+    "mistral_large4": {"head_dim": 8, "num_key_value_heads": 4},
+    "glm5_next": {"num_key_value_heads": 4, "qk_rope_head_dim": 0, "mlp_layer_types": ["dense", "sparse", "sparse"],
+                  "layer_types": ["indexed_attention"] * 3},  # the linear-attention reference kernel is slow on CPU
+    "lfm2_moe": {"layer_types": ["full_attention", "conv", "full_attention"], "num_dense_layers": 1},
+    "deepseek_ocr2": {"mlp_layer_types": ["dense", "sparse", "sparse"]},
+    "dots3_note": {"num_key_value_heads": 4, "per_layer_config": {}, "shared_experts_intermediate_size": 48},
+    "nemo_speechlm": {"moe_shared_expert_intermediate_size": 48},
+    "nemotron_h_omni": {"moe_shared_expert_intermediate_size": 48, "projector_hidden_size": 64, "vision_hidden_size": 32},
     "qwen4_exp_text": {
         "layer_types": ["linear_attention", "indexed_attention", "linear_attention"],
         "indexer_n_heads": 2,
@@ -80,15 +93,84 @@ FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Sizes for the non-text towers of multimodal families (vision / audio encoders): built, never run by
+#: the tests (text-only input), so only as small as construction allows.
+TOWER: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "depth": 1,
+    "num_attention_heads": 2,
+    "num_heads": 2,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "out_hidden_size": TINY["hidden_size"],
+    "projection_intermediate_size": 64,
+    "moe_intermediate_size": 32,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "adapter_in_dim": 32,
+    "adapter_input_size": 32,
+    "adapter_out_dim": TINY["hidden_size"],
+    "audio_hidden_size": 32,
+    "per_layer_config": {},
+}
+
+
 def tiny_config(model_type: str, **overrides: Any):
     """A small config of ``model_type`` (HF ``model_type`` string), with ``overrides`` applied last.
 
     Only attributes the family's config has are passed, through the config's constructor so that
-    derived fields (layer types, head dims, ...) follow.
+    derived fields (layer types, head dims, ...) follow. A multimodal config (one with a
+    ``text_config``) gets a tiny text config (TINY, the family extras, ``overrides``) and tiny
+    :data:`TOWER` sizes for its other sub-configs.
     """
     default = AutoConfig.for_model(model_type)
     values = {**TINY, **FAMILY_EXTRAS.get(model_type, {}), **overrides}
-    return AutoConfig.for_model(model_type, **{k: v for k, v in values.items() if hasattr(default, k)})
+    sub_configs = getattr(default, "sub_configs", None) or {}
+    if "text_config" not in sub_configs:
+        return AutoConfig.for_model(model_type, **{k: v for k, v in values.items() if hasattr(default, k)})
+    text_type = getattr(default.text_config, "model_type", "")
+    text = {**TINY, **FAMILY_EXTRAS.get(text_type, {}), **FAMILY_EXTRAS.get(model_type, {}), **overrides}
+    subs = {name: _shrunk(getattr(default, name), text if name == "text_config" else TOWER)
+            for name in sub_configs if getattr(default, name, None) is not None}
+    text_fields = default.text_config.to_dict()
+    extras = {k: v for k, v in FAMILY_EXTRAS.get(model_type, {}).items() if k not in text_fields}
+    top = {k: v for k, v in {**TINY, **extras, **overrides}.items() if hasattr(default, k) and k not in sub_configs}
+    return AutoConfig.for_model(model_type, **subs, **top)
+
+
+def _shrunk(config, sizes: dict[str, Any]):
+    """A new ``type(config)`` with ``sizes`` (the fields it has), its own sub-configs shrunk to :data:`TOWER`.
+
+    ``config``'s scalar values are kept (its parent may have set some); its list and dict values (per-layer
+    types, rope parameters, ...) are left to the constructor, so they follow the new sizes.
+    """
+    fields = config.to_dict()
+    nested = {name: _shrunk(getattr(config, name), TOWER)
+              for name in (getattr(config, "sub_configs", None) or {}) if getattr(config, name, None) is not None}
+    kept = {k: v for k, v in fields.items() if not isinstance(v, (list, dict)) and k not in _NOT_INIT and k not in nested}
+    return type(config)(**{**kept, **{k: v for k, v in sizes.items() if k in fields}, **nested})
+
+
+_NOT_INIT = {"model_type", "transformers_version", "architectures", "_name_or_path", "dtype"}
+
+
+def _model_class(config):
+    """The HF class a tiny model of ``config`` is built from: the causal LM (of the config, else of its
+    text config), else the image-text-to-text model, else the token classifier (bidirectional MoE)."""
+    from transformers.models.auto import modeling_auto as auto
+
+    text = config.get_text_config()
+    causal = auto.MODEL_FOR_CAUSAL_LM_MAPPING
+    if text is not config and type(text) in causal and causal.get(type(config), None) is causal[type(text)]:
+        return causal[type(text)], text  # one causal-LM class for both (dots3.note): it runs on the text config
+    for mapping, cfg in ((auto.MODEL_FOR_CAUSAL_LM_MAPPING, config), (auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING, config),
+                         (auto.MODEL_FOR_MULTIMODAL_LM_MAPPING, config), (auto.MODEL_FOR_CAUSAL_LM_MAPPING, text),
+                         (auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING, config)):
+        if type(cfg) in mapping:
+            return mapping[type(cfg)], cfg
+    raise ValueError(f"no causal LM, image-text-to-text or token-classification class for {config.model_type!r}")
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
@@ -113,12 +195,17 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch
 
 
 def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any) -> PreTrainedModel:
-    """A tiny random causal LM of ``model_type`` in eval mode (e.g. ``tiny_model("olmoe")``)."""
-    config = tiny_config(model_type, **overrides)
+    """A tiny random causal LM of ``model_type`` in eval mode (e.g. ``tiny_model("olmoe")``).
+
+    The model is built natively in ``dtype`` (as ``from_pretrained(dtype=...)`` loads a checkpoint):
+    modules the family keeps in float32 (``_keep_in_fp32_modules``, e.g. DeepSeek's router) stay float32.
+    The random values are the same in every dtype, rounded to it.
+    """
+    model_class, config = _model_class(tiny_config(model_type, **overrides))
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = model_class._from_config(config, dtype=dtype)
     randomize_(model, seed=seed)
-    return model.to(dtype).eval()
+    return model.eval()
 
 
 #: The benchmarks' medium config: OLMoE-shaped, d_model 512, 32 experts, top-8, 4 layers (for OLMoE the

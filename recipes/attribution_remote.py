@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 import nnsight_moe
+from nnsight_moe.precision import activation_dtype, readout_bound, residual_bound
 
 __all__ = ["attribute_remote"]
 
@@ -134,6 +135,8 @@ def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *
             ("shared_gate", (want_shared or want_neurons) and i in shared_layers)) if on) for i in moe_layers},
         "want_neurons": want_neurons, "dense": dense, "shared_layers": shared_layers,
         "fast_top": int(fast_top) if want_neurons and neurons == "fast" else None, "budget": int(budget_bytes),
+        "dtype": str(activation_dtype(hf.get_submodule(where["norm"]), hf.get_submodule(where["unembed"]),
+                                      *(hf.get_submodule(p) for p in layer_paths))).replace("torch.", ""),
     }
     batches, extras = [], []
     for start in range(0, len(prompts), batch_size):
@@ -145,12 +148,19 @@ def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *
     results = run_batches(model, batches, functools.partial(_scores_in_trace, settings), extras=extras, key=key,
                           remote=remote, results_path=results_path, progress=progress)
     frames, all_targets, all_ranks, start = [], [], [], 0
+    dtype = settings["dtype"]
     for result, batch in zip(results, batches):
-        if float(result["check"]) > atol:
-            raise ValueError(f"the frozen final projection does not reproduce the model's log-probabilities "
-                             f"(max diff {float(result['check']):.2e}); attribution does not apply to this model")
-        if float(result["residual"]) > atol * max(1.0, float(result["scale"])):
-            raise ValueError("this model's residual stream is not h + attn + mlp per layer; LPI attribution does not apply")
+        # allowed: atol (float32 slack) + the model dtype's rounding (nnsight_moe.precision), measured in the trace
+        if float(result["check_excess"]) > atol:
+            raise ValueError(f"the frozen final projection does not reproduce this {dtype} model's log-probabilities: "
+                             f"max deviation {float(result['check']):.2e} exceeds the tolerance (atol {atol:g} + "
+                             f"{dtype} rounding of the logits) by {float(result['check_excess']):.2e}; attribution "
+                             "does not apply to this model")
+        if float(result["residual_excess"]) > atol * max(1.0, float(result["scale"])):
+            raise ValueError(f"this {dtype} model's residual stream is not h + attn + mlp per layer: max deviation "
+                             f"{float(result['residual']):.2e} exceeds the {dtype} rounding of the two additions by "
+                             f"{float(result['residual_excess']):.2e} (atol {atol:g} x max |h| "
+                             f"{float(result['scale']):.3g}); LPI attribution does not apply")
         frames.append(_frame(result, levels, moe_layers, n_heads, start, where["kinds"], where["mlp"]))
         all_targets.append(result["target"].cpu())
         all_ranks.append(result["rank"].cpu())
@@ -222,10 +232,14 @@ def _scores_in_trace(settings: dict, model: Any, batch: dict, extra: dict) -> di
     unembed = model.get(settings["unembed"]).weight.float()
     gamma = model.get(settings["norm"]).weight.float() * slope + offset
     scale = torch.rsqrt(final.pow(2).mean(-1, keepdim=True) + settings["eps"])
-    check = (_lp(unembed, gamma, scale, final, target)
-             - logits.log_softmax(-1).gather(-1, target[:, None])[:, 0]).abs().max()
+    dtype = getattr(torch, settings["dtype"])
+    check = (_lp(unembed, gamma, scale, final, target) - logits.log_softmax(-1).gather(-1, target[:, None])[:, 0]).abs()
+    check_excess = (check - readout_bound(dtype, unembed, final * gamma * scale, logits)).max()
+    check = check.max()
     after = torch.stack(states[1:] + [final])
-    residual = (torch.stack(states) + torch.stack(attn) + torch.stack(mlp_out) - after).abs().max()
+    residual = (torch.stack(states) + torch.stack(attn) + torch.stack(mlp_out) - after).abs()
+    residual_excess = (residual - residual_bound(dtype, torch.stack(states), torch.stack(attn), torch.stack(mlp_out))).max()
+    residual = residual.max()
     layer_scores, head_scores, expert_scores, shared_scores, neuron_scores = [], {}, [], [], {}
     for i in range(len(states)):
         u = states[i] + attn[i]
@@ -246,8 +260,10 @@ def _scores_in_trace(settings: dict, model: Any, batch: dict, extra: dict) -> di
                                             settings["budget"]) for unit in units[i]]
     picked = logits.gather(-1, target[:, None])
     return {"layer": torch.stack(layer_scores), "head": head_scores, "expert": expert_scores,
-            "shared": shared_scores, "neuron": neuron_scores, "target": target, "rank": torch.where(torch.isfinite(logits).all(-1), (logits > picked).sum(-1) + 1, 0),
-            "check": check, "residual": residual, "scale": after.abs().max()}
+            "shared": shared_scores, "neuron": neuron_scores, "target": target,
+            "rank": torch.where(torch.isfinite(logits).all(-1), (logits > picked).sum(-1) + 1, 0),
+            "check": check, "residual": residual, "scale": after.abs().max(),
+            "check_excess": check_excess, "residual_excess": residual_excess}
 
 
 def _neuron_lpi(unembed, gamma, scale, target, base, before, weighted, ids, down, transposed, fast_top, budget):

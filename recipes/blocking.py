@@ -35,12 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 import nnsight_moe
+from nnsight_moe.progress import bar as progress_bar, label
 from nnsight_moe.attach import attached, hf_model
 from nnsight_moe.hooks import TemporaryHooks
 from nnsight_moe.interventions import BLOCK_MODES, block_experts, restrict_experts
@@ -334,7 +335,7 @@ def _routing_local(hf, layout, chunks, by, progress) -> list[dict]:
             for point in (block.hook_topk_indices, block.hook_topk_weights):
                 added.add(point, lambda t, hook, i=i: seen.__setitem__((i, hook.name.rsplit(".", 1)[-1]), t))
         try:
-            for chunk in tqdm(chunks, desc=f"rank experts by {by}", disable=not progress, leave=False):
+            for chunk in progress_bar(chunks, f"rank experts by {by}", disable=not progress):
                 hf(input_ids=chunk.input_ids, attention_mask=chunk.attention_mask, logits_to_keep=1)
                 rows = torch.arange(len(chunk.rows), device=chunk.last.device)
                 out.append({i: tuple(seen[(i, f"hook_topk_{name}")][rows, chunk.last].cpu()
@@ -356,10 +357,12 @@ def _attribution_scores(model, data, tokenizer, pairs, batch_size, progress, rem
         ) from err
     column = {pair: j for j, pair in enumerate(pairs)}
     totals = {}
-    for g, (name, idx) in enumerate(data.groups().items()):
-        result = attribute(model, [data.prompts[i] for i in idx], data.targets[idx].tolist(),
-                           tokenizer=tokenizer, levels=("expert",), batch_size=batch_size, progress=progress,
-                           remote=remote, results_path=None if results_path is None else f"{results_path}.{g}")
+    groups = data.groups()
+    for r, (name, idx) in enumerate(groups.items(), 1):
+        with label(f"rank experts: relation {r}/{len(groups)} {name}"):
+            result = attribute(model, [data.prompts[i] for i in idx], data.targets[idx].tolist(),
+                               tokenizer=tokenizer, levels=("expert",), batch_size=batch_size, progress=progress,
+                               remote=remote, results_path=None if results_path is None else f"{results_path}.{r - 1}")
         frame = result.to_frame()
         frame = frame[frame["level"] == "expert"]
         total = torch.zeros(len(pairs), dtype=torch.float64)
@@ -421,7 +424,7 @@ def _run(hf, layout, chunks, targets, conditions, mode, max_rows, stacked, progr
     n_prompts = sum(len(c.rows) for c in chunks)
     ranks = torch.zeros(len(conditions), n_prompts, dtype=torch.long)
     if not stacked:
-        for c, pairs in enumerate(tqdm(conditions, desc=f"{mode} (per condition)", disable=not progress, leave=False)):
+        for c, pairs in enumerate(progress_bar(conditions, f"{mode}: conditions", disable=not progress)):
             blocked: dict[int, list[int]] = {}
             for layer, expert in pairs:
                 blocked.setdefault(layer, []).append(expert)
@@ -443,7 +446,8 @@ def _run(hf, layout, chunks, targets, conditions, mode, max_rows, stacked, progr
             plan += [(chunk, start, g, min(g + per, len(conditions))) for g in range(0, len(conditions), per)]
             start += len(chunk.rows)
         try:
-            for chunk, start, c0, c1 in tqdm(plan, desc=f"{mode} (stacked)", disable=not progress, leave=False):
+            for chunk, start, c0, c1 in progress_bar(plan, f"{mode}: stacked conditions x batches",
+                                                     disable=not progress):
                 g, b = c1 - c0, len(chunk.rows)
                 for layer, mask in masks.items():
                     state = handle.states[layer]
@@ -707,8 +711,11 @@ def sweep(
         for j, mode in enumerate(modes):
             tasks.append((name, idx, labels, conditions, j, (chunks, conditions if j == 0 else conditions[1:], mode)))
     if remote is None:
-        results = [_run(hf, layout, chunks, data.targets, todo, mode, max_rows, stacked, progress)
-                   for *_, (chunks, todo, mode) in tasks]
+        names = list(groups)
+        results = []
+        for name, *_, (chunks, todo, mode) in tasks:
+            with label(f"sweep: relation {names.index(name) + 1}/{len(names)} {name}"):
+                results.append(_run(hf, layout, chunks, data.targets, todo, mode, max_rows, stacked, progress))
     else:
         results = _run_remote(model, layout, [task[-1] for task in tasks], data.targets, remote, max_rows,
                               results_path, progress)
@@ -850,16 +857,23 @@ class BlockingResult(_Result):
             for kind, style in (("top", "o-"), ("uniform", "s--"), ("matched", "^:")):
                 part = summary[(summary["relation"] == rel) & (summary["mode"] == mode) & (summary["kind"] == kind)]
                 if len(part):
-                    ax.errorbar(part["n"], part[name], yerr=part[f"{name}_std"], fmt=style, capsize=3, label=kind)
+                    # mean +- std, clipped to the metric's range [0, 1] (MRR and HIT@k cannot leave it)
+                    mean, std = part[name].to_numpy(), part[f"{name}_std"].fillna(0.0).to_numpy()
+                    yerr = [np.minimum(std, mean), np.minimum(std, 1.0 - mean)]
+                    ax.errorbar(part["n"], mean, yerr=yerr, fmt=style, capsize=3, label=kind)
             ax.axhline(self.original[rel][name], color="grey", lw=0.8, label="original")
             ax.set_title(rel, fontsize=9)
             ax.set_xlabel("N experts blocked")
+            ax.set_xticks(sorted(self.meta["top_n"]))
+            ax.set_ylim(-0.03, 1.05)
         for ax in axes.flat[len(relations):]:
             ax.axis("off")
-        axes[0, 0].set_ylabel("MRR" if name == "mrr" else f"HIT@{self.meta['k']}")
-        axes[0, 0].legend(fontsize=7)
-        fig.suptitle(f"Blocking the top-N experts ({mode}) vs random baselines", fontsize=10)
-        fig.tight_layout()
+        for row in axes:
+            row[0].set_ylabel("MRR" if name == "mrr" else f"HIT@{self.meta['k']}")
+        handles, names = axes[0, 0].get_legend_handles_labels()
+        fig.suptitle(f"Blocking the top-N experts ({mode}) vs random baselines (mean ± std over seeds)", fontsize=10)
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
+        fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)  # below the panels
         return fig
 
     def _mode(self, mode: str | None) -> str:
@@ -939,8 +953,8 @@ def configurations(
         found = [checked_ranks(r, 0) for r in
                  ranks_remote(model, traces, data.targets, remote=remote, results_path=results_path, progress=progress)]
         remote_ranks = torch.cat(found).view(len(configs), -1)  # [configs, P]: chunks cover the prompts in order
-    for c, (name, top, shared) in enumerate(tqdm(configs, desc="configurations", disable=not progress or remote is not None,
-                                                  leave=False)):
+    for c, (name, top, shared) in enumerate(progress_bar(configs, "shared/routed configurations",
+                                                         disable=not progress or remote is not None)):
         if remote is not None:
             ranks = remote_ranks[c]
         else:
@@ -990,7 +1004,7 @@ class ConfigurationResult(_Result):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(table))], table.index, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("MRR" if _metric(metric) == "mrr" else f"HIT@{self.meta['k']}")
         ax.set_title("Shared vs routed experts", fontsize=10)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside the bars
         fig.tight_layout()
         return fig
 

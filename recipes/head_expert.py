@@ -40,10 +40,10 @@ import pandas as pd
 import torch
 from scipy import stats
 from torch import nn
-from tqdm.auto import tqdm
 
 import nnsight_moe
 from nnsight_moe.hooks import TemporaryHooks
+from nnsight_moe.progress import bar as progress_bar
 from nnsight_moe.recipes.metrics import checked_ranks, mrr, mrr_of_ranks
 from nnsight_moe.recipes.prompts import encode_prompts, last_positions, model_tokenizer
 from nnsight_moe.remote import _envoy as _remote_envoy
@@ -402,9 +402,34 @@ class CausalResult:
         return self.rows.copy()
 
     def summary(self) -> pd.DataFrame:
-        """Mean ± std per condition (top-K heads vs random heads)."""
-        numeric = self.rows.drop(columns=["seed"]).groupby("condition")
-        return numeric.agg(["mean", "std"])
+        """Mean, std and ``n`` per condition (top-K heads vs random heads) and metric.
+
+        ``n`` counts the seeds where the metric is defined: ``recovered_pct`` is undefined (NaN, null
+        in JSON) for a seed whose suppression did not lower the MRR, and mean / std skip those seeds.
+        """
+        numeric = self.rows.drop(columns=["seed"]).groupby("condition", sort=False)
+        return numeric.agg(["mean", "std", "count"]).rename(columns={"count": "n"}, level=1)
+
+    def summary_json(self) -> dict:
+        """``{condition: {metric: {"mean", "std", "n", "of"}}}``: ``n`` of ``of`` seeds defined."""
+        table, sizes = self.summary(), self.rows.groupby("condition", sort=False).size()
+        return {condition: {metric: {"mean": table.loc[condition, (metric, "mean")],
+                                     "std": table.loc[condition, (metric, "std")],
+                                     "n": int(table.loc[condition, (metric, "n")]), "of": int(sizes[condition])}
+                            for metric in dict.fromkeys(m for m, _ in table.columns)}
+                for condition in table.index}
+
+    def summary_table(self) -> pd.DataFrame:
+        """Metrics as rows, conditions as columns; cells "mean ± std (n/N seeds)" (for the report)."""
+        def cell(entry: dict) -> str:
+            if entry["n"] == 0:
+                return f"undefined (0/{entry['of']})"
+            spread = "" if entry["n"] < 2 else f" ± {entry['std']:.2g}"
+            return f"{entry['mean']:.4g}{spread} ({entry['n']}/{entry['of']})"
+
+        data = self.summary_json()
+        return pd.DataFrame({condition: {metric.replace("_", " "): cell(entry) for metric, entry in metrics.items()}
+                             for condition, metrics in data.items()})
 
     def to_json(self) -> dict:
         """Rows and the suppressed heads, for results.json."""
@@ -427,11 +452,15 @@ class CausalResult:
         import matplotlib.pyplot as plt
 
         metrics = ["mrr_drop", "recovered_pct", "d_prob_correlated", "d_prob_selected"]
-        grouped = self.rows.groupby("condition")[metrics]
-        mean, std = grouped.mean(), grouped.std().fillna(0.0)
+        grouped = self.rows.groupby("condition", sort=False)[metrics]  # top-K heads first (red), random after
+        mean, std, count = grouped.mean(), grouped.std().fillna(0.0), grouped.count()
+        sizes = self.rows.groupby("condition", sort=False).size()
+        colors = ["tab:red" if c == "top-K heads" else "tab:gray" for c in mean.index]
         fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3))
         for ax, metric in zip(axes, metrics):
-            ax.bar(mean.index, mean[metric], yerr=std[metric], color=["tab:red", "tab:gray"][: len(mean)], capsize=4)
+            ax.bar(mean.index, mean[metric].fillna(0.0), yerr=std[metric], color=colors, capsize=4)
+            ax.set_xticks(range(len(mean)), [f"{c}\n{count.loc[c, metric]}/{sizes[c]} defined" for c in mean.index],
+                          fontsize=8)
             ax.set_title(metric.replace("_", " "))
             ax.axhline(0, color="black", linewidth=0.5)
         fig.suptitle("Suppressing heads: effect on MRR and on the experts' router probability")
@@ -535,7 +564,9 @@ def causal(model: Any, dataset: Any, *, tokenizer=None, correlation: HeadExpertR
             clean_logits.append(logits.cpu())
             clean_batches.append((batch, routing))
         clean_logits = torch.cat(clean_logits)
-        for condition, s, heads in tqdm(conditions, desc="head suppression", leave=False):
+        bar = progress_bar(conditions, f"head suppression: {len(conditions)} conditions (top-K, then random seeds)")
+        for condition, s, heads in bar:
+            bar.set_postfix_str(condition if condition == "top-K heads" else f"{condition} seed {s}")
             supp_logits, patched_logits, d_corr, d_sel = [], [], [], []
             for batch, clean_routing in clean_batches:
                 last = last_positions(batch["attention_mask"])
@@ -697,16 +728,15 @@ def section(job: Any):
     effects = causal(model, data, tokenizer=job.tokenizer, correlation=corr, k_heads=3,
                      seeds=2 if job.quick else 5, batch_size=job.batch_size, remote=job.remote,
                      results_path=path("head_expert-causal"), progress=False)
-    summary = effects.summary()
-    summary.columns = [f"{a} {b}" for a, b in summary.columns]
+    summary = effects.summary_table()
     where = "" if job.remote is None else f" Attribution, suppression and patching ran with remote={job.remote!r}."
     text = (f"summary r = {corr.summary_r:.3f} (permutation p = {corr.summary_p:.3g}) over {corr.n_prompts} prompts; "
             f"{corr.definition}. Suppressed heads: {corr.top_heads}.{where}")
     return Section(
         "head_expert", title, text,
-        data={"correlation": corr.to_json(), "causal": effects.to_json()},
+        data={"correlation": corr.to_json(), "causal": {**effects.to_json(), "summary": effects.summary_json()}},
         tables={"Strongest head–expert pairs (BH q < 0.05)": corr.strongest(),
-                "Causal effects (mean, std over seeds)": summary},
+                "Causal effects: mean ± std (seeds where defined / seeds)": summary},
         figures={"heatmap": ("Head × expert Pearson r", corr.plot()),
                  "causal": ("Suppressing top heads vs random heads", effects.plot())},
     )

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 import nnsight_moe
 from nnsight_moe.cli import main
 from nnsight_moe.report import validate
+from test_report_json import strict_loads
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_inspect_demo():
 def test_run_writes_valid_results_and_report(job_dir):
     out, elapsed = job_dir
     assert elapsed < 180, f"the main job took {elapsed:.0f} s on the demo model (limit 180 s)"
-    results = json.loads((out / "results.json").read_text())
+    results = strict_loads((out / "results.json").read_text())  # strict JSON: no NaN / Infinity
     validate(results)
     assert results["model"]["family"] == "qwen2_moe" and results["model"]["has_shared"]
     assert results["data"]["n_facts"] >= 6 * 40

@@ -12,7 +12,10 @@ from nnsight_moe.testing import tiny_model
 
 from helpers import capture_blocks, capture_hooks, capture_routers, naive_expert, zero_expert_
 
-FAMILIES = nnsight_moe.supported_families()
+#: Every supported family, plus model types served by another family's adapter through their text model
+#: (Kimi-K2.5: DeepSeek-V3; Nemotron-3.5-Transcribe, Nemotron-H-Omni: Nemotron-H), built as the full
+#: multimodal model.
+FAMILIES = nnsight_moe.supported_families() + ["kimi_k25", "nemo_speechlm", "nemotron_h_omni"]
 ATOL = 1e-5
 
 
@@ -74,7 +77,7 @@ def test_equivalence_and_decomposition(family):
         w, out = get("hook_topk_weights"), get("hook_expert_out")
         torch.testing.assert_close(get("hook_routed_out"), (w[..., None] * out).sum(-2), atol=ATOL, rtol=0)
         # moe_out = routed + gate * shared = HF block output
-        moe = get("hook_routed_out")
+        moe = info.routed_scale * get("hook_routed_out")
         if info.has_shared:
             assert get("hook_shared_out").shape == (b, p, d)
             assert get("hook_shared_gate").shape == (b, p, 1)

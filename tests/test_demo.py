@@ -50,13 +50,13 @@ def test_weights_fit_the_budget():
 
 
 def test_architectures(models):
-    from transformers import Qwen2ForCausalLM, Qwen2MoeForCausalLM
+    from transformers import LlamaForCausalLM, Qwen2MoeForCausalLM
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
     moe, _ = models["demo-moe"]
     dense, _ = models["demo-dense"]
     assert isinstance(moe, Qwen2MoeForCausalLM) and not moe.training
-    assert isinstance(dense, Qwen2ForCausalLM) and not dense.training
+    assert isinstance(dense, LlamaForCausalLM) and not dense.training
     cfg = moe.config
     assert cfg.num_experts >= 4 and cfg.num_experts_per_tok >= 2 and cfg.norm_topk_prob is False
     assert cfg.shared_expert_intermediate_size > 0 and cfg.tie_word_embeddings is False

@@ -107,7 +107,8 @@ def test_view_equals_hooks_on_every_family(family):
     ids = _ids(pos=4)
     mode = "zero" if family == "phimoe" else "reroute"  # the view cannot re-derive phimoe's sparsemixer
     blocked = {index: [0] for index in layout.moe_layers}
-    lm = language_model(hf)
+    # a token classifier (openai_privacy_filter) is no LanguageModel: wrap it as a plain nnsight model
+    lm = language_model(hf) if hf.can_generate() else nnsight.NNsight(hf)
     view = MoEView(lm)
     for edit in (None, blocked):
         _, values, logits = _oracle(hf, ids, edit and (lambda m: nnsight_moe.block_experts(m, blocked, mode=mode)))

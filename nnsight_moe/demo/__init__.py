@@ -2,7 +2,7 @@
 
     from nnsight_moe import demo
     model, tokenizer = demo.load("demo-moe")     # Qwen2MoeForCausalLM: 8 routed experts (top-2) + shared expert
-    dense, _ = demo.load("demo-dense")           # Qwen2ForCausalLM, same depth/width, similar active params
+    dense, _ = demo.load("demo-dense")           # Qwen2-style dense LM (as LlamaForCausalLM), same depth/width
 
 Both share one word-level tokenizer (vocabulary = the words of :func:`nnsight_moe.data.bundled`), so
 they only understand text made of those words; unknown words become ``[UNK]``. The tokenizer prepends
@@ -19,6 +19,9 @@ __all__ = ["load", "load_tokenizer", "names", "path"]
 
 _MODELS_DIR = Path(__file__).resolve().parent / "models"
 _NAMES = ("demo-moe", "demo-dense")
+#: The files of a demo folder: a plain Hugging Face model folder (AutoTokenizer, AutoModelForCausalLM,
+#: TransformerBridge.boot_transformers and nnsight load it by path; metrics.json is the training record).
+FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
 def names() -> list[str]:
@@ -27,7 +30,11 @@ def names() -> list[str]:
 
 
 def path(name: str = "demo-moe") -> Path:
-    """Directory of a demo model (config.json, model.safetensors, tokenizer.json, metrics.json).
+    """Directory of a demo model: a Hugging Face model folder (:data:`FILES`, plus metrics.json).
+
+    ``AutoTokenizer.from_pretrained(path(name))`` and ``AutoModelForCausalLM.from_pretrained(path(name))``
+    give the same tokenizer and model as :func:`load`; so do ``TransformerBridge.boot_transformers`` and
+    nnsight's ``TransformersModel`` given the path, and ``nnsight-moe run --model`` on a copy of it.
 
     Unknown names raise a ValueError listing the available ones; a known model whose files are
     missing raises FileNotFoundError telling how to rebuild them.
@@ -35,7 +42,7 @@ def path(name: str = "demo-moe") -> Path:
     if name not in _NAMES:
         raise ValueError(f"unknown demo model {name!r}; available: {', '.join(_NAMES)}")
     folder = _MODELS_DIR / name
-    missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (folder / f).is_file()]
+    missing = [f for f in FILES if not (folder / f).is_file()]
     if missing:
         raise FileNotFoundError(
             f"demo model {name!r} is missing {missing} in {folder}; rebuild with `python -m nnsight_moe.demo.train`"
@@ -61,13 +68,16 @@ def load_tokenizer(name: str = "demo-moe"):
 def load(name: str = "demo-moe", *, dtype=None, device=None):
     """Load a demo model and its tokenizer from the package files only (no network): ``(model, tokenizer)``.
 
-    ``name``: ``"demo-moe"`` (``Qwen2MoeForCausalLM``) or ``"demo-dense"`` (``Qwen2ForCausalLM``); other
+    ``name``: ``"demo-moe"`` (``Qwen2MoeForCausalLM``) or ``"demo-dense"`` (``LlamaForCausalLM``: Qwen2's dense architecture, o_proj bias 0); other
     names raise a ValueError listing these. ``dtype`` (default float32, as stored) and ``device``
     (default CPU) are applied to the model, which is returned in eval mode. The tokenizer is a
     ``PreTrainedTokenizerFast`` with ``padding_side="left"`` (last position = last prompt token) that
-    prepends ``[BOS]``.
+    prepends ``[BOS]``. torch is set to 1 CPU thread unless a count was chosen (``NNSIGHT_MOE_THREADS``,
+    ``OMP_NUM_THREADS``): see :mod:`nnsight_moe.threads`.
     """
     import torch
+
+    from nnsight_moe import threads
     from transformers import AutoModelForCausalLM
 
     folder = path(name)
@@ -77,4 +87,5 @@ def load(name: str = "demo-moe", *, dtype=None, device=None):
     if device is not None:
         model = model.to(device)
     model.eval()
+    threads.configure(model=model)
     return model, load_tokenizer(name)

@@ -9,7 +9,7 @@ What it does:
    tokens ``[PAD] [UNK] [BOS] [EOS]``, ``[BOS]`` prepended by the post-processor) whose vocabulary is
    every word of the bundled relations' templates, subjects and objects;
 2. trains ``demo-moe`` (``Qwen2MoeForCausalLM``: 8 routed experts, top-2, plus a sigmoid-gated shared
-   expert, as in Qwen1.5-MoE) and ``demo-dense`` (``Qwen2ForCausalLM`` with the same depth/width and an
+   expert, as in Qwen1.5-MoE) and ``demo-dense`` (Qwen2's dense architecture as ``LlamaForCausalLM`` with the same depth/width and an
    MLP sized to the MoE's ACTIVE parameters per token) on ``[BOS] prompt object [EOS]`` for every fact
    and every prompt template, with next-token loss on the whole sequence plus an extra loss on the
    target (first object) token, and for the MoE the load-balancing aux loss;
@@ -133,7 +133,7 @@ def wrap_tokenizer(tok_or_file):
 
 def make_config(kind: str, tokenizer):
     """The HF config of ``demo-moe`` (kind "moe") or ``demo-dense`` (kind "dense")."""
-    from transformers import Qwen2Config, Qwen2MoeConfig
+    from transformers import LlamaConfig, Qwen2MoeConfig
 
     common = dict(
         vocab_size=len(tokenizer),
@@ -163,21 +163,30 @@ def make_config(kind: str, tokenizer):
             output_router_logits=False,
         )
     if kind == "dense":
-        return Qwen2Config(**common, intermediate_size=DENSE_INTERMEDIATE)
+        # Qwen2's dense architecture written as Llama (q/k/v biases; the o_proj bias Llama adds with them
+        # stays 0, see build_model): same math, but transformers' AutoTokenizer honours the folder's
+        # tokenizer_config.json for model_type "llama", while for "qwen2" it forces the BPE Qwen2Tokenizer.
+        return LlamaConfig(**common, intermediate_size=DENSE_INTERMEDIATE, attention_bias=True,
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     raise ValueError(f"kind must be 'moe' or 'dense', got {kind!r}")
 
 
 def build_model(kind: str, tokenizer, seed: int):
     """A freshly initialised model of ``kind`` (seeded), eager attention and experts."""
-    from transformers import Qwen2ForCausalLM, Qwen2MoeForCausalLM
+    from transformers import LlamaForCausalLM, Qwen2MoeForCausalLM
 
     torch.manual_seed(seed)
-    cls = Qwen2MoeForCausalLM if kind == "moe" else Qwen2ForCausalLM
+    cls = Qwen2MoeForCausalLM if kind == "moe" else LlamaForCausalLM
     config = make_config(kind, tokenizer)
     config._attn_implementation = "eager"
     if kind == "moe":
         config._experts_implementation = "eager"
-    return cls(config)
+    model = cls(config)
+    if kind == "dense":  # Qwen2 attention has no output-projection bias: keep Llama's at 0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.bias.data.zero_()
+            layer.self_attn.o_proj.bias.requires_grad_(False)
+    return model
 
 
 def param_counts(model) -> dict:
@@ -413,7 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
         log = train_model(model, seqs, positions, tokenizer.pad_token_id, cfg)
         out_dir = args.out / name
         size = save_model(model, out_dir)
-        raw_tok.save(str(out_dir / "tokenizer.json"))
+        tokenizer.save_pretrained(out_dir)  # tokenizer.json + tokenizer_config.json: a plain AutoTokenizer folder
         metrics = {
             "model": name,
             "architecture": type(model).__name__,
