@@ -15,6 +15,7 @@ def lfm2_moe_routing(block, router, config) -> Routing:
         scale=float(router.routed_scaling_factor),
         bias=block.expert_bias if router.use_expert_bias else None,
         cast_weights=True,
+        precision="scores",  # choice, sigmoid, renorm and scale all run in the logits' dtype
     )
 
 

@@ -17,6 +17,7 @@ def mistral4_routing(block, router, config) -> Routing:
         topk_group=router.topk_group,
         group_score="top2sum",
         sorted=False,
+        precision="scores",  # choice, softmax, renorm and scale in the logits' dtype
         cast_weights=True,  # Mistral-4 routes in the model dtype; Mistral-Large-4 in float32 logits
     )
 

@@ -111,15 +111,16 @@ def run(model, data, out, remote, device, dtype, threads, batch_size, per_relati
     """Run the main job: every recipe on a model and relations; writes results.json and report.html."""
     from nnsight_moe.models import check_model_name
 
+    if remote is not None:  # a plain-http host is refused before anything else (the API key would leak)
+        from nnsight_moe.remote import ALLOW_HTTP_ENV, _check_remote
+
+        if allow_http:
+            import os
+
+            os.environ[ALLOW_HTTP_ENV] = "1"
+        _or_fail(lambda: _check_remote(_remote(remote)))
     _or_fail(lambda: check_model_name(model))  # before torch is imported: a bad name fails at once
     from nnsight_moe.job import check_out_dir, run_job
-
-    if allow_http:
-        import os
-
-        from nnsight_moe.remote import ALLOW_HTTP_ENV
-
-        os.environ[ALLOW_HTTP_ENV] = "1"
 
     _or_fail(lambda: check_out_dir(out))
     _or_fail(lambda: run_job(model, data, out, remote=_remote(remote), device=device, dtype=dtype,

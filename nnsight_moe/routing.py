@@ -63,6 +63,10 @@ class Routing:
             renormalises in bf16 on a bf16 model). Scores are float32 either way; with ``"logits"``
             they are rounded to the logits' dtype first, which equals the family's own low-precision
             softmax / sigmoid (torch computes those in float32 and rounds the result).
+            ``"scores"``: as ``"logits"``, and the selection scores themselves are rounded to the logits'
+            dtype, for routers that also CHOOSE on low-precision scores (LFM2-MoE's bf16 sigmoid plus bias,
+            Mistral-4's bf16 softmax), whose near-ties only exist after that rounding. (Not for a router
+            that chooses on the logits, like Cohere2-MoE: rounding would create ties it does not have.)
     """
 
     n_experts: int
@@ -152,14 +156,14 @@ class Routing:
 
 
 _CASTS = ("none", "logits", "input")
-_PRECISIONS = ("float32", "logits")
+_PRECISIONS = ("float32", "logits", "scores")
 
 
 def weights_dtypes(rule: dict, logits_dtype: Any = None, input_dtype: Any = None) -> tuple[Any, Any]:
     """(compute dtype, output dtype) of the gate weights by ``rule``, given the router's logits and
     input dtypes (None counts as float32): where the weight arithmetic runs and what it is cast to."""
     logits_dtype = logits_dtype or torch.float32
-    compute = logits_dtype if rule.get("precision", "float32") == "logits" else torch.float32
+    compute = logits_dtype if rule.get("precision", "float32") in ("logits", "scores") else torch.float32
     cast = rule.get("cast_weights", "none")
     if cast is True or cast == "logits":
         return compute, logits_dtype
@@ -169,11 +173,19 @@ def weights_dtypes(rule: dict, logits_dtype: Any = None, input_dtype: Any = None
 
 
 def rule_scores(rule: dict, logits: torch.Tensor) -> torch.Tensor:
-    """Selection scores (float32) from ``logits`` [..., E] by ``rule``, without the selection-only bias."""
+    """Selection scores (float32) from ``logits`` [..., E] by ``rule``, without the selection-only bias.
+
+    With ``precision="scores"`` (a family that scores and chooses in the logits' dtype) the scores are
+    rounded to that dtype, so that selection sees the values (and near-ties) the family's own router sees.
+    """
+    dtype = logits.dtype
     logits = logits.float()
     if rule["kind"] in ("sparsemixer", "sigmoid_of_logits"):
         return logits
-    return logits.softmax(dim=-1) if rule["scoring"] == "softmax" else logits.sigmoid()
+    scores = logits.softmax(dim=-1) if rule["scoring"] == "softmax" else logits.sigmoid()
+    if rule.get("precision", "float32") == "scores" and dtype != torch.float32:
+        scores = scores.to(dtype).float()
+    return scores
 
 
 def rule_select(rule: dict, scores: torch.Tensor, exclude: Any, bias: Any, k: int) -> torch.Tensor:

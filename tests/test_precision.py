@@ -179,7 +179,7 @@ def test_bad_dtype_errors(monkeypatch):
     with pytest.raises(ValueError, match="unknown dtype 'fp8'; use one of float32, bfloat16, float16"):
         load_model("demo-moe", dtype="fp8")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="device cuda is not available here"):
+        with pytest.raises(ValueError, match="device 'cuda': no CUDA GPU is available on this machine"):
             load_model("demo-moe", device="cuda", dtype="bfloat16")
     # a device without half-precision kernels (older torch on CPU): simulate the kernel error it raises
     real = torch.Tensor.__matmul__
