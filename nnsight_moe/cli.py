@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from nnsight_moe.models import DTYPES  # torch-free, like everything this module imports at start
+
 DEFAULT_MODEL = "demo-moe"
 
 
@@ -92,7 +94,7 @@ def inspect(model: str) -> None:
 @click.option("--out", "-o", default="results", show_default=True, help="Output directory.")
 @click.option("--remote", default=None, help="Run through nnsight remotely: 'ndif', 'local' (simulation) or a host URL.")
 @click.option("--device", default=None, help="torch device, e.g. cpu or cuda.")
-@click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--dtype", default=None, type=click.Choice(DTYPES))
 @click.option("--threads", default=None, type=click.IntRange(min=1),
               help="torch CPU threads [default: $NNSIGHT_MOE_THREADS, else 1 for small models like the demos].")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
@@ -131,7 +133,7 @@ def run(model, data, out, remote, device, dtype, threads, batch_size, per_relati
 @main.command()
 @click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
               help="demo-moe, a local model directory, or a hub name.")
-@click.option("--dtype", default=None, type=click.Choice(["float32", "bfloat16", "float16"]),
+@click.option("--dtype", default=None, type=click.Choice(DTYPES),
               help="dtype to check the model in [default: the checkpoint's].")
 @click.option("--device", default=None, help="torch device, e.g. cpu or cuda.")
 @click.option("--no-float32", is_flag=True, help="Skip the float32 comparison (it needs a float32 copy of the model).")

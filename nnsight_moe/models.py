@@ -135,8 +135,7 @@ def load_model(name: str, *, device: str | None = None, dtype: str | torch.dtype
     from nnsight_moe.precision import check_dtype_runs
 
     dtype = _dtype(dtype)
-    check_device(device)
-    check_dtype_runs(dtype, device)
+    check_dtype_runs(dtype, device)  # checks the device too
     if source == "demo":
         return demo.load(name, dtype=dtype, device=device)
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -39,19 +39,18 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def check_dtype_runs(dtype: torch.dtype | None, device: str | torch.device | None = None) -> None:
-    """Raise a ValueError when ``device`` cannot run the ops of a forward pass in ``dtype``.
+    """Raise a ValueError when this machine has no ``device`` (:func:`nnsight_moe.models.check_device`) or
+    ``device`` cannot run the ops of a forward pass in ``dtype``.
 
     Runs a tiny matmul, softmax and RMS norm in ``dtype`` on ``device`` (what a decoder layer needs):
     some accelerators lack bf16 (CUDA before compute capability 8.0 emulates it, MPS before macOS 14
     refuses it), and this says so before a checkpoint is loaded rather than deep inside a recipe.
     """
+    from nnsight_moe.models import check_device  # the one check that this machine has ``device``
+
+    device = check_device(device) or torch.device("cpu")
     if dtype is None:
         return
-    device = torch.device(device or "cpu")
-    try:
-        torch.zeros(1, device=device)
-    except (RuntimeError, AssertionError) as err:
-        raise ValueError(f"device {device} is not available here ({type(err).__name__}: {err})") from err
     try:
         x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
         y = (x @ x.T).softmax(-1) @ x

@@ -217,3 +217,11 @@ def test_attribution_self_checks_follow_the_dtype(dtype):
                                          r"max deviation \S+ \(layer 1\) exceeds the tolerance"):
         attribute(model, prompts, [11, 12], levels=("layer",), progress=False)
     skewed.remove()
+
+
+def test_cli_dtype_names_are_the_precision_modules():
+    """The torch-free names the CLI offers (models.DTYPES) are exactly the dtypes precision resolves."""
+    from nnsight_moe.models import DTYPES
+    from nnsight_moe.precision import DTYPES as RESOLVED
+
+    assert tuple(RESOLVED) == DTYPES
