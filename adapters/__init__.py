@@ -119,20 +119,22 @@ def detect(model: nn.Module) -> MoELayout:
             continue
         name, block = found
         path = f"{layers_path}.{index}.{name}"
-        described.append(_moe_layer(index, path, block, adapter, config, d_model))
+        described.append(_moe_layer(index, path, block, adapter, config, d_model, layer, f"{layers_path}.{index}"))
     return MoELayout(family=adapter.name, model_type=config.model_type, layers=tuple(described))
 
 
-def _moe_layer(index: int, path: str, block: nn.Module, adapter: Adapter, config, d_model: int) -> LayerLayout:
+def _moe_layer(index: int, path: str, block: nn.Module, adapter: Adapter, config, d_model: int,
+               layer: nn.Module, layer_path: str) -> LayerLayout:
     router = block.get_submodule(adapter.router)
     experts = block.get_submodule(adapter.experts)
     routing = adapter.routing(block, router, config)
     transposed = getattr(experts, "is_transposed", False)
     d_expert = experts.down_proj.shape[1] if transposed else experts.down_proj.shape[2]
-    shared = adapter.shared if adapter.shared and getattr(block, adapter.shared, None) is not None else None
+    owner, owner_path = (layer, layer_path) if adapter.shared_on_layer else (block, path)  # where the shared MLP lives
+    shared = adapter.shared if adapter.shared and getattr(owner, adapter.shared, None) is not None else None
     d_shared = 0
     if shared is not None:
-        d_shared = block.get_submodule(shared).down_proj.in_features
+        d_shared = owner.get_submodule(shared).get_submodule(adapter.shared_down).in_features
     return LayerLayout(
         index=index,
         kind="moe",
@@ -140,8 +142,10 @@ def _moe_layer(index: int, path: str, block: nn.Module, adapter: Adapter, config
         d_model=d_model,
         router=f"{path}.{adapter.router}",
         experts=f"{path}.{adapter.experts}",
-        shared=f"{path}.{shared}" if shared else None,
-        shared_gate=f"{path}.{adapter.shared_gate}" if shared and adapter.shared_gate else None,
+        shared=f"{owner_path}.{shared}" if shared else None,
+        shared_gate=f"{owner_path}.{adapter.shared_gate}" if shared and adapter.shared_gate else None,
+        shared_down=f"{owner_path}.{shared}.{adapter.shared_down}" if shared else None,
+        shared_outside=bool(shared and adapter.shared_on_layer),
         n_experts=routing.n_experts,
         top_k=routing.top_k,
         d_expert=int(d_expert),

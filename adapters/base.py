@@ -33,6 +33,10 @@ class Adapter:
         shared_gate: attribute of the shared expert gate (a Linear to 1, passed through a sigmoid).
         routed_scale: attribute of the block holding a constant its forward multiplies the routed sum
             by (becomes :attr:`~nnsight_moe.layout.LayerLayout.routed_scale`); None for 1.
+        shared_on_layer: the shared expert is an attribute of the decoder layer, a sibling of the MoE
+            block, and the layer adds its output to the block's (Granite-MoE-Shared / -Hybrid ``shared_mlp``).
+        shared_down: attribute of the shared expert MLP holding its down projection (an ``nn.Linear``
+            whose input is ``hook_shared_acts``).
     """
 
     name: str
@@ -43,6 +47,8 @@ class Adapter:
     shared: str | None = None
     shared_gate: str | None = None
     routed_scale: str | None = None
+    shared_on_layer: bool = False
+    shared_down: str = "down_proj"
 
     def is_block(self, module: nn.Module) -> bool:
         """Whether ``module`` is a MoE block of this family."""

@@ -46,9 +46,6 @@ NOT_YET: dict[str, str] = {
     "minimax_m3_vl": "post-processed routed sum: needs a hook-contract extension",
     "step3p7": "post-processed routed sum (and its own experts module): needs a hook-contract extension",
     "muse_spark": "post-processed routed sum: needs a hook-contract extension",
-    "granitemoeshared": "the shared MLP is a sibling of the MoE block on the decoder layer: hook_shared_* and "
-                        "shared ablation need a layer-level shared-expert path",
-    "granitemoehybrid": "shared MLP on the decoder layer (as granitemoeshared); hybrid Mamba stack",
     "llama4": "dense sigmoid router scores that scale the expert input (not the output), not fused top-k gating",
     "dbrx": "routing inside the block and 2-D (per-expert concatenated) expert weights",
     "jetmoe": "dispatch router and ParallelExperts (also mixture-of-attention experts)",

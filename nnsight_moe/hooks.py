@@ -69,10 +69,15 @@ class BlockState:
     * ``shared_scale``: multiplies the shared expert gate (0 = shared expert ablated).
     """
 
-    def __init__(self, block: nn.Module, layer: LayerLayout, adapter: Any, config: Any):
+    def __init__(self, block: nn.Module, layer: LayerLayout, adapter: Any, config: Any, shared: nn.Module | None = None):
         self.block, self.layer, self.adapter, self.config = block, layer, adapter, config
         self.router = unwrap(block.get_submodule(adapter.router))
         self.experts = unwrap(block.get_submodule(adapter.experts))
+        #: the shared expert MLP (given for one outside the block, a sibling on the decoder layer), and the
+        #: module its caller calls (a TransformerBridge wrapper of it may recompute it from its linears)
+        self.shared_called = (shared if shared is not None else block.get_submodule(adapter.shared)) if layer.has_shared else None
+        self.shared = unwrap(self.shared_called) if layer.has_shared else None
+        self.block_out: Tensor | None = None  # the block's output, while a sibling shared expert is pending
         self.shape: tuple[int, int] = (1, 0)
         self.input_dtype: torch.dtype | None = None  # the block input's dtype (for routers called by keyword)
         self.zero: Tensor | None = None
@@ -135,12 +140,16 @@ def install(block: nn.Module, state: BlockState) -> list:
         block.register_forward_hook(_end_forward, always_call=True),  # also when the forward raises
     ]
     if state.layer.has_shared:
-        shared = unwrap(block.get_submodule(state.adapter.shared))
-        down_proj = unwrap(shared.down_proj)
+        shared = state.shared
+        down_proj = unwrap(shared.get_submodule(state.adapter.shared_down))
         handles.append(down_proj.register_forward_pre_hook(_shared_acts))
-        handles.append(shared.register_forward_hook(_shared_out))
+        # beside the block, the shared output is hooked where the decoder layer calls it: TransformerLens'
+        # JointGateUpMLPBridge (Granite-MoE-Hybrid) runs the shared MLP's linears, not its forward
+        out_module = state.shared_called if state.layer.shared_outside else shared
+        handles.append(out_module.register_forward_hook(_shared_out))
         down_proj.__dict__[_STATE] = state
         shared.__dict__[_STATE] = state
+        out_module.__dict__[_STATE] = state
         if state.adapter.shared_gate is not None:
             gate = unwrap(block.get_submodule(state.adapter.shared_gate))
             gate.__dict__[_STATE] = state
@@ -154,8 +163,10 @@ def uninstall(block: nn.Module, state: BlockState, handles: list) -> None:
         handle.remove()
     for name in state.layer.hook_names:
         del block._modules[name]
-    for module in block.modules():
+    for module in [*block.modules(), *(state.shared_called.modules() if state.shared is not None else ()),
+                   *(state.shared.modules() if state.shared is not None else ())]:
         module.__dict__.pop(_STATE, None)
+    state.block_out = None
 
 
 # ---------------------------------------------------------------- torch hooks
@@ -234,6 +245,9 @@ def _moe_out(block, args, output):
             f"implementation (now {current!r}: was it switched with set_experts_implementation while attached?), so "
             "hook_expert_acts / hook_expert_out / hook_routed_out did not fire. Switch back with "
             f"model.set_experts_implementation({EXPERTS_IMPLEMENTATION!r}), or detach and attach again")
+    if state.layer.shared_outside:  # the decoder layer adds the shared expert after: hook_moe_out fires there
+        state.block_out = output[0] if isinstance(output, tuple) else output
+        return None
     if isinstance(output, tuple):
         return (state.hook("hook_moe_out", output[0]), *output[1:])
     return state.hook("hook_moe_out", output)
@@ -253,7 +267,28 @@ def _shared_out(shared, args, output):
     if state.adapter.shared_gate is None:  # ungated: the gate is ones, applied here so edits take effect
         gate = state.hook("hook_shared_gate", _scaled(out.new_ones(b, p, 1), state.shared_scale))
         out = gate * out
-    return out.reshape(output.shape)
+    out = out.reshape(output.shape)
+    return _layer_moe_out(state, out) if state.layer.shared_outside else out
+
+
+def _layer_moe_out(state: "BlockState", shared: Tensor) -> Tensor:
+    """A shared expert beside the block (Granite): the decoder layer computes ``block_out + shared``.
+
+    ``hook_moe_out`` fires on exactly that sum (the same operation on the same operands, so unedited it
+    is bit-identical to what the layer adds to the residual stream); the shared output is handed back
+    unchanged, or, when ``hook_moe_out`` was edited to m, as ``m - block_out``, which the layer adds back
+    to ``block_out`` (= m up to one rounding of the addition).
+    """
+    block_out, state.block_out = state.block_out, None
+    if block_out is None:  # the shared MLP was called on its own, not after the block
+        return shared
+    b, p = state.bp(shared.numel() // shared.shape[-1])
+    moe = (block_out + shared).reshape(b, p, -1)
+    version = moe._version  # bumped by an in-place edit
+    edited = state.hook("hook_moe_out", moe)
+    if edited is moe and moe._version == version:
+        return shared
+    return (edited.reshape(shared.shape) - block_out).to(shared.dtype)
 
 
 def _shared_gate(gate_linear, args, output):

@@ -55,6 +55,11 @@ class LayerLayout:
     #: The block multiplies its routed sum by this constant (OpenAI-Privacy-Filter: by top_k, undoing its
     #: router's / top_k): ``hook_moe_out = routed_scale * hook_routed_out (+ gate * shared)``.
     routed_scale: float = 1.0
+    #: Path of the shared expert's down projection (an ``nn.Linear``; its input is ``hook_shared_acts``).
+    shared_down: str | None = None
+    #: The shared expert is a sibling of the block on the decoder layer, which adds the two outputs
+    #: (Granite-MoE-Shared / -Hybrid): ``hook_moe_out`` is that sum, fired when the shared expert has run.
+    shared_outside: bool = False
 
     @property
     def is_moe(self) -> bool:
@@ -152,6 +157,7 @@ class MoELayout:
                 lines.append(f"  {layer.index:>3} dense  {layer.path}")
                 continue
             shared = f", shared d={layer.d_shared}" if layer.has_shared else ""
+            shared += " (beside the block)" if layer.shared_outside else ""
             shared += f", routed sum x{layer.routed_scale:g}" if layer.routed_scale != 1.0 else ""
             rule = layer.routing.describe() if layer.routing is not None else ""
             lines.append(

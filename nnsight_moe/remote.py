@@ -100,10 +100,16 @@ def moe_spec(model: Any) -> dict:
     layers = {}
     for index in layout.moe_layers:
         info = layout.layer(index)
+        shared = hf.get_submodule(info.shared) if info.shared else None
         layers[index] = {
             "block": info.path,
-            "shared_first": _shared_runs_first(hf.get_submodule(info.path), info) if info.shared else False,
-            "shared_gated": info.shared is not None and hasattr(hf.get_submodule(info.shared), "gate_proj"),
+            "shared_first": _shared_runs_first(hf, info) if info.shared else False,
+            "shared_gated": shared is not None and hasattr(shared, "gate_proj"),
+            # a shared MLP that is not gate/up/down_proj, or lives beside the block: read from the forward
+            "shared_read": shared is not None and (info.shared_outside or not all(
+                hasattr(shared, name) for name in ("up_proj", "down_proj", "act_fn"))),
+            "shared_down": info.shared_down,
+            "shared_outside": info.shared_outside,
             "router": info.router,
             "experts": info.experts,
             "shared": info.shared,
@@ -115,21 +121,27 @@ def moe_spec(model: Any) -> dict:
     return {"family": layout.family, "layers": layers}
 
 
-def _shared_runs_first(block: torch.nn.Module, info: Any) -> bool:
-    """Whether ``block``'s forward calls the shared expert before the router (from its source).
+def _shared_runs_first(hf: torch.nn.Module, info: Any) -> bool:
+    """Whether the shared expert runs before the router (from the source of the module calling both).
 
     nnsight serves a module's output in execution order, so an edit of the shared expert's output
     must be requested before or after the router's depending on the family (Qwen2-MoE, ERNIE and
-    Hunyuan call the shared expert first; DeepSeek, GLM and most others call the router first).
+    Hunyuan call the shared expert first; DeepSeek, GLM and most others call the router first). The
+    caller is the MoE block, or for a shared expert beside the block (Granite) the decoder layer,
+    which calls the block (holding the router) and the shared MLP.
     """
     import inspect
 
-    source = inspect.getsource(type(block).forward)
-    shared = source.find(f"self.{info.shared[len(info.path) + 1:]}(")
-    router = source.find(f"self.{info.router[len(info.path) + 1:]}(")
+    parent = info.shared.rsplit(".", 1)[0]
+    if not info.router.startswith(parent + "."):
+        raise ValueError(f"the router {info.router} is not below {parent}, the module calling the shared expert")
+    caller = type(hf.get_submodule(parent))
+    source = inspect.getsource(caller.forward)
+    shared = source.find(f"self.{info.shared[len(parent) + 1:]}(")
+    router = source.find(f"self.{info.router[len(parent) + 1:].split('.')[0]}(")
     if shared < 0 or router < 0:
         raise ValueError(
-            f"cannot tell from {type(block).__name__}.forward whether the shared expert runs before the router; "
+            f"cannot tell from {caller.__name__}.forward whether the shared expert runs before the router; "
             "the remote view needs to know to ablate it"
         )
     return shared < router
@@ -454,7 +466,13 @@ def read_layer(
     x = _envoy(model, info["block"]).input
     b, p = (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, x.shape[0])
     mask = _expert_mask(block, n_experts, b, x.device)
-    if ablate_shared and info["shared_first"]:
+    shared_read = info.get("shared_read", False) and (
+        ablate_shared or any(name in want for name in ("shared_acts", "shared_out", "shared_gate"))
+        or (info.get("shared_outside", False) and "moe_out" in want))
+    read = {}
+    if shared_read and info["shared_first"]:
+        read = _read_shared(model, info, b, p, ablate_shared)
+    elif ablate_shared and info["shared_first"]:
         _zero_output(_envoy(model, info["shared"]))
 
     output = router.output
@@ -501,7 +519,8 @@ def read_layer(
         values["expert_acts"] = acts.reshape(b, p, k, -1)
         values["expert_out"] = out.reshape(b, p, k, -1)
         values["routed_out"] = (values["expert_out"] * weights[..., None]).sum(dim=-2).to(x.dtype)
-    if info["shared"] and any(name in want for name in ("shared_acts", "shared_out", "shared_gate")):
+    if info["shared"] and not info.get("shared_read", False) and any(
+            name in want for name in ("shared_acts", "shared_out", "shared_gate")):
         shared = _envoy(model, info["shared"])
         if info["shared_gated"]:
             shared_acts = shared.act_fn(shared.gate_proj(flat)) * shared.up_proj(flat)
@@ -515,12 +534,48 @@ def read_layer(
             values["shared_gate"] = torch.ones(b, p, 1, dtype=x.dtype, device=x.device)
         if ablate_shared:
             values["shared_gate"] = values["shared_gate"] * 0
-    if ablate_shared and not info["shared_first"]:
+    block_out = None
+    if info.get("shared_outside", False) and "moe_out" in want:  # the block runs before the shared MLP beside it
+        block_out = _envoy(model, info["block"]).output
+    if shared_read and not info["shared_first"]:
+        read = _read_shared(model, info, b, p, ablate_shared)
+    elif ablate_shared and not info["shared_first"]:
         _zero_output(_envoy(model, info["shared"]))
+    values.update({name: value for name, value in read.items() if name != "ran"})
     if "moe_out" in want:
-        moe_out = _envoy(model, info["block"]).output
+        moe_out = block_out if block_out is not None else _envoy(model, info["block"]).output
         values["moe_out"] = (moe_out[0] if isinstance(moe_out, tuple) else moe_out).reshape(b, p, -1)
+        if block_out is not None:  # the decoder layer adds the shared expert's output (as it ran) to the block's
+            values["moe_out"] = values["moe_out"] + read["ran"]
     return {name: values[name] for name in want}
+
+
+def _read_shared(model: Any, info: dict, b: int, p: int, ablate: bool) -> dict:
+    """Shared-expert quantities read from the forward (its down projection's input, its output), for an
+    ungated shared MLP the view does not recompute (Granite's fused ``input_linear``, one beside the
+    block). With ``ablate`` its output is set to zero. ``"ran"``: the output as the forward uses it."""
+    shared = _envoy(model, info["shared"])
+    acts = _rows(_envoy(model, info["shared_down"]).input, b, p)
+    out = shared.output
+    rows = _rows(out, b, p)
+    ran = rows
+    if ablate:
+        ran = torch.zeros_like(rows)
+        if out.dim() == 3:
+            shared.output = torch.zeros_like(out)
+        else:
+            start, total = _invoke_rows(b, out.numel() // (p * out.shape[-1]))
+            shared.output = _splice(out, ran, start, total)
+    gate = torch.ones(b, p, 1, dtype=rows.dtype, device=rows.device)
+    return {"shared_acts": acts, "shared_out": rows, "shared_gate": gate * 0 if ablate else gate, "ran": ran}
+
+
+def _rows(value: torch.Tensor, b: int, p: int) -> torch.Tensor:
+    """A module's input / output as this invoke's [b, p, d] (a flattened [tokens, d] tensor is sliced)."""
+    if value.dim() == 3:
+        return value
+    start, total = _invoke_rows(b, value.numel() // (p * value.shape[-1]))
+    return value.reshape(total, p, -1)[start : start + b]
 
 
 def _zero_output(envoy: Any) -> None:

@@ -82,6 +82,9 @@ FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
     "dots3_note": {"num_key_value_heads": 4, "per_layer_config": {}, "shared_experts_intermediate_size": 48},
     "nemo_speechlm": {"moe_shared_expert_intermediate_size": 48},
     "nemotron_h_omni": {"moe_shared_expert_intermediate_size": 48, "projector_hidden_size": 64, "vision_hidden_size": 32},
+    "granitemoeshared": {"shared_intermediate_size": 48},
+    "granitemoehybrid": {"shared_intermediate_size": 48, "position_embedding_type": "rope", "layer_types": ["linear_attention", "full_attention", "full_attention"],
+                         "mamba_n_heads": 4, "mamba_d_head": 32, "mamba_d_state": 16, "mamba_chunk_size": 16},
     "qwen4_exp_text": {
         "layer_types": ["linear_attention", "indexed_attention", "linear_attention"],
         "indexer_n_heads": 2,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dataclasses import replace
+
 from nnsight_moe.layout import MoELayout
 
 
@@ -41,13 +43,29 @@ def _capture(model: nn.Module, layout: MoELayout, path_of, record, fn) -> dict:
 
 
 def capture_blocks(model: nn.Module, layout: MoELayout, fn):
-    """Inputs and outputs of every MoE block of an UNATTACHED model: {layer: (input, output)}."""
+    """Inputs and outputs of every MoE block of an UNATTACHED model: {layer: (input, output)}.
+
+    For a shared expert beside the block (``shared_outside``, Granite) the output is what the decoder
+    layer computes from both, ``block output + shared output``."""
 
     def record(args, kwargs, output):
         x = args[0] if args else kwargs["hidden_states"]
         out = output[0] if isinstance(output, tuple) else output
         return x.detach().clone(), out.detach().clone()
 
+    outside = [i for i in layout.moe_layers if layout.layer(i).shared_outside]
+    shared = {}
+    if outside:
+        shared_layout = MoELayout(layout.family, layout.model_type, tuple(
+            replace(info, path=info.shared) if info.shared_outside else replace(info, kind="dense")
+            for info in layout.layers))
+        blocks = {}
+
+        def run():
+            blocks.update(_capture(model, layout, lambda info: info.path, record, fn))
+
+        shared = _capture(model, shared_layout, lambda info: info.path, record, run)
+        return {i: (x, out + shared[i][1] if i in shared else out) for i, (x, out) in blocks.items()}
     return _capture(model, layout, lambda info: info.path, record, fn)
 
 

@@ -3,6 +3,8 @@ not yet supported; families added for issue #14 are exact in bfloat16; detection
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -12,7 +14,8 @@ from nnsight_moe.adapters import adapter_for
 from nnsight_moe.testing import tiny_config, tiny_model
 
 #: Families added by issue #14 (the float32 core tests run on them through tests/test_core.py).
-ADDED = ["aria", "deepseek_ocr2", "dots3_note", "glm4v_moe", "glm5_next", "hy_v4_vl", "lara_mini", "lfm2_moe",
+ADDED = ["aria", "deepseek_ocr2", "dots3_note", "glm4v_moe", "glm5_next", "granitemoehybrid", "granitemoeshared",
+         "hy_v4_vl", "lara_mini", "lfm2_moe",
          "mistral4", "mistral_large4", "openai_privacy_filter", "qwen3_vl_moe", "sarvam_mla", "sarvam_moe", "unlimited_ocr"]
 #: Families whose router keeps bf16 arithmetic (mistral4, lfm2_moe) or casts weights to the hidden states'
 #: dtype (lara_mini): the contract's float32 weights differ from the model's by bf16 rounding; and
@@ -77,3 +80,104 @@ def test_detection_by_structure():
     # sarvam_mla is DeepseekV3ForCausalLM: its own adapter, and the same layout as DeepSeek-V3
     sarvam = tiny_model("sarvam_mla")
     assert type(sarvam).__name__ == "DeepseekV3ForCausalLM" and adapter_for(sarvam).name == "sarvam_mla"
+
+
+# ------------------------------------------------------------------ group 3: shared expert beside the block
+GRANITE_SHARED = ["granitemoeshared", "granitemoehybrid"]
+
+
+def _ids(batch=2, pos=7, seed=0):
+    return torch.randint(3, 128, (batch, pos), generator=torch.Generator().manual_seed(seed))
+
+
+def _zeroed(model, layout, routed=False, shared=False):
+    """A copy of ``model`` with every routed expert's and/or every shared expert's down projection zeroed."""
+    import copy
+
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for index in layout.moe_layers:
+            info = layout.layer(index)
+            if routed:
+                model.get_submodule(info.experts).down_proj.zero_()
+            if shared:
+                model.get_submodule(info.shared_down).weight.zero_()
+    return model
+
+
+@pytest.mark.parametrize("family", GRANITE_SHARED)
+@torch.no_grad()
+def test_shared_beside_the_block(family):
+    """Granite's shared_mlp is a sibling of the block: hook_shared_* fire on it, hook_moe_out is the layer's
+    sum, and restricting / ablating / editing hook_moe_out equal zeroed weights."""
+    from nnsight_moe.remote import moe_spec
+
+    from helpers import capture_hooks
+
+    model = tiny_model(family)
+    ids = _ids()
+    layout = nnsight_moe.layout(model)
+    info = layout.layer(layout.moe_layers[0])
+    assert info.shared_outside and info.shared == info.path.rsplit(".", 1)[0] + ".shared_mlp"
+    assert info.shared_down == info.shared + ".output_linear" and info.d_shared == 48
+    assert not moe_spec(model)["layers"][info.index]["shared_first"], "the layer calls the block, then shared_mlp"
+    shared_ref = {}
+    handle = model.get_submodule(info.shared).register_forward_hook(lambda m, a, o: shared_ref.setdefault("out", o))
+    ref = model(ids).logits
+    handle.remove()
+    with nnsight_moe.attached(model) as attached:
+        values = capture_hooks(attached, lambda: model(ids))
+        torch.testing.assert_close(values[f"{info.path}.hook_shared_out"], shared_ref["out"], atol=0, rtol=0)
+        with nnsight_moe.restrict_experts(model, 0):
+            shared_only = model(ids).logits
+        with nnsight_moe.ablate_shared(model):
+            routed_only = model(ids).logits
+        point = attached.block(info.index).hook_moe_out
+        point.add_hook(lambda moe, hook: torch.zeros_like(moe))
+        try:
+            moe_zeroed = model(ids).logits
+        finally:
+            point.remove_hooks()
+        assert torch.equal(model(ids).logits, ref)
+    torch.testing.assert_close(shared_only, _zeroed(model, layout, routed=True)(ids).logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(routed_only, _zeroed(model, layout, shared=True)(ids).logits, atol=1e-5, rtol=0)
+    # zeroing hook_moe_out of one layer = zeroing that layer's routed and shared experts
+    first_only = replace(layout, layers=tuple(l if l.index == info.index else replace(l, kind="dense") for l in layout.layers))
+    partial = _zeroed(model, first_only, routed=True, shared=True)
+    torch.testing.assert_close(moe_zeroed, partial(ids).logits, atol=1e-5, rtol=0)
+    for out in (shared_only, routed_only, moe_zeroed):
+        assert (out - ref).abs().max() > 1e-3, "the edit changed the output"
+
+
+
+@torch.no_grad()
+def test_granitemoehybrid_bridge_hooks(tmp_path):
+    """TransformerLens' GraniteMoeHybrid adapter recomputes shared_mlp from its linears (JointGateUpMLPBridge):
+    the shared hooks and hook_moe_out still fire under blocks.{L}.mlp, and shared ablation reaches the bridge."""
+    from nnsight_moe import tl
+
+    from helpers import word_tokenizer
+
+    word_tokenizer().save_pretrained(tmp_path)
+    model = tiny_model("granitemoehybrid")
+    ids = _ids(pos=6)
+    ref = model(ids).logits
+    layout = nnsight_moe.layout(model)
+    routed_only = _zeroed(model, layout, shared=True)(ids).logits
+    bridge = tl.boot(model, tokenizer=str(tmp_path))
+    try:
+        logits, cache = bridge.run_with_cache(ids)
+        torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+        for index in layout.moe_layers:
+            info = layout.layer(index)
+            for name in info.hook_names:
+                assert tl.tl_hook_name(index, name) in cache, name
+            get = lambda name: cache[tl.tl_hook_name(index, name)]  # noqa: E731
+            torch.testing.assert_close(get("hook_moe_out"), get("hook_routed_out") + get("hook_shared_out"),
+                                       atol=1e-6, rtol=0)
+            torch.testing.assert_close(get("hook_shared_out"), cache[f"blocks.{index}.shared_mlp.hook_out"],
+                                       atol=0, rtol=0)
+        with nnsight_moe.ablate_shared(bridge):
+            torch.testing.assert_close(bridge(ids), routed_only, atol=1e-5, rtol=0)
+    finally:
+        nnsight_moe.detach(bridge)
