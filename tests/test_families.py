@@ -14,8 +14,8 @@ from nnsight_moe.adapters import adapter_for
 from nnsight_moe.testing import tiny_config, tiny_model
 
 #: Families added by issue #14 (the float32 core tests run on them through tests/test_core.py).
-ADDED = ["aria", "deepseek_ocr2", "dots3_note", "glm4v_moe", "glm5_next", "granitemoehybrid", "granitemoeshared",
-         "hy_v4_vl", "lara_mini", "lfm2_moe",
+ADDED = ["aria", "beam", "deepseek_ocr2", "dots3_note", "glm4v_moe", "glm5_next", "granitemoehybrid", "granitemoeshared",
+         "hy_v4_vl", "laguna", "lara_mini", "lfm2_moe", "minimax_m3_vl",
          "mistral4", "mistral_large4", "openai_privacy_filter", "qwen3_vl_moe", "sarvam_mla", "sarvam_moe", "unlimited_ocr"]
 #: Families whose router keeps bf16 arithmetic (mistral4, lfm2_moe) or casts weights to the hidden states'
 #: dtype (lara_mini): the contract's float32 weights differ from the model's by bf16 rounding; and

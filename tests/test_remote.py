@@ -120,11 +120,11 @@ def test_view_equals_hooks_on_every_family(family):
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "ernie4_5_moe", "hunyuan_v1_moe", "olmoe",
-                                    "granitemoeshared", "granitemoehybrid"])
+                                    "granitemoeshared", "granitemoehybrid", "minimax_m3_vl"])
 @pytest.mark.parametrize("top, shared", [(0, True), (1, True), (1, False), (None, False)])
 def test_view_keep_top_and_shared_ablation_equal_restrict_experts(family, top, shared):
     """Table-2 configurations; the shared expert runs before the router in qwen2_moe / ernie / hunyuan, and
-    beside the block, after it, in the Granite families."""
+    beside the block, after it, in the Granite families; minimax_m3_vl's fused shared MLP is read from the forward."""
     hf = tiny_model(family)
     layout = nnsight_moe.layout(hf)
     if not shared and not layout.has_shared:

@@ -17,11 +17,11 @@ from nnsight_moe import tl
 from nnsight_moe.testing import tiny_model
 from tests.helpers import naive_expert
 
-ARCHS = ["qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "lfm2_moe", "sarvam_mla", "sarvam_moe"]
+ARCHS = ["qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "lfm2_moe", "sarvam_mla", "sarvam_moe", "laguna"]
 #: Tiny models whose layer 0 is dense (DeepSeek-V3's first_k_dense_replace, LFM2-MoE's num_dense_layers).
-DENSE_FIRST = {"deepseek_v3", "lfm2_moe", "sarvam_mla", "sarvam_moe"}
+DENSE_FIRST = {"deepseek_v3", "lfm2_moe", "sarvam_mla", "sarvam_moe", "laguna"}
 #: TransformerLens does not split these routers' tuple into gate.hook_expert_indices / _weights.
-NO_NATIVE_ROUTER_HOOKS = {"deepseek_v3", "sarvam_mla"}
+NO_NATIVE_ROUTER_HOOKS = {"deepseek_v3", "sarvam_mla", "laguna"}
 #: TransformerLens' own name of the shared expert's output, per family with one.
 NATIVE_SHARED_OUT = {"qwen2_moe": "shared_expert.hook_out", "deepseek_v3": "shared_experts.hook_out",
                      "sarvam_mla": "shared_experts.hook_out"}  # TL's Glm4Moe adapter (sarvam_moe) maps none
