@@ -130,6 +130,8 @@ def _moe_layer(index: int, path: str, block: nn.Module, adapter: Adapter, config
     routing = adapter.routing(block, router, config)
     transposed = getattr(experts, "is_transposed", False)
     d_expert = experts.down_proj.shape[1] if transposed else experts.down_proj.shape[2]
+    latent = adapter.latent_out is not None and not isinstance(block.get_submodule(adapter.latent_out), nn.Identity)
+    d_latent = int(experts.down_proj.shape[2] if transposed else experts.down_proj.shape[1]) if latent else 0
     owner, owner_path = (layer, layer_path) if adapter.shared_on_layer else (block, path)  # where the shared MLP lives
     shared = adapter.shared if adapter.shared and getattr(owner, adapter.shared, None) is not None else None
     d_shared = 0
@@ -146,6 +148,9 @@ def _moe_layer(index: int, path: str, block: nn.Module, adapter: Adapter, config
         shared_gate=f"{owner_path}.{adapter.shared_gate}" if shared and adapter.shared_gate else None,
         shared_down=f"{owner_path}.{shared}.{adapter.shared_down}" if shared else None,
         shared_outside=bool(shared and adapter.shared_on_layer),
+        d_latent=d_latent,
+        latent_out=f"{path}.{adapter.latent_out}" if latent else None,
+        post=f"{path}.{adapter.post}" if adapter.post else None,
         n_experts=routing.n_experts,
         top_k=routing.top_k,
         d_expert=int(d_expert),

@@ -37,6 +37,9 @@ class Adapter:
             block, and the layer adds its output to the block's (Granite-MoE-Shared / -Hybrid ``shared_mlp``).
         shared_down: attribute of the shared expert MLP holding its down projection (an ``nn.Linear``
             whose input is ``hook_shared_acts``).
+        latent_out: attribute of the block projecting the routed sum of a latent MoE back to d_model (its
+            output is ``hook_latent_out``); the layer is latent when that module is not an ``nn.Identity``.
+        post: attribute of the block that post-processes its sum (its input is ``hook_moe_sum``).
     """
 
     name: str
@@ -49,6 +52,8 @@ class Adapter:
     routed_scale: str | None = None
     shared_on_layer: bool = False
     shared_down: str = "down_proj"
+    latent_out: str | None = None
+    post: str | None = None
 
     def is_block(self, module: nn.Module) -> bool:
         """Whether ``module`` is a MoE block of this family."""

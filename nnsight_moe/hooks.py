@@ -139,6 +139,14 @@ def install(block: nn.Module, state: BlockState) -> list:
         block.register_forward_hook(_moe_out),
         block.register_forward_hook(_end_forward, always_call=True),  # also when the forward raises
     ]
+    if state.layer.d_latent:
+        latent_out = unwrap(block.get_submodule(state.adapter.latent_out))
+        latent_out.__dict__[_STATE] = state
+        handles.append(latent_out.register_forward_hook(_latent_out))
+    if state.layer.post:
+        post = unwrap(block.get_submodule(state.adapter.post))
+        post.__dict__[_STATE] = state
+        handles.append(post.register_forward_pre_hook(_moe_sum, with_kwargs=True))
     if state.layer.has_shared:
         shared = state.shared
         down_proj = unwrap(shared.get_submodule(state.adapter.shared_down))
@@ -253,6 +261,22 @@ def _moe_out(block, args, output):
     return state.hook("hook_moe_out", output)
 
 
+def _latent_out(projection, args, output):
+    """A latent MoE's output projection of the routed sum: ``hook_latent_out`` [b, p, d_model]."""
+    state: BlockState = projection.__dict__[_STATE]
+    b, p = state.bp(output.numel() // output.shape[-1])
+    return state.hook("hook_latent_out", output.reshape(b, p, -1)).reshape(output.shape)
+
+
+def _moe_sum(post, args, kwargs):
+    """The input of the block's post-processing module (A.X-K1's post-MoE norm): ``hook_moe_sum``."""
+    state: BlockState = post.__dict__[_STATE]
+    x = args[0] if args else kwargs["hidden_states"]
+    b, p = state.bp(x.numel() // x.shape[-1])
+    edited = state.hook("hook_moe_sum", x.reshape(b, p, -1)).reshape(x.shape)
+    return ((edited, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": edited})
+
+
 def _shared_acts(down_proj, args):
     state: BlockState = down_proj.__dict__[_STATE]
     acts = args[0]
@@ -325,6 +349,8 @@ def hooked_experts_forward(
     n, d = hidden_states.shape
     b, p = state.bp(n)
     k = top_k_index.shape[-1]
+    if state.layer.d_latent:  # a latent MoE: the experts' input, the block input projected (and normed)
+        hidden_states = state.hook("hook_latent_in", hidden_states.view(b, p, d)).reshape(n, d)
     slots = _sort_slots(top_k_index, experts.num_experts)
     acts = state.hook("hook_expert_acts", expert_acts(experts, hidden_states, top_k_index, slots).view(b, p, k, -1))
     out = state.hook("hook_expert_out", expert_down(experts, acts.reshape(n * k, -1), top_k_index, slots).view(b, p, k, d))

@@ -27,8 +27,13 @@ ROUTED_HOOK_NAMES = (
 )
 #: Hook points of blocks with shared expert(s).
 SHARED_HOOK_NAMES = ("hook_shared_acts", "hook_shared_out", "hook_shared_gate")
+#: Hook points of the contract's extension for post-processed routed sums (ARCHITECTURE.md): the experts'
+#: input and the routed sum's output projection of a latent MoE (Muse-Spark, Nemotron-H ``moe_latent_size``),
+#: and the sum a block post-processes (A.X-K1's post-MoE norm).
+LATENT_HOOK_NAMES = ("hook_latent_in", "hook_latent_out")
+POST_HOOK_NAMES = ("hook_moe_sum",)
 #: All hook point names of the contract.
-HOOK_NAMES = ROUTED_HOOK_NAMES + SHARED_HOOK_NAMES + ("hook_moe_out",)
+HOOK_NAMES = ROUTED_HOOK_NAMES + SHARED_HOOK_NAMES + ("hook_moe_out",) + LATENT_HOOK_NAMES + POST_HOOK_NAMES
 
 
 class UnsupportedModelError(ValueError):
@@ -60,6 +65,15 @@ class LayerLayout:
     #: The shared expert is a sibling of the block on the decoder layer, which adds the two outputs
     #: (Granite-MoE-Shared / -Hybrid): ``hook_moe_out`` is that sum, fired when the shared expert has run.
     shared_outside: bool = False
+    #: Latent MoE: the experts run in a space of this width (0: they run on d_model). The block projects
+    #: its input into it (``hook_latent_in`` is the experts' input) and the routed sum back through
+    #: ``latent_out`` (its output is ``hook_latent_out``, which replaces ``routed_scale * hook_routed_out``
+    #: in the block's sum).
+    d_latent: int = 0
+    latent_out: str | None = None
+    #: The block post-processes its sum with this module (A.X-K1's post-MoE RMSNorm):
+    #: ``hook_moe_out = post(hook_moe_sum)``.
+    post: str | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -74,7 +88,9 @@ class LayerLayout:
         """The hook points this layer has (empty for dense layers)."""
         if not self.is_moe:
             return ()
-        return ROUTED_HOOK_NAMES + (SHARED_HOOK_NAMES if self.has_shared else ()) + ("hook_moe_out",)
+        latent = self.d_latent > 0
+        return (ROUTED_HOOK_NAMES[:4] + LATENT_HOOK_NAMES[:latent] + ROUTED_HOOK_NAMES[4:] + LATENT_HOOK_NAMES[1:2 * latent]
+                + (SHARED_HOOK_NAMES if self.has_shared else ()) + (POST_HOOK_NAMES if self.post else ()) + ("hook_moe_out",))
 
 
 @dataclass(frozen=True)
@@ -158,6 +174,8 @@ class MoELayout:
                 continue
             shared = f", shared d={layer.d_shared}" if layer.has_shared else ""
             shared += " (beside the block)" if layer.shared_outside else ""
+            shared += f", latent d={layer.d_latent}" if layer.d_latent else ""
+            shared += f", post-processed by {layer.post.rsplit('.', 1)[-1]}" if layer.post else ""
             shared += f", routed sum x{layer.routed_scale:g}" if layer.routed_scale != 1.0 else ""
             rule = layer.routing.describe() if layer.routing is not None else ""
             lines.append(

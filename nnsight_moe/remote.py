@@ -62,6 +62,9 @@ VIEW_QUANTITIES = (
     "shared_out",
     "shared_gate",
     "moe_out",
+    "latent_in",
+    "latent_out",
+    "moe_sum",
 )
 _MODES = ("zero", "renorm", "reroute")
 
@@ -110,6 +113,9 @@ def moe_spec(model: Any) -> dict:
                 hasattr(shared, name) for name in ("up_proj", "down_proj", "act_fn"))),
             "shared_down": info.shared_down,
             "shared_outside": info.shared_outside,
+            "d_latent": info.d_latent,
+            "latent_out": info.latent_out,
+            "post": info.post,
             "router": info.router,
             "experts": info.experts,
             "shared": info.shared,
@@ -514,11 +520,19 @@ def read_layer(
 
     values = {"router_logits": logits, "router_scores": scores, "topk_indices": indices, "topk_weights": weights}
     flat = x.reshape(b * p, x.shape[-1])
-    if any(name in want for name in ("expert_acts", "expert_out", "routed_out")):
-        acts, out = _expert_slots(_envoy(model, info["experts"]), flat, indices.reshape(b * p, k))
+    per_expert = any(name in want for name in ("expert_acts", "expert_out", "routed_out"))
+    latent = info.get("d_latent", 0) > 0
+    experts_in = flat
+    if latent and (per_expert or "latent_in" in want):  # a latent MoE: the experts run on the projected input
+        values["latent_in"] = _rows(_envoy(model, info["experts"]).input, b, p)
+        experts_in = values["latent_in"].reshape(b * p, -1)
+    if per_expert:
+        acts, out = _expert_slots(_envoy(model, info["experts"]), experts_in, indices.reshape(b * p, k))
         values["expert_acts"] = acts.reshape(b, p, k, -1)
         values["expert_out"] = out.reshape(b, p, k, -1)
-        values["routed_out"] = (values["expert_out"] * weights[..., None]).sum(dim=-2).to(x.dtype)
+        values["routed_out"] = (values["expert_out"] * weights[..., None]).sum(dim=-2).to(experts_in.dtype)
+    if latent and "latent_out" in want:  # the routed sum projected back to d_model, as the forward ran it
+        values["latent_out"] = _rows(_envoy(model, info["latent_out"]).output, b, p)
     if info["shared"] and not info.get("shared_read", False) and any(
             name in want for name in ("shared_acts", "shared_out", "shared_gate")):
         shared = _envoy(model, info["shared"])
@@ -542,6 +556,8 @@ def read_layer(
     elif ablate_shared and not info["shared_first"]:
         _zero_output(_envoy(model, info["shared"]))
     values.update({name: value for name, value in read.items() if name != "ran"})
+    if info.get("post") and "moe_sum" in want:  # the input of the block's post-processing (post-MoE norm)
+        values["moe_sum"] = _rows(_envoy(model, info["post"]).input, b, p)
     if "moe_out" in want:
         moe_out = block_out if block_out is not None else _envoy(model, info["block"]).output
         values["moe_out"] = (moe_out[0] if isinstance(moe_out, tuple) else moe_out).reshape(b, p, -1)
@@ -586,7 +602,9 @@ def _zero_output(envoy: Any) -> None:
 def _all_quantities(info: dict) -> tuple:
     """The quantities a layer has (shared ones only with a shared expert)."""
     shared = ("shared_acts", "shared_out", "shared_gate")
-    return tuple(name for name in VIEW_QUANTITIES if info["shared"] or name not in shared)
+    return tuple(name for name in VIEW_QUANTITIES if (info["shared"] or name not in shared)
+                 and (info.get("d_latent", 0) or name not in ("latent_in", "latent_out"))
+                 and (info.get("post") or name != "moe_sum"))
 
 
 def _invoke_rows(b: int, rows: int) -> tuple:

@@ -84,6 +84,8 @@ FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
     "nemotron_h_omni": {"moe_shared_expert_intermediate_size": 48, "projector_hidden_size": 64, "vision_hidden_size": 32},
     "laguna": {"moe_routed_scaling_factor": 2.5, "moe_router_logit_softcapping": 5.0},
     "minimax_m3_vl": {"shared_intermediate_size": 48},
+    "axk1": {"routed_scaling_factor": 2.5, "head_dim": 8, "num_key_value_heads": 4},
+    "muse_spark": {"moe_hidden_size": 32, "routed_scaling_factor": 2.0},
     "beam": {"routed_scaling_factor": 2.5, "mlp_layer_types": ["dense", "sparse", "sparse"]},
     "granitemoeshared": {"shared_intermediate_size": 48},
     "granitemoehybrid": {"shared_intermediate_size": 48, "position_embedding_type": "rope", "layer_types": ["linear_attention", "full_attention", "full_attention"],
@@ -123,6 +125,12 @@ TOWER: dict[str, Any] = {
 }
 
 
+#: Per-sub-config extras on top of TOWER, keyed by the sub-config's model type (towers with per-stage lists).
+TOWER_EXTRAS: dict[str, dict[str, Any]] = {
+    "muse_spark_audio": {"patch_sizes": [16], "hidden_sizes": [32], "depths": [1]},
+}
+
+
 def tiny_config(model_type: str, **overrides: Any):
     """A small config of ``model_type`` (HF ``model_type`` string), with ``overrides`` applied last.
 
@@ -138,7 +146,8 @@ def tiny_config(model_type: str, **overrides: Any):
         return AutoConfig.for_model(model_type, **{k: v for k, v in values.items() if hasattr(default, k)})
     text_type = getattr(default.text_config, "model_type", "")
     text = {**TINY, **FAMILY_EXTRAS.get(text_type, {}), **FAMILY_EXTRAS.get(model_type, {}), **overrides}
-    subs = {name: _shrunk(getattr(default, name), text if name == "text_config" else TOWER)
+    subs = {name: _shrunk(getattr(default, name), text if name == "text_config" else
+                          {**TOWER, **TOWER_EXTRAS.get(getattr(getattr(default, name), "model_type", ""), {})})
             for name in sub_configs if getattr(default, name, None) is not None}
     text_fields = default.text_config.to_dict()
     extras = {k: v for k, v in FAMILY_EXTRAS.get(model_type, {}).items() if k not in text_fields}

@@ -92,6 +92,8 @@ def naive_expert(experts: nn.Module, x: torch.Tensor, e: int) -> tuple[torch.Ten
     out = acts @ w_down if transposed else acts @ w_down.T
     if getattr(experts, "has_bias", False):
         out = out + experts.down_proj_bias[e]
+    if getattr(experts, "has_post_expert_norm", False):  # Muse-Spark: a norm after each expert
+        out = experts.post_expert_norm(out)
     return acts, out
 
 

@@ -8,14 +8,21 @@ import pytest
 import torch
 
 import nnsight_moe
-from nnsight_moe.testing import tiny_model
+from nnsight_moe.testing import tiny_model as _tiny_model
 
 from helpers import capture_blocks, capture_hooks, capture_routers, naive_expert, zero_expert_
 
 #: Every supported family, plus model types served by another family's adapter through their text model
 #: (Kimi-K2.5: DeepSeek-V3; Nemotron-3.5-Transcribe, Nemotron-H-Omni: Nemotron-H), built as the full
 #: multimodal model.
-FAMILIES = nnsight_moe.supported_families() + ["kimi_k25", "nemo_speechlm", "nemotron_h_omni"]
+FAMILIES = nnsight_moe.supported_families() + ["kimi_k25", "nemo_speechlm", "nemotron_h_omni", "nemotron_h-latent"]
+#: Test variants of a family: (model type, tiny-model overrides).
+VARIANTS = {"nemotron_h-latent": ("nemotron_h", {"moe_latent_size": 32})}
+
+
+def tiny_model(family, **kwargs):  # noqa: F811 - the variants above, else nnsight_moe.testing.tiny_model
+    model_type, overrides = VARIANTS.get(family, (family, {}))
+    return _tiny_model(model_type, **overrides, **kwargs)
 ATOL = 1e-5
 
 
@@ -61,14 +68,18 @@ def test_equivalence_and_decomposition(family):
         k, e_count, d = info.top_k, info.n_experts, info.d_model
         x, block_out = blocks[index]
         x = x.reshape(b * p, d)
+        d_out = info.d_latent or d  # a latent MoE's experts run in d_latent
+        if info.d_latent:
+            assert get("hook_latent_in").shape == (b, p, d_out)
+            x = get("hook_latent_in").reshape(b * p, d_out)  # the experts' input
         # shapes of the contract
         assert get("hook_router_logits").shape == (b, p, e_count)
         assert get("hook_router_scores").shape == (b, p, e_count)
         assert get("hook_topk_indices").shape == (b, p, k)
         assert get("hook_topk_weights").shape == (b, p, k)
         assert get("hook_expert_acts").shape == (b, p, k, info.d_expert)
-        assert get("hook_expert_out").shape == (b, p, k, d)
-        assert get("hook_routed_out").shape == (b, p, d)
+        assert get("hook_expert_out").shape == (b, p, k, d_out)
+        assert get("hook_routed_out").shape == (b, p, d_out)
         # selection equals HF's own router on the same input
         hf_weights, hf_indices = (t.reshape(b * p, k) for t in routers[index])
         assert torch.equal(get("hook_topk_indices").reshape(b * p, k), hf_indices)
@@ -78,18 +89,25 @@ def test_equivalence_and_decomposition(family):
         torch.testing.assert_close(get("hook_routed_out"), (w[..., None] * out).sum(-2), atol=ATOL, rtol=0)
         # moe_out = routed + gate * shared = HF block output
         moe = info.routed_scale * get("hook_routed_out")
+        if info.d_latent:  # the extension: the routed sum's output projection replaces it in the block's sum
+            projection = model.get_submodule(info.latent_out)
+            torch.testing.assert_close(get("hook_latent_out"), projection(moe), atol=ATOL, rtol=0)
+            moe = get("hook_latent_out")
         if info.has_shared:
             assert get("hook_shared_out").shape == (b, p, d)
             assert get("hook_shared_gate").shape == (b, p, 1)
             assert get("hook_shared_acts").shape == (b, p, info.d_shared)
             moe = moe + get("hook_shared_gate") * get("hook_shared_out")
+        if info.post:  # the extension: the block post-processes its sum
+            torch.testing.assert_close(get("hook_moe_sum"), moe, atol=ATOL, rtol=0)
+            moe = model.get_submodule(info.post)(moe)
         torch.testing.assert_close(get("hook_moe_out"), moe, atol=ATOL, rtol=0)
         torch.testing.assert_close(get("hook_moe_out"), block_out.reshape(b, p, d), atol=ATOL, rtol=0)
         # each slot's expert output equals the expert MLP applied straight from its weights
         experts = model.get_submodule(info.experts)
         idx = get("hook_topk_indices").reshape(b * p, k)
         acts_all = get("hook_expert_acts").reshape(b * p, k, -1)
-        out_all = out.reshape(b * p, k, d)
+        out_all = out.reshape(b * p, k, d_out)
         for j in range(k):
             for t in range(b * p):
                 acts, direct = naive_expert(experts, x[t : t + 1], int(idx[t, j]))

@@ -14,8 +14,8 @@ from nnsight_moe.adapters import adapter_for
 from nnsight_moe.testing import tiny_config, tiny_model
 
 #: Families added by issue #14 (the float32 core tests run on them through tests/test_core.py).
-ADDED = ["aria", "beam", "deepseek_ocr2", "dots3_note", "glm4v_moe", "glm5_next", "granitemoehybrid", "granitemoeshared",
-         "hy_v4_vl", "laguna", "lara_mini", "lfm2_moe", "minimax_m3_vl",
+ADDED = ["aria", "axk1", "beam", "deepseek_ocr2", "dots3_note", "glm4v_moe", "glm5_next", "granitemoehybrid", "granitemoeshared",
+         "hy_v4_vl", "laguna", "lara_mini", "lfm2_moe", "minimax_m3_vl", "muse_spark",
          "mistral4", "mistral_large4", "openai_privacy_filter", "qwen3_vl_moe", "sarvam_mla", "sarvam_moe", "unlimited_ocr"]
 #: Families whose router keeps bf16 arithmetic (mistral4, lfm2_moe) or casts weights to the hidden states'
 #: dtype (lara_mini): the contract's float32 weights differ from the model's by bf16 rounding; and
@@ -181,3 +181,74 @@ def test_granitemoehybrid_bridge_hooks(tmp_path):
             torch.testing.assert_close(bridge(ids), routed_only, atol=1e-5, rtol=0)
     finally:
         nnsight_moe.detach(bridge)
+
+
+# ------------------------------------------------------------------ group 2: post-processed routed sums
+@pytest.mark.parametrize("family, overrides", [("nemotron_h", {"moe_latent_size": 32}), ("muse_spark", {}), ("axk1", {})],
+                         ids=["nemotron_h-latent", "muse_spark", "axk1"])
+def test_post_processed_remote_view_equals_hooks(family, overrides):
+    """The extension's hook points (latent_in / latent_out, moe_sum) in the remote view = the hooks', also with
+    rerouted experts and the shared expert ablated (which runs after the latent projection / before the norm)."""
+    import nnsight
+
+    from helpers import language_model
+    from nnsight_moe.remote import MoEView
+    from test_remote import _assert_view_equals_hooks, _oracle
+
+    hf = tiny_model(family, **overrides)
+    layout = nnsight_moe.layout(hf)
+    assert any(layout.layer(i).d_latent or layout.layer(i).post for i in layout.moe_layers)
+    ids = _ids(pos=5)
+    blocked = {index: [0, 3] for index in layout.moe_layers}
+    lm = language_model(hf) if hf.can_generate() else nnsight.NNsight(hf)
+    view = MoEView(lm)
+    shared = layout.has_shared
+    edits = [(None, {}), (lambda m: nnsight_moe.block_experts(m, blocked, mode="reroute"), "reroute")]
+    if shared:
+        edits.append((lambda m: nnsight_moe.ablate_shared(m), "shared"))
+    for edit, kind in edits:
+        _, values, logits = _oracle(hf, ids, edit)
+        options = (lambda i: {"block": blocked[i], "mode": "reroute"}) if kind == "reroute" else (
+            (lambda i: {"shared": False}) if kind == "shared" else (lambda i: {}))
+        with torch.no_grad(), lm.trace(ids, remote="local"):
+            views = nnsight.save({i: view.layer(i, **options(i)) for i in view.moe_layers})
+            out = lm.output.logits.save()
+        _assert_view_equals_hooks(layout, views, values)
+        torch.testing.assert_close(out, logits, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_post_norm_sum_edits_and_frozen_scale_decomposition():
+    """A.X-K1: hook_moe_out = post_mlp_layernorm(hook_moe_sum); with the norm's per-token scale frozen the
+    output splits exactly into routed and shared parts, and an edit of hook_moe_sum reaches the norm."""
+    model = tiny_model("axk1")
+    ids = _ids()
+    layout = nnsight_moe.layout(model)
+    from helpers import capture_hooks
+
+    with nnsight_moe.attached(model) as handle:
+        values = capture_hooks(handle, lambda: model(ids))
+        for index in layout.moe_layers:
+            info = layout.layer(index)
+            get = lambda name: values[f"{info.path}.{name}"]  # noqa: E731
+            norm = model.get_submodule(info.post)
+            total = get("hook_moe_sum")
+            scale = torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+            parts = norm.weight * (get("hook_routed_out") * scale) + norm.weight * (get("hook_shared_out") * scale)
+            torch.testing.assert_close(get("hook_moe_out"), parts, atol=1e-5, rtol=0)
+        with nnsight_moe.ablate_shared(model):
+            ablated = model(ids).logits
+        # dropping the shared part from hook_moe_sum = ablating the shared expert
+        names = {f"{layout.layer(i).path}.hook_routed_out": i for i in layout.moe_layers}
+        routed = {}
+        points = handle.hook_points()
+        for name in names:
+            points[name].add_hook(lambda v, hook: routed.__setitem__(hook.name, v) or v)
+            points[name.replace("hook_routed_out", "hook_moe_sum")].add_hook(
+                lambda v, hook: routed[hook.name.replace("hook_moe_sum", "hook_routed_out")])
+        try:
+            edited = model(ids).logits
+        finally:
+            for point in points.values():
+                point.remove_hooks()
+    torch.testing.assert_close(edited, ablated, atol=1e-5, rtol=0)

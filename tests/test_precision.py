@@ -24,6 +24,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CASES = [(family, {}) for family in nnsight_moe.supported_families()] + [
     ("cohere2_moe", {"expert_selection_fn": "sigmoid", "norm_topk_prob": True}),
     ("cohere2_moe", {"expert_selection_fn": "sigmoid", "norm_topk_prob": False}),
+    ("nemotron_h", {"moe_latent_size": 32}),  # LatentMoE
 ]
 
 
