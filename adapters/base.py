@@ -40,6 +40,8 @@ class Adapter:
         latent_out: attribute of the block projecting the routed sum of a latent MoE back to d_model (its
             output is ``hook_latent_out``); the layer is latent when that module is not an ``nn.Identity``.
         post: attribute of the block that post-processes its sum (its input is ``hook_moe_sum``).
+        own_experts: the fused experts module has its own forward, not dispatched through transformers'
+            ``ExpertsInterface`` (Step-3.7): the hooks replace its output from a forward hook.
     """
 
     name: str
@@ -54,6 +56,7 @@ class Adapter:
     shared_down: str = "down_proj"
     latent_out: str | None = None
     post: str | None = None
+    own_experts: bool = False
 
     def is_block(self, module: nn.Module) -> bool:
         """Whether ``module`` is a MoE block of this family."""

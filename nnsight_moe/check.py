@@ -13,7 +13,9 @@ user checks a real checkpoint the tests never saw. Per MoE layer it measures:
   forward: same experts, same dtype, weights within one unit in the last place of that dtype;
 * **routed**: ``hook_routed_out = sum_k hook_topk_weights * hook_expert_out``, and **moe**:
   ``hook_moe_out = hook_routed_out + hook_shared_gate * hook_shared_out`` (``= hook_routed_out``
-  without shared experts), each within the rounding of the model's dtype;
+  without shared experts), each within the rounding of the model's dtype (with the contract's extension:
+  ``routed_scale * hook_routed_out``, ``hook_latent_out`` for a latent MoE, ``hook_moe_sum`` on the left
+  for a post-processed block; a shared expert beside the block counts in the block output);
 * **block**: the attached block output against the unattached model's, on the same prompts;
 * **top-k flips**: the share of tokens whose selected expert SET differs between this dtype and float32
   (a float32 copy of the model, end to end), and between transformers' experts implementations
@@ -236,12 +238,15 @@ def check_routing(model: Any, input_ids: Tensor | None = None, *, tokenizer=None
         terms = get("hook_topk_weights").float()[..., None] * get("hook_expert_out").float()
         routed_tol = (eps(act) + 4 * eps(torch.float32)) * float(terms.abs().sum(-2).max())
         routed_dev = _dev(get("hook_routed_out"), terms.sum(-2))
-        moe = get("hook_routed_out").float()
+        moe = info.routed_scale * get("hook_routed_out").float()
+        if info.d_latent:  # a latent MoE: the routed sum projected back to d_model (contract extension)
+            moe = get("hook_latent_out").float()
         magnitude = moe.abs()
         if info.has_shared:
             shared = get("hook_shared_gate").float() * get("hook_shared_out").float()
             moe, magnitude = moe + shared, magnitude + shared.abs()
         moe_tol = (eps(act) + 4 * eps(torch.float32)) * float(magnitude.max())
+        moe_hook = get("hook_moe_sum") if info.post else get("hook_moe_out")  # a post-processed block: its input
         flips = {}
         if compare_float32 and hf.dtype != torch.float32:
             flips["float32"] = _flip_share(ref_indices[index], f32_indices[index]) if f32_indices else None
@@ -251,7 +256,7 @@ def check_routing(model: Any, input_ids: Tensor | None = None, *, tokenizer=None
         layers.append(LayerCheck(
             layer=index, router_indices_equal=same_idx, router_dtype=_name(w_dtype), hook_dtype=_name(weights.dtype),
             router_weights_dev=w_dev, router_weights_tol=w_tol, routed_dev=routed_dev, routed_tol=routed_tol,
-            moe_dev=_dev(get("hook_moe_out"), moe), moe_tol=moe_tol,
+            moe_dev=_dev(moe_hook, moe), moe_tol=moe_tol,
             block_dev=_dev(get("hook_moe_out"), blocks[index].reshape(get("hook_moe_out").shape)), flips=flips,
         ))
     report = RoutingCheck(family=layout.family, dtype=_name(hf.dtype), device=str(device),
@@ -309,11 +314,19 @@ def _run_unattached(hf, layout, batch) -> tuple[Tensor, dict, dict]:
                              lambda i, o: blocks.__setitem__(i, (o[0] if isinstance(o, tuple) else o).detach().clone()))
     handles += _forward_hooks(hf, layout, lambda info: info.router,
                               lambda i, o: indices.__setitem__(i, o[2].detach().reshape(b, p, -1).clone()))
+    beside = {}  # a shared expert beside the block (Granite): the layer adds its output to the block's
+    for index in layout.moe_layers:
+        if layout.layer(index).shared_outside:
+            module = _inner(hf.get_submodule(layout.layer(index).shared))
+            handles.append(module.register_forward_hook(
+                lambda m, a, o, index=index: beside.__setitem__(index, o.detach().clone()), prepend=True))
     try:
         logits = hf(**batch).logits
     finally:
         for h in handles:
             h.remove()
+    for index, shared in beside.items():
+        blocks[index] = blocks[index] + shared.reshape(blocks[index].shape)
     return logits, blocks, indices
 
 

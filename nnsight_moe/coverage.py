@@ -40,7 +40,6 @@ EXCLUDED: dict[str, str] = {
 
 #: MoE packages not supported yet, with what they need (issue #14's groups).
 NOT_YET: dict[str, str] = {
-    "step3p7": "post-processed routed sum (and its own experts module): needs a hook-contract extension",
     "llama4": "dense sigmoid router scores that scale the expert input (not the output), not fused top-k gating",
     "dbrx": "routing inside the block and 2-D (per-expert concatenated) expert weights",
     "jetmoe": "dispatch router and ParallelExperts (also mixture-of-attention experts)",

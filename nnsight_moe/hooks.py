@@ -139,6 +139,9 @@ def install(block: nn.Module, state: BlockState) -> list:
         block.register_forward_hook(_moe_out),
         block.register_forward_hook(_end_forward, always_call=True),  # also when the forward raises
     ]
+    if state.adapter.own_experts:  # an experts forward outside transformers' ExpertsInterface (Step-3.7)
+        handles.append(state.experts.register_forward_pre_hook(_own_experts_in))
+        handles.append(state.experts.register_forward_hook(_own_experts_out))
     if state.layer.d_latent:
         latent_out = unwrap(block.get_submodule(state.adapter.latent_out))
         latent_out.__dict__[_STATE] = state
@@ -261,6 +264,27 @@ def _moe_out(block, args, output):
     return state.hook("hook_moe_out", output)
 
 
+def _own_experts_in(experts, args):
+    """Keep the experts' arguments and hand their own forward only the "no expert" id ``num_experts``.
+
+    Step-3.7's experts loop skips that id (it is how transformers masks tokens routed elsewhere), so its
+    own forward returns zeros without computing; :func:`_own_experts_out` replaces them by the
+    ``"nnsight_moe"`` computation on the kept arguments.
+    """
+    state: BlockState = experts.__dict__[_STATE]
+    if len(args) != 3:
+        raise RuntimeError(f"layer {state.layer.index}: expected the experts to be called as experts(hidden_states, "
+                           f"top_k_index, top_k_weights), got {len(args)} positional arguments")
+    state.experts_args = args
+    return (args[0], torch.full_like(args[1], experts.num_experts), args[2])
+
+
+def _own_experts_out(experts, args, output):
+    state: BlockState = experts.__dict__[_STATE]
+    kept, state.experts_args = state.experts_args, None
+    return hooked_experts_forward(experts, *kept)
+
+
 def _latent_out(projection, args, output):
     """A latent MoE's output projection of the routed sum: ``hook_latent_out`` [b, p, d_model]."""
     state: BlockState = projection.__dict__[_STATE]
@@ -354,8 +378,23 @@ def hooked_experts_forward(
     slots = _sort_slots(top_k_index, experts.num_experts)
     acts = state.hook("hook_expert_acts", expert_acts(experts, hidden_states, top_k_index, slots).view(b, p, k, -1))
     out = state.hook("hook_expert_out", expert_down(experts, acts.reshape(n * k, -1), top_k_index, slots).view(b, p, k, d))
-    routed = (out * top_k_weights.view(b, p, k, 1)).sum(dim=-2).to(hidden_states.dtype)
-    return state.hook("hook_routed_out", routed).reshape(n, d)
+    if state.adapter.own_experts:
+        routed = _eager_sum(out, top_k_weights.view(b, p, k), top_k_index.view(b, p, k), hidden_states.dtype)
+    else:
+        routed = (out * top_k_weights.view(b, p, k, 1)).sum(dim=-2).to(hidden_states.dtype)
+    return state.hook("hook_routed_out", routed).reshape(n, -1)
+
+
+def _eager_sum(out: Tensor, weights: Tensor, indices: Tensor, dtype: torch.dtype) -> Tensor:
+    """The routed sum as an eager experts loop computes it (Step-3.7's own forward): each slot's
+    ``weight * out`` cast to ``dtype``, accumulated in ``dtype`` in increasing expert order."""
+    terms = (out * weights[..., None]).to(dtype)
+    order = indices.argsort(dim=-1, stable=True)
+    terms = terms.gather(-2, order[..., None].expand_as(terms))
+    routed = torch.zeros_like(terms[..., 0, :])
+    for j in range(terms.shape[-2]):
+        routed = routed + terms[..., j, :]
+    return routed
 
 
 def _sort_slots(indices: Tensor, n_experts: int) -> tuple[Tensor, Tensor, list[int]]:

@@ -109,8 +109,7 @@ def moe_spec(model: Any) -> dict:
             "shared_first": _shared_runs_first(hf, info) if info.shared else False,
             "shared_gated": shared is not None and hasattr(shared, "gate_proj"),
             # a shared MLP that is not gate/up/down_proj, or lives beside the block: read from the forward
-            "shared_read": shared is not None and (info.shared_outside or not all(
-                hasattr(shared, name) for name in ("up_proj", "down_proj", "act_fn"))),
+            "shared_read": shared is not None and (info.shared_outside or not _standard_mlp(shared)),
             "shared_down": info.shared_down,
             "shared_outside": info.shared_outside,
             "d_latent": info.d_latent,
@@ -125,6 +124,23 @@ def moe_spec(model: Any) -> dict:
             "routing": _routing_spec(info.routing, hf.get_submodule(info.path), layout.family),
         }
     return {"family": layout.family, "layers": layers}
+
+
+#: The forwards the view recomputes a shared expert by (``down(act(gate(x)) * up(x))``, ``down(act(up(x)))``),
+#: whitespace removed; any other shared MLP (clamped, fused, float32 SwiGLU, ...) is read from the forward.
+_STANDARD_MLPS = ("self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))",
+                  "self.down_proj(self.act_fn(self.up_proj(x)))")
+
+
+def _standard_mlp(shared: torch.nn.Module) -> bool:
+    """Whether ``shared``'s forward is one of :data:`_STANDARD_MLPS` (read from its source)."""
+    import inspect
+
+    try:
+        source = "".join(inspect.getsource(type(shared).forward).split())
+    except (OSError, TypeError):
+        return False
+    return any(f"return{expr}" in source or f"={expr}" in source for expr in _STANDARD_MLPS)
 
 
 def _shared_runs_first(hf: torch.nn.Module, info: Any) -> bool:

@@ -16,7 +16,8 @@ from nnsight_moe.testing import tiny_config, tiny_model
 #: Families added by issue #14 (the float32 core tests run on them through tests/test_core.py).
 ADDED = ["aria", "axk1", "beam", "deepseek_ocr2", "dots3_note", "glm4v_moe", "glm5_next", "granitemoehybrid", "granitemoeshared",
          "hy_v4_vl", "laguna", "lara_mini", "lfm2_moe", "minimax_m3_vl", "muse_spark",
-         "mistral4", "mistral_large4", "openai_privacy_filter", "qwen3_vl_moe", "sarvam_mla", "sarvam_moe", "unlimited_ocr"]
+         "mistral4", "mistral_large4", "openai_privacy_filter", "qwen3_vl_moe", "sarvam_mla", "sarvam_moe", "step3p7",
+         "unlimited_ocr"]
 #: Families whose router keeps bf16 arithmetic (mistral4, lfm2_moe) or casts weights to the hidden states'
 #: dtype (lara_mini): the contract's float32 weights differ from the model's by bf16 rounding; and
 #: openai_privacy_filter, whose own experts forward upcasts to float32 on a bf16 model while the
@@ -252,3 +253,13 @@ def test_post_norm_sum_edits_and_frozen_scale_decomposition():
             for point in points.values():
                 point.remove_hooks()
     torch.testing.assert_close(edited, ablated, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family, overrides", [("granitemoeshared", {}), ("axk1", {}), ("muse_spark", {}),
+                                               ("step3p7", {}), ("nemotron_h", {"moe_latent_size": 32})],
+                         ids=["granitemoeshared", "axk1", "muse_spark", "step3p7", "nemotron_h-latent"])
+def test_routing_check_passes_with_the_extension(family, overrides):
+    """``nnsight-moe check`` knows the extended identities (and the shared expert beside the block)."""
+    model = tiny_model(family, dtype=torch.bfloat16, **overrides)
+    report = nnsight_moe.check_routing(model, input_ids=_ids(), compare_float32=False, implementations=())
+    assert report.ok, report.format()
