@@ -174,8 +174,9 @@ def _parts(hf: nn.Module) -> Parts:
     if all(m is None for m in mixers) and all(m is None for m in mlps):
         raise ValueError(f"{type(hf).__name__}: its decoder layers have none of {MIXER_NAMES + MLP_NAMES}")
     base = hf.base_model
-    norm = next((getattr(base, n) for n in ("norm", "final_layernorm", "norm_f", "ln_f")
-                 if isinstance(getattr(base, n, None), nn.Module)), None)
+    owners = (base, getattr(base, "language_model", None))  # a multimodal model's text stack keeps the norm
+    norm = next((getattr(owner, n) for owner in owners for n in ("norm", "final_layernorm", "norm_f", "ln_f")
+                 if isinstance(getattr(owner, n, None), nn.Module)), None)
     if norm is None:
         raise ValueError(f"{type(hf).__name__}: no final norm (base_model.norm / final_layernorm / norm_f) found")
     return Parts(list(stack), mixers, kinds, o_projs, mlps, norm, hf.get_output_embeddings(), n_heads,
@@ -223,6 +224,10 @@ def capture(hf: nn.Module, batch: dict[str, Tensor], parts: Parts, handle=None) 
             down = getattr(unwrap(mlp), "down_proj", None)
             if i not in moe_layers and _linear(down) is not None:
                 handles.append(down.register_forward_pre_hook(lambda m, a, i=i: got["mlp_acts"].__setitem__(i, pick(a[0]))))
+    for i in moe_layers:  # a shared expert beside the block (Granite): the layer's MLP output is the sum of both
+        if handle.layout.layer(i).shared_outside:
+            handles.append(hf.get_submodule(handle.layout.layer(i).shared).register_forward_hook(
+                lambda m, a, o, i=i: got["mlp_out"].__setitem__(i, got["mlp_out"][i] + pick(_out(o)))))
     handles.append(parts.norm.register_forward_pre_hook(
         lambda m, a, k: got.__setitem__("final", pick(a[0] if a else k["hidden_states"])), with_kwargs=True))
     added = TemporaryHooks()
@@ -312,6 +317,32 @@ def _rows(**cols) -> pd.DataFrame:
     return pd.DataFrame({k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in cols.items()})
 
 
+def _block_maps(hf: nn.Module, info: Any, moe: dict) -> tuple[Any, Any]:
+    """(routed, shared): the linear maps from a contribution inside the block ([N, ..., d] vectors whose
+    rows are prompts ``rows``) to the block's output, by the hook contract's extension: the block-level
+    ``routed_scale``, a latent MoE's output projection (its bias is per token, no expert's), and a
+    post-MoE RMSNorm with its per-token scale frozen at the actual sum (A.X-K1)."""
+    w_out = _linear(hf.get_submodule(info.latent_out)).weight.float() if info.d_latent else None
+    factor = None
+    if info.post:
+        norm = unwrap(hf.get_submodule(info.post))
+        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+        total = moe["moe_sum"].float()  # [P, D]
+        factor = rms_gamma(norm, eps) * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + eps)
+
+    def post(v: Tensor, rows: Tensor) -> Tensor:
+        if factor is None:
+            return v
+        f = factor[rows.to(factor.device)]
+        return v * f.reshape(f.shape[0], *([1] * (v.dim() - 2)), f.shape[-1])
+
+    def routed(v: Tensor, rows: Tensor) -> Tensor:
+        v = v * info.routed_scale if info.routed_scale != 1.0 else v
+        return post(v @ w_out.T if w_out is not None else v, rows)
+
+    return routed, post
+
+
 def _down_columns(experts: nn.Module, expert_ids: Tensor) -> Tensor:
     """W_down of each expert in ``expert_ids`` [N] as [N, d_expert, d_model] (row k = column k of W_down)."""
     w = experts.down_proj[expert_ids].float()
@@ -352,22 +383,24 @@ def score_batch(hf: nn.Module, parts: Parts, captured: dict, ro: Readout, levels
             rows = ar.repeat_interleave(k)
             ids = moe["topk_indices"].reshape(-1)
             gate = moe["topk_weights"].float().reshape(-1)
+            info = handle.layout.layer(layer)
+            to_block, shared_to_block = _block_maps(hf, info, moe)
             if "expert" in levels:
-                contrib = gate[:, None] * moe["expert_out"].float().reshape(-1, u.shape[-1])
-                add(layer, "expert", rows, lpi(ro, u[layer], contrib, rows, budget_bytes), expert=ids)
+                contrib = gate[:, None] * moe["expert_out"].float().reshape(len(ids), -1)
+                add(layer, "expert", rows, lpi(ro, u[layer], to_block(contrib, rows), rows, budget_bytes), expert=ids)
             if "shared" in levels and "shared_out" in moe:
                 contrib = moe["shared_gate"].float() * moe["shared_out"].float()
-                add(layer, "shared", ar, lpi(ro, u[layer], contrib, ar, budget_bytes))
+                add(layer, "shared", ar, lpi(ro, u[layer], shared_to_block(contrib, ar), ar, budget_bytes))
             if "neuron" in levels:
                 experts = unwrap(handle.states[layer].experts)
                 acts = moe["expert_acts"].float().reshape(len(ids), -1)  # [P*k, I]
-                w_down = _down_columns(experts, ids)  # [P*k, I, D]
+                w_down = to_block(_down_columns(experts, ids), rows)  # [P*k, I, D]
                 frames.append(_neurons(ro, u[layer], rows, gate[:, None] * acts, w_down, layer, ids,
                                        budget_bytes, neurons, fast_top))
                 if "shared_acts" in moe:
-                    shared = unwrap(hf.get_submodule(handle.layout.layer(layer).shared))
                     acts = moe["shared_gate"].float() * moe["shared_acts"].float()
-                    w_down = _linear(shared.down_proj).weight.float().T.expand(n_prompts, -1, -1)
+                    w_down = _linear(hf.get_submodule(info.shared_down)).weight.float().T.expand(n_prompts, -1, -1)
+                    w_down = shared_to_block(w_down, ar)
                     frames.append(_neurons(ro, u[layer], ar, acts, w_down, layer, torch.full((n_prompts,), -1),
                                            budget_bytes, neurons, fast_top))
         elif "neuron" in levels and layer in captured["mlp_acts"]:

@@ -263,3 +263,76 @@ def test_routing_check_passes_with_the_extension(family, overrides):
     model = tiny_model(family, dtype=torch.bfloat16, **overrides)
     report = nnsight_moe.check_routing(model, input_ids=_ids(), compare_float32=False, implementations=())
     assert report.ok, report.format()
+
+
+@pytest.mark.parametrize("family, overrides", [("axk1", {}), ("nemotron_h", {"moe_latent_size": 32}), ("laguna", {})],
+                         ids=["axk1", "nemotron_h-latent", "laguna"])
+@torch.no_grad()
+def test_attribution_maps_parts_to_the_block_output(family, overrides):
+    """Attribution's per-expert / shared contributions, mapped through the extension (routed_scale, latent
+    projection, frozen post-norm scale), add up to the block output; and every recipe runs."""
+    from nnsight_moe.recipes import blocking
+    from nnsight_moe.recipes.attribution import _block_maps, attribute
+
+    from helpers import capture_hooks
+
+    model = tiny_model(family, **overrides)
+    ids = _ids()
+    layout = nnsight_moe.layout(model)
+    with nnsight_moe.attached(model) as handle:
+        values = capture_hooks(handle, lambda: model(ids))
+    for index in layout.moe_layers:
+        info = layout.layer(index)
+        moe = {name[5:]: values[f"{info.path}.{name}"].reshape(-1, *values[f"{info.path}.{name}"].shape[2:])
+               for name in info.hook_names}
+        routed, shared = _block_maps(model, info, moe)
+        n, k = moe["topk_indices"].shape
+        rows = torch.arange(n).repeat_interleave(k)
+        parts = routed((moe["topk_weights"][..., None] * moe["expert_out"]).reshape(n * k, -1), rows)
+        total = parts.reshape(n, k, -1).sum(1)
+        if info.has_shared:
+            total = total + shared(moe["shared_gate"] * moe["shared_out"], torch.arange(n))
+        if info.d_latent and model.get_submodule(info.latent_out).bias is not None:
+            total = total + model.get_submodule(info.latent_out).bias
+        torch.testing.assert_close(total, moe["moe_out"], atol=1e-5, rtol=0)
+    prompts, targets = [[5, 9, 17, 33], [7, 8, 9], [11, 12, 13, 14]], [3, 40, 77]
+    frame = attribute(model, prompts, targets, levels=("layer", "expert", "shared", "neuron"), progress=False).to_frame()
+    assert {"moe", "expert", "neuron"} <= set(frame["level"])
+    ranking = blocking.rank_experts(model, (prompts, targets), by="frequency", progress=False)
+    assert len(blocking.sweep(model, (prompts, targets), ranking=ranking, top_n=(1,), seeds=1, baselines=("uniform",),
+                              progress=False).to_frame())
+
+
+def test_remote_attribution_refuses_extended_blocks():
+    from nnsight_moe.recipes.attribution import attribute
+
+    from helpers import language_model
+
+    lm = language_model(tiny_model("granitemoeshared"))
+    with pytest.raises(ValueError, match=r"remote attribution does not yet map the parts of granitemoeshared"):
+        attribute(lm, [[5, 9, 17]], [3], levels=("layer", "expert"), remote="local", progress=False)
+
+
+@torch.no_grad()
+def test_latent_nemotron_h_bridge_hooks(tmp_path):
+    """TransformerLens' NemotronH adapter on a LatentMoE: the extension's hook points under blocks.{L}.mlp."""
+    from nnsight_moe import tl
+
+    from helpers import word_tokenizer
+
+    word_tokenizer().save_pretrained(tmp_path)
+    model = tiny_model("nemotron_h", moe_latent_size=32)
+    ids = _ids(pos=6)
+    ref = model(ids).logits
+    layout = nnsight_moe.layout(model)
+    bridge = tl.boot(model, tokenizer=str(tmp_path))
+    try:
+        logits, cache = bridge.run_with_cache(ids)
+        torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+        for index in layout.moe_layers:
+            get = lambda name: cache[tl.tl_hook_name(index, name)]  # noqa: E731
+            assert set(layout.layer(index).hook_names) <= {k.split(".")[-1] for k in cache if k.startswith(f"blocks.{index}.mlp.")}
+            assert get("hook_latent_in").shape[-1] == get("hook_routed_out").shape[-1] == 32
+            torch.testing.assert_close(get("hook_moe_out"), get("hook_latent_out") + get("hook_shared_out"), atol=1e-6, rtol=0)
+    finally:
+        nnsight_moe.detach(bridge)
