@@ -336,3 +336,34 @@ def test_latent_nemotron_h_bridge_hooks(tmp_path):
             torch.testing.assert_close(get("hook_moe_out"), get("hook_latent_out") + get("hook_shared_out"), atol=1e-6, rtol=0)
     finally:
         nnsight_moe.detach(bridge)
+
+
+@torch.no_grad()
+def test_granite_shared_hooks_in_nnsight():
+    """nnsight envoys of the hook points (execution order: routed, shared, then moe_out on the layer's sum);
+    setting hook_moe_out to zero = zeroing that layer's routed and shared experts."""
+    from helpers import language_model
+
+    hf = tiny_model("granitemoeshared")
+    ids = _ids(pos=6)
+    ref = hf(ids).logits
+    layout = nnsight_moe.layout(hf)
+    info = layout.layer(layout.moe_layers[0])
+    first_only = replace(layout, layers=tuple(l if l.index == info.index else replace(l, kind="dense") for l in layout.layers))
+    zeroed = _zeroed(hf, first_only, routed=True, shared=True)(ids).logits
+    lm = language_model(hf)
+    nnsight_moe.attach(lm)
+    with lm.trace(ids):
+        block = lm.model.layers[info.index].block_sparse_moe
+        routed = block.hook_routed_out.output.save()
+        shared = block.hook_shared_out.output.save()
+        moe = block.hook_moe_out.output.save()
+        out = lm.output.logits.save()
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(moe, routed + shared, atol=1e-6, rtol=0)
+    with lm.trace(ids):
+        block = lm.model.layers[info.index].block_sparse_moe
+        block.hook_moe_out.output = torch.zeros_like(block.hook_moe_out.output)
+        edited = lm.output.logits.save()
+    torch.testing.assert_close(edited, zeroed, atol=1e-5, rtol=0)
+    nnsight_moe.detach(lm)
