@@ -72,6 +72,25 @@ def test_string_prompts_both_sides_and_per_prompt_values():
         assert (got - expected).abs().max() < ATOL
 
 
+def test_transformer_bridge_batches_equal_unpadded_single_prompts(tmp_path):
+    from nnsight_moe import tl
+
+    word_tokenizer().save_pretrained(tmp_path)
+    bridge = tl.boot(tiny_model("olmoe"), tokenizer=tmp_path)  # attached: our hooks are in the forward
+
+    def last_logits(model, batch):
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        return logits[torch.arange(len(batch["rows"])), batch["last"]].float()
+
+    expected = _alone(tiny_model("olmoe"), PROMPTS)
+    try:
+        for side in ("left", "right"):
+            got = torch.cat(runner.run(bridge, PROMPTS, last_logits, batch_size=4, padding_side=side, progress=False))
+            assert (got - expected).abs().max() < ATOL
+    finally:
+        nnsight_moe.detach(bridge)
+
+
 def test_results_come_back_in_batch_order():
     hf = tiny_model("olmoe")
     out = runner.run(hf, PROMPTS, lambda model, batch: {"index": batch["index"], "rows": batch["rows"]},
