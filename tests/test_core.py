@@ -17,7 +17,7 @@ from helpers import capture_blocks, capture_hooks, capture_routers, naive_expert
 #: multimodal model.
 FAMILIES = nnsight_moe.supported_families() + ["kimi_k25", "nemo_speechlm", "nemotron_h_omni", "nemotron_h-latent"]
 #: Test variants of a family: (model type, tiny-model overrides).
-VARIANTS = {"nemotron_h-latent": ("nemotron_h", {"moe_latent_size": 32})}
+VARIANTS = {"nemotron_h-latent": ("nemotron_h", {"moe_latent_size": 32, "mlp_bias": True})}
 
 
 def tiny_model(family, **kwargs):  # noqa: F811 - the variants above, else nnsight_moe.testing.tiny_model

@@ -265,8 +265,8 @@ def test_routing_check_passes_with_the_extension(family, overrides):
     assert report.ok, report.format()
 
 
-@pytest.mark.parametrize("family, overrides", [("axk1", {}), ("nemotron_h", {"moe_latent_size": 32}), ("laguna", {})],
-                         ids=["axk1", "nemotron_h-latent", "laguna"])
+@pytest.mark.parametrize("family, overrides", [("axk1", {}), ("nemotron_h", {"moe_latent_size": 32, "mlp_bias": True}),
+                                               ("laguna", {})], ids=["axk1", "nemotron_h-latent-bias", "laguna"])
 @torch.no_grad()
 def test_attribution_maps_parts_to_the_block_output(family, overrides):
     """Attribution's per-expert / shared contributions, mapped through the extension (routed_scale, latent
