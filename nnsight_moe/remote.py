@@ -493,7 +493,7 @@ def read_layer(
         or (info.get("shared_outside", False) and "moe_out" in want))
     read = {}
     if shared_read and info["shared_first"]:
-        read = _read_shared(model, info, b, p, ablate_shared)
+        read = _read_shared(model, info, x, b, p, ablate_shared)
     elif ablate_shared and info["shared_first"]:
         _zero_output(_envoy(model, info["shared"]))
 
@@ -568,7 +568,7 @@ def read_layer(
     if info.get("shared_outside", False) and "moe_out" in want:  # the block runs before the shared MLP beside it
         block_out = _envoy(model, info["block"]).output
     if shared_read and not info["shared_first"]:
-        read = _read_shared(model, info, b, p, ablate_shared)
+        read = _read_shared(model, info, x, b, p, ablate_shared)
     elif ablate_shared and not info["shared_first"]:
         _zero_output(_envoy(model, info["shared"]))
     values.update({name: value for name, value in read.items() if name != "ran"})
@@ -582,10 +582,11 @@ def read_layer(
     return {name: values[name] for name in want}
 
 
-def _read_shared(model: Any, info: dict, b: int, p: int, ablate: bool) -> dict:
-    """Shared-expert quantities read from the forward (its down projection's input, its output), for an
-    ungated shared MLP the view does not recompute (Granite's fused ``input_linear``, one beside the
-    block). With ``ablate`` its output is set to zero. ``"ran"``: the output as the forward uses it."""
+def _read_shared(model: Any, info: dict, x: torch.Tensor, b: int, p: int, ablate: bool) -> dict:
+    """Shared-expert quantities read from the forward (its down projection's input, its output), for a
+    shared MLP the view does not recompute (clamped or fused: Step-3.7, MiniMax-M3, GLM-5-Next; one
+    beside the block: Granite). ``x`` is the block input (for a sigmoid shared gate). With ``ablate`` its
+    output is set to zero. ``"ran"``: the output as the forward uses it."""
     shared = _envoy(model, info["shared"])
     acts = _rows(_envoy(model, info["shared_down"]).input, b, p)
     out = shared.output
@@ -598,7 +599,10 @@ def _read_shared(model: Any, info: dict, b: int, p: int, ablate: bool) -> dict:
         else:
             start, total = _invoke_rows(b, out.numel() // (p * out.shape[-1]))
             shared.output = _splice(out, ran, start, total)
-    gate = torch.ones(b, p, 1, dtype=rows.dtype, device=rows.device)
+    if info["shared_gate"]:
+        gate = torch.sigmoid(_envoy(model, info["shared_gate"])(x.reshape(b * p, x.shape[-1]))).reshape(b, p, 1)
+    else:
+        gate = torch.ones(b, p, 1, dtype=rows.dtype, device=rows.device)
     return {"shared_acts": acts, "shared_out": rows, "shared_gate": gate * 0 if ablate else gate, "ran": ran}
 
 
