@@ -19,7 +19,7 @@ selection and gate weights (the hook contract's "editing hook_router_logits re-d
 **Direction edits** act on ``hook_moe_out``, ``hook_shared_out`` (local and remote) or ``hook_expert_out``
 (local: per selected slot): ``mode="remove"`` projects the unit direction out, ``x - (x . u) u``;
 ``mode="add"`` adds ``alpha * d`` (the direction as given, e.g. a difference of means).
-:func:`mean_difference` estimates one per layer from two prompt sets.
+:func:`nnsight_moe.recipes.steering.mean_difference` estimates one per layer from two prompt sets.
 
 **Positions** (``span``): ``None`` (every position), ``"generated"`` (the positions that choose
 generated tokens: the last prompt position and every generated one), ``(start, stop)`` (absolute
@@ -46,7 +46,7 @@ import cloudpickle
 import torch
 from torch import Tensor
 
-__all__ = ["DIRECTION_HOOKS", "DIRECTION_MODES", "apply_in_trace", "generate", "mean_difference", "plan", "steer",
+__all__ = ["DIRECTION_HOOKS", "DIRECTION_MODES", "apply_in_trace", "generate", "plan", "steer",
            "steer_direction", "steer_experts"]
 
 #: Hook points a direction edit can act on.
@@ -431,25 +431,6 @@ def generate(model: Any, inputs: Any, plan: dict | None = None, *, max_new_token
 @contextmanager
 def _nothing():
     yield
-
-
-# ============================================================================ directions from prompt sets
-@torch.no_grad()
-def mean_difference(model: Any, behaviour: Any, control: Any, *, hook: str = "hook_moe_out", tokenizer: Any = None,
-                    positions: str = "last", batch_size: int = 16, remote: Any = None) -> dict[int, Tensor]:
-    """Per MoE layer, mean of ``hook`` over ``behaviour`` prompts minus its mean over ``control`` prompts.
-
-    ``positions``: ``"last"`` (each prompt's last token) or ``"all"`` (every non-pad token). For
-    ``hook_expert_out`` the mean is over selected slots (gate-weighted outputs are hook_routed_out's).
-    Returns ``{layer: vector [d_model]}`` (float32), ready for ``plan(directions=...)``.
-    """
-    from nnsight_moe.recipes.steering import hook_means
-
-    a = hook_means(model, behaviour, hook=hook, tokenizer=tokenizer, positions=positions, batch_size=batch_size,
-                   remote=remote)
-    b = hook_means(model, control, hook=hook, tokenizer=tokenizer, positions=positions, batch_size=batch_size,
-                   remote=remote)
-    return {layer: a[layer] - b[layer] for layer in a}
 
 
 # Ship this module's functions by value (as source): nnsight_moe is not installed on NDIF.
