@@ -49,8 +49,9 @@ from nnsight_moe.hooks import TemporaryHooks
 from nnsight_moe.recipes import runner
 from nnsight_moe.recipes.prompts import model_tokenizer
 
-__all__ = ["BY", "EDITS", "Discovery", "SteeringResult", "bh_qvalues", "discover", "evaluate", "hook_means",
-           "mean_difference", "permutation_p", "random_matched", "section"]
+__all__ = ["BY", "EDITS", "GOALS", "Discovery", "RelationSteering", "SteeringResult", "bh_qvalues", "discover",
+           "evaluate", "hook_means", "mean_difference", "paired_targets", "permutation_p", "random_matched",
+           "relation_steering", "run_steer", "section"]
 
 #: Discovery scores a ranking can use.
 BY = ("risk_difference", "gate_difference", "attribution_difference")
@@ -634,6 +635,186 @@ class SteeringResult:
         return fig
 
 
+# ============================================================================ two relations
+#: What :func:`relation_steering` evaluates: force the behaviour experts ON in the control relation's prompts,
+#: scored with the behaviour relation's answers for the same subjects; or force them OFF in held-out
+#: behaviour prompts (suppress the relation).
+GOALS = ("toward", "suppress")
+
+
+def paired_targets(tokenizer: Any, facts: Sequence, answers: Any) -> tuple[list[str], Tensor, list[int]]:
+    """The prompts of ``facts`` with, as target, the other relation's answer for the same subject.
+
+    ``answers``: a :class:`~nnsight_moe.data.Relation` (its samples) or ``{subject: object}``. Returns
+    (prompts, targets, indices into ``facts``); facts whose subject has no answer, or whose answer has no
+    usable first token after the prompt (:func:`nnsight_moe.data.target_token`), are left out.
+    """
+    from nnsight_moe.data import target_token
+
+    lookup = dict(answers.samples) if hasattr(answers, "samples") else dict(answers)
+    prompts, targets, kept = [], [], []
+    for j, fact in enumerate(facts):
+        if fact.subject not in lookup:
+            continue
+        token = target_token(tokenizer, lookup[fact.subject], fact.prompt)
+        if token is not None:
+            prompts.append(fact.prompt)
+            targets.append(token)
+            kept.append(j)
+    return prompts, torch.tensor(targets, dtype=torch.long), kept
+
+
+@dataclass
+class RelationSteering:
+    """What :func:`relation_steering` found: the discovery and one :class:`SteeringResult` per goal."""
+
+    meta: dict
+    discovery: Discovery
+    results: dict
+
+    def to_json(self) -> dict:
+        return {"meta": self.meta, "discovery": self.discovery.to_json(),
+                "results": {goal: r.to_json() for goal, r in self.results.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "RelationSteering":
+        return cls(data["meta"], Discovery.from_json(data["discovery"]),
+                   {goal: SteeringResult.from_json(r) for goal, r in data["results"].items()})
+
+    def save(self, path: str | Path) -> Path:
+        from nnsight_moe.report import json_value
+
+        path = Path(path)
+        path.write_text(json.dumps(json_value(self.to_json()), indent=1, allow_nan=False))
+        return path
+
+    def text(self) -> str:
+        m = self.meta
+        lines = [f"experts linked to {m['behaviour']} vs {m['control']} ({m['n_discovery']} discovery prompts each "
+                 f"at most): {m['experts']}"]
+        for goal, result in self.results.items():
+            lines.append(f"\n[{goal}] {_GOAL_TEXT[goal].format(**m)}\n{result.text()}")
+        return "\n".join(lines)
+
+
+_GOAL_TEXT = {
+    "toward": "forced ON in held-out {control} prompts, target = the {behaviour} answer for the same subject; "
+              "control = the same prompts with their own answers",
+    "suppress": "forced OFF in held-out {behaviour} prompts; control = held-out {control} prompts",
+}
+
+
+def relation_steering(model: Any, facts: Any, behaviour: str, control: str, *, relations: Sequence | None = None,
+                      goals: Sequence[str] = GOALS, top: int = 3, seeds: int = 5, margin: float = 1.0,
+                      per_relation: int | None = None, permutations: int = 1000, n_boot: int = 1000,
+                      tokenizer: Any = None, batch_size: int = 16, remote: Any = None) -> RelationSteering:
+    """Discover the experts linked to relation ``behaviour`` against ``control`` and steer with them, held out.
+
+    The facts of each relation are split (even positions: discovery, odd: held out). The ``top`` experts by
+    risk difference (selected more often in ``behaviour``) are then, per goal (:data:`GOALS`), forced ON in the
+    held-out ``control`` prompts and scored on the ``behaviour`` answer of the same subject (``"toward"``;
+    needs ``relations`` for the answers), and forced OFF in the held-out ``behaviour`` prompts (``"suppress"``),
+    each against ``seeds`` sets of layer-matched random experts, with a fluency guard.
+
+    Args:
+        facts: an :class:`~nnsight_moe.data.EncodedFacts` holding both relations (``encode_facts``).
+        relations: the :class:`~nnsight_moe.data.Relation` objects (for the ``"toward"`` answers).
+        per_relation: at most this many facts per relation (evenly spread) before the split; None: all.
+    """
+    from nnsight_moe.data import evenly_spaced
+
+    unknown = [g for g in goals if g not in GOALS]
+    if unknown or not goals:
+        raise ValueError(f"goals must be a non-empty subset of {GOALS}, got {list(goals)}")
+    tokenizer = model_tokenizer(model, tokenizer)
+    groups: dict[str, list[int]] = {}
+    for j, fact in enumerate(facts.facts):
+        groups.setdefault(fact.relation, []).append(j)
+    for name in (behaviour, control):
+        if name not in groups:
+            raise ValueError(f"relation {name!r} has no facts here; relations: {sorted(groups)}")
+    if behaviour == control:
+        raise ValueError("behaviour and control must be two different relations")
+    chosen = {name: evenly_spaced(groups[name], per_relation) for name in (behaviour, control)}
+    split = {name: _split(idx) for name, idx in chosen.items()}
+
+    def subset(idx):
+        return [facts.prompts[i] for i in idx], torch.tensor([facts.targets[i] for i in idx], dtype=torch.long)
+
+    options = {"tokenizer": tokenizer, "batch_size": batch_size, "remote": remote}
+    found = discover(model, subset(split[behaviour][0]), subset(split[control][0]), permutations=permutations, **options)
+    experts = found.top(top)
+    if not experts:
+        raise ValueError(f"no expert is selected more often in {behaviour} than in {control}: nothing to steer")
+    results = {}
+    common = {"seeds": seeds, "margin": margin, "n_boot": n_boot, **options}
+    held_b, held_c = split[behaviour][1], split[control][1]
+    if "toward" in goals:
+        if relations is None:
+            raise ValueError("goal 'toward' needs relations= (the behaviour relation's answers)")
+        answers = next((r for r in relations if r.name == behaviour), None)
+        if answers is None:
+            raise ValueError(f"relations has no relation named {behaviour!r}")
+        prompts, targets, kept = paired_targets(tokenizer, [facts.facts[i] for i in held_c], answers)
+        if not prompts:
+            raise ValueError(f"no held-out {control} prompt has a subject of {behaviour}: goal 'toward' needs shared "
+                             "subjects")
+        own = subset([held_c[j] for j in kept])
+        results["toward"] = evaluate(model, (prompts, targets), experts, edit="on", control=own, **common)
+    if "suppress" in goals:
+        results["suppress"] = evaluate(model, subset(held_b), experts, edit="off", control=subset(held_c), **common)
+    meta = {"behaviour": behaviour, "control": control, "experts": [list(p) for p in experts], "top": top,
+            "n_discovery": max(len(split[behaviour][0]), len(split[control][0])),
+            "n_heldout": {behaviour: len(held_b), control: len(held_c)}}
+    return RelationSteering(meta, found, results)
+
+
+def run_steer(model: str = "demo-moe", data: str | None = None, *, behaviour: str = "country_capital_city",
+              control: str = "country_language", goals: Sequence[str] = GOALS, top: int = 3, seeds: int = 5,
+              margin: float = 1.0, per_relation: int | None = None, remote: Any = None, device: str | None = None,
+              dtype: str | None = None, threads: int | None = None, batch_size: int = 16,
+              out: str | Path | None = None) -> RelationSteering:
+    """``nnsight-moe steer``: load ``model`` and relations (``data``: a relation file or folder, default the
+    bundled ones), run :func:`relation_steering`, print its tables, and save it as JSON to ``out`` if given."""
+    import warnings
+
+    from nnsight_moe import data as relation_data
+    from nnsight_moe import threads as cpu_threads
+    from nnsight_moe.models import load_model, load_traced
+
+    cpu_threads.requested(threads)
+    if remote is not None:
+        from nnsight_moe.remote import _check_remote
+
+        _check_remote(remote)
+    relations = relation_data.load_relations(data) if data else relation_data.bundled()
+    names = [r.name for r in relations]
+    for name in (behaviour, control):
+        if name not in names:
+            raise ValueError(f"relation {name!r} is not in {data or 'the bundled relations'}; available: {', '.join(names)}")
+    relations = [r for r in relations if r.name in (behaviour, control)]
+    if out is not None:
+        out = Path(out).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+    if remote is None:
+        lm, tokenizer = load_model(model, device=device, dtype=dtype)
+    else:
+        lm, tokenizer = load_traced(model, remote, device=device, dtype=dtype)
+    cpu_threads.configure(threads, model=lm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        facts = relation_data.encode_facts(tokenizer, [f for r in relations for f in r.facts()])
+    result = relation_steering(lm, facts, behaviour, control, relations=relations, goals=goals, top=top, seeds=seeds,
+                               margin=margin, per_relation=per_relation or None, tokenizer=tokenizer,
+                               batch_size=batch_size, remote=remote)
+    print(result.discovery.to_frame().head(10)[["layer", "expert", "freq_behaviour", "freq_control", "risk_difference",
+                                                 "q_frequency", "gate_difference", "q_gate"]].to_string(index=False))
+    print(result.text())
+    if out is not None:
+        print(f"saved {result.save(out)}")
+    return result
+
+
 # ============================================================================ main job section
 def _split(indices: list[int]) -> tuple[list[int], list[int]]:
     """Even positions for discovery, odd ones held out (deterministic)."""
@@ -641,46 +822,40 @@ def _split(indices: list[int]) -> tuple[list[int], list[int]]:
 
 
 def section(job: Any):
-    """The ``steering`` section of the main job: discover the experts linked to one relation against another
-    (first half of each relation's facts), force the top ones off on the other half (held out), vs random."""
+    """The ``steering`` section of the main job: experts linked to one relation against another (the first
+    half of each one's facts), then steered on the other half (held out) against random experts.
+
+    The pair is country_capital_city vs country_language when both are there, else the first two relations.
+    """
     from nnsight_moe.report import Section
 
     if not job.is_moe:
         return None
-    groups = job.by_relation()
-    if len(groups) < 2:
+    names = list(job.by_relation())
+    if len(names) < 2:
         return None
-    names = list(groups)
-    behaviour = "country_capital_city" if "country_capital_city" in groups else names[0]
-    control = "country_language" if "country_language" in groups and behaviour != "country_language" else \
+    behaviour = "country_capital_city" if "country_capital_city" in names else names[0]
+    control = "country_language" if "country_language" in names and behaviour != "country_language" else \
         next(n for n in names if n != behaviour)
-    encoded = job.encoded
     cap = job.max_per_relation
-    idx_b = groups[behaviour][: 2 * cap] if cap else groups[behaviour]
-    idx_c = groups[control][: 2 * cap] if cap else groups[control]
-    (disc_b, held_b), (disc_c, held_c) = _split(idx_b), _split(idx_c)
-
-    def subset(idx):
-        return ([encoded.prompts[i] for i in idx], torch.tensor([encoded.targets[i] for i in idx]))
-
-    options = {"tokenizer": job.tokenizer, "batch_size": job.batch_size, "remote": job.remote}
-    found = discover(job.model, subset(disc_b), subset(disc_c), permutations=200 if job.quick else 1000, **options)
-    n = 2 if job.quick else 3
-    experts = found.top(n) or [tuple(p) for p in [(r["layer"], r["expert"]) for r in found.to_frame().to_dict("records")][:n]]
-    result = evaluate(job.model, subset(held_b), experts, edit="off", control=subset(held_c),
-                      seeds=3 if job.quick else 5, n_boot=500, **options)
-    frame = found.to_frame().head(10)
-    text = (f"Experts linked to {behaviour} against {control} (risk difference of selection at the last position, "
-            f"Fisher exact test, BH q-values; {len(disc_b)} + {len(disc_c)} discovery prompts). The top {len(experts)} "
-            f"are forced off (router logit to the bottom, re-routed by the family's rule) on {len(held_b)} held-out "
-            f"{behaviour} prompts, against {result.meta['seeds']} draws of layer-matched random experts; the fluency "
-            f"guard is {len(held_c)} held-out {control} prompts. 95% bootstrap CIs over prompts."
+    found = relation_steering(job.model, job.encoded, behaviour, control, relations=job.relations,
+                              top=2 if job.quick else 3, seeds=3 if job.quick else 5,
+                              per_relation=2 * cap if cap else None, permutations=200 if job.quick else 1000,
+                              n_boot=500, tokenizer=job.tokenizer, batch_size=job.batch_size, remote=job.remote)
+    m = found.meta
+    frame = found.discovery.to_frame().head(10)
+    text = (f"Experts linked to {behaviour} against {control}: risk difference of selection at the last position "
+            f"(Fisher exact test, BH q-values) on the first half of each relation's facts; the top {len(m['experts'])} "
+            f"{m['experts']} are steered on the other half (router logit to the top or bottom, re-routed by the "
+            f"family's rule), against {found.results[next(iter(found.results))].meta['seeds']} draws of as many "
+            "random experts per layer. 95% bootstrap CIs over prompts. "
+            + " ".join(f"[{g}] {_GOAL_TEXT[g].format(**m)}." for g in found.results)
             + (f" Computed through nnsight with remote={job.remote!r}." if job.remote is not None else ""))
-    return Section(
-        "steering", f"Steering: experts linked to {behaviour} switched off, vs random experts", text,
-        data={"behaviour": behaviour, "control": control, "discovery": found.to_json(), "evaluation": result.to_json()},
-        tables={"Most behaviour-linked experts": frame[["layer", "expert", "freq_behaviour", "freq_control",
-                                                        "risk_difference", "q_frequency", "gate_difference", "q_gate"]],
-                "Forced off: held-out effect vs random experts": result.table()},
-        figures={"steering_effect": ("Change of held-out target log-prob", result.plot())},
-    )
+    tables = {"Most behaviour-linked experts": frame[["layer", "expert", "freq_behaviour", "freq_control",
+                                                      "risk_difference", "q_frequency", "gate_difference", "q_gate"]]}
+    figures = {}
+    for goal, result in found.results.items():
+        tables[f"{goal}: held-out effect vs random experts"] = result.table()
+        figures[f"steering_{goal}"] = (f"{goal}: change of held-out target log-prob", result.plot())
+    return Section("steering", f"Steering: experts linked to {behaviour} (vs {control}) switched on / off",
+                   text, data=found.to_json(), tables=tables, figures=figures)
