@@ -66,7 +66,9 @@ class BlockState:
     * ``renorm``: after zeroing, rescale the remaining weights to the original per-token sum;
     * ``exclude``: bool [E] or [batch, E], experts removed before selection (``reroute``);
     * ``keep_top``: keep only the n largest routed gate weights per token (0 = routed experts off);
-    * ``shared_scale``: multiplies the shared expert gate (0 = shared expert ablated).
+    * ``shared_scale``: multiplies the shared expert gate (0 = shared expert ablated);
+    * ``steer``: active :mod:`nnsight_moe.steering` plans: router-logit edits before ``hook_router_logits``
+      fires, gate scaling after blocking.
     """
 
     def __init__(self, block: nn.Module, layer: LayerLayout, adapter: Any, config: Any):

@@ -117,18 +117,18 @@ def plan(model: Any, on: Mapping | None = None, off: Mapping | None = None, scal
         for layer, vector in _mapping(directions, "directions").items():
             e = entry(layer)
             vector = torch.as_tensor(vector).detach().float().cpu().reshape(-1)
-            d_model = layout.layer(e_index(layout, layer)).d_model
+            d_model = layout.layer(_index(layout, layer)).d_model
             if vector.numel() != d_model:
                 raise ValueError(f"directions[{layer}] has {vector.numel()} entries; the model's d_model is {d_model}")
             if mode == "remove" and not float(vector.norm()) > 0:
                 raise ValueError(f"directions[{layer}] is the zero vector: there is no direction to remove")
-            if hook == "hook_shared_out" and not layout.layer(e_index(layout, layer)).has_shared:
+            if hook == "hook_shared_out" and not layout.layer(_index(layout, layer)).has_shared:
                 raise ValueError(f"layer {layer} has no shared expert: hook_shared_out does not exist there")
             e["direction"] = vector
     return {"layers": layers, "span": _check_span(span)}
 
 
-def e_index(layout: Any, layer: Any) -> int:
+def _index(layout: Any, layer: Any) -> int:
     """The layout index of MoE layer ``layer`` (negative indices allowed)."""
     return layout.moe_layer(layer).index
 
@@ -330,6 +330,8 @@ def apply_in_trace(view: Any, model: Any, plan: dict, *, step: int = 0, width: i
     are not available here (the view recomputes expert outputs; it cannot replace them).
     """
     spec = view.spec["layers"]
+    if step and width is None:
+        raise ValueError("apply_in_trace at a generation step > 0 needs width= (the prompt's padded length)")
     block = block or {}
     layers = sorted(set(plan["layers"]) | set(block))
     for layer in layers:
@@ -337,7 +339,7 @@ def apply_in_trace(view: Any, model: Any, plan: dict, *, step: int = 0, width: i
         x = _envoy(model, spec[layer]["block"]).input
         b, p = x.shape[0], x.shape[1]
         if width is None:
-            width = p if step == 0 else None
+            width = p
         offset = 0 if step == 0 else width + step - 1
         active = positions_mask(plan["span"], b, p, offset, width, x.device)
         direction = edit is not None and edit["direction"] is not None

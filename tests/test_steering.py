@@ -28,7 +28,7 @@ class RouterLogitEdit(TorchFunctionMode):
     def __init__(self, model, fn, shape):
         super().__init__()
         layout = nnsight_moe.layout(model)
-        self.routers = {id(model.get_submodule(layout.layer(i).router).weight): i for i in layout.moe_layers}
+        self.routers = {id(_router_weight(model.get_submodule(layout.layer(i).router))): i for i in layout.moe_layers}
         self.fn, self.shape = fn, shape
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -37,6 +37,13 @@ class RouterLogitEdit(TorchFunctionMode):
             b, p = self.shape
             out = self.fn(self.routers[id(args[1])], out.reshape(b, p, -1)).reshape(out.shape)
         return out
+
+
+def _router_weight(router):
+    """The router's logit matrix: its own ``weight``, else its linear's (``gate.weight``, ``wg.weight``)."""
+    if isinstance(getattr(router, "weight", None), torch.nn.Parameter):
+        return router.weight
+    return next(m.weight for m in router.modules() if isinstance(m, torch.nn.Linear))
 
 
 def _ids(b=3, p=6, seed=1):
@@ -99,6 +106,23 @@ def test_force_on_off_equals_hand_edited_router_logits(family):
     if family != "deepseek_v3":  # a top logit is always selected under plain top-k rules
         assert bool((seen["i"] == rare).any(-1).all()), "a forced-on expert is selected at every position"
     assert not bool((seen["i"] == common).any()), "a forced-off expert is never selected"
+
+
+@pytest.mark.parametrize("family", nnsight_moe.supported_families())
+def test_every_family_force_equals_hand_edit(family):
+    """Every supported family's own router on hand-edited logits = the steering API (measured: bit-identical)."""
+    model = tiny_model(family)
+    layout = nnsight_moe.layout(model)
+    ids = _ids()
+    on, off = {layout.moe_layers[0]: [0]}, {layout.moe_layers[-1]: [1]}
+    with torch.no_grad():
+        base = model(ids).logits
+        with RouterLogitEdit(model, _force(on, off, 0.5), ids.shape):
+            expected = model(ids).logits
+        with steering.steer_experts(model, on=on, off=off, margin=0.5):
+            got = model(ids).logits
+    assert not torch.allclose(expected, base, atol=1e-3)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
@@ -317,3 +341,35 @@ def test_plan_errors_name_the_bad_input():
         steering.plan(model, on={1: [99]})
     with pytest.raises(TypeError, match="scale\\[1\\] must be a mapping"):
         steering.plan(model, scale={1: [2.0]})
+
+
+def test_nnsight_generate_on_the_attached_model_under_steer():
+    """nnsight's own generate on an attached LanguageModel inside steer() = steered HF generate."""
+    import nnsight
+
+    from helpers import language_model
+
+    model = tiny_model("qwen2_moe")
+    lm = language_model(model)
+    ids = _ids(2, 5)
+    p = steering.plan(model, on={1: [6]}, off={2: [0]}, span="generated")
+    expected = steering.generate(model, {"input_ids": ids}, p, max_new_tokens=4)
+    with steering.steer(lm, p):
+        with lm.generate({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, max_new_tokens=4,
+                         do_sample=False, pad_token_id=0) as tracer:
+            out = nnsight.save(tracer.result)
+    assert torch.equal(out, expected)
+    assert not torch.equal(expected, steering.generate(model, {"input_ids": ids}, None, max_new_tokens=4))
+
+
+def test_transformerlens_run_with_hooks_sees_the_steered_routing():
+    from helpers import word_tokenizer
+
+    model = tiny_model("qwen2_moe")
+    bridge = nnsight_moe.tl.boot(model, tokenizer=word_tokenizer())
+    ids = _ids()
+    seen = {}
+    with steering.steer_experts(bridge, on={1: [5]}):
+        bridge.run_with_hooks(ids, fwd_hooks=[("blocks.1.mlp.hook_topk_indices",
+                                                lambda t, hook: seen.__setitem__("i", t.clone()))])
+    assert bool((seen["i"] == 5).any(-1).all())
