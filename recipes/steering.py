@@ -50,7 +50,7 @@ from nnsight_moe.recipes import runner
 from nnsight_moe.recipes.prompts import model_tokenizer
 
 __all__ = ["BY", "EDITS", "GOALS", "Discovery", "RelationSteering", "SteeringResult", "bh_qvalues", "discover",
-           "evaluate", "hook_means", "mean_difference", "paired_targets", "permutation_p", "random_matched",
+           "evaluate", "evaluate_direction", "hook_means", "mean_difference", "paired_targets", "permutation_p", "random_matched",
            "relation_steering", "run_steer", "section"]
 
 #: Discovery scores a ranking can use.
@@ -505,9 +505,52 @@ def evaluate(model: Any, heldout: Any, experts: Sequence[Pair], *, edit: str = "
     if control is not None:
         sets["control"] = _prompts_targets(control, tokenizer, True)
     randoms = [random_matched(model, experts, seed + s) for s in range(seeds)]
-    conditions = {"none": steering.plan(model), "steered": _expert_plan(model, experts, edit, factor, margin, span)}
-    for s, pairs in enumerate(randoms):
-        conditions[f"random{s}"] = _expert_plan(model, pairs, edit, factor, margin, span)
+    meta = {"what": f"{edit} {len(experts)} experts {[list(p) for p in experts]}", "experts": [list(p) for p in experts],
+            "edit": edit, "factor": factor, "margin": margin, "span": _span_meta(span)}
+    return _evaluate(model, sets, _expert_plan(model, experts, edit, factor, margin, span),
+                     [_expert_plan(model, pairs, edit, factor, margin, span) for pairs in randoms],
+                     [{"experts": [list(p) for p in pairs]} for pairs in randoms], meta, k=k, n_boot=n_boot, seed=seed,
+                     tokenizer=tokenizer, batch_size=batch_size, remote=remote)
+
+
+def _span_meta(span: Any) -> Any:
+    return span if span is None or isinstance(span, (str, list, tuple)) else "mask"
+
+
+def evaluate_direction(model: Any, heldout: Any, directions: dict, *, hook: str = "hook_moe_out", mode: str = "remove",
+                       alpha: float = 1.0, control: Any = None, seeds: int = 5, span: Any = None, k: int = 10,
+                       n_boot: int = 1000, seed: int = 0, tokenizer: Any = None, batch_size: int = 16,
+                       remote: Any = None) -> "SteeringResult":
+    """As :func:`evaluate`, for a direction edit (:func:`nnsight_moe.steering.plan` ``directions=``), against
+    random directions: per layer a Gaussian direction with the same norm (``seeds`` draws, seeded by ``seed``)."""
+    tokenizer = model_tokenizer(model, tokenizer)
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
+    plan = steering.plan(model, directions=directions, hook=hook, mode=mode, alpha=alpha, span=span)
+    sets = {"heldout": _prompts_targets(heldout, tokenizer, True)}
+    if control is not None:
+        sets["control"] = _prompts_targets(control, tokenizer, True)
+    baselines = []
+    for s in range(seeds):
+        g = torch.Generator().manual_seed(seed + s)
+        random_dirs = {}
+        for layer, edit in sorted(plan["layers"].items()):
+            d = edit["direction"]
+            r = torch.randn(d.shape, generator=g)
+            random_dirs[layer] = r * (d.norm() / r.norm())
+        baselines.append(steering.plan(model, directions=random_dirs, hook=hook, mode=mode, alpha=alpha, span=span))
+    meta = {"what": f"{mode} a direction at {hook} in layers {sorted(plan['layers'])}", "hook": hook, "mode": mode,
+            "alpha": alpha, "span": _span_meta(span), "experts": []}
+    return _evaluate(model, sets, plan, baselines, [{} for _ in baselines], meta, k=k, n_boot=n_boot, seed=seed,
+                     tokenizer=tokenizer, batch_size=batch_size, remote=remote)
+
+
+def _evaluate(model, sets, steered, baselines, baseline_info, meta, *, k, n_boot, seed, tokenizer, batch_size, remote):
+    """Score ``none``, ``steered`` and each baseline plan on every set; summaries with bootstrap CIs."""
+    seeds = len(baselines)
+    conditions = {"none": steering.plan(model), "steered": steered}
+    for s, plan in enumerate(baselines):
+        conditions[f"random{s}"] = plan
     options = {"tokenizer": tokenizer, "batch_size": batch_size, "remote": remote}
     raw = {name: {which: _condition_scores(model, p, t, plan, **options) for which, (p, t) in sets.items()}
            for name, plan in conditions.items()}
@@ -543,15 +586,14 @@ def evaluate(model: Any, heldout: Any, experts: Sequence[Pair], *, edit: str = "
                 row["delta_text_logprob_control"] = float(delta.mean())
                 row["delta_text_logprob_control_ci"] = list(_bootstrap(delta, n_boot, rng))
         summary.append(row)
-    steered, rand = per_prompt("steered", "heldout"), per_prompt("random", "heldout")
-    versus = {m: {"mean": float((steered[m] - rand[m]).mean()), "ci": list(_bootstrap(steered[m] - rand[m], n_boot, rng))}
-              for m in ("logprob", "rr", "hit")}
-    per_seed = [{"seed": seed + s, "experts": [list(p) for p in randoms[s]],
-                 "delta_logprob": float((_metric_rows(raw[f"random{s}"]["heldout"], k)["logprob"] - base["heldout"]["logprob"]).mean())}
-                for s in range(seeds)]
-    meta = {"experts": [list(p) for p in experts], "edit": edit, "factor": factor, "margin": margin,
-            "span": span if span is None or isinstance(span, (str, list, tuple)) else "mask", "k": k, "seeds": seeds,
-            "n_boot": n_boot, "n_heldout": len(prompts), "n_control": len(sets["control"][0]) if control is not None else 0}
+    steered_rows, rand = per_prompt("steered", "heldout"), per_prompt("random", "heldout")
+    versus = {m: {"mean": float((steered_rows[m] - rand[m]).mean()),
+                  "ci": list(_bootstrap(steered_rows[m] - rand[m], n_boot, rng))} for m in ("logprob", "rr", "hit")}
+    per_seed = [{"seed": seed + s, **baseline_info[s],
+                 "delta_logprob": float((_metric_rows(raw[f"random{s}"]["heldout"], k)["logprob"]
+                                         - base["heldout"]["logprob"]).mean())} for s in range(seeds)]
+    meta = {**meta, "k": k, "seeds": seeds, "n_boot": n_boot, "n_heldout": len(sets["heldout"][0]),
+            "n_control": len(sets["control"][0]) if "control" in sets else 0}
     return SteeringResult(meta, summary, versus, per_seed)
 
 
@@ -592,8 +634,9 @@ class SteeringResult:
     def text(self) -> str:
         m = self.meta
         v = self.versus_random["logprob"]
-        return (f"{m['edit']} {len(m['experts'])} experts {m['experts']} on {m['n_heldout']} held-out prompts; "
-                f"steered - random (mean of {m['seeds']} layer-matched draws): target log-prob {v['mean']:+.3f} "
+        baseline = "layer-matched draws" if m.get("experts") else "random directions of the same norm"
+        return (f"{m['what']} on {m['n_heldout']} held-out prompts; "
+                f"steered - random (mean of {m['seeds']} {baseline}): target log-prob {v['mean']:+.3f} "
                 f"[{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]\n" + self.table().to_string())
 
     def to_json(self) -> dict:
@@ -630,7 +673,7 @@ class SteeringResult:
             ax.plot([1], [s["delta_logprob"]], "k.", alpha=0.5)
         ax.axhline(0, color="black", lw=0.5)
         ax.set_ylabel("change of target log-prob")
-        ax.set_title(f"{self.meta['edit']} {len(self.meta['experts'])} experts (held-out)", fontsize=10)
+        ax.set_title(f"{self.meta['what']} (held-out)", fontsize=9)
         fig.tight_layout()
         return fig
 

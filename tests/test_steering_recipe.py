@@ -215,3 +215,22 @@ def test_recipe_errors():
         recipe.evaluate(model, (["w5 w6"], [3]), [], tokenizer=tok)
     with pytest.raises(ValueError, match="leave only"):
         recipe.random_matched(model, [(1, e) for e in range(5)], 0)
+
+
+def test_evaluate_direction_against_random_directions_of_the_same_norm():
+    model = tiny_model("qwen2_moe")
+    tok = word_tokenizer(padding_side="left")
+    held = (_prompts(13, 5), _targets(14, 5))
+    directions = recipe.mean_difference(model, _prompts(15, 6), _prompts(16, 6), tokenizer=tok)
+    result = recipe.evaluate_direction(model, held, directions, mode="remove", seeds=2, n_boot=100, tokenizer=tok)
+    logp = []
+    for prompt, target in zip(*held):
+        with torch.no_grad(), steering.steer_direction(model, directions, mode="remove"):
+            lp = model(_ids(tok, prompt)).logits[0, -1].log_softmax(-1)
+        with torch.no_grad():
+            base = model(_ids(tok, prompt)).logits[0, -1].log_softmax(-1)
+        logp.append(float(lp[target] - base[target]))
+    rows = {r["condition"]: r for r in result.summary}
+    assert rows["steered"]["delta_logprob"] == pytest.approx(np.mean(logp), abs=1e-5)
+    assert "random directions of the same norm" in result.text()
+    assert rows["random"]["delta_logprob"] != rows["steered"]["delta_logprob"]
