@@ -258,14 +258,30 @@ class _Steer:
         return edit_weights(edit, self.active(b, p, weights.device), indices, weights)
 
     def track(self, module: Any, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook on the HF model: the absolute offset of this forward (the cache length)."""
-        past = kwargs.get("past_key_values")
-        offset = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
+        """Forward pre-hook on the HF model: the absolute offset of this forward's first token.
+
+        From ``cache_position`` when given, else the largest of the cache length (``cache`` in
+        transformers 5, ``past_key_values`` before) and the width of a 2-D ``attention_mask`` minus the
+        input's (generate may pass the mask of past + new tokens), else 0.
+        """
         x = kwargs.get("input_ids", args[0] if args else None)
         if x is None:
             x = kwargs.get("inputs_embeds")
-        if offset == 0 and x is not None:
-            self.prompt_len = int(x.shape[1])
+        p = int(x.shape[1]) if isinstance(x, Tensor) and x.dim() >= 2 else None
+        position = kwargs.get("cache_position")
+        if isinstance(position, Tensor) and position.numel():
+            offset = int(position.reshape(-1)[0])
+        else:
+            offset = 0
+            for name in ("cache", "past_key_values"):
+                past = kwargs.get(name)
+                if past is not None and hasattr(past, "get_seq_length"):
+                    offset = max(offset, int(past.get_seq_length()))
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, Tensor) and mask.dim() == 2 and p is not None:
+                offset = max(offset, int(mask.shape[1]) - p)
+        if offset == 0 and p is not None:
+            self.prompt_len = p
         self.offset = offset
 
 

@@ -269,6 +269,15 @@ def test_generated_span_in_generate_equals_hand_edit_of_later_steps():
     assert torch.equal(logits[:, 4:-1].argmax(-1), full[:, 5:]), "each generated token is the hand-edited argmax"
     assert not torch.equal(steered, plain), "steering changes what is generated"
     assert torch.equal(steered[:, :5], ids)
+    # absolute spans in generate: positions 6.. only (the cache length gives each step's offset)
+    p = steering.plan(model, on=on, span=(6, None))
+    late = steering.generate(model, {"input_ids": ids}, p, max_new_tokens=4)
+    mask = torch.zeros(late.shape, dtype=torch.bool)
+    mask[:, 6:] = True
+    with torch.no_grad(), RouterLogitEdit(model, _force(on, {}, 1.0, mask), late.shape):
+        logits = model(late).logits
+    assert torch.equal(logits[:, 4:-1].argmax(-1), late[:, 5:])
+    assert not torch.equal(late, steered) and torch.equal(late[:, :7], plain[:, :7])
 
 
 def test_transformerlens_bridge_equals_hf_steering():
