@@ -46,7 +46,7 @@ import cloudpickle
 import torch
 from torch import Tensor
 
-__all__ = ["DIRECTION_HOOKS", "DIRECTION_MODES", "apply_in_trace", "generate", "plan", "steer",
+__all__ = ["DIRECTION_HOOKS", "DIRECTION_MODES", "apply_in_trace", "generate", "plan", "stack", "steer",
            "steer_direction", "steer_experts"]
 
 #: Hook points a direction edit can act on.
@@ -87,7 +87,8 @@ def plan(model: Any, on: Mapping | None = None, off: Mapping | None = None, scal
 
     def entry(layer: Any) -> dict:
         info = layout.moe_layer(layer)
-        return layers.setdefault(info.index, {"on": [], "off": [], "scale": None, "margin": float(margin),
+        return layers.setdefault(info.index, {"n_experts": info.n_experts, "on": [], "off": [], "scale": None,
+                                              "margin": float(margin),
                                               "direction": None, "hook": hook, "mode": mode, "alpha": float(alpha)})
 
     for name, edits in (("on", on), ("off", off)):
@@ -178,22 +179,44 @@ def positions_mask(span: Any, b: int, p: int, offset: int, prompt_len: int, devi
     return keep[None, :].expand(b, p)
 
 
+def _mask(spec: Any, n: int, device: Any) -> Any:
+    """Experts to edit as a bool mask [1 or rows, 1, E]: from a list of ids, or a per-row mask [rows, E]; None if none."""
+    if isinstance(spec, torch.Tensor):
+        return spec.to(device)[:, None, :] if bool(spec.any()) else None
+    if not spec:
+        return None
+    mask = torch.zeros(n, dtype=torch.bool, device=device)
+    mask[spec] = True
+    return mask[None, None, :]
+
+
+def _any(spec: Any) -> bool:
+    """Whether an ``on`` / ``off`` entry (list of ids or per-row mask) names any expert."""
+    return bool(spec.any()) if isinstance(spec, torch.Tensor) else bool(spec)
+
+
+def _per_row(value: Any, like: torch.Tensor) -> Any:
+    """A scalar, or a per-row tensor [rows] as [rows, 1, 1] in ``like``'s dtype and device."""
+    if isinstance(value, torch.Tensor):
+        return value.to(like.device, like.dtype)[:, None, None]
+    return value
+
+
 def edit_logits(edit: dict, active: Any, logits: torch.Tensor) -> torch.Tensor:
     """Router logits [b, p, E] with ``edit["on"]`` raised to max + margin and ``edit["off"]`` lowered to
-    min - margin, at the ``active`` positions (bool [b, p], None = all)."""
-    if not edit["on"] and not edit["off"]:
-        return logits
+    min - margin, at the ``active`` positions (bool [b, p], None = all). ``on`` / ``off`` are expert ids or,
+    in a :func:`stack`-ed plan, per-row masks [b, E] (``margin`` then per row [b])."""
     n = logits.shape[-1]
+    on, off = _mask(edit["on"], n, logits.device), _mask(edit["off"], n, logits.device)
+    if on is None and off is None:
+        return logits
+    margin = _per_row(edit["margin"], logits)
     new = logits
-    if edit["on"]:
-        on = torch.zeros(n, dtype=torch.bool, device=logits.device)
-        on[edit["on"]] = True
-        top = logits.max(dim=-1, keepdim=True).values + edit["margin"]
+    if on is not None:
+        top = logits.max(dim=-1, keepdim=True).values + margin
         new = torch.where(on, top.expand_as(logits), new)
-    if edit["off"]:
-        off = torch.zeros(n, dtype=torch.bool, device=logits.device)
-        off[edit["off"]] = True
-        bottom = logits.min(dim=-1, keepdim=True).values - edit["margin"]
+    if off is not None:
+        bottom = logits.min(dim=-1, keepdim=True).values - margin
         new = torch.where(off, bottom.expand_as(logits), new)
     if active is None:
         return new
@@ -201,10 +224,15 @@ def edit_logits(edit: dict, active: Any, logits: torch.Tensor) -> torch.Tensor:
 
 
 def edit_weights(edit: dict, active: Any, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Gate weights [b, p, k] times ``edit["scale"][expert]`` at the ``active`` positions."""
+    """Gate weights [b, p, k] times ``edit["scale"][expert]`` ([E], or per row [b, E] in a stacked plan)
+    at the ``active`` positions."""
     if edit["scale"] is None:
         return weights
-    factors = torch.tensor(edit["scale"], dtype=weights.dtype, device=weights.device)[indices]
+    scale = torch.as_tensor(edit["scale"]).to(weights.device, weights.dtype)
+    if scale.dim() == 1:
+        factors = scale[indices]
+    else:
+        factors = scale[:, None, :].expand(-1, indices.shape[1], -1).gather(-1, indices)
     if active is not None:
         factors = torch.where(active.to(weights.device)[..., None], factors, torch.ones_like(factors))
     return weights * factors
@@ -212,12 +240,15 @@ def edit_weights(edit: dict, active: Any, indices: torch.Tensor, weights: torch.
 
 def edit_direction(edit: dict, active: Any, x: torch.Tensor) -> torch.Tensor:
     """``x`` [b, p, d] or [b, p, k, d] with the direction removed (``x - (x . u) u``) or added
-    (``x + alpha * d``) at the ``active`` positions (computed in float32, returned in x's dtype)."""
+    (``x + alpha * d``) at the ``active`` positions (computed in float32, returned in x's dtype). The
+    direction is [d], or per row [b, d] in a stacked plan (a zero row leaves that row unchanged)."""
     d = edit["direction"].to(x.device, torch.float32)
+    d = d.reshape(-1 if d.dim() == 2 else 1, *([1] * (x.dim() - 2)), d.shape[-1])
     xf = x.float()
     if edit["mode"] == "remove":
-        u = d / d.norm()
-        new = xf - (xf @ u)[..., None] * u
+        norm = d.norm(dim=-1, keepdim=True)
+        u = d / torch.where(norm > 0, norm, torch.ones_like(norm))
+        new = xf - (xf * u).sum(-1, keepdim=True) * u
     else:
         new = xf + edit["alpha"] * d
     if active is not None:
@@ -229,7 +260,56 @@ def edit_direction(edit: dict, active: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def _has_experts(edit: dict) -> bool:
-    return bool(edit["on"] or edit["off"] or edit["scale"] is not None)
+    return _any(edit["on"]) or _any(edit["off"]) or edit["scale"] is not None
+
+
+def stack(plans: list, rows: int) -> dict:
+    """One plan applying ``plans[c]`` to batch rows ``c * rows .. (c + 1) * rows - 1`` (condition-major, as
+    :func:`nnsight_moe.recipes.runner.repeat` stacks a batch), so C conditions run in one forward.
+
+    The plans must share their span, and per layer their direction hook, mode and alpha. Runs in traces
+    too (plain torch): :func:`apply_in_trace` takes the stacked plan.
+    """
+    spans = [p["span"] for p in plans if p["layers"]] or [None]  # a plan without edits has no span to share
+    if any(not _same(s, spans[0]) for s in spans):
+        raise ValueError("stacked plans must have the same span")
+    n_rows = len(plans) * rows
+    layers: dict = {}
+    for c, p in enumerate(plans):
+        for layer, edit in p["layers"].items():
+            layers.setdefault(layer, []).append((c, edit))
+    out = {}
+    for layer, edits in layers.items():
+        n_experts = edits[0][1]["n_experts"]
+        on = torch.zeros(n_rows, n_experts, dtype=torch.bool)
+        off = torch.zeros(n_rows, n_experts, dtype=torch.bool)
+        margin = torch.zeros(n_rows)
+        scale = torch.ones(n_rows, n_experts) if any(e["scale"] is not None for _, e in edits) else None
+        with_direction = [e for _, e in edits if e["direction"] is not None]
+        direction = torch.zeros(n_rows, with_direction[0]["direction"].numel()) if with_direction else None
+        for key in ("hook", "mode", "alpha"):
+            if len({e[key] for e in with_direction}) > 1:
+                raise ValueError(f"layer {layer}: stacked direction edits must share their {key}")
+        for c, e in edits:
+            span = slice(c * rows, (c + 1) * rows)
+            on[span, e["on"]] = True
+            off[span, e["off"]] = True
+            margin[span] = e["margin"]
+            if e["scale"] is not None:
+                scale[span] = torch.tensor(e["scale"])
+            if e["direction"] is not None:
+                direction[span] = e["direction"]
+        first = with_direction[0] if with_direction else edits[0][1]
+        out[layer] = {"n_experts": n_experts, "on": on, "off": off, "scale": scale, "margin": margin,
+                      "direction": direction,
+                      "hook": first["hook"], "mode": first["mode"], "alpha": first["alpha"]}
+    return {"layers": out, "span": spans[0]}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b
 
 
 # ============================================================================ local: hooks on the model
@@ -245,7 +325,7 @@ class _Steer:
 
     def logits(self, state: Any, logits: Tensor) -> Tensor:
         edit = self.plan["layers"].get(state.layer.index)
-        if edit is None or not (edit["on"] or edit["off"]):
+        if edit is None or not (_any(edit["on"]) or _any(edit["off"])):
             return logits
         b, p, _ = logits.shape
         return edit_logits(edit, self.active(b, p, logits.device), logits)
@@ -366,7 +446,7 @@ def apply_in_trace(view: Any, model: Any, plan: dict, *, step: int = 0, width: i
             _edit_output(_envoy(model, spec[layer]["shared"]), edit, active)
         if layer in block or (edit is not None and _has_experts(edit)):
             options = {}
-            if edit is not None and (edit["on"] or edit["off"]):
+            if edit is not None and (_any(edit["on"]) or _any(edit["off"])):
                 options["edit_logits"] = functools.partial(edit_logits, edit, active)
             if edit is not None and edit["scale"] is not None:
                 options["edit_weights"] = functools.partial(edit_weights, edit, active)

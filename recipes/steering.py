@@ -412,23 +412,44 @@ def _scores(logits: Tensor, batch: dict) -> dict:
     return {"logprob": picked, "rank": rank, "text": (nxt * both).sum(-1), "tokens": both.sum(-1)}
 
 
-def _scores_local(plan: dict, model: Any, batch: dict) -> dict:
+def _stacked_local(plans: list, model: Any, batch: dict) -> dict:
+    """Scores [C * b] of C plans stacked along the batch (condition-major) in one forward of the attached model."""
+    plan = steering.stack(plans, len(batch["rows"]) // len(plans))
     with steering.steer(model, plan):
         logits = model(**runner.inputs(batch)).logits
     return {k: v.cpu() for k, v in _scores(logits, batch).items()}
 
 
-def _scores_traced(view: Any, plan: dict, model: Any, batch: dict) -> dict:
-    steering.apply_in_trace(view, model, plan)
+def _stacked_traced(view: Any, plans: list, model: Any, batch: dict) -> dict:
+    """As :func:`_stacked_local`, inside ``model.trace`` on the unmodified model (the plans ship as data)."""
+    steering.apply_in_trace(view, model, steering.stack(plans, len(batch["rows"]) // len(plans)))
     return _scores(model.output.logits, batch)
 
 
-def _condition_scores(model, prompts, targets, plan, *, tokenizer, batch_size, remote) -> dict:
-    view = nnsight_moe.remote.MoEView(model) if remote is not None else None
-    results = _run(model, prompts, functools.partial(_scores_local, plan), functools.partial(_scores_traced, view, plan),
-                   tokenizer=tokenizer, batch_size=batch_size, remote=remote, per_prompt={"target": targets},
-                   desc="steered scores")
-    return {k: torch.cat([r[k] for r in results]) for k in results[0]}
+def _condition_scores(model, prompts, targets, plans, *, tokenizer, batch_size, remote, max_rows) -> list[dict]:
+    """Per plan, the per-prompt scores of ``prompts``: the plans stacked along the batch, at most ``max_rows``
+    rows (plans x prompts) per forward (one forward per batch of prompts when ``max_rows >= len(plans)``)."""
+    from nnsight_moe.recipes.prompts import vocab_size
+
+    n = len(plans)
+    per = max(1, min(batch_size, max_rows // n))
+    device = runner.model_device(model) if remote is None else torch.device("cpu")
+    batches = runner.make_batches(prompts, tokenizer=tokenizer, batch_size=per, per_prompt={"target": targets},
+                                  device=device, vocab=vocab_size(model), model=model)
+    stacked = [runner.repeat(batch, n) for batch in batches]
+    if remote is None:
+        hf = hf_model(model)
+        with attached(hf):
+            results = runner.run_batches(hf, stacked, functools.partial(_stacked_local, plans), progress=False)
+    else:
+        view = nnsight_moe.remote.MoEView(model)
+        results = runner.run_batches(model, stacked, functools.partial(_stacked_traced, view, plans), remote=remote,
+                                     progress=False)
+    out = []
+    for c in range(n):
+        rows = [{k: v.view(n, -1)[c] for k, v in r.items()} for r in results]
+        out.append({k: torch.cat([r[k] for r in rows]) for k in rows[0]})
+    return out
 
 
 def random_matched(model: Any, experts: Sequence[Pair], seed: int) -> list[Pair]:
@@ -473,7 +494,7 @@ def _metric_rows(scores: dict, k: int) -> dict[str, np.ndarray]:
 
 def evaluate(model: Any, heldout: Any, experts: Sequence[Pair], *, edit: str = "off", factor: float = 0.0,
              control: Any = None, seeds: int = 5, margin: float = 1.0, span: Any = None, k: int = 10,
-             n_boot: int = 1000, seed: int = 0, tokenizer: Any = None, batch_size: int = 16,
+             n_boot: int = 1000, seed: int = 0, tokenizer: Any = None, batch_size: int = 16, max_rows: int = 64,
              remote: Any = None) -> "SteeringResult":
     """Effect of steering ``experts`` on HELD-OUT prompts, against steering layer-matched random experts.
 
@@ -486,6 +507,9 @@ def evaluate(model: Any, heldout: Any, experts: Sequence[Pair], *, edit: str = "
         seeds: random layer-matched expert sets (each steered the same way).
         span, margin: as :func:`nnsight_moe.steering.plan`. k: HIT@k.
         n_boot, seed: bootstrap resamples of prompts for the 95% CIs, and the seed of the random draws.
+        batch_size, max_rows: the conditions (none, steered, each random draw) run stacked along the batch
+            (per-row plans, :func:`nnsight_moe.steering.stack`), at most ``max_rows`` rows (conditions x
+            prompts) and ``batch_size`` prompts per forward; raise ``max_rows`` on a GPU.
         remote: run in ``model.trace(..., remote=remote)`` on the unmodified model.
 
     Returns a :class:`SteeringResult`: per condition (``none``, ``steered``, ``random`` mean over seeds) the mean
@@ -499,6 +523,7 @@ def evaluate(model: Any, heldout: Any, experts: Sequence[Pair], *, edit: str = "
         raise ValueError("experts is empty: give at least one (layer, expert) pair to steer")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
+    _check_rows(max_rows)
     tokenizer = model_tokenizer(model, tokenizer)
     prompts, targets = _prompts_targets(heldout, tokenizer, True)
     sets = {"heldout": (prompts, targets)}
@@ -510,7 +535,12 @@ def evaluate(model: Any, heldout: Any, experts: Sequence[Pair], *, edit: str = "
     return _evaluate(model, sets, _expert_plan(model, experts, edit, factor, margin, span),
                      [_expert_plan(model, pairs, edit, factor, margin, span) for pairs in randoms],
                      [{"experts": [list(p) for p in pairs]} for pairs in randoms], meta, k=k, n_boot=n_boot, seed=seed,
-                     tokenizer=tokenizer, batch_size=batch_size, remote=remote)
+                     tokenizer=tokenizer, batch_size=batch_size, remote=remote, max_rows=max_rows)
+
+
+def _check_rows(max_rows: Any) -> None:
+    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+        raise ValueError(f"max_rows must be a positive integer, got {max_rows!r}")
 
 
 def _span_meta(span: Any) -> Any:
@@ -520,12 +550,13 @@ def _span_meta(span: Any) -> Any:
 def evaluate_direction(model: Any, heldout: Any, directions: dict, *, hook: str = "hook_moe_out", mode: str = "remove",
                        alpha: float = 1.0, control: Any = None, seeds: int = 5, span: Any = None, k: int = 10,
                        n_boot: int = 1000, seed: int = 0, tokenizer: Any = None, batch_size: int = 16,
-                       remote: Any = None) -> "SteeringResult":
+                       max_rows: int = 64, remote: Any = None) -> "SteeringResult":
     """As :func:`evaluate`, for a direction edit (:func:`nnsight_moe.steering.plan` ``directions=``), against
     random directions: per layer a Gaussian direction with the same norm (``seeds`` draws, seeded by ``seed``)."""
     tokenizer = model_tokenizer(model, tokenizer)
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
+    _check_rows(max_rows)
     plan = steering.plan(model, directions=directions, hook=hook, mode=mode, alpha=alpha, span=span)
     sets = {"heldout": _prompts_targets(heldout, tokenizer, True)}
     if control is not None:
@@ -542,18 +573,21 @@ def evaluate_direction(model: Any, heldout: Any, directions: dict, *, hook: str 
     meta = {"what": f"{mode} a direction at {hook} in layers {sorted(plan['layers'])}", "hook": hook, "mode": mode,
             "alpha": alpha, "span": _span_meta(span), "experts": []}
     return _evaluate(model, sets, plan, baselines, [{} for _ in baselines], meta, k=k, n_boot=n_boot, seed=seed,
-                     tokenizer=tokenizer, batch_size=batch_size, remote=remote)
+                     tokenizer=tokenizer, batch_size=batch_size, remote=remote, max_rows=max_rows)
 
 
-def _evaluate(model, sets, steered, baselines, baseline_info, meta, *, k, n_boot, seed, tokenizer, batch_size, remote):
+def _evaluate(model, sets, steered, baselines, baseline_info, meta, *, k, n_boot, seed, tokenizer, batch_size, remote,
+              max_rows):
     """Score ``none``, ``steered`` and each baseline plan on every set; summaries with bootstrap CIs."""
     seeds = len(baselines)
     conditions = {"none": steering.plan(model), "steered": steered}
     for s, plan in enumerate(baselines):
         conditions[f"random{s}"] = plan
-    options = {"tokenizer": tokenizer, "batch_size": batch_size, "remote": remote}
-    raw = {name: {which: _condition_scores(model, p, t, plan, **options) for which, (p, t) in sets.items()}
-           for name, plan in conditions.items()}
+    options = {"tokenizer": tokenizer, "batch_size": batch_size, "remote": remote, "max_rows": max_rows}
+    names = list(conditions)
+    scored = {which: _condition_scores(model, p, t, [conditions[n] for n in names], **options)
+              for which, (p, t) in sets.items()}
+    raw = {name: {which: scored[which][c] for which in sets} for c, name in enumerate(names)}
     rng = np.random.default_rng(seed)
     base = {which: _metric_rows(raw["none"][which], k) for which in sets}
 
@@ -737,6 +771,7 @@ class RelationSteering:
                  f"at most): {m['experts']}"]
         for goal, result in self.results.items():
             lines.append(f"\n[{goal}] {_GOAL_TEXT[goal].format(**m)}\n{result.text()}")
+        lines += [f"\n[{goal}] skipped: {reason}" for goal, reason in m.get("skipped", {}).items()]
         return "\n".join(lines)
 
 
@@ -750,7 +785,8 @@ _GOAL_TEXT = {
 def relation_steering(model: Any, facts: Any, behaviour: str, control: str, *, relations: Sequence | None = None,
                       goals: Sequence[str] = GOALS, top: int = 3, seeds: int = 5, margin: float = 1.0,
                       per_relation: int | None = None, permutations: int = 1000, n_boot: int = 1000,
-                      tokenizer: Any = None, batch_size: int = 16, remote: Any = None) -> RelationSteering:
+                      tokenizer: Any = None, batch_size: int = 16, remote: Any = None,
+                      strict: bool = True) -> RelationSteering:
     """Discover the experts linked to relation ``behaviour`` against ``control`` and steer with them, held out.
 
     The facts of each relation are split (even positions: discovery, odd: held out). The ``top`` experts by
@@ -763,6 +799,8 @@ def relation_steering(model: Any, facts: Any, behaviour: str, control: str, *, r
         facts: an :class:`~nnsight_moe.data.EncodedFacts` holding both relations (``encode_facts``).
         relations: the :class:`~nnsight_moe.data.Relation` objects (for the ``"toward"`` answers).
         per_relation: at most this many facts per relation (evenly spread) before the split; None: all.
+        strict: a goal that cannot run (no behaviour-linked expert, no shared subject for ``"toward"``) raises
+            ``ValueError``; with ``strict=False`` it is left out and its reason kept in ``meta["skipped"]``.
     """
     from nnsight_moe.data import evenly_spaced
 
@@ -787,11 +825,19 @@ def relation_steering(model: Any, facts: Any, behaviour: str, control: str, *, r
     options = {"tokenizer": tokenizer, "batch_size": batch_size, "remote": remote}
     found = discover(model, subset(split[behaviour][0]), subset(split[control][0]), permutations=permutations, **options)
     experts = found.top(top)
-    if not experts:
-        raise ValueError(f"no expert is selected more often in {behaviour} than in {control}: nothing to steer")
-    results = {}
-    common = {"seeds": seeds, "margin": margin, "n_boot": n_boot, **options}
+    results, skipped = {}, {}
+
+    def cannot(goal: str, reason: str) -> None:
+        if strict:
+            raise ValueError(reason)
+        skipped[goal] = reason
+
     held_b, held_c = split[behaviour][1], split[control][1]
+    if not experts:
+        for goal in goals:
+            cannot(goal, f"no expert is selected more often in {behaviour} than in {control}: nothing to steer")
+        goals = ()
+    common = {"seeds": seeds, "margin": margin, "n_boot": n_boot, **options}
     if "toward" in goals:
         if relations is None:
             raise ValueError("goal 'toward' needs relations= (the behaviour relation's answers)")
@@ -799,16 +845,17 @@ def relation_steering(model: Any, facts: Any, behaviour: str, control: str, *, r
         if answers is None:
             raise ValueError(f"relations has no relation named {behaviour!r}")
         prompts, targets, kept = paired_targets(tokenizer, [facts.facts[i] for i in held_c], answers)
-        if not prompts:
-            raise ValueError(f"no held-out {control} prompt has a subject of {behaviour}: goal 'toward' needs shared "
-                             "subjects")
-        own = subset([held_c[j] for j in kept])
-        results["toward"] = evaluate(model, (prompts, targets), experts, edit="on", control=own, **common)
+        if prompts:
+            own = subset([held_c[j] for j in kept])
+            results["toward"] = evaluate(model, (prompts, targets), experts, edit="on", control=own, **common)
+        else:
+            cannot("toward", f"no held-out {control} prompt has a subject of {behaviour}: goal 'toward' needs "
+                             "shared subjects")
     if "suppress" in goals:
         results["suppress"] = evaluate(model, subset(held_b), experts, edit="off", control=subset(held_c), **common)
     meta = {"behaviour": behaviour, "control": control, "experts": [list(p) for p in experts], "top": top,
             "n_discovery": max(len(split[behaviour][0]), len(split[control][0])),
-            "n_heldout": {behaviour: len(held_b), control: len(held_c)}}
+            "n_heldout": {behaviour: len(held_b), control: len(held_c)}, "skipped": skipped}
     return RelationSteering(meta, found, results)
 
 
@@ -868,7 +915,8 @@ def section(job: Any):
     """The ``steering`` section of the main job: experts linked to one relation against another (the first
     half of each one's facts), then steered on the other half (held out) against random experts.
 
-    The pair is country_capital_city vs country_language when both are there, else the first two relations.
+    The pair is country_capital_city vs country_language when both are there, else the first two relations;
+    the ``toward`` goal runs only when they share subjects.
     """
     from nnsight_moe.report import Section
 
@@ -881,18 +929,27 @@ def section(job: Any):
     control = "country_language" if "country_language" in names and behaviour != "country_language" else \
         next(n for n in names if n != behaviour)
     cap = job.max_per_relation
-    found = relation_steering(job.model, job.encoded, behaviour, control, relations=job.relations,
+    samples = {r.name: {subject for subject, _ in r.samples} for r in job.relations}
+    shared = samples.get(behaviour, set()) & samples.get(control, set())
+    goals = GOALS if shared else ("suppress",)  # "toward" needs subjects both relations have
+    found = relation_steering(job.model, job.encoded, behaviour, control, relations=job.relations, goals=goals,
                               top=2 if job.quick else 3, seeds=3 if job.quick else 5,
                               per_relation=2 * cap if cap else None, permutations=200 if job.quick else 1000,
-                              n_boot=500, tokenizer=job.tokenizer, batch_size=job.batch_size, remote=job.remote)
+                              n_boot=500, tokenizer=job.tokenizer, batch_size=job.batch_size, remote=job.remote,
+                              strict=False)
     m = found.meta
     frame = found.discovery.to_frame().head(10)
+    if not found.results:
+        reason = "; ".join(sorted(set(m["skipped"].values())))
+        return Section("steering", f"Steering: {behaviour} vs {control} (nothing to steer)", reason + ".",
+                       data=found.to_json(), tables={"Most behaviour-linked experts": frame})
     text = (f"Experts linked to {behaviour} against {control}: risk difference of selection at the last position "
             f"(Fisher exact test, BH q-values) on the first half of each relation's facts; the top {len(m['experts'])} "
             f"{m['experts']} are steered on the other half (router logit to the top or bottom, re-routed by the "
             f"family's rule), against {found.results[next(iter(found.results))].meta['seeds']} draws of as many "
             "random experts per layer. 95% bootstrap CIs over prompts. "
             + " ".join(f"[{g}] {_GOAL_TEXT[g].format(**m)}." for g in found.results)
+            + "".join(f" [{g}] skipped: {reason}." for g, reason in m["skipped"].items())
             + (f" Computed through nnsight with remote={job.remote!r}." if job.remote is not None else ""))
     tables = {"Most behaviour-linked experts": frame[["layer", "expert", "freq_behaviour", "freq_control",
                                                       "risk_difference", "q_frequency", "gate_difference", "q_gate"]]}

@@ -382,3 +382,35 @@ def test_transformerlens_run_with_hooks_sees_the_steered_routing():
         bridge.run_with_hooks(ids, fwd_hooks=[("blocks.1.mlp.hook_topk_indices",
                                                 lambda t, hook: seen.__setitem__("i", t.clone()))])
     assert bool((seen["i"] == 5).any(-1).all())
+
+
+def test_stacked_plans_equal_each_plan_alone_locally_and_in_a_trace():
+    """stack(plans, b) on a batch repeated len(plans) times = each plan on its own copy (hooks and remote view)."""
+    import nnsight
+
+    from helpers import language_model
+
+    model = tiny_model("qwen2_moe")
+    ids = _ids(2, 5)
+    g = torch.Generator().manual_seed(4)
+    d = {1: torch.randn(64, generator=g), 2: torch.randn(64, generator=g)}
+    plans = [steering.plan(model, span=(1, None)),
+             steering.plan(model, on={1: [6]}, off={2: [0, 3]}, margin=0.3, span=(1, None)),
+             steering.plan(model, scale={0: {2: 3.0}}, directions={1: d[1]}, span=(1, None)),
+             steering.plan(model, on={0: [1]}, directions=d, margin=2.0, span=(1, None))]
+    alone = []
+    for p in plans:
+        with torch.no_grad(), steering.steer(model, p):
+            alone.append(model(ids).logits)
+    expected = torch.cat(alone)
+    stacked = steering.stack(plans, ids.shape[0])
+    with torch.no_grad(), steering.steer(model, stacked):
+        torch.testing.assert_close(model(ids.repeat(len(plans), 1)).logits, expected, atol=2e-5, rtol=1e-5)
+    lm = language_model(model)
+    view = nnsight_moe.remote.MoEView(lm)
+    with lm.trace(ids.repeat(len(plans), 1), remote="local"):
+        steering.apply_in_trace(view, lm, stacked)
+        got = nnsight.save(lm.output.logits)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="same span"):
+        steering.stack([plans[1], steering.plan(model, on={1: [2]})], 2)

@@ -54,3 +54,21 @@ def test_steer_bad_relation_names_the_available_ones():
     result = CliRunner().invoke(main, ["steer", "--behaviour", "capitals"])
     assert result.exit_code == 1 and "relation 'capitals' is not in the bundled relations" in result.output
     assert "country_capital_city" in result.output
+
+
+def test_section_without_shared_subjects_runs_suppress_only():
+    from nnsight_moe import data, demo
+    from nnsight_moe.job import Job
+    from nnsight_moe.recipes import steering as recipe
+
+    model, tok = demo.load("demo-moe")
+    relations = data.bundled(["country_capital_city", "object_superclass"])
+    encoded = data.encode_facts(tok, [f for r in relations for f in r.facts()])
+    job = Job("demo-moe", model, tok, relations, encoded, quick=True)
+    section = recipe.section(job)
+    assert list(section.data["results"]) == ["suppress"] and section.data["meta"]["behaviour"] == "country_capital_city"
+    assert section.figures and "suppress: held-out effect vs random experts" in section.tables
+    found = recipe.relation_steering(model, encoded, "country_capital_city", "object_superclass", relations=relations,
+                                     tokenizer=tok, top=1, seeds=1, per_relation=8, n_boot=20, permutations=20,
+                                     strict=False)
+    assert "needs shared subjects" in found.meta["skipped"]["toward"] and "skipped" in found.text()

@@ -234,3 +234,23 @@ def test_evaluate_direction_against_random_directions_of_the_same_norm():
     assert rows["steered"]["delta_logprob"] == pytest.approx(np.mean(logp), abs=1e-5)
     assert "random directions of the same norm" in result.text()
     assert rows["random"]["delta_logprob"] != rows["steered"]["delta_logprob"]
+
+
+def test_evaluate_with_a_span_and_few_rows_per_forward():
+    """A span and max_rows smaller than the conditions (one prompt per forward) give the direct forwards' effect."""
+    model = tiny_model("qwen2_moe")
+    tok = word_tokenizer(padding_side="left")
+    held = (_prompts(17, 4), _targets(18, 4))
+    result = recipe.evaluate(model, held, [(2, 1)], edit="scale", factor=4.0, span="generated", seeds=2, n_boot=50,
+                             max_rows=2, tokenizer=tok)
+    deltas = []
+    for prompt, target in zip(*held):
+        ids = _ids(tok, prompt)
+        with torch.no_grad(), steering.steer_experts(model, scale={2: {1: 4.0}}, span="generated"):
+            lp = model(ids).logits[0, -1].log_softmax(-1)
+        with torch.no_grad():
+            base = model(ids).logits[0, -1].log_softmax(-1)
+        deltas.append(float(lp[target] - base[target]))
+    assert result.summary[1]["delta_logprob"] == pytest.approx(np.mean(deltas), abs=1e-5)
+    with pytest.raises(ValueError, match="max_rows"):
+        recipe.evaluate(model, held, [(2, 1)], max_rows=0, tokenizer=tok)
