@@ -36,6 +36,7 @@ to NDIF (``remote=True``) with the remote view: the same edits on the unmodified
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import warnings
 from collections.abc import Iterator, Mapping
@@ -83,6 +84,8 @@ def plan(model: Any, on: Mapping | None = None, off: Mapping | None = None, scal
         raise ValueError(f"hook must be one of {DIRECTION_HOOKS}, got {hook!r}")
     if mode not in DIRECTION_MODES:
         raise ValueError(f"mode must be one of {DIRECTION_MODES}, got {mode!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
     layers: dict[int, dict] = {}
 
     def entry(layer: Any) -> dict:
@@ -104,7 +107,7 @@ def plan(model: Any, on: Mapping | None = None, off: Mapping | None = None, scal
         vector = [1.0] * n
         for expert, factor in factors.items():
             layout.check_experts(layer, [expert])
-            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor != factor:
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor):
                 raise ValueError(f"scale[{layer}][{expert}] must be a finite number, got {factor!r}")
             vector[int(expert)] = float(factor)
         e["scale"] = vector
@@ -143,7 +146,7 @@ def _mapping(value: Any, name: str) -> Mapping:
 
 
 def _check_span(span: Any) -> Any:
-    if span is None or span == "generated":
+    if span is None or (isinstance(span, str) and span == "generated"):
         return span
     if isinstance(span, Tensor):
         if span.dtype != torch.bool or span.dim() != 2:
@@ -164,7 +167,7 @@ def positions_mask(span: Any, b: int, p: int, offset: int, prompt_len: int, devi
     if span is None:
         return None
     pos = torch.arange(offset, offset + p, device=device)
-    if span == "generated":
+    if isinstance(span, str):  # "generated"
         return (pos >= prompt_len - 1)[None, :].expand(b, p)
     if isinstance(span, torch.Tensor):
         if span.shape[0] != b:
@@ -303,7 +306,10 @@ def stack(plans: list, rows: int) -> dict:
         out[layer] = {"n_experts": n_experts, "on": on, "off": off, "scale": scale, "margin": margin,
                       "direction": direction,
                       "hook": first["hook"], "mode": first["mode"], "alpha": first["alpha"]}
-    return {"layers": out, "span": spans[0]}
+    span = spans[0]
+    if isinstance(span, torch.Tensor):  # a mask [rows, width] per plan: one copy per condition
+        span = span.repeat(len(plans), 1)
+    return {"layers": out, "span": span}
 
 
 def _same(a: Any, b: Any) -> bool:

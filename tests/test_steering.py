@@ -414,3 +414,12 @@ def test_stacked_plans_equal_each_plan_alone_locally_and_in_a_trace():
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="same span"):
         steering.stack([plans[1], steering.plan(model, on={1: [2]})], 2)
+    mask = torch.zeros(ids.shape, dtype=torch.bool)  # a mask span is copied per condition
+    mask[0, 3] = mask[1, 1] = True
+    masked = [steering.plan(model, on={1: [2]}, span=mask), steering.plan(model, off={2: [3]}, span=mask)]
+    alone = []
+    for p in masked:
+        with torch.no_grad(), steering.steer(model, p):
+            alone.append(model(ids).logits)
+    with torch.no_grad(), steering.steer(model, steering.stack(masked, ids.shape[0])):
+        torch.testing.assert_close(model(ids.repeat(2, 1)).logits, torch.cat(alone), atol=2e-5, rtol=1e-5)
