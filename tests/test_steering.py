@@ -332,6 +332,12 @@ def test_generate_remote_local_equals_local():
         local = steering.generate(model, {"input_ids": ids}, p, max_new_tokens=4)
         remote = steering.generate(lm, {"input_ids": ids}, p, max_new_tokens=4, remote="local")
         assert torch.equal(remote, local)
+    p = steering.plan(model, on={1: [6]}, span="generated")  # with blocking, either path
+    local = steering.generate(model, {"input_ids": ids}, p, max_new_tokens=4, block={2: [5, 1]}, mode="renorm")
+    remote = steering.generate(lm, {"input_ids": ids}, p, max_new_tokens=4, block={2: [5, 1]}, mode="renorm",
+                               remote="local")
+    assert torch.equal(remote, local)
+    assert not torch.equal(local, steering.generate(model, {"input_ids": ids}, p, max_new_tokens=4))
 
 
 def test_plan_errors_name_the_bad_input():
