@@ -1,4 +1,5 @@
-"""The ``nnsight-moe`` command line: ``families``, ``inspect``, ``check`` (routing fidelity) and ``run`` (the main job)."""
+"""The ``nnsight-moe`` command line: ``families``, ``inspect``, ``check`` (routing fidelity), ``run`` (the main job)
+and ``steer`` (behaviour-linked experts, steered against random experts)."""
 
 from __future__ import annotations
 
@@ -152,6 +153,53 @@ def check(model, dtype, device, no_float32) -> None:
     click.echo(report.format())
     if not report.ok:
         raise SystemExit(1)
+
+
+@main.command()
+@click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
+              help="demo-moe, a local model directory, or a hub name.")
+@click.option("--data", "-d", default=None, help="LRE relation JSON file or directory [default: bundled relations].")
+@click.option("--behaviour", "-b", default="country_capital_city", show_default=True,
+              help="Relation whose experts are found and steered.")
+@click.option("--control", "-c", default="country_language", show_default=True, help="Relation it is contrasted with.")
+@click.option("--goal", default="both", show_default=True, type=click.Choice(["toward", "suppress", "both"]),
+              help="toward: force the experts ON in control prompts, scored on the behaviour answer of the same "
+                   "subject; suppress: force them OFF in behaviour prompts.")
+@click.option("--top", default=3, show_default=True, type=click.IntRange(min=1), help="Experts steered.")
+@click.option("--seeds", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Draws of layer-matched random experts (the baseline).")
+@click.option("--margin", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Forced logit = max + margin (on) or min - margin (off).")
+@click.option("--per-relation", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Facts per relation before the discovery / held-out split (0 = all).")
+@click.option("--remote", default=None, help="Run through nnsight remotely: 'ndif', 'local' (simulation) or a host URL.")
+@click.option("--allow-http", is_flag=True, help="Allow --remote http://HOST to a host other than this machine.")
+@click.option("--device", default=None, help="torch device, e.g. cpu or cuda.")
+@click.option("--dtype", default=None, type=click.Choice(DTYPES))
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--out", "-o", default=None, help="Write the discovery and evaluations to this JSON file.")
+def steer(model, data, behaviour, control, goal, top, seeds, margin, per_relation, remote, allow_http, device, dtype,
+          threads, batch_size, out) -> None:
+    """Find the experts linked to one relation (vs another) and steer with them on held-out prompts, against
+    layer-matched random experts (docs/recipes/steering.md)."""
+    from nnsight_moe.models import check_model_name
+
+    if remote is not None:
+        from nnsight_moe.remote import ALLOW_HTTP_ENV, _check_remote
+
+        if allow_http:
+            import os
+
+            os.environ[ALLOW_HTTP_ENV] = "1"
+        _or_fail(lambda: _check_remote(_remote(remote)))
+    _or_fail(lambda: check_model_name(model))
+    from nnsight_moe.recipes.steering import run_steer
+
+    goals = ("toward", "suppress") if goal == "both" else (goal,)
+    _or_fail(lambda: run_steer(model, data, behaviour=behaviour, control=control, goals=goals, top=top, seeds=seeds,
+                               margin=margin, per_relation=per_relation, remote=_remote(remote), device=device,
+                               dtype=dtype, threads=threads, batch_size=batch_size, out=out))
 
 
 def _or_fail(fn):

@@ -66,7 +66,9 @@ class BlockState:
     * ``renorm``: after zeroing, rescale the remaining weights to the original per-token sum;
     * ``exclude``: bool [E] or [batch, E], experts removed before selection (``reroute``);
     * ``keep_top``: keep only the n largest routed gate weights per token (0 = routed experts off);
-    * ``shared_scale``: multiplies the shared expert gate (0 = shared expert ablated).
+    * ``shared_scale``: multiplies the shared expert gate (0 = shared expert ablated);
+    * ``steer``: active :mod:`nnsight_moe.steering` plans: router-logit edits before ``hook_router_logits``
+      fires, gate scaling after blocking.
     """
 
     def __init__(self, block: nn.Module, layer: LayerLayout, adapter: Any, config: Any, shared: nn.Module | None = None):
@@ -85,6 +87,7 @@ class BlockState:
         self.exclude: Tensor | None = None
         self.keep_top: int | None = None
         self.shared_scale: float | None = None
+        self.steer: list = []  # active nnsight_moe.steering plans: .logits(state, logits), .weights(state, i, w)
         self._lock = threading.Lock()
         self._thread: int | None = None  # the thread inside a forward of this block, if any
         self._depth = 0
@@ -120,6 +123,8 @@ class BlockState:
         if self.zero is not None:
             mask = self.row_mask(self.zero, indices.shape[0], indices.device)[:, 0, :]
             weights = zero_weights(weights, indices, mask, self.renorm)
+        for steering in self.steer:
+            weights = steering.weights(self, indices, weights)
         if self.keep_top is not None:
             weights = keep_top_weights(weights, self.keep_top)
         return weights
@@ -215,7 +220,10 @@ def _route(router, args, output):
     b, p = state.bp(logits.shape[:-1].numel())
     rule = state.rule()
     n_experts, k = state.layer.n_experts, state.layer.top_k
-    logits = _checked(state, "hook_router_logits", state.hook("hook_router_logits", logits.reshape(b, p, -1)),
+    logits = logits.reshape(b, p, -1)
+    for steering in state.steer:  # steering edits the logits before the hook, so hooks see what is routed
+        logits = steering.logits(state, logits)
+    logits = _checked(state, "hook_router_logits", state.hook("hook_router_logits", logits),
                       (b, p, n_experts))
     raw = rule.scores(logits)
     version = raw._version  # bumped by an in-place edit
