@@ -20,6 +20,8 @@ from nnsight_moe.testing import tiny_model
 # softmax top-k (+shared, no renorm) | sigmoid + selection bias, groups (top2sum), renorm, x2.5 | softmax top-k renorm |
 # softmax over the selected logits, router bias | softmax top-k renorm, no shared
 FAMILIES = ["qwen2_moe", "deepseek_v3", "mixtral", "gpt_oss", "olmoe"]
+#: Families whose router transforms its linear's output before the scoring function.
+POST_PROCESSED_LOGITS = ("laguna", "muse_spark")
 
 
 class RouterLogitEdit(TorchFunctionMode):
@@ -30,12 +32,29 @@ class RouterLogitEdit(TorchFunctionMode):
         layout = nnsight_moe.layout(model)
         self.routers = {id(_router_weight(model.get_submodule(layout.layer(i).router))): i for i in layout.moe_layers}
         self.fn, self.shape = fn, shape
+        # Routers that transform the linear's output before scoring it (Laguna's tanh softcap, Muse-Spark's
+        # output multiplier) return the transformed logits as hook_router_logits: edit those, where the
+        # scoring function (sigmoid) consumes them. ``self.pending`` follows the linear's output to there.
+        self.at_scores = getattr(model.config, "model_type", "") in POST_PROCESSED_LOGITS
+        self.pending = {}
+
+    def _edit(self, layer, out):
+        b, p = self.shape
+        return self.fn(layer, out.reshape(b, p, -1)).reshape(out.shape)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.at_scores and func in (torch.sigmoid, torch.Tensor.sigmoid) and id(args[0]) in self.pending:
+            layer = self.pending[id(args[0])][1]
+            self.pending = {}
+            return func(self._edit(layer, args[0]), *args[1:], **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         if func is F.linear and len(args) > 1 and id(args[1]) in self.routers:
-            b, p = self.shape
-            out = self.fn(self.routers[id(args[1])], out.reshape(b, p, -1)).reshape(out.shape)
+            if not self.at_scores:
+                return self._edit(self.routers[id(args[1])], out)
+            self.pending = {id(out): (out, self.routers[id(args[1])])}  # the tensors are kept: ids stay unique
+        elif self.pending and isinstance(out, torch.Tensor) and args and isinstance(args[0], torch.Tensor) \
+                and id(args[0]) in self.pending:
+            self.pending[id(out)] = (out, self.pending[id(args[0])][1])  # float(), /cap, tanh, *cap, *multiplier
         return out
 
 
