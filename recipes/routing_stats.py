@@ -1,0 +1,584 @@
+"""Routing statistics over a prompt set: load, entropy, imbalance, co-activation, transitions.
+
+    trace = collect_routing(model, prompts, tokenizer=tok)          # per-token routing, pads dropped
+    stats = routing_stats(trace)                                     # pure tensor maths on the trace
+    stats.to_frame()                                                 # one row per MoE layer
+    stats.plot_load(); stats.plot_coactivation(); stats.plot_transitions()
+    gen = generation_routing(model, prompts, tokenizer=tok, max_new_tokens=16)   # tokens `generate` produced
+
+or ``python -m nnsight_moe.recipes.routing_stats --model demo-moe --prompt "..."``.
+
+What is measured (N non-pad tokens, E experts, k the top-k; every count over non-pad tokens only):
+
+* **load** ``[L, E]``: share of routed slots that went to each expert (``count / (N k)``, rows sum to 1);
+* **load entropy**: ``H(load) / log E`` (1 = perfectly balanced, 0 = one expert takes everything);
+* **imbalance**: ``max(load) / mean(load) = E · max(load)`` (1 = balanced);
+* **router entropy**: per token, the entropy (nats) of the router's distribution ``p`` over experts,
+  averaged over tokens; ``p`` is the family's selection scores normalised to sum 1 (the softmax for
+  softmax routers; sigmoid scores divided by their sum), or ``softmax(router_logits)`` when a family's
+  scores can be negative;
+* **top-k mass**: per token, the share of ``p`` that the selected experts hold, averaged;
+* **dead** experts never selected; **cold** experts with ``load < cold / E`` (default a tenth of uniform);
+* **co-activation** ``[L, E, E]``: tokens that selected both i and j (the diagonal: tokens that selected
+  i), and **lift** ``P(i, j) / (P(i) P(j))`` with ``P`` shares of tokens (1 = independent; undefined,
+  NaN, when i or j is never selected);
+* **transitions** ``[L-1, E, E]``: tokens whose top-1 expert (largest gate weight) is i at a MoE layer
+  and j at the next MoE layer.
+
+Collection runs the attached model (HF, TransformerBridge or nnsight model) locally, or, with
+``remote=`` (``True`` for NDIF, ``"local"``, a host URL), inside ``model.trace`` on the unmodified
+model through :func:`nnsight_moe.remote.MoEView`; only the per-token routing of non-pad tokens comes back.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+__all__ = ["RoutingStats", "RoutingTrace", "collect_routing", "generation_routing", "routing_stats", "section",
+           "token_stats"]
+
+
+# ------------------------------------------------------------------------------------ per-token routing
+@dataclass
+class RoutingTrace:
+    """Per-token routing of N non-pad tokens at every MoE layer (layers in ``layers`` order).
+
+    ``indices`` [L, N, k] selected experts (slot order as the model computes it), ``weights`` [L, N, k]
+    gate weights (float32), ``entropy`` / ``mass`` [L, N] router entropy and top-k mass (module
+    docstring), ``tokens`` [N] token ids, ``prompt`` [N] the prompt each token belongs to, ``position``
+    [N] its index among that prompt's non-pad tokens.
+    """
+
+    layers: list[int]
+    n_experts: int
+    indices: Int[Tensor, "L N k"]
+    weights: Float[Tensor, "L N k"]
+    entropy: Float[Tensor, "L N"]
+    mass: Float[Tensor, "L N"]
+    tokens: Int[Tensor, " N"]
+    prompt: Int[Tensor, " N"]
+    position: Int[Tensor, " N"]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.indices.shape[-1])
+
+    def top1(self) -> Int[Tensor, "L N"]:
+        """The expert with the largest gate weight per token and layer (ties: the first slot)."""
+        return self.indices.gather(-1, self.weights.argmax(-1, keepdim=True))[..., 0]
+
+    def select(self, keep: Tensor) -> "RoutingTrace":
+        """The tokens where the bool mask (or index tensor) ``keep`` [N] holds."""
+        return RoutingTrace(self.layers, self.n_experts, self.indices[:, keep], self.weights[:, keep],
+                            self.entropy[:, keep], self.mass[:, keep], self.tokens[keep], self.prompt[keep],
+                            self.position[keep])
+
+    @classmethod
+    def concat(cls, traces: Sequence["RoutingTrace"]) -> "RoutingTrace":
+        """Traces of the same model joined along the tokens (prompt numbers are offset to stay distinct)."""
+        first, offset, prompts = traces[0], 0, []
+        for t in traces:
+            prompts.append(t.prompt + offset)
+            offset += int(t.prompt.max()) + 1 if t.n_tokens else 0
+        cat = lambda name, dim: torch.cat([getattr(t, name) for t in traces], dim)  # noqa: E731
+        return cls(first.layers, first.n_experts, cat("indices", 1), cat("weights", 1), cat("entropy", 1),
+                   cat("mass", 1), cat("tokens", 0), torch.cat(prompts), cat("position", 0))
+
+
+def token_stats(scores: Tensor, logits: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """(router entropy in nats, top-k mass) per token from scores / logits [..., E] and indices [..., k].
+
+    Pure torch (also runs inside a remote trace). ``p = scores / sum(scores)`` when every score is >= 0,
+    else ``softmax(logits)``.
+    """
+    scores, logits = scores.float(), logits.float()
+    if bool((scores >= 0).all()):
+        p = scores / scores.sum(-1, keepdim=True).clamp(min=1e-30)
+    else:
+        p = logits.softmax(-1)
+    entropy = -(p * p.clamp(min=1e-30).log()).sum(-1)
+    return entropy, p.gather(-1, indices.long()).sum(-1)
+
+
+def _layout_of(model: Any):
+    import nnsight_moe
+
+    return nnsight_moe.layout(nnsight_moe.hf_model(model))
+
+
+def _batches(model: Any, prompts: Sequence, tokenizer: Any, batch_size: int, padding_side: str | None) -> list[dict]:
+    """Tokenized, padded batches (``input_ids``, ``attention_mask`` on CPU) of ``prompts``.
+
+    The one place this module batches; the recipe runner (``recipes/runner.py``) replaces it.
+    """
+    from nnsight_moe.recipes.prompts import _pad, check_vocab, encode_prompts, model_tokenizer, vocab_size
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if padding_side not in (None, "left", "right"):
+        raise ValueError(f"padding_side must be None (the tokenizer's own), 'left' or 'right', got {padding_side!r}")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty: give at least one prompt (a string or a list of token ids)")
+    tokenizer = model_tokenizer(model, tokenizer)
+    vocab = vocab_size(model)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        if isinstance(chunk[0], str):
+            previous = getattr(tokenizer, "padding_side", None)
+            if padding_side is not None and tokenizer is not None:
+                tokenizer.padding_side = padding_side
+            try:
+                batch = encode_prompts(tokenizer, chunk, "cpu", vocab)
+            finally:
+                if padding_side is not None and tokenizer is not None:
+                    tokenizer.padding_side = previous
+        else:  # token ids: padded with 0 on ``padding_side`` (default left), checked against the vocabulary
+            batch = _pad([list(map(int, p)) for p in chunk], 0, padding_side or "left")
+            check_vocab(batch["input_ids"][batch["attention_mask"].bool()], vocab, "the prompts", tokenizer)
+        if bool((batch["attention_mask"].sum(-1) == 0).any()):
+            raise ValueError(f"a prompt in {start}..{start + len(chunk) - 1} has no token after tokenization")
+        out.append(batch)
+    return out
+
+
+class _Recorder:
+    """TransformerLens hooks on the routing hook points of an attached model, recording every firing."""
+
+    NAMES = ("hook_router_logits", "hook_router_scores", "hook_topk_indices", "hook_topk_weights")
+
+    def __init__(self, handle: Any):
+        from nnsight_moe.hooks import TemporaryHooks
+
+        self.layers = list(handle.layout.moe_layers)
+        self.seen: dict[int, dict[str, list[Tensor]]] = {i: {n: [] for n in self.NAMES} for i in self.layers}
+        self.hooks = TemporaryHooks()
+        for i in self.layers:
+            for name in self.NAMES:
+                self.hooks.add(handle.block(i)._modules[name],
+                               lambda v, hook, i=i, name=name: self.seen[i][name].append(v.detach().cpu()))
+
+    def take(self) -> dict[int, dict[str, list[Tensor]]]:
+        seen = self.seen
+        self.seen = {i: {n: [] for n in self.NAMES} for i in self.layers}
+        return seen
+
+
+def _per_token(values: dict[str, Tensor], keep: Tensor) -> dict[str, Tensor]:
+    """Routing of the tokens where ``keep`` [b, p] holds, from one layer's hook values [b, p, ...]."""
+    entropy, mass = token_stats(values["hook_router_scores"], values["hook_router_logits"], values["hook_topk_indices"])
+    return {"indices": values["hook_topk_indices"][keep].long(), "weights": values["hook_topk_weights"][keep].float(),
+            "entropy": entropy[keep], "mass": mass[keep]}
+
+
+@torch.no_grad()
+def _collect_local(model: Any, batches: list[dict], progress: bool) -> list[dict]:
+    import nnsight_moe
+    from nnsight_moe.progress import bar
+
+    hf = nnsight_moe.hf_model(model)
+    device = next(hf.parameters()).device
+    results = []
+    with nnsight_moe.attached(hf) as handle:
+        recorder = _Recorder(handle)
+        try:
+            for batch in bar(batches, f"routing of {len(batches)} batches", disable=not progress):
+                hf(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+                seen = recorder.take()
+                keep = batch["attention_mask"].bool()
+                results.append({i: _per_token({n: v[-1] for n, v in seen[i].items()}, keep) for i in recorder.layers})
+        finally:
+            recorder.hooks.remove()
+    return results
+
+
+def _routing_in_trace(view: Any, model: Any, batch: dict, extra: dict) -> dict:
+    """Per-token routing of the non-pad tokens at every MoE layer; runs inside ``model.trace`` (server side)."""
+    keep = extra["mask"]
+    out = {}
+    for layer in view.moe_layers:
+        q = view.layer(layer, want=("router_logits", "router_scores", "topk_indices", "topk_weights"))
+        scores, logits = q["router_scores"].float(), q["router_logits"].float()
+        positive = (scores >= 0).all()
+        p = torch.where(positive, scores / scores.sum(-1, keepdim=True).clamp(min=1e-30), logits.softmax(-1))
+        entropy = -(p * p.clamp(min=1e-30).log()).sum(-1)
+        mass = p.gather(-1, q["topk_indices"].long()).sum(-1)
+        out[layer] = {"indices": q["topk_indices"][keep].long(), "weights": q["topk_weights"][keep].float(),
+                      "entropy": entropy[keep], "mass": mass[keep]}
+    return out
+
+
+def _collect_remote(model: Any, batches: list[dict], remote: Any, results_path: Any, progress: bool) -> list[dict]:
+    from nnsight_moe.remote import MoEView, run_batches
+
+    extras = [{"mask": b["attention_mask"].bool()} for b in batches]
+    return run_batches(model, batches, functools.partial(_routing_in_trace, MoEView(model)), extras=extras,
+                       remote=remote, results_path=results_path, progress=progress)
+
+
+def _trace_of(layers: list[int], n_experts: int, batches: list[dict], results: list[dict]) -> RoutingTrace:
+    parts: dict[str, list] = {"indices": [], "weights": [], "entropy": [], "mass": []}
+    tokens, prompt, position = [], [], []
+    offset = 0
+    for batch, result in zip(batches, results):
+        keep = batch["attention_mask"].bool()
+        tokens.append(batch["input_ids"][keep])
+        rows = torch.arange(keep.shape[0])[:, None].expand_as(keep)
+        prompt.append(rows[keep] + offset)
+        position.append((keep.long().cumsum(-1) - 1)[keep])
+        offset += keep.shape[0]
+        for name in parts:
+            parts[name].append(torch.stack([result[i][name] for i in layers]))
+    cat = {name: torch.cat(v, 1) for name, v in parts.items()}
+    return RoutingTrace(layers, n_experts, cat["indices"], cat["weights"], cat["entropy"], cat["mass"],
+                        torch.cat(tokens).long(), torch.cat(prompt), torch.cat(position))
+
+
+def collect_routing(model: Any, prompts: Sequence, *, tokenizer: Any = None, batch_size: int = 16,
+                    padding_side: str | None = None, remote: Any = None, results_path: Any = None,
+                    progress: bool = False) -> RoutingTrace:
+    """Per-token routing of every non-pad token of ``prompts`` at every MoE layer.
+
+    Args:
+        model: HF model, TransformerBridge or nnsight model of a supported MoE family (an nnsight model
+            for ``remote``).
+        prompts: strings (encoded with ``tokenizer``, default the model's own) or lists of token ids.
+        batch_size: prompts per forward; padding_side: ``"left"`` / ``"right"`` (default: the tokenizer's
+            own; token-id lists: left). Padding never enters a statistic.
+        remote: None (local, attached hooks) or ``True`` / ``"local"`` / a host URL (inside
+            ``model.trace`` on the unmodified model); results_path: remote only, resume file.
+
+    Returns a :class:`RoutingTrace`.
+    """
+    layout = _layout_of(model)
+    batches = _batches(model, prompts, tokenizer, batch_size, padding_side)
+    if remote is None:
+        results = _collect_local(model, batches, progress)
+    else:
+        results = _collect_remote(model, batches, remote, results_path, progress)
+    return _trace_of(list(layout.moe_layers), layout.n_experts, batches, results)
+
+
+@torch.no_grad()
+def generation_routing(model: Any, prompts: Sequence, *, tokenizer: Any = None, max_new_tokens: int = 16,
+                       batch_size: int = 16, padding_side: str | None = "left", progress: bool = False,
+                       **generate_kwargs: Any) -> tuple[RoutingTrace, list[list[int]]]:
+    """Routing of the tokens ``generate`` produces (greedy unless ``generate_kwargs`` say otherwise).
+
+    Hooks record every forward of ``model.generate``: the prefill (the prompt), then one forward per
+    new token, whose input is the token produced at the previous step. The trace holds those decode
+    forwards' routing: each produced token as the model reads it, ``position`` its step (0 = the first
+    produced token). The last produced token is never read by the model and is not in the trace; tokens
+    after a row's end-of-sequence token are dropped. Local models only (HF, TransformerBridge, nnsight:
+    their HF model generates); remote generation is not supported.
+
+    Returns ``(trace, produced token ids per prompt)``.
+    """
+    import nnsight_moe
+    from nnsight_moe.progress import bar
+
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 2:
+        raise ValueError(f"max_new_tokens must be an integer >= 2 (the first produced token is read on the "
+                         f"second step), got {max_new_tokens!r}")
+    hf = nnsight_moe.hf_model(model)
+    layout = nnsight_moe.layout(hf)
+    device = next(hf.parameters()).device
+    batches = _batches(model, prompts, tokenizer, batch_size, padding_side)
+    eos = hf.generation_config.eos_token_id
+    eos = set([] if eos is None else [eos] if isinstance(eos, int) else eos)
+    pad = hf.generation_config.pad_token_id
+    pad = pad if pad is not None else (next(iter(eos)) if eos else 0)
+    traces, produced = [], []
+    with nnsight_moe.attached(hf) as handle:
+        recorder = _Recorder(handle)
+        try:
+            for batch in bar(batches, f"generation routing of {len(batches)} batches", disable=not progress):
+                width = batch["input_ids"].shape[1]
+                out = hf.generate(**{k: v.to(device) for k, v in batch.items()}, max_new_tokens=max_new_tokens,
+                                  do_sample=False, pad_token_id=pad, **generate_kwargs)
+                new = out[:, width:].cpu()
+                seen = recorder.take()
+                steps = len(seen[layout.moe_layers[0]]["hook_topk_indices"]) - 1  # decode forwards
+                ended = torch.zeros(new.shape[0], dtype=torch.bool)
+                alive = []
+                for step in range(new.shape[1]):
+                    alive.append(~ended)
+                    ended = ended | torch.tensor([int(t) in eos for t in new[:, step]])
+                alive = torch.stack(alive, 1)  # [b, T]: produced token is real (no EOS before it)
+                for row in range(new.shape[0]):
+                    produced.append(new[row][alive[row]].tolist())
+                steps = min(steps, new.shape[1] - 1)
+                keep = alive[:, :steps]
+                per_layer = {}
+                for i in layout.moe_layers:
+                    values = {n: torch.cat([v[1 + s] for s in range(steps)], 1) for n, v in seen[i].items()}
+                    per_layer[i] = _per_token(values, keep)
+                fed = {"input_ids": new[:, :steps], "attention_mask": keep.long()}
+                traces.append(_trace_of(list(layout.moe_layers), layout.n_experts, [fed], [per_layer]))
+        finally:
+            recorder.hooks.remove()
+    return RoutingTrace.concat(traces), produced
+
+
+# ------------------------------------------------------------------------------------ statistics
+@dataclass
+class RoutingStats:
+    """Routing statistics of one :class:`RoutingTrace` (see the module docstring for every definition).
+
+    Tensors: ``counts`` [L, E] tokens that selected each expert, ``load`` [L, E], ``load_entropy`` /
+    ``imbalance`` / ``router_entropy`` / ``topk_mass`` [L], ``coactivation`` [L, E, E] (int),
+    ``lift`` [L, E, E] (NaN: undefined), ``transitions`` [L-1, E, E] (int). ``dead`` / ``cold``: per
+    layer the list of expert ids.
+    """
+
+    layers: list[int]
+    n_experts: int
+    top_k: int
+    n_tokens: int
+    counts: Tensor
+    load: Tensor
+    load_entropy: Tensor
+    imbalance: Tensor
+    router_entropy: Tensor
+    topk_mass: Tensor
+    coactivation: Tensor
+    lift: Tensor
+    transitions: Tensor
+    dead: list[list[int]]
+    cold: list[list[int]]
+    cold_threshold: float = 0.1
+    meta: dict = field(default_factory=dict)
+
+    _TENSORS = ("counts", "load", "load_entropy", "imbalance", "router_entropy", "topk_mass", "coactivation", "lift",
+                "transitions")
+
+    def to_json(self) -> dict:
+        """Plain JSON data (NaN kept as float NaN; ``report.json_value`` writes it as null)."""
+        out = {name: getattr(self, name).tolist() for name in self._TENSORS}
+        out.update(layers=self.layers, n_experts=self.n_experts, top_k=self.top_k, n_tokens=self.n_tokens,
+                   dead=self.dead, cold=self.cold, cold_threshold=self.cold_threshold, meta=self.meta)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "RoutingStats":
+        """Inverse of :meth:`to_json` (also from results.json, where NaN was written as null)."""
+        def tensor(name):
+            value = _nulls_to_nan(data[name])
+            kind = torch.long if name in ("counts", "coactivation", "transitions") else torch.float32
+            return torch.tensor(value, dtype=kind)
+
+        return cls(data["layers"], data["n_experts"], data["top_k"], data["n_tokens"],
+                   **{name: tensor(name) for name in cls._TENSORS}, dead=data["dead"], cold=data["cold"],
+                   cold_threshold=data["cold_threshold"], meta=data.get("meta", {}))
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`to_json` to ``path`` (strict JSON, atomically); read back with :meth:`from_file`."""
+        from nnsight_moe.files import atomic_write
+        from nnsight_moe.report import json_value
+
+        atomic_write(Path(path), json.dumps(json_value(self.to_json())))
+        return Path(path)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "RoutingStats":
+        """Read a file written by :meth:`save`."""
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+    def to_frame(self):
+        """One row per MoE layer: tokens, load entropy, imbalance, router entropy, top-k mass, dead, cold."""
+        import pandas as pd
+
+        return pd.DataFrame({
+            "layer": self.layers, "tokens": self.n_tokens, "load_entropy": self.load_entropy.tolist(),
+            "imbalance": self.imbalance.tolist(), "router_entropy": self.router_entropy.tolist(),
+            "topk_mass": self.topk_mass.tolist(), "dead": [len(d) for d in self.dead],
+            "cold": [len(c) for c in self.cold],
+        }).set_index("layer")
+
+    def plot_load(self):
+        """Load heatmap (layer x expert) next to load entropy / router entropy / imbalance per layer."""
+        import matplotlib.pyplot as plt
+
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 1.5 + 0.4 * len(self.layers)),
+                                     gridspec_kw={"width_ratios": [2, 1]})
+        image = ax.imshow(self.load.numpy(), aspect="auto", cmap="viridis")
+        ax.set_yticks(range(len(self.layers)), self.layers)
+        ax.set_xlabel("expert"), ax.set_ylabel("MoE layer"), ax.set_title("load (share of routed slots)")
+        fig.colorbar(image, ax=ax)
+        bx.plot(self.load_entropy.numpy(), self.layers, "o-", label="load entropy / log E")
+        bx.plot((self.router_entropy / math.log(self.n_experts)).numpy(), self.layers, "s-",
+                label="router entropy / log E")
+        bx.plot(self.topk_mass.numpy(), self.layers, "^-", label="top-k mass")
+        bx.set_yticks(self.layers), bx.invert_yaxis(), bx.set_xlim(0, 1.05), bx.set_xlabel("value"), bx.legend(fontsize=7, loc="lower left")
+        twin = bx.twiny()
+        twin.plot(self.imbalance.numpy(), self.layers, "x--", color="tab:red")
+        twin.set_xlabel("imbalance max/mean (red)", color="tab:red")
+        fig.tight_layout()
+        return fig
+
+    def plot_coactivation(self, layers: Sequence[int] | None = None):
+        """log2 lift heatmaps of within-layer co-activation (up to 4 layers; default the first 4)."""
+        import matplotlib.pyplot as plt
+
+        chosen = list(layers) if layers is not None else self.layers[:4]
+        fig, axes = plt.subplots(1, len(chosen), figsize=(3.4 * len(chosen) + 1, 3.2), squeeze=False)
+        for ax, layer in zip(axes[0], chosen):
+            lift = self.lift[self.layers.index(layer)].clone()
+            lift.fill_diagonal_(float("nan"))
+            image = ax.imshow(torch.log2(lift).numpy(), cmap="RdBu_r", vmin=-3, vmax=3)
+            ax.set_title(f"layer {layer}: log2 lift"), ax.set_xlabel("expert"), ax.set_ylabel("expert")
+        fig.colorbar(image, ax=list(axes[0]), shrink=0.8)
+        return fig
+
+    def plot_transitions(self, pairs: Sequence[int] | None = None):
+        """Top-1 transition heatmaps (rows: expert at a MoE layer, columns: at the next), row-normalised."""
+        import matplotlib.pyplot as plt
+
+        if not len(self.transitions):
+            fig, ax = plt.subplots(figsize=(4, 1))
+            ax.text(0.5, 0.5, "one MoE layer: no transitions", ha="center"), ax.axis("off")
+            return fig
+        chosen = list(pairs) if pairs is not None else list(range(min(4, len(self.transitions))))
+        fig, axes = plt.subplots(1, len(chosen), figsize=(3.4 * len(chosen) + 1, 3.2), squeeze=False)
+        for ax, t in zip(axes[0], chosen):
+            counts = self.transitions[t].float()
+            image = ax.imshow((counts / counts.sum(-1, keepdim=True).clamp(min=1)).numpy(), cmap="magma", vmin=0, vmax=1)
+            ax.set_title(f"top-1: layer {self.layers[t]} -> {self.layers[t + 1]}", fontsize=9)
+            ax.set_xlabel(f"expert at {self.layers[t + 1]}"), ax.set_ylabel(f"expert at {self.layers[t]}")
+        fig.colorbar(image, ax=list(axes[0]), shrink=0.8, label="P(next | this)")
+        return fig
+
+
+def _nulls_to_nan(value):
+    if value is None:
+        return float("nan")
+    if isinstance(value, list):
+        return [_nulls_to_nan(v) for v in value]
+    return value
+
+
+def routing_stats(trace: RoutingTrace, *, cold: float = 0.1) -> RoutingStats:
+    """The statistics of the module docstring for ``trace`` (pure tensor maths, any device)."""
+    if not 0 <= cold <= 1:
+        raise ValueError(f"cold must be a share of the uniform load in [0, 1], got {cold!r}")
+    if trace.n_tokens == 0:
+        raise ValueError("the routing trace holds no token (every position was padding)")
+    E, n, k = trace.n_experts, trace.n_tokens, trace.top_k
+    chosen = torch.zeros(len(trace.layers), n, E)
+    chosen.scatter_(-1, trace.indices.long().cpu(), 1.0)  # [L, N, E]: token selected expert
+    counts = chosen.sum(1)
+    load = counts / (n * k)
+    logs = torch.where(load > 0, load.clamp(min=1e-30).log(), torch.zeros_like(load))
+    load_entropy = -(load * logs).sum(-1) / math.log(E)
+    co = torch.einsum("lni,lnj->lij", chosen, chosen)
+    share = counts / n
+    lift = (co / n) / (share[:, :, None] * share[:, None, :])
+    lift = torch.where((share[:, :, None] > 0) & (share[:, None, :] > 0), lift, torch.full_like(lift, float("nan")))
+    top1 = trace.top1().long().cpu()
+    hot = torch.nn.functional.one_hot(top1, E).float()  # [L, N, E]
+    transitions = torch.einsum("lni,lnj->lij", hot[:-1], hot[1:]) if len(trace.layers) > 1 else torch.zeros(0, E, E)
+    return RoutingStats(
+        layers=list(trace.layers), n_experts=E, top_k=k, n_tokens=n, counts=counts.long(), load=load,
+        load_entropy=load_entropy, imbalance=load.max(-1).values * E, router_entropy=trace.entropy.float().mean(-1).cpu(),
+        topk_mass=trace.mass.float().mean(-1).cpu(), coactivation=co.long(), lift=lift, transitions=transitions.long(),
+        dead=[(c == 0).nonzero().reshape(-1).tolist() for c in counts],
+        cold=[(row < cold / E).nonzero().reshape(-1).tolist() for row in load], cold_threshold=cold,
+    )
+
+
+# ------------------------------------------------------------------------------------ job section
+def section(job: Any):
+    """The ``routing`` section of the main job: statistics on the recipes' prompts, a per-token view,
+    specialisation per relation and generation-time routing (local runs)."""
+    from nnsight_moe.recipes import specialisation
+    from nnsight_moe.recipes.token_view import token_view
+    from nnsight_moe.report import Section
+
+    if not job.is_moe:
+        return None
+    facts = job.sample()
+    prompts = facts.prompts
+    trace = job.stage("routing-trace", lambda: collect_routing(
+        job.model, prompts, tokenizer=job.tokenizer, batch_size=job.batch_size, remote=job.remote,
+        results_path=job.results_path("routing")), _trace_to_json, _trace_from_json)
+    stats = routing_stats(trace)
+    relation = [f.relation for f in facts.facts]
+    spec = specialisation.enrichment(trace, [relation[p] for p in trace.prompt.tolist()], what="relation")
+    data = {"stats": stats.to_json(), "specialisation": spec.to_json(top=40)}
+    figures = {"routing_load": ("Expert load, load entropy, router entropy and imbalance per MoE layer", stats.plot_load()),
+               "routing_coactivation": ("Within-layer co-activation (log2 lift)", stats.plot_coactivation()),
+               "routing_transitions": ("Top-1 expert transitions between consecutive MoE layers", stats.plot_transitions()),
+               "specialisation_volcano": ("Expert specialisation for relations: nPMI vs -log10 q", spec.plot())}
+    tables = {"Routing statistics per MoE layer": stats.to_frame(),
+              "Experts enriched for a relation (hypergeometric, BH q < 0.05)": spec.table(top=15)}
+    text = (f"{stats.n_tokens} non-pad tokens of {len(prompts)} relation prompts (padding masked). Load: share "
+            "of routed slots; lift: P(i, j) / (P(i) P(j)); transitions: top-1 expert at consecutive MoE layers; "
+            "specialisation: hypergeometric enrichment of each expert's tokens for each relation, BH-corrected, "
+            "with stability across the two halves of the prompts.")
+    if job.remote is None:
+        gen, _ = generation_routing(job.model, prompts[: 8 if job.quick else 16], tokenizer=job.tokenizer,
+                                    max_new_tokens=4 if job.quick else 8, batch_size=job.batch_size)
+        if gen.n_tokens:
+            gstats = routing_stats(gen)
+            data["generation"] = gstats.to_json()
+            tables["Generation-time routing (tokens produced by generate)"] = gstats.to_frame()
+    else:
+        text += " Computed through nnsight with remote={!r}; generation-time routing is local only.".format(job.remote)
+    html = {"token_view": "<h3>Per-token routing (top-1 expert per MoE layer; hover for weights)</h3>"
+                          + token_view(trace, job.tokenizer, max_prompts=12)}
+    return Section("routing", "Routing statistics and expert specialisation", text, data=data, tables=tables,
+                   figures=figures, html=html)
+
+
+def _trace_to_json(trace: RoutingTrace) -> dict:
+    return {"layers": trace.layers, "n_experts": trace.n_experts,
+            **{n: getattr(trace, n).tolist() for n in ("indices", "weights", "entropy", "mass", "tokens", "prompt",
+                                                        "position")}}
+
+
+def _trace_from_json(data: dict) -> RoutingTrace:
+    long = ("indices", "tokens", "prompt", "position")
+    return RoutingTrace(data["layers"], data["n_experts"],
+                        **{n: torch.tensor(data[n], dtype=torch.long if n in long else torch.float32)
+                           for n in ("indices", "weights", "entropy", "mass", "tokens", "prompt", "position")})
+
+
+# ------------------------------------------------------------------------------------ command line
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m nnsight_moe.recipes.routing_stats --model NAME --prompt TEXT [--prompt ...] [--out FILE]``."""
+    import argparse
+
+    from nnsight_moe.models import load_model
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="demo-moe")
+    parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for more)")
+    parser.add_argument("--generate", type=int, default=0, help="also routing of N generated tokens per prompt")
+    parser.add_argument("--out", default=None, help="write the statistics as JSON here")
+    args = parser.parse_args(argv)
+    model, tokenizer = load_model(args.model)
+    stats = routing_stats(collect_routing(model, args.prompt, tokenizer=tokenizer))
+    print(stats.to_frame().to_string())
+    if args.generate:
+        gen, produced = generation_routing(model, args.prompt, tokenizer=tokenizer, max_new_tokens=args.generate)
+        print("generation-time routing:\n" + routing_stats(gen).to_frame().to_string())
+    if args.out:
+        print(f"wrote {stats.save(args.out)}")
+
+
+if __name__ == "__main__":
+    main()
