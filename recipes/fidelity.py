@@ -97,6 +97,7 @@ def routing_fidelity(model: Any, prompts: Sequence, *, tokenizer: Any = None, dt
     from nnsight_moe.check import IMPLEMENTATIONS, router_indices, topk_set_changed
     from nnsight_moe.models import DTYPES
     from nnsight_moe.recipes.routing_stats import _batches
+    from nnsight_moe.recipes.runner import inputs
 
     hf = nnsight_moe.hf_model(model)
     layout = nnsight_moe.layout(hf)
@@ -107,7 +108,8 @@ def routing_fidelity(model: Any, prompts: Sequence, *, tokenizer: Any = None, dt
         raise ValueError(f"unknown dtype / experts implementation {bad[0]!r}; dtypes: {DTYPES}, "
                          f"implementations: {IMPLEMENTATIONS}")
     device = next(hf.parameters()).device
-    batches = [{k: v.to(device) for k, v in b.items()} for b in _batches(model, prompts, tokenizer, batch_size, padding_side)]
+    batches = [{k: v.to(device) for k, v in inputs(b).items()}
+               for b in _batches(model, prompts, tokenizer, batch_size, padding_side)]
     reference = {"dtype": str(hf.dtype).replace("torch.", ""), "implementation": _reference_name(hf)}
     base = [router_indices(hf, layout, b) for b in batches]
     variants: dict[str, list] = {}

@@ -120,40 +120,15 @@ def _layout_of(model: Any):
 
 
 def _batches(model: Any, prompts: Sequence, tokenizer: Any, batch_size: int, padding_side: str | None) -> list[dict]:
-    """Tokenized, padded batches (``input_ids``, ``attention_mask`` on CPU) of ``prompts``.
+    """Tokenized, padded batches of ``prompts`` on the CPU (:func:`nnsight_moe.recipes.runner.make_batches`)."""
+    from nnsight_moe.recipes import runner
+    from nnsight_moe.recipes.prompts import model_tokenizer, vocab_size
 
-    The one place this module batches; the recipe runner (``recipes/runner.py``) replaces it.
-    """
-    from nnsight_moe.recipes.prompts import _pad, check_vocab, encode_prompts, model_tokenizer, vocab_size
-
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if padding_side not in (None, "left", "right"):
-        raise ValueError(f"padding_side must be None (the tokenizer's own), 'left' or 'right', got {padding_side!r}")
     prompts = list(prompts)
     if not prompts:
         raise ValueError("prompts is empty: give at least one prompt (a string or a list of token ids)")
-    tokenizer = model_tokenizer(model, tokenizer)
-    vocab = vocab_size(model)
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        if isinstance(chunk[0], str):
-            previous = getattr(tokenizer, "padding_side", None)
-            if padding_side is not None and tokenizer is not None:
-                tokenizer.padding_side = padding_side
-            try:
-                batch = encode_prompts(tokenizer, chunk, "cpu", vocab)
-            finally:
-                if padding_side is not None and tokenizer is not None:
-                    tokenizer.padding_side = previous
-        else:  # token ids: padded with 0 on ``padding_side`` (default left), checked against the vocabulary
-            batch = _pad([list(map(int, p)) for p in chunk], 0, padding_side or "left")
-            check_vocab(batch["input_ids"][batch["attention_mask"].bool()], vocab, "the prompts", tokenizer)
-        if bool((batch["attention_mask"].sum(-1) == 0).any()):
-            raise ValueError(f"a prompt in {start}..{start + len(chunk) - 1} has no token after tokenization")
-        out.append(batch)
-    return out
+    return runner.make_batches(prompts, tokenizer=model_tokenizer(model, tokenizer), batch_size=batch_size,
+                               padding_side=padding_side, vocab=vocab_size(model), model=model)
 
 
 class _Recorder:
@@ -185,30 +160,34 @@ def _per_token(values: dict[str, Tensor], keep: Tensor) -> dict[str, Tensor]:
             "entropy": entropy[keep], "mass": mass[keep]}
 
 
-@torch.no_grad()
+def _routing_local(recorder: "_Recorder", model: Any, batch: dict) -> dict:
+    """Per-token routing of one batch through the attached HF ``model`` (``recorder`` holds the hooks)."""
+    from nnsight_moe.recipes.runner import inputs, model_device
+
+    device = model_device(model)
+    model(**{k: v.to(device) for k, v in inputs(batch).items()}, use_cache=False)
+    seen = recorder.take()
+    keep = batch["attention_mask"].bool().cpu()
+    return {i: _per_token({n: v[-1] for n, v in seen[i].items()}, keep) for i in recorder.layers}
+
+
 def _collect_local(model: Any, batches: list[dict], progress: bool) -> list[dict]:
     import nnsight_moe
-    from nnsight_moe.progress import bar
+    from nnsight_moe.recipes.runner import run_batches
 
     hf = nnsight_moe.hf_model(model)
-    device = next(hf.parameters()).device
-    results = []
     with nnsight_moe.attached(hf) as handle:
         recorder = _Recorder(handle)
         try:
-            for batch in bar(batches, f"routing of {len(batches)} batches", disable=not progress):
-                hf(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
-                seen = recorder.take()
-                keep = batch["attention_mask"].bool()
-                results.append({i: _per_token({n: v[-1] for n, v in seen[i].items()}, keep) for i in recorder.layers})
+            return run_batches(hf, batches, functools.partial(_routing_local, recorder), progress=progress,
+                               desc="routing")
         finally:
             recorder.hooks.remove()
-    return results
 
 
-def _routing_in_trace(view: Any, model: Any, batch: dict, extra: dict) -> dict:
+def _routing_in_trace(view: Any, model: Any, batch: dict) -> dict:
     """Per-token routing of the non-pad tokens at every MoE layer; runs inside ``model.trace`` (server side)."""
-    keep = extra["mask"]
+    keep = batch["attention_mask"].bool()
     out = {}
     for layer in view.moe_layers:
         q = view.layer(layer, want=("router_logits", "router_scores", "topk_indices", "topk_weights"))
@@ -223,11 +202,11 @@ def _routing_in_trace(view: Any, model: Any, batch: dict, extra: dict) -> dict:
 
 
 def _collect_remote(model: Any, batches: list[dict], remote: Any, results_path: Any, progress: bool) -> list[dict]:
-    from nnsight_moe.remote import MoEView, run_batches
+    from nnsight_moe.recipes.runner import run_batches
+    from nnsight_moe.remote import MoEView
 
-    extras = [{"mask": b["attention_mask"].bool()} for b in batches]
-    return run_batches(model, batches, functools.partial(_routing_in_trace, MoEView(model)), extras=extras,
-                       remote=remote, results_path=results_path, progress=progress)
+    return run_batches(model, batches, functools.partial(_routing_in_trace, MoEView(model)), remote=remote,
+                       results_path=results_path, progress=progress, desc="routing")
 
 
 def _trace_of(layers: list[int], n_experts: int, batches: list[dict], results: list[dict]) -> RoutingTrace:
@@ -235,8 +214,8 @@ def _trace_of(layers: list[int], n_experts: int, batches: list[dict], results: l
     tokens, prompt, position = [], [], []
     offset = 0
     for batch, result in zip(batches, results):
-        keep = batch["attention_mask"].bool()
-        tokens.append(batch["input_ids"][keep])
+        keep = batch["attention_mask"].bool().cpu()
+        tokens.append(batch["input_ids"].cpu()[keep])
         rows = torch.arange(keep.shape[0])[:, None].expand_as(keep)
         prompt.append(rows[keep] + offset)
         position.append((keep.long().cumsum(-1) - 1)[keep])
@@ -290,6 +269,7 @@ def generation_routing(model: Any, prompts: Sequence, *, tokenizer: Any = None, 
     """
     import nnsight_moe
     from nnsight_moe.progress import bar
+    from nnsight_moe.recipes.runner import inputs
 
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 2:
         raise ValueError(f"max_new_tokens must be an integer >= 2 (the first produced token is read on the "
@@ -308,7 +288,7 @@ def generation_routing(model: Any, prompts: Sequence, *, tokenizer: Any = None, 
         try:
             for batch in bar(batches, f"generation routing of {len(batches)} batches", disable=not progress):
                 width = batch["input_ids"].shape[1]
-                out = hf.generate(**{k: v.to(device) for k, v in batch.items()}, max_new_tokens=max_new_tokens,
+                out = hf.generate(**{k: v.to(device) for k, v in inputs(batch).items()}, max_new_tokens=max_new_tokens,
                                   do_sample=False, pad_token_id=pad, **generate_kwargs)
                 new = out[:, width:].cpu()
                 seen = recorder.take()
