@@ -154,6 +154,22 @@ def check(model, dtype, device, no_float32) -> None:
         raise SystemExit(1)
 
 
+#: ``nnsight-moe analyze NAME``: the analysis recipes' own command lines (``python -m nnsight_moe.recipes.<module>``)
+ANALYSES = {"routing": "routing_stats", "specialisation": "specialisation", "fidelity": "fidelity", "lenses": "lenses",
+            "super-experts": "super_experts", "replot": "replot"}
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("name", type=click.Choice(sorted(ANALYSES)))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def analyze(name, args) -> None:
+    """Run one analysis recipe: routing, specialisation, fidelity, lenses, super-experts, replot (ARGS: its
+    own options, see `nnsight-moe analyze NAME --help`)."""
+    import importlib
+
+    _or_fail(lambda: importlib.import_module(f"nnsight_moe.recipes.{ANALYSES[name]}").main(list(args)))
+
+
 def _or_fail(fn):
     """Turn the library's input errors into a one-line CLI error (exit code 1)."""
     from nnsight_moe.data import RelationFormatError

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["FidelityResult", "routing_fidelity", "section"]
+__all__ = ["FidelityResult", "figures_from_json", "routing_fidelity", "section"]
 
 
 @dataclass
@@ -178,7 +178,14 @@ def section(job: Any):
         text += " Not run: " + "; ".join(f"{k} ({v})" for k, v in result.unavailable.items()) + "."
     return Section("fidelity", "Routing fidelity across dtypes and experts implementations", text,
                    data=result.to_json(), tables={"Tokens with a changed top-k set (share)": result.table()},
-                   figures={"fidelity_layers": ("Top-k set changes per MoE layer", result.plot())})
+                   figures=figures_from_json(result.to_json()))
+
+
+def figures_from_json(data: dict) -> dict:
+    """The section's figures ``{name: (title, figure)}`` from its results.json data alone (re-plotting)."""
+    if "rows" not in data:  # a skipped section
+        return {}
+    return {"fidelity_layers": ("Top-k set changes per MoE layer", FidelityResult.from_json(data).plot())}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

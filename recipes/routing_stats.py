@@ -43,8 +43,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["RoutingStats", "RoutingTrace", "collect_routing", "generation_routing", "routing_stats", "section",
-           "token_stats"]
+__all__ = ["RoutingStats", "RoutingTrace", "collect_routing", "figures_from_json", "generation_routing", "routing_stats",
+           "section", "token_stats"]
 
 
 # ------------------------------------------------------------------------------------ per-token routing
@@ -498,11 +498,7 @@ def section(job: Any):
     stats = routing_stats(trace)
     relation = [f.relation for f in facts.facts]
     spec = specialisation.enrichment(trace, [relation[p] for p in trace.prompt.tolist()], what="relation")
-    data = {"stats": stats.to_json(), "specialisation": spec.to_json(top=40)}
-    figures = {"routing_load": ("Expert load, load entropy, router entropy and imbalance per MoE layer", stats.plot_load()),
-               "routing_coactivation": ("Within-layer co-activation (log2 lift)", stats.plot_coactivation()),
-               "routing_transitions": ("Top-1 expert transitions between consecutive MoE layers", stats.plot_transitions()),
-               "specialisation_volcano": ("Expert specialisation for relations: nPMI vs -log10 q", spec.plot())}
+    data = {"stats": stats.to_json(), "specialisation": spec.to_json(top=None if len(spec.frame) <= 5000 else 5000)}
     tables = {"Routing statistics per MoE layer": stats.to_frame(),
               "Experts enriched for a relation (hypergeometric, BH q < 0.05)": spec.table(top=15)}
     text = (f"{stats.n_tokens} non-pad tokens of {len(prompts)} relation prompts (padding masked). Load: share "
@@ -518,10 +514,25 @@ def section(job: Any):
             tables["Generation-time routing (tokens produced by generate)"] = gstats.to_frame()
     else:
         text += " Computed through nnsight with remote={!r}; generation-time routing is local only.".format(job.remote)
+    from nnsight_moe.report import json_value
+
+    figures = figures_from_json(json.loads(json.dumps(json_value(data))))  # what re-plotting results.json gives
     html = {"token_view": "<h3>Per-token routing (top-1 expert per MoE layer; hover for weights)</h3>"
                           + token_view(trace, job.tokenizer, max_prompts=12)}
     return Section("routing", "Routing statistics and expert specialisation", text, data=data, tables=tables,
                    figures=figures, html=html)
+
+
+def figures_from_json(data: dict) -> dict:
+    """The section's figures ``{name: (title, figure)}`` from its results.json data alone (re-plotting)."""
+    from nnsight_moe.recipes.specialisation import Enrichment
+
+    stats = RoutingStats.from_json(data["stats"])
+    spec = Enrichment.from_json(data["specialisation"])
+    return {"routing_load": ("Expert load, load entropy, router entropy and imbalance per MoE layer", stats.plot_load()),
+            "routing_coactivation": ("Within-layer co-activation (log2 lift)", stats.plot_coactivation()),
+            "routing_transitions": ("Top-1 expert transitions between consecutive MoE layers", stats.plot_transitions()),
+            "specialisation_volcano": ("Expert specialisation for relations: nPMI vs -log10 q", spec.plot())}
 
 
 def _trace_to_json(trace: RoutingTrace) -> dict:

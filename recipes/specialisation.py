@@ -83,6 +83,7 @@ class Enrichment:
     what: str
     n_tokens: int
     alpha: float
+    stored_summary: dict | None = None  # from results.json, where only the strongest rows may be kept
 
     def significant(self):
         """Rows with q < alpha and more co-occurrences than expected, strongest (lowest q, highest nPMI) first."""
@@ -91,6 +92,8 @@ class Enrichment:
 
     def summary(self) -> dict:
         """Tested / significant / replicated counts, the replicated share and the halves' nPMI Spearman rho."""
+        if self.stored_summary is not None:
+            return dict(self.stored_summary)
         sig = self.significant()
         f = self.frame
         defined = f[["npmi_half1", "npmi_half2"]].dropna()
@@ -105,19 +108,22 @@ class Enrichment:
         return self.significant()[cols].head(top).reset_index(drop=True)
 
     def to_json(self, top: int | None = None) -> dict:
-        """``{"summary", "rows"}``: rows of every triple, or of the ``top`` significant ones (labels as str)."""
-        rows = self.frame if top is None else self.significant().head(top)
+        """``{"summary", "rows"}``: rows of every triple, or of the ``top`` with the lowest p (labels as str)."""
+        rows = self.frame if top is None else self.frame.sort_values("p").head(top)
         rows = rows.assign(label=rows.label.astype(str))
         return {"summary": self.summary(), "what": self.what, "n_tokens": self.n_tokens, "alpha": self.alpha,
                 "complete": top is None, "rows": rows.to_dict(orient="records")}
 
     @classmethod
     def from_json(cls, data: dict) -> "Enrichment":
-        """Inverse of :meth:`to_json` (rows only: a ``top`` export holds the significant triples only)."""
+        """Inverse of :meth:`to_json` (a ``top`` export keeps its rows and the summary of the full test)."""
         import pandas as pd
 
-        frame = pd.DataFrame(data["rows"]).astype({"p": float, "q": float, "npmi": float}, errors="ignore")
-        return cls(frame, data["what"], data["n_tokens"], data["alpha"])
+        frame = pd.DataFrame(data["rows"], columns=_COLUMNS)
+        floats = [c for c in _COLUMNS if c.startswith(("p", "q", "npmi", "expected"))]
+        frame[floats] = frame[floats].astype(float)  # null (undefined) -> NaN
+        return cls(frame, data["what"], data["n_tokens"], data["alpha"],
+                   None if data.get("complete") else data.get("summary"))
 
     def plot(self):
         """Volcano plot: nPMI (x) against -log10 q (y), significant triples coloured, the top 8 named."""
@@ -138,6 +144,10 @@ class Enrichment:
         ax.set_xlabel("nPMI (expert, label)"), ax.set_ylabel("-log10 q (BH)")
         ax.set_title(f"Expert enrichment for {self.what} labels ({self.n_tokens} tokens)")
         return fig
+
+
+_COLUMNS = ["layer", "expert", "label", "n_label", "n_expert", "both", "expected", "p", "q", "npmi", "p_half1",
+            "p_half2", "npmi_half1", "npmi_half2", "replicated"]
 
 
 def _token_labels(trace: Any, labels: Any, prompt_labels: Any) -> list:

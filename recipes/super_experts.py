@@ -27,13 +27,14 @@ among the others), over ``seeds`` draws. Local models only; attention-sink measu
 from __future__ import annotations
 
 import functools
+import json
 import random
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
-__all__ = ["BlockingEffect", "Maxima", "activation_maxima", "blocking_effect", "flag", "section"]
+__all__ = ["BlockingEffect", "Maxima", "activation_maxima", "blocking_effect", "figures_from_json", "flag", "section"]
 
 
 @dataclass
@@ -250,7 +251,7 @@ def blocking_effect(model: Any, dataset: Any, flagged: Sequence[tuple[int, int]]
 def section(job: Any):
     """The ``super_experts`` section of the main job: maxima on the recipes' prompts, flagged experts blocked
     against random ones (local runs)."""
-    from nnsight_moe.report import Section
+    from nnsight_moe.report import Section, json_value
 
     if not job.is_moe:
         return None
@@ -276,7 +277,15 @@ def section(job: Any):
     frame = maxima.to_frame().sort_values("max_out", ascending=False).head(12).reset_index(drop=True)
     tables["Largest max |down_proj output| (top 12)"] = frame
     return Section("super_experts", "Super experts: massive down_proj activations", text, data=data, tables=tables,
-                   figures={"super_experts_scatter": ("Max |down_proj output| per expert and layer", maxima.plot())})
+                   figures=figures_from_json(json.loads(json.dumps(json_value(data)))))
+
+
+def figures_from_json(data: dict) -> dict:
+    """The section's figures ``{name: (title, figure)}`` from its results.json data alone (re-plotting)."""
+    if "maxima" not in data:  # a skipped section
+        return {}
+    return {"super_experts_scatter": ("Max |down_proj output| per expert and layer",
+                                      Maxima.from_json(data["maxima"]).plot())}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
