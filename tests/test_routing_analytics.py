@@ -324,5 +324,8 @@ def test_token_view_renders_offline_in_headless_chromium(tmp_path):
     assert not [line for line in proc.stderr.splitlines() if "CONSOLE" in line and "rror" in line]
     match = re.search(r'data-token-view-rendered="(\d+)"', proc.stdout)
     assert match and int(match.group(1)) == trace.n_tokens
-    experts = [int(e) for e in re.findall(r'data-expert="(\d+)"', proc.stdout)]
-    assert experts == trace.top1()[0].tolist()  # coloured by the top-1 expert of the first MoE layer
+    got = [(int(e), int(l)) for e, l in re.findall(r'data-expert="(\d+)" data-layer="(\d+)"', proc.stdout)]
+    top1 = trace.top1()
+    expected = [(int(top1[row, t]), layer) for p in trace.prompt.unique().tolist()
+                for row, layer in enumerate(trace.layers) for t in (trace.prompt == p).nonzero().reshape(-1).tolist()]
+    assert got == expected  # every MoE layer a row of each prompt, each token coloured by its top-1 expert there
