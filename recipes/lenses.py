@@ -94,7 +94,7 @@ class _Readout:
 
     def top(self, vectors: Tensor, top: int, tokenizer: Any, orient: bool = False) -> list[tuple[list, list]]:
         """(promoted, suppressed) ``[[token, Δlogit], ...]`` of each vector [M, D] through ``W_U diag(γ)``."""
-        out = []
+        out, vectors = [], vectors.to(self.unembed.device)
         for start in range(0, vectors.shape[0], 64):
             logits = (vectors[start : start + 64].float() * self.gamma) @ self.unembed.T
             for row in logits:
@@ -110,17 +110,47 @@ def _named(ids: Tensor, values: Tensor, tokenizer: Any) -> list:
             for i, v in zip(ids, values)]
 
 
+@torch.no_grad()
+def _final_norm(hf: nn.Module) -> nn.Module:
+    """The module whose output the unembedding reads: found by one two-token forward, matching the output of
+    every norm-like module (class name containing "norm") with the unembedding's input."""
+    from nnsight_moe.hooks import unwrap
+
+    unembed = hf.get_output_embeddings()
+    if unembed is None:
+        raise ValueError(f"{type(hf).__name__} has no unembedding (get_output_embeddings() is None): the lenses "
+                         "project through the final readout of a causal LM")
+    seen, outputs, handles = {}, [], []
+    handles.append(unembed.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0])))
+    for module in hf.modules():
+        if "norm" in type(unwrap(module)).__name__.lower() and module is not unembed:
+            handles.append(module.register_forward_hook(lambda m, a, o: outputs.append((m, o))))
+    try:
+        device = next(hf.parameters()).device
+        hf(input_ids=torch.tensor([[1, 2]], device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    x = seen.get("x")
+    found = [m for m, o in outputs if isinstance(o, Tensor) and x is not None and o.shape == x.shape
+             and (o is x or torch.equal(o, x))]
+    if not found:
+        raise ValueError(f"{type(hf).__name__}: no norm module's output is the unembedding's input; the lenses need "
+                         "the final norm (final norm -> unembedding)")
+    return found[-1]
+
+
 def _readout(hf: nn.Module) -> _Readout:
     from nnsight_moe.hooks import unwrap
-    from nnsight_moe.recipes.attribution import _parts, rms_gamma
+    from nnsight_moe.recipes.attribution import rms_gamma
 
-    parts = _parts(hf)
-    norm = unwrap(parts.norm)
+    module = _final_norm(hf)
+    norm = unwrap(module)
     eps = float(getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6))
-    unembed = unwrap(parts.unembed).weight.detach().float()
+    unembed = unwrap(hf.get_output_embeddings()).weight.detach().float()
     if isinstance(norm, nn.LayerNorm):
-        return _Readout(unembed, norm.weight.detach().float(), parts.norm, eps, True)
-    return _Readout(unembed, rms_gamma(norm, eps).detach(), parts.norm, eps, False)
+        return _Readout(unembed, norm.weight.detach().float(), module, eps, True)
+    return _Readout(unembed, rms_gamma(norm, eps).detach(), module, eps, False)
 
 
 def _down(hf: nn.Module, layout: Any, layer: int, expert: int | str) -> Tensor:
@@ -289,7 +319,7 @@ def neuron_lens(model: Any, layer: int, expert: int | str, *, neurons: Sequence[
         else:
             tokens = int(sums["count"][expert])
             coef = sums["acts"].cpu()[expert] / max(tokens, 1)
-        columns, source = columns * coef[chosen, None], "prompts"
+        columns, source = columns * coef.to(columns.device)[chosen, None], "prompts"
     rows = [{"layer": layer, "expert": expert, "neuron": n, "source": source, "tokens": tokens,
              "promoted": p, "suppressed": s} for n, (p, s) in zip(chosen, readout.top(columns, top, tokenizer))]
     return LensResult(rows)

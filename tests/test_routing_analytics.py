@@ -329,3 +329,15 @@ def test_token_view_renders_offline_in_headless_chromium(tmp_path):
     expected = [(int(top1[row, t]), layer) for p in trace.prompt.unique().tolist()
                 for row, layer in enumerate(trace.layers) for t in (trace.prompt == p).nonzero().reshape(-1).tolist()]
     assert got == expected  # every MoE layer a row of each prompt, each token coloured by its top-1 expert there
+
+
+@pytest.mark.parametrize("family", nnsight_moe.supported_families())
+def test_every_family_counts_equal_plain_loops(family):
+    """Load and co-activation counts of every supported family against loops over its hook_topk_indices."""
+    hf = tiny_model(family)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    stats = routing_stats(collect_routing(hf, prompts, padding_side="right"))
+    layout, values, mask = _oracle(hf, prompts, "right")
+    loop = _loop_stats(layout, [(values, mask)])
+    assert stats.counts.tolist() == loop["counts"] and stats.coactivation.tolist() == loop["co"]
+    assert stats.transitions.tolist() == loop["transitions"]
