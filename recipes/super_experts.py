@@ -21,7 +21,8 @@ quantile is close to the maximum, so mostly the single largest expert is flagged
 **Effect**: the flagged experts are blocked (gate weight 0, :func:`nnsight_moe.block_experts` mode
 ``"zero"``) and the MRR / HIT@10 of the targets (:func:`nnsight_moe.recipes.blocking.evaluate`) and the
 mean target log-probability are compared with blocking as many random routed experts (drawn uniformly
-among the others), over ``seeds`` draws. Local models only; attention-sink measurements are not made.
+among the others), over ``seeds`` draws. Everything also runs with ``remote=`` inside ``model.trace`` on
+the unmodified model (:func:`nnsight_moe.remote.MoEView`). Attention-sink measurements are not made.
 """
 
 from __future__ import annotations
@@ -109,6 +110,27 @@ def _maxima_batch(state: dict, model: Any, batch: dict) -> dict:
     return out
 
 
+def _maxima_in_trace(view: Any, model: Any, batch: dict) -> dict:
+    """:func:`_maxima_batch` inside ``model.trace`` on the unmodified model (server side), through the view."""
+    keep = batch["attention_mask"].bool()
+    out = {}
+    for layer in view.moe_layers:
+        info = view.spec["layers"][layer]
+        want = ("topk_indices", "expert_acts", "expert_out") + (("shared_acts", "shared_out") if info["shared"] else ())
+        q = view.layer(layer, want=want)
+        idx = q["topk_indices"][keep].long().reshape(-1)
+        entry = {"count": torch.bincount(idx, minlength=info["n_experts"])}
+        for name, key in (("expert_acts", "acts"), ("expert_out", "out")):
+            values = q[name][keep].float().abs().amax(-1).reshape(-1)
+            entry[key] = values.new_zeros(info["n_experts"]).scatter_reduce(0, idx, values, "amax")
+        if info["shared"]:
+            entry["shared_acts"] = q["shared_acts"][keep].float().abs().max()
+            entry["shared_out"] = q["shared_out"][keep].float().abs().max()
+            entry["shared_count"] = keep.sum()
+        out[layer] = entry
+    return out
+
+
 def flag(values: Sequence[float], quantile: float = 0.995, ratio: float = 0.1) -> tuple[list[bool], float]:
     """The criterion of the module docstring on ``values``: (flag per value, the threshold to exceed)."""
     if not 0 < quantile < 1 or not 0 <= ratio <= 1:
@@ -122,9 +144,12 @@ def flag(values: Sequence[float], quantile: float = 0.995, ratio: float = 0.1) -
 
 @torch.no_grad()
 def activation_maxima(model: Any, prompts: Sequence, *, tokenizer: Any = None, batch_size: int = 16,
-                      padding_side: str | None = None, quantile: float = 0.995, ratio: float = 0.1) -> Maxima:
+                      padding_side: str | None = None, quantile: float = 0.995, ratio: float = 0.1,
+                      remote: Any = None, results_path: Any = None) -> Maxima:
     """Per MoE layer and expert, max |down_proj input| and |output| over ``prompts``, and the flagged
-    outliers (module docstring). Local models (HF, TransformerBridge, nnsight with local weights)."""
+    outliers (module docstring). Locally through the attached hooks (HF, TransformerBridge, nnsight), or
+    with ``remote`` (``True``, ``"local"``, a host URL; an nnsight model) inside ``model.trace`` through
+    :func:`nnsight_moe.remote.MoEView`, which recomputes each selected expert from its weights."""
     import nnsight_moe
     from nnsight_moe.hooks import TemporaryHooks
     from nnsight_moe.recipes.routing_stats import _batches
@@ -132,6 +157,13 @@ def activation_maxima(model: Any, prompts: Sequence, *, tokenizer: Any = None, b
 
     hf = nnsight_moe.hf_model(model)
     batches = _batches(model, prompts, tokenizer, batch_size, padding_side)
+    if remote is not None:
+        from nnsight_moe.remote import MoEView
+
+        layout = nnsight_moe.layout(hf)
+        results = run_batches(model, batches, functools.partial(_maxima_in_trace, MoEView(model)), remote=remote,
+                              results_path=results_path, progress=False, desc="activation maxima")
+        return _maxima_of(layout, results, quantile, ratio)
     with nnsight_moe.attached(hf) as handle:
         layout = handle.layout
         state = {"seen": {}, "layers": list(layout.moe_layers), "n_experts": layout.n_experts}
@@ -147,6 +179,11 @@ def activation_maxima(model: Any, prompts: Sequence, *, tokenizer: Any = None, b
                                   progress=False)
         finally:
             added.remove()
+    return _maxima_of(layout, results, quantile, ratio)
+
+
+def _maxima_of(layout: Any, results: list[dict], quantile: float, ratio: float) -> Maxima:
+    """Per-batch maxima combined into :class:`Maxima`, with the criterion applied."""
     rows = []
     for i in layout.moe_layers:
         count = sum(r[i]["count"].cpu() for r in results)
@@ -157,7 +194,7 @@ def activation_maxima(model: Any, prompts: Sequence, *, tokenizer: Any = None, b
                 rows.append({"layer": i, "expert": e, "tokens": int(count[e]), "max_acts": float(acts[e]),
                              "max_out": float(out[e]), "flagged": False})
         if "shared_out" in results[0][i]:
-            rows.append({"layer": i, "expert": "shared", "tokens": sum(r[i]["shared_count"] for r in results),
+            rows.append({"layer": i, "expert": "shared", "tokens": sum(int(r[i]["shared_count"]) for r in results),
                          "max_acts": max(float(r[i]["shared_acts"]) for r in results),
                          "max_out": max(float(r[i]["shared_out"]) for r in results), "flagged": False})
     routed = [r for r in rows if r["expert"] != "shared"]
@@ -209,11 +246,21 @@ def _logprob_batch(model: Any, batch: dict) -> torch.Tensor:
     return picked.log_softmax(-1).gather(-1, batch["target"].to(device)[:, None])[:, 0]
 
 
+def _logprob_in_trace(view: Any, blocked: dict, model: Any, batch: dict) -> Any:
+    """Target log-probabilities at the last positions with ``blocked`` {layer: [experts]} zeroed, in a trace."""
+    for layer in sorted(blocked):
+        view.layer(layer, block=blocked[layer], mode="zero", want=("topk_weights",))
+    last, target = batch["last"], batch["target"]
+    picked = model.output.logits[torch.arange(last.shape[0]), last].float()
+    return picked.log_softmax(-1).gather(-1, target[:, None])[:, 0]
+
+
 def blocking_effect(model: Any, dataset: Any, flagged: Sequence[tuple[int, int]], *, tokenizer: Any = None,
-                    seeds: int = 5, batch_size: int = 16) -> BlockingEffect:
+                    seeds: int = 5, batch_size: int = 16, remote: Any = None) -> BlockingEffect:
     """MRR / HIT@10 / mean target log-prob with nothing, the ``flagged`` experts, and ``seeds`` random sets of
     as many other routed experts blocked (mode ``"zero"``). ``dataset``: anything
-    :func:`nnsight_moe.recipes.blocking.evaluate` accepts (EncodedFacts, ``(prompts, targets)``, ...)."""
+    :func:`nnsight_moe.recipes.blocking.evaluate` accepts (EncodedFacts, ``(prompts, targets)``, ...).
+    ``remote``: run inside ``model.trace`` (an nnsight model), blocking by editing the router's output."""
     import nnsight_moe
     from nnsight_moe.recipes import blocking, runner
     from nnsight_moe.recipes.metrics import hits_of_ranks, mrr_of_ranks
@@ -231,16 +278,23 @@ def blocking_effect(model: Any, dataset: Any, flagged: Sequence[tuple[int, int]]
     draws = [sorted(random.Random(f"super-experts:{s}").sample(others, len(flagged))) for s in range(seeds)]
     conditions = [[], flagged, *draws]
     ranks = blocking.evaluate(model, dataset, conditions, mode="zero", tokenizer=tokenizer, batch_size=batch_size,
-                              progress=False)
+                              progress=False, remote=remote)
     data = blocking._dataset(dataset, tokenizer)
     rows = []
     for c, pairs in enumerate(conditions):
         blocked: dict[int, list[int]] = {}
         for l, e in pairs:
             blocked.setdefault(l, []).append(e)
-        with nnsight_moe.block_experts(hf, blocked, mode="zero"):
-            logprob = torch.cat(runner.run(hf, data.prompts, _logprob_batch, tokenizer=tokenizer, batch_size=batch_size,
-                                           per_prompt={"target": data.targets}, progress=False))
+        options = {"tokenizer": tokenizer, "batch_size": batch_size, "per_prompt": {"target": data.targets},
+                   "progress": False}
+        if remote is not None:
+            from nnsight_moe.remote import MoEView
+
+            fn = functools.partial(_logprob_in_trace, MoEView(model), blocked)
+            logprob = torch.cat(runner.run(model, data.prompts, fn, remote=remote, **options))
+        else:
+            with nnsight_moe.block_experts(hf, blocked, mode="zero"):
+                logprob = torch.cat(runner.run(hf, data.prompts, _logprob_batch, **options))
         condition = "none" if c == 0 else "flagged" if c == 1 else "random"
         rows.append({"condition": condition, "seed": max(c - 2, 0) if c > 1 else None, "experts": [list(p) for p in pairs],
                      "mrr": mrr_of_ranks(ranks[c]), "hit_at_10": hits_of_ranks(ranks[c], 10),
@@ -250,17 +304,15 @@ def blocking_effect(model: Any, dataset: Any, flagged: Sequence[tuple[int, int]]
 
 def section(job: Any):
     """The ``super_experts`` section of the main job: maxima on the recipes' prompts, flagged experts blocked
-    against random ones (local runs)."""
+    against random ones (locally, or through ``model.trace`` with the job's ``remote``)."""
     from nnsight_moe.report import Section, json_value
 
     if not job.is_moe:
         return None
-    if job.remote is not None:
-        return Section("super_experts", "Super experts (skipped)",
-                       f"skipped: activation maxima are read through local hooks; remote={job.remote!r}.",
-                       data={"skipped": "remote run"})
+    note = f" Computed through nnsight with remote={job.remote!r}." if job.remote is not None else ""
     facts = job.sample()
-    maxima = activation_maxima(job.model, facts.prompts, tokenizer=job.tokenizer, batch_size=job.batch_size)
+    maxima = activation_maxima(job.model, facts.prompts, tokenizer=job.tokenizer, batch_size=job.batch_size,
+                               remote=job.remote, results_path=job.results_path("super-experts"))
     data = {"maxima": maxima.to_json()}
     tables = {}
     flagged = maxima.flagged
@@ -270,10 +322,11 @@ def section(job: Any):
             f"{crit['ratio']:g} x the largest ({len(flagged)} flagged: {flagged}).")
     if flagged:
         effect = blocking_effect(job.model, facts, flagged, tokenizer=job.tokenizer, seeds=3 if job.quick else 5,
-                                 batch_size=job.batch_size)
+                                 batch_size=job.batch_size, remote=job.remote)
         data["blocking"] = effect.to_json()
         tables["Blocking the flagged experts vs as many random experts (zero mode)"] = effect.table()
         text += " Blocked (gate weight 0) against as many random routed experts, mean ± std over seeds."
+    text += note
     frame = maxima.to_frame().sort_values("max_out", ascending=False).head(12).reset_index(drop=True)
     tables["Largest max |down_proj output| (top 12)"] = frame
     return Section("super_experts", "Super experts: massive down_proj activations", text, data=data, tables=tables,

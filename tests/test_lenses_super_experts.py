@@ -191,3 +191,24 @@ def test_blocking_effect_equals_zeroed_down_projections():
             assert not set(map(tuple, row["experts"])) & set(flagged) and len(row["experts"]) == len(flagged)
     summary = super_experts.BlockingEffect.from_json(json.loads(json.dumps(effect.to_json()))).summary()
     assert summary["random"]["mrr"]["n"] == 2
+
+
+def test_super_experts_remote_local_equal_local():
+    from helpers import language_model
+
+    hf = tiny_model("qwen2_moe")
+    prompts = _prompts(seed=9, n=4)
+    local = super_experts.activation_maxima(hf, prompts, batch_size=2)
+    lm = language_model(copy.deepcopy(hf))
+    remote = super_experts.activation_maxima(lm, prompts, batch_size=2, remote="local")
+    assert [(r["layer"], r["expert"], r["tokens"], r["flagged"]) for r in remote.rows] == \
+        [(r["layer"], r["expert"], r["tokens"], r["flagged"]) for r in local.rows]
+    for a, b in zip(local.rows, remote.rows):
+        assert (b["max_acts"], b["max_out"]) == (pytest.approx(a["max_acts"], abs=1e-5), pytest.approx(a["max_out"], abs=1e-5))
+    targets = [7, 8, 9, 10]
+    effect_local = super_experts.blocking_effect(hf, (prompts, targets), local.flagged, seeds=1, batch_size=2)
+    effect_remote = super_experts.blocking_effect(lm, (prompts, targets), local.flagged, seeds=1, batch_size=2,
+                                                  remote="local")
+    for a, b in zip(effect_local.rows, effect_remote.rows):
+        assert a["experts"] == b["experts"] and a["mrr"] == pytest.approx(b["mrr"], abs=1e-9)
+        assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-4)
