@@ -96,7 +96,7 @@ def routing_fidelity(model: Any, prompts: Sequence, *, tokenizer: Any = None, dt
     import nnsight_moe
     from nnsight_moe.check import IMPLEMENTATIONS, router_indices, topk_set_changed
     from nnsight_moe.models import DTYPES
-    from nnsight_moe.recipes.routing_stats import _batches
+    from nnsight_moe.recipes.routing_trace import _batches
     from nnsight_moe.recipes.runner import inputs
 
     hf = nnsight_moe.hf_model(model)

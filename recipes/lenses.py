@@ -204,7 +204,7 @@ def _capture(model: Any, prompts: Sequence, tokenizer: Any, batch_size: int, pad
     """(readout, {layer: {"out" [E, D], "acts" [E, d_e], "count" [E], shared sums}}) summed over every batch."""
     import nnsight_moe
     from nnsight_moe.hooks import TemporaryHooks
-    from nnsight_moe.recipes.routing_stats import _batches
+    from nnsight_moe.recipes.routing_trace import _batches
     from nnsight_moe.recipes.runner import run_batches
 
     hf = nnsight_moe.hf_model(model)

@@ -152,7 +152,7 @@ def activation_maxima(model: Any, prompts: Sequence, *, tokenizer: Any = None, b
     :func:`nnsight_moe.remote.MoEView`, which recomputes each selected expert from its weights."""
     import nnsight_moe
     from nnsight_moe.hooks import TemporaryHooks
-    from nnsight_moe.recipes.routing_stats import _batches
+    from nnsight_moe.recipes.routing_trace import _batches
     from nnsight_moe.recipes.runner import run_batches
 
     hf = nnsight_moe.hf_model(model)

@@ -57,10 +57,10 @@ def _loop_stats(layout, parts):
     tokens = [(values, r, c) for values, mask in parts for r in range(mask.shape[0]) for c in range(mask.shape[1])
               if mask[r, c]]
     get = lambda values, i, name: values[f"{layout.layer(i).path}.{name}"]  # noqa: E731
-    out = {"counts": [], "co": [], "entropy": [], "mass": [], "top1": []}
+    out = {"counts": [], "co": [], "entropy": [], "mass": [], "top1": [], "gate_sum": []}
     for i in layout.moe_layers:
         counts, co = [0] * E, [[0] * E for _ in range(E)]
-        ent, mass, top1 = [], [], []
+        ent, mass, top1, gates = [], [], [], []
         for values, r, c in tokens:
             chosen = [int(e) for e in get(values, i, "hook_topk_indices")[r, c]]
             w = get(values, i, "hook_topk_weights")[r, c]
@@ -77,8 +77,9 @@ def _loop_stats(layout, parts):
             ent.append(-sum(v * math.log(v) for v in p if v > 0))
             mass.append(sum(p[e] for e in chosen))
             top1.append(chosen[max(range(k), key=lambda j: (float(w[j]), -j))])
+            gates.append(sum(float(v) for v in w))
         out["counts"].append(counts), out["co"].append(co), out["entropy"].append(sum(ent) / len(ent))
-        out["mass"].append(sum(mass) / len(mass)), out["top1"].append(top1)
+        out["mass"].append(sum(mass) / len(mass)), out["top1"].append(top1), out["gate_sum"].append(sum(gates) / len(gates))
     out["transitions"] = []
     for a, b in zip(out["top1"], out["top1"][1:]):
         t = [[0] * E for _ in range(E)]
@@ -120,6 +121,7 @@ def test_stats_equal_plain_loops(family, side):
                     assert math.isnan(float(lift))
     assert stats.router_entropy.tolist() == pytest.approx(loop["entropy"], abs=1e-5)
     assert stats.topk_mass.tolist() == pytest.approx(loop["mass"], abs=1e-5)
+    assert stats.gate_sum.tolist() == pytest.approx(loop["gate_sum"], abs=1e-5)
 
 
 def test_right_padding_equals_unpadded_prompts():
