@@ -21,7 +21,8 @@ its half-wise p-values are both < alpha. ``summary()`` gives the replicated shar
 correlation of the two halves' nPMI.
 
 Tokens of one prompt are not independent draws; the hypergeometric test treats them as such (as the
-peers' analyses do), which is why the half-split replication, by prompt, is reported next to it.
+peers' analyses do), which is why the half-split replication, by prompt, is reported next to it, and why
+``method="permutation"`` with prompt labels shuffles the labels among whole prompts instead.
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["Enrichment", "benjamini_hochberg", "enrichment", "npmi"]
+__all__ = ["METHODS", "Enrichment", "benjamini_hochberg", "enrichment", "npmi"]
+
+#: The tests :func:`enrichment` can run.
+METHODS = ("hypergeometric", "permutation")
 
 
 def benjamini_hochberg(p: torch.Tensor) -> torch.Tensor:
@@ -65,6 +69,26 @@ def _hypergeom_sf(x: torch.Tensor, n_total: int, n_label: torch.Tensor, n_expert
 
     x, k, n = torch.broadcast_tensors(x, n_label, n_expert)
     return torch.from_numpy(hypergeom.sf(x.numpy() - 1, n_total, k.numpy(), n.numpy())).clamp(0, 1)
+
+
+def _permutation_p(chosen: torch.Tensor, onehot: torch.Tensor, unit: torch.Tensor, permutations: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """P(X >= x) by permuting the labels among units (prompts, or tokens): ``(1 + #{both_perm >= both}) / (1 + P)``.
+
+    ``chosen`` [L, N, E], ``onehot`` [N, C] (a unit's tokens share its label), ``unit`` [N] unit of each token.
+    """
+    n_units = int(unit.max()) + 1 if unit.numel() else 0
+    per_unit = torch.zeros(chosen.shape[0], n_units, chosen.shape[2]).index_add_(1, unit, chosen)  # [L, U, E]
+    labels = onehot.new_zeros(n_units, onehot.shape[1])
+    labels[unit] = onehot  # every token of a unit carries the unit's label
+    observed = torch.einsum("lue,uc->lec", per_unit, labels)
+    exceed = torch.zeros_like(observed)
+    for start in range(0, permutations, 64):
+        size = min(64, permutations - start)
+        orders = torch.stack([torch.randperm(n_units, generator=generator) for _ in range(size)])  # [P, U]
+        both = torch.einsum("lue,puc->plec", per_unit, labels[orders])
+        exceed += (both >= observed - 1e-9).sum(0)
+    return (1 + exceed) / (1 + permutations)
 
 
 def _counts(chosen: torch.Tensor, onehot: torch.Tensor):
@@ -171,7 +195,8 @@ def _token_labels(trace: Any, labels: Any, prompt_labels: Any) -> list:
 
 
 def enrichment(trace: Any, labels: Any = None, *, prompt_labels: Sequence | None = None, what: str | None = None,
-               min_support: int = 5, alpha: float = 0.05) -> Enrichment:
+               min_support: int = 5, alpha: float = 0.05, method: str = "hypergeometric", permutations: int = 1000,
+               seed: int = 0) -> Enrichment:
     """Test every (MoE layer, expert, label) for enrichment (module docstring) on a routing trace.
 
     Args:
@@ -181,11 +206,20 @@ def enrichment(trace: Any, labels: Any = None, *, prompt_labels: Sequence | None
         what: what the labels are, for tables and plots (default ``"token"`` / ``"label"``).
         min_support: labels carried by fewer tokens are not tested (they cannot reach significance).
         alpha: the FDR level for ``significant`` and the nominal level of the half-wise replication.
+        method: ``"hypergeometric"`` (exact under independent tokens) or ``"permutation"``: the labels are
+            shuffled ``permutations`` times among the PROMPTS when ``prompt_labels`` are given (each prompt's
+            tokens move together, so dependence between tokens of a prompt is respected), else among the
+            tokens; p = (1 + number of shuffles with at least as many co-occurrences) / (1 + permutations).
+        seed: the permutations' random seed.
     """
     import pandas as pd
 
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "permutation" and (isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 1):
+        raise ValueError(f"permutations must be an integer >= 1, got {permutations!r}")
     per_token = _token_labels(trace, labels, prompt_labels)
     what = what or ("token" if isinstance(labels, str) else "label")
     names = sorted(set(per_token), key=lambda v: (str(type(v)), v) if isinstance(v, (int, float, str)) else (str(v),))
@@ -197,13 +231,23 @@ def enrichment(trace: Any, labels: Any = None, *, prompt_labels: Sequence | None
     onehot, names = onehot[:, tested], [names[i] for i in tested.tolist()]
     chosen = torch.zeros(len(trace.layers), trace.n_tokens, trace.n_experts)
     chosen.scatter_(-1, trace.indices.long().cpu(), 1.0)
-    both, n_exp, n_lab, n = _counts(chosen, onehot)
-    p = _hypergeom_sf(both, n, n_lab, n_exp)
+    generator = torch.Generator().manual_seed(seed)
+    by_prompt = prompt_labels is not None
+
+    def pvalues(chosen, onehot, prompt, counts):
+        if method == "hypergeometric":
+            both, n_exp, n_lab, n = counts
+            return _hypergeom_sf(both, n, n_lab, n_exp)
+        unit = torch.unique(prompt, return_inverse=True)[1] if by_prompt else torch.arange(prompt.numel())
+        return _permutation_p(chosen, onehot, unit, permutations, generator)
+
+    both, n_exp, n_lab, n = counts = _counts(chosen, onehot)
+    p = pvalues(chosen, onehot, trace.prompt, counts)
     halves = []
     for parity in (0, 1):
         keep = (trace.prompt % 2) == parity
-        hb, he, hl, hn = _counts(chosen[:, keep], onehot[keep])
-        halves.append((_hypergeom_sf(hb, hn, hl, he) if hn else torch.ones_like(p),
+        hb, he, hl, hn = half = _counts(chosen[:, keep], onehot[keep])
+        halves.append((pvalues(chosen[:, keep], onehot[keep], trace.prompt[keep], half) if hn else torch.ones_like(p),
                        npmi(hb, he, hl, hn) if hn else torch.full_like(p, float("nan"), dtype=torch.float32)))
     valid = (n_exp > 0).expand_as(both)  # experts never selected are not tested
     q = torch.full_like(p, float("nan"))

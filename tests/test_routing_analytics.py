@@ -343,3 +343,36 @@ def test_every_family_counts_equal_plain_loops(family):
     loop = _loop_stats(layout, [(values, mask)])
     assert stats.counts.tolist() == loop["counts"] and stats.coactivation.tolist() == loop["co"]
     assert stats.transitions.tolist() == loop["transitions"]
+
+
+def test_permutation_test_shuffles_whole_prompts_and_agrees_on_a_planted_expert():
+    from nnsight_moe.recipes.routing_stats import RoutingTrace
+
+    g = torch.Generator().manual_seed(1)
+    n_prompts, per = 30, 5
+    n = n_prompts * per
+    prompt = torch.arange(n_prompts).repeat_interleave(per)
+    labels = ["A" if p % 3 == 0 else "B" for p in range(n_prompts)]
+    indices = torch.stack([torch.randperm(7, generator=g)[:2] for _ in range(n)])[None]
+    for t in range(n):
+        if labels[int(prompt[t])] == "A":
+            indices[0, t, 0] = 7
+    trace = RoutingTrace([0], 8, indices, torch.ones(1, n, 2), torch.zeros(1, n), torch.ones(1, n),
+                         torch.zeros(n, dtype=torch.long), prompt, torch.arange(n) % per)
+    perm = specialisation.enrichment(trace, prompt_labels=labels, method="permutation", permutations=200, min_support=1)
+    hyper = specialisation.enrichment(trace, prompt_labels=labels, min_support=1)
+    row = perm.frame[(perm.frame.expert == 7) & (perm.frame.label == "A")].iloc[0]
+    assert row.p == pytest.approx(1 / 201)  # no shuffle of whole prompts puts as many A tokens on expert 7
+    assert row.q < 0.05 and perm.table(top=1).iloc[0].expert == 7
+    # a p-value by brute force: shuffle the 30 prompt labels, count shuffles with >= the observed co-occurrences
+    unit_counts = [[sum(int(e) == 3 for e in indices[0, t]) for t in range(n) if int(prompt[t]) == u] for u in range(n_prompts)]
+    per_prompt = [sum(c) for c in unit_counts]
+    observed = sum(c for c, lab in zip(per_prompt, labels) if lab == "A")
+    got = perm.frame[(perm.frame.expert == 3) & (perm.frame.label == "A")].iloc[0].p
+    rng = torch.Generator().manual_seed(5)
+    shuffles = [torch.randperm(n_prompts, generator=rng).tolist() for _ in range(2000)]
+    brute = (1 + sum(sum(per_prompt[u] for u, v in zip(order, labels) if v == "A") >= observed for order in shuffles)) / 2001
+    assert got == pytest.approx(brute, abs=0.08)  # two Monte Carlo estimates of the same p (200 vs 2000 shuffles)
+    assert set(hyper.frame.columns) == set(perm.frame.columns)
+    with pytest.raises(ValueError, match="method"):
+        specialisation.enrichment(trace, prompt_labels=labels, method="bootstrap")
