@@ -212,3 +212,27 @@ def test_super_experts_remote_local_equal_local():
     for a, b in zip(effect_local.rows, effect_remote.rows):
         assert a["experts"] == b["experts"] and a["mrr"] == pytest.approx(b["mrr"], abs=1e-9)
         assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-4)
+
+
+def test_transformer_bridge_gives_the_hf_results(tmp_path):
+    """Routing, lenses and maxima of an (attached) TransformerBridge equal those of the same HF model."""
+    from nnsight_moe import tl
+    from nnsight_moe.recipes.routing_stats import collect_routing
+
+    from helpers import word_tokenizer
+
+    word_tokenizer().save_pretrained(tmp_path)
+    bridge = tl.boot(tiny_model("qwen2_moe"), tokenizer=tmp_path)
+    hf = tiny_model("qwen2_moe")
+    prompts = _prompts(seed=12, n=4)
+    try:
+        a, b = collect_routing(hf, prompts, batch_size=2), collect_routing(bridge, prompts, batch_size=2)
+        assert torch.equal(a.indices, b.indices)
+        torch.testing.assert_close(a.weights, b.weights, atol=1e-5, rtol=0)
+        la = lenses.expert_lens(hf, prompts, top=3, weights=False, tokenizer=word_tokenizer())
+        lb = lenses.expert_lens(bridge, prompts, top=3, weights=False)
+        assert [[t for t, _ in r["promoted"]] for r in la.rows] == [[t for t, _ in r["promoted"]] for r in lb.rows]
+        ma, mb = super_experts.activation_maxima(hf, prompts), super_experts.activation_maxima(bridge, prompts)
+        assert [r["max_out"] for r in ma.rows] == pytest.approx([r["max_out"] for r in mb.rows], abs=1e-5)
+    finally:
+        nnsight_moe.detach(bridge)

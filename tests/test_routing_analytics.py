@@ -146,6 +146,8 @@ def test_remote_local_equals_local():
     assert torch.equal(local.tokens, remote.tokens) and torch.equal(local.prompt, remote.prompt)
     for name in ("weights", "entropy", "mass"):
         torch.testing.assert_close(getattr(local, name), getattr(remote, name), atol=1e-5, rtol=0, msg=name)
+    through_nnsight = collect_routing(lm, prompts, batch_size=2, padding_side="left")  # nnsight model, no trace
+    assert torch.equal(local.indices, through_nnsight.indices)
 
 
 def test_generation_routing_equals_a_forward_over_the_produced_tokens():
