@@ -20,9 +20,10 @@ quantile is close to the maximum, so mostly the single largest expert is flagged
 
 **Effect**: the flagged experts are blocked (gate weight 0, :func:`nnsight_moe.block_experts` mode
 ``"zero"``) and the MRR / HIT@10 of the targets (:func:`nnsight_moe.recipes.blocking.evaluate`) and the
-mean target log-probability are compared with blocking as many random routed experts (drawn uniformly
+mean target log-probability, and locally the attention sink (mean attention weight on the first token,
+:func:`attention_sink`), are compared with blocking as many random routed experts (drawn uniformly
 among the others), over ``seeds`` draws. Everything also runs with ``remote=`` inside ``model.trace`` on
-the unmodified model (:func:`nnsight_moe.remote.MoEView`). Attention-sink measurements are not made.
+the unmodified model (:func:`nnsight_moe.remote.MoEView`), except the attention sink.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["BlockingEffect", "Maxima", "activation_maxima", "blocking_effect", "figures_from_json", "flag", "section"]
+__all__ = ["BlockingEffect", "Maxima", "activation_maxima", "attention_sink", "blocking_effect", "figures_from_json", "flag", "section"]
 
 
 @dataclass
@@ -207,7 +208,8 @@ def _maxima_of(layout: Any, results: list[dict], quantile: float, ratio: float) 
 @dataclass
 class BlockingEffect:
     """``rows``: ``{"condition" ("none" / "flagged" / "random"), "seed", "experts", "mrr", "hit_at_10",
-    "logprob"}`` (mean target log-probability); ``summary()``: random conditions as mean ± std."""
+    "logprob", "attention_sink"}`` (mean target log-probability; mean attention on the first token, None when
+    not measured); ``summary()``: random conditions as mean ± std."""
 
     rows: list[dict]
 
@@ -216,9 +218,12 @@ class BlockingEffect:
         for condition in ("none", "flagged", "random"):
             rows = [r for r in self.rows if r["condition"] == condition]
             if rows:
-                out[condition] = {m: {"mean": float(torch.tensor([r[m] for r in rows]).mean()),
-                                      "std": float(torch.tensor([r[m] for r in rows]).std()) if len(rows) > 1 else 0.0,
-                                      "n": len(rows)} for m in ("mrr", "hit_at_10", "logprob")}
+                out[condition] = {}
+                for m in ("mrr", "hit_at_10", "logprob", "attention_sink"):
+                    values = torch.tensor([r[m] for r in rows if r.get(m) is not None], dtype=torch.float64)
+                    if len(values):
+                        out[condition][m] = {"mean": float(values.mean()), "n": len(values),
+                                             "std": float(values.std()) if len(values) > 1 else 0.0}
         return out
 
     def table(self):
@@ -246,6 +251,49 @@ def _logprob_batch(model: Any, batch: dict) -> torch.Tensor:
     return picked.log_softmax(-1).gather(-1, batch["target"].to(device)[:, None])[:, 0]
 
 
+def _sink_batch(model: Any, batch: dict) -> torch.Tensor:
+    """Per attention layer: summed attention weight on each row's first real token over the row's other real
+    query positions (mean over heads), and the number of such queries (last entry)."""
+    from nnsight_moe.recipes.runner import inputs, model_device
+
+    device = model_device(model)
+    out = model(**{k: v.to(device) for k, v in inputs(batch).items()}, output_attentions=True)
+    mask = batch["attention_mask"].bool().to(device)
+    first = mask.long().argmax(-1)  # first real position of each row (left or right padding)
+    queries = mask.clone()
+    queries[torch.arange(mask.shape[0], device=device), first] = False
+    sums = []
+    for attn in out.attentions:
+        if attn is None:  # a layer without softmax attention (linear attention, SSM)
+            continue
+        to_first = attn.float().mean(1)[torch.arange(mask.shape[0], device=device), :, first]  # [b, q]
+        sums.append((to_first * queries).sum())
+    return torch.stack(sums + [queries.sum().float()]).cpu() if sums else torch.zeros(1)
+
+
+def attention_sink(model: Any, prompts: Sequence, *, tokenizer: Any = None, batch_size: int = 16) -> float | None:
+    """Mean attention weight on the first real token (the usual attention sink), over heads, layers with
+    softmax attention and every other real query position of ``prompts``; computed with transformers'
+    ``eager`` attention (which returns the weights). None when the model returns no attention weights."""
+    import nnsight_moe
+    from nnsight_moe.recipes import runner
+
+    hf = nnsight_moe.hf_model(model)
+    previous = getattr(hf.config, "_attn_implementation", None)
+    try:
+        hf.set_attn_implementation("eager")
+        parts = runner.run(hf, prompts, _sink_batch, tokenizer=tokenizer, batch_size=batch_size, progress=False)
+    except (ValueError, TypeError, AttributeError, NotImplementedError):
+        return None  # the family cannot run eager attention / return attention weights
+    finally:
+        if previous is not None:
+            hf.set_attn_implementation(previous)
+    total = sum(parts)
+    if total.numel() < 2 or float(total[-1]) == 0:
+        return None
+    return float(total[:-1].sum() / (total[-1] * (total.numel() - 1)))
+
+
 def _logprob_in_trace(view: Any, blocked: dict, model: Any, batch: dict) -> Any:
     """Target log-probabilities at the last positions with ``blocked`` {layer: [experts]} zeroed, in a trace."""
     for layer in sorted(blocked):
@@ -256,11 +304,13 @@ def _logprob_in_trace(view: Any, blocked: dict, model: Any, batch: dict) -> Any:
 
 
 def blocking_effect(model: Any, dataset: Any, flagged: Sequence[tuple[int, int]], *, tokenizer: Any = None,
-                    seeds: int = 5, batch_size: int = 16, remote: Any = None) -> BlockingEffect:
+                    seeds: int = 5, batch_size: int = 16, remote: Any = None, sinks: bool = True) -> BlockingEffect:
     """MRR / HIT@10 / mean target log-prob with nothing, the ``flagged`` experts, and ``seeds`` random sets of
     as many other routed experts blocked (mode ``"zero"``). ``dataset``: anything
     :func:`nnsight_moe.recipes.blocking.evaluate` accepts (EncodedFacts, ``(prompts, targets)``, ...).
-    ``remote``: run inside ``model.trace`` (an nnsight model), blocking by editing the router's output."""
+    ``remote``: run inside ``model.trace`` (an nnsight model), blocking by editing the router's output.
+    ``sinks`` (local only): also the mean attention weight on the first token (:func:`attention_sink`) per
+    condition, the paper's attention-sink measure (None where not measured)."""
     import nnsight_moe
     from nnsight_moe.recipes import blocking, runner
     from nnsight_moe.recipes.metrics import hits_of_ranks, mrr_of_ranks
@@ -292,13 +342,15 @@ def blocking_effect(model: Any, dataset: Any, flagged: Sequence[tuple[int, int]]
 
             fn = functools.partial(_logprob_in_trace, MoEView(model), blocked)
             logprob = torch.cat(runner.run(model, data.prompts, fn, remote=remote, **options))
+            sink = None  # attention weights are not read through a trace
         else:
             with nnsight_moe.block_experts(hf, blocked, mode="zero"):
                 logprob = torch.cat(runner.run(hf, data.prompts, _logprob_batch, **options))
+                sink = attention_sink(hf, data.prompts, tokenizer=tokenizer, batch_size=batch_size) if sinks else None
         condition = "none" if c == 0 else "flagged" if c == 1 else "random"
         rows.append({"condition": condition, "seed": max(c - 2, 0) if c > 1 else None, "experts": [list(p) for p in pairs],
                      "mrr": mrr_of_ranks(ranks[c]), "hit_at_10": hits_of_ranks(ranks[c], 10),
-                     "logprob": float(logprob.mean())})
+                     "logprob": float(logprob.mean()), "attention_sink": sink})
     return BlockingEffect(rows)
 
 

@@ -236,3 +236,25 @@ def test_transformer_bridge_gives_the_hf_results(tmp_path):
         assert [r["max_out"] for r in ma.rows] == pytest.approx([r["max_out"] for r in mb.rows], abs=1e-5)
     finally:
         nnsight_moe.detach(bridge)
+
+
+def test_attention_sink_equals_loops_over_eager_attention_weights():
+    hf = tiny_model("qwen2_moe")
+    prompts = _prompts(seed=14, n=4)
+    before = hf.config._attn_implementation
+    got = super_experts.attention_sink(hf, prompts, batch_size=2)
+    assert hf.config._attn_implementation == before  # the eager switch is undone
+    ref = copy.deepcopy(hf)
+    ref.set_attn_implementation("eager")
+    total, count = 0.0, 0
+    for start in (0, 2):
+        ids, mask = _padded(prompts[start : start + 2], "left")
+        with torch.no_grad():
+            attentions = ref(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        for r in range(ids.shape[0]):
+            first = int(mask[r].nonzero()[0])
+            for q in range(first + 1, ids.shape[1]):
+                for attn in attentions:
+                    total += float(attn[r, :, q, first].mean()) / len(attentions)
+                count += 1
+    assert got == pytest.approx(total / count, abs=1e-6)
