@@ -265,8 +265,9 @@ def expert_lens(model: Any, prompts: Sequence, *, tokenizer: Any = None, top: in
 
 
 def weight_lens(model: Any, *, tokenizer: Any = None, top: int = 10, directions: int = 1,
-                layers: Sequence[int] | None = None) -> LensResult:
-    """Weight-only lens of every expert's top ``directions`` output directions (module docstring)."""
+                layers: Sequence[int] | None = None, experts: Any = None) -> LensResult:
+    """Weight-only lens of every expert's top ``directions`` output directions (module docstring); ``layers``
+    or ``experts`` (a collection of ``(layer, expert)`` pairs, ``expert`` an id or ``"shared"``) restrict it."""
     import nnsight_moe
     from nnsight_moe.recipes.prompts import model_tokenizer
 
@@ -279,9 +280,12 @@ def weight_lens(model: Any, *, tokenizer: Any = None, top: int = 10, directions:
     readout = _readout(hf)
     rows = []
     for i in _layers(layout, layers):
-        experts = list(range(layout.layer(i).n_experts)) + ([SHARED] if layout.layer(i).has_shared else [])
+        ids = list(range(layout.layer(i).n_experts)) + ([SHARED] if layout.layer(i).has_shared else [])
+        ids = [e for e in ids if experts is None or (i, e) in experts]
+        if not ids:
+            continue
         vectors, keys = [], []
-        for e in experts:
+        for e in ids:
             u, s, _ = torch.linalg.svd(_down(hf, layout, i, e), full_matrices=False)  # columns of u: output directions
             for d in range(min(directions, u.shape[1])):
                 vectors.append(u[:, d]), keys.append((e, d))
@@ -346,15 +350,21 @@ def section(job: Any):
         return Section("lenses", "Expert lenses (skipped)", f"skipped: the lenses read local weights; remote={job.remote!r}.",
                        data={"skipped": "remote run"})
     prompts = job.sample().prompts
-    result = expert_lens(job.model, prompts, tokenizer=job.tokenizer, top=8, batch_size=job.batch_size)
-    on_prompts = [r for r in result.rows if r["source"] == "prompts"]
-    busiest = sorted(on_prompts, key=lambda r: -r["tokens"])[:24]
+    result = expert_lens(job.model, prompts, tokenizer=job.tokenizer, top=8, batch_size=job.batch_size, weights=False)
+    on_prompts = sorted(result.rows, key=lambda r: -r["tokens"])
+    kept = {(r["layer"], r["expert"]) for r in on_prompts[:128]}  # results.json: the 128 most used experts
+    result = LensResult([r for r in on_prompts[:128]]
+                        + weight_lens(job.model, tokenizer=job.tokenizer, top=8, experts=kept).rows)
+    busiest = on_prompts[:24]
     table = LensResult(sorted(busiest, key=lambda r: (r["layer"], str(r["expert"])))).table(top=6)
-    weights = LensResult([r for r in result.rows if r["source"] == "weights"]).table(top=6, max_rows=40)
+    shown = {(r["layer"], r["expert"]) for r in busiest}
+    weights = LensResult([r for r in result.rows if r["source"] == "weights" and (r["layer"], r["expert"]) in shown])
+    weights = weights.table(top=6)
     text = (f"Tokens each expert's contribution (gate x output) promotes / suppresses through the final readout "
             f"with the final norm's scale frozen at the real residual's, averaged over the {len(prompts)} prompts' "
-            "non-pad tokens that selected the expert (the 24 most used experts shown); weight-only: the top output "
-            "direction of each expert's down projection through the unembedding.")
+            "non-pad tokens that selected the expert (the 24 most used experts shown; results.json keeps the 128 most "
+            "used); weight-only: the top output direction of the same experts' down projections through the "
+            "unembedding.")
     return Section("lenses", "Expert lenses: promoted and suppressed tokens", text, data=result.to_json(),
                    tables={"On the prompts (most used experts)": table, "Weight-only (top output direction)": weights})
 
