@@ -155,9 +155,9 @@ def routing_fidelity(model: Any, prompts: Sequence, *, tokenizer: Any = None, dt
 
 
 def section(job: Any):
-    """The ``fidelity`` section of the main job: the recipes' prompts in every other dtype and experts
-    implementation against the model as loaded (local runs only)."""
-    from nnsight_moe.models import DTYPES
+    """The ``fidelity`` section of the main job: the recipes' prompts in bfloat16 and float16 (a float32 model)
+    or float32 (a low-precision one: one extra copy), and in every other experts implementation, against the
+    model as loaded (local runs only)."""
     from nnsight_moe.check import IMPLEMENTATIONS
     from nnsight_moe.report import Section
 
@@ -167,8 +167,12 @@ def section(job: Any):
         return Section("fidelity", "Routing fidelity across dtypes and experts implementations (skipped)",
                        f"skipped: with remote={job.remote!r} the model's dtype and kernels are the server's.",
                        data={"skipped": "remote run"})
+    import nnsight_moe
+
     prompts = job.sample().prompts
-    result = routing_fidelity(job.model, prompts, tokenizer=job.tokenizer, dtypes=DTYPES,
+    own = str(nnsight_moe.hf_model(job.model).dtype).replace("torch.", "")
+    other = ("bfloat16", "float16") if own == "float32" else ("float32",)  # one extra copy for real checkpoints
+    result = routing_fidelity(job.model, prompts, tokenizer=job.tokenizer, dtypes=other,
                               implementations=IMPLEMENTATIONS, batch_size=job.batch_size)
     ref = result.reference
     text = (f"Share of the {result.rows[0]['tokens'] if result.rows else 0} non-pad prompt tokens whose top-k expert "
