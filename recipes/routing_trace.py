@@ -237,8 +237,9 @@ def generation_routing(model: Any, prompts: Sequence, *, tokenizer: Any = None, 
     Hooks record every forward of ``model.generate``: the prefill (the prompt), then one forward per
     new token, whose input is the token produced at the previous step. The trace holds those decode
     forwards' routing: each produced token as the model reads it, ``position`` its step (0 = the first
-    produced token). The last produced token is never read by the model and is not in the trace; tokens
-    after a row's end-of-sequence token are dropped. Local models only (HF, TransformerBridge, nnsight:
+    produced token), ``prompt`` the input prompt's number. The last produced token is never read by the
+    model and is not in the trace; a row's end-of-sequence token and what follows it are not in the trace
+    (the produced ids include the end-of-sequence token). Local models only (HF, TransformerBridge, nnsight:
     their HF model generates); remote generation is not supported.
 
     Returns ``(trace, produced token ids per prompt)``.
@@ -258,7 +259,8 @@ def generation_routing(model: Any, prompts: Sequence, *, tokenizer: Any = None, 
     eos = set([] if eos is None else [eos] if isinstance(eos, int) else eos)
     pad = hf.generation_config.pad_token_id
     pad = pad if pad is not None else (next(iter(eos)) if eos else 0)
-    traces, produced = [], []
+    fed_batches, results, produced = [], [], []
+    k = layout.top_k
     with nnsight_moe.attached(hf) as handle:
         recorder = _Recorder(handle)
         try:
@@ -270,24 +272,29 @@ def generation_routing(model: Any, prompts: Sequence, *, tokenizer: Any = None, 
                 seen = recorder.take()
                 steps = len(seen[layout.moe_layers[0]]["hook_topk_indices"]) - 1  # decode forwards
                 ended = torch.zeros(new.shape[0], dtype=torch.bool)
-                alive = []
+                alive, is_eos = [], []
                 for step in range(new.shape[1]):
                     alive.append(~ended)
-                    ended = ended | torch.tensor([int(t) in eos for t in new[:, step]])
-                alive = torch.stack(alive, 1)  # [b, T]: produced token is real (no EOS before it)
+                    is_eos.append(torch.tensor([int(t) in eos for t in new[:, step]]))
+                    ended = ended | is_eos[-1]
+                alive, is_eos = torch.stack(alive, 1), torch.stack(is_eos, 1)  # [b, T]: no EOS before it / it is EOS
                 for row in range(new.shape[0]):
                     produced.append(new[row][alive[row]].tolist())
                 steps = min(steps, new.shape[1] - 1)
-                keep = alive[:, :steps]
+                keep = (alive & ~is_eos)[:, : max(steps, 0)]  # read back, and not the end-of-sequence token
                 per_layer = {}
                 for i in layout.moe_layers:
-                    values = {n: torch.cat([v[1 + s] for s in range(steps)], 1) for n, v in seen[i].items()}
-                    per_layer[i] = _per_token(values, keep)
-                fed = {"input_ids": new[:, :steps], "attention_mask": keep.long()}
-                traces.append(_trace_of(list(layout.moe_layers), layout.n_experts, [fed], [per_layer]))
+                    if steps > 0:
+                        values = {n: torch.cat([v[1 + s] for s in range(steps)], 1) for n, v in seen[i].items()}
+                        per_layer[i] = _per_token(values, keep)
+                    else:  # every row ended on its first produced token: nothing was read back
+                        per_layer[i] = {"indices": torch.zeros(0, k, dtype=torch.long), "weights": torch.zeros(0, k),
+                                        "entropy": torch.zeros(0), "mass": torch.zeros(0)}
+                fed_batches.append({"input_ids": new[:, : max(steps, 0)], "attention_mask": keep.long()})
+                results.append(per_layer)
         finally:
             recorder.hooks.remove()
-    return RoutingTrace.concat(traces), produced
+    return _trace_of(list(layout.moe_layers), layout.n_experts, fed_batches, results), produced
 
 
 def trace_to_json(trace: RoutingTrace) -> dict:

@@ -378,3 +378,19 @@ def test_permutation_test_shuffles_whole_prompts_and_agrees_on_a_planted_expert(
     assert set(hyper.frame.columns) == set(perm.frame.columns)
     with pytest.raises(ValueError, match="method"):
         specialisation.enrichment(trace, prompt_labels=labels, method="bootstrap")
+
+
+def test_generation_routing_numbers_prompts_and_stops_at_eos():
+    hf = tiny_model("qwen2_moe")
+    prompts = _prompts(seed=7, n=3)
+    free, produced = generation_routing(hf, prompts, max_new_tokens=4, batch_size=2)
+    eos = produced[1][1]  # make the second prompt's second produced token the end-of-sequence token
+    hf.generation_config.eos_token_id = eos
+    trace, cut = generation_routing(hf, prompts, max_new_tokens=4, batch_size=2)
+    assert cut[1] == produced[1][:2]  # kept up to and including EOS
+    counts = [int((trace.prompt == p).sum()) for p in range(3)]
+    # each row's produced tokens are read back except the last one (never fed) or its EOS (not counted)
+    assert counts == [len(c) - 1 for c in cut] and counts[1] == 1
+    assert trace.prompt.tolist() == sorted(trace.prompt.tolist())  # prompt numbers are the inputs' (batches of 2)
+    first = free.select(free.prompt == 1)
+    assert torch.equal(trace.select(trace.prompt == 1).indices, first.indices[:, :1])
