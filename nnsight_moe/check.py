@@ -17,7 +17,7 @@ user checks a real checkpoint the tests never saw. Per MoE layer it measures:
   ``routed_scale * hook_routed_out``, ``hook_latent_out`` for a latent MoE, ``hook_moe_sum`` on the left
   for a post-processed block; a shared expert beside the block counts in the block output);
 * **block**: the attached block output against the unattached model's, on the same prompts;
-* **top-k flips**: the share of tokens whose selected expert SET differs between this dtype and float32
+* **top-k flips**: the share of (non-pad) tokens whose selected expert SET differs between this dtype and float32
   (a float32 copy of the model, end to end), and between transformers' experts implementations
   (``eager`` / ``batched_mm`` / ``grouped_mm``, on the unattached model; each against the model's
   configured one). These are facts about the model, not failures of the hooks: they say how much
@@ -37,7 +37,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["IMPLEMENTATIONS", "LayerCheck", "RoutingCheck", "check_routing"]
+__all__ = ["IMPLEMENTATIONS", "LayerCheck", "RoutingCheck", "check_routing", "flip_share", "router_indices",
+           "topk_set_changed"]
 
 #: transformers' experts implementations compared by the check (those the model cannot run are reported)
 IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
@@ -247,12 +248,12 @@ def check_routing(model: Any, input_ids: Tensor | None = None, *, tokenizer=None
             moe, magnitude = moe + shared, magnitude + shared.abs()
         moe_tol = (eps(act) + 4 * eps(torch.float32)) * float(magnitude.max())
         moe_hook = get("hook_moe_sum") if info.post else get("hook_moe_out")  # a post-processed block: its input
-        flips = {}
+        flips, real = {}, batch["attention_mask"]  # padding positions are not counted
         if compare_float32 and hf.dtype != torch.float32:
-            flips["float32"] = _flip_share(ref_indices[index], f32_indices[index]) if f32_indices else None
+            flips["float32"] = flip_share(ref_indices[index], f32_indices[index], real) if f32_indices else None
         for name in implementations:
             if name != configured:
-                flips[name] = _flip_share(ref_indices[index], impl_indices[name][index]) if name in impl_indices else None
+                flips[name] = flip_share(ref_indices[index], impl_indices[name][index], real) if name in impl_indices else None
         layers.append(LayerCheck(
             layer=index, router_indices_equal=same_idx, router_dtype=_name(w_dtype), hook_dtype=_name(weights.dtype),
             router_weights_dev=w_dev, router_weights_tol=w_tol, routed_dev=routed_dev, routed_tol=routed_tol,
@@ -368,10 +369,27 @@ def _float32_indices(hf, layout, batch) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------ small helpers
-def _flip_share(a: Tensor, b: Tensor) -> float:
-    """Share of tokens whose top-k expert SET differs between indices ``a`` and ``b`` [b, p, k]."""
+def topk_set_changed(a: Tensor, b: Tensor) -> Tensor:
+    """Bool [..., ] per token: whether the top-k expert SET differs between indices ``a`` and ``b`` [..., k]."""
     a, b = a.sort(-1).values, b.to(a.device).sort(-1).values
-    return float((a != b).any(-1).float().mean())
+    return (a != b).any(-1)
+
+
+def flip_share(a: Tensor, b: Tensor, mask: Tensor | None = None) -> float:
+    """Share of tokens whose top-k expert SET differs between indices ``a`` and ``b`` [b, p, k], over the
+    tokens where ``mask`` [b, p] holds (all tokens without a mask; NaN when the mask holds nowhere).
+
+    The core of the check's top-k flips and of :mod:`nnsight_moe.recipes.fidelity`.
+    """
+    changed = topk_set_changed(a, b)
+    if mask is not None:
+        changed = changed[mask.to(changed.device).bool()]
+    return float(changed.float().mean()) if changed.numel() else float("nan")
+
+
+def router_indices(hf: nn.Module, layout: Any, batch: dict) -> dict[int, Tensor]:
+    """{MoE layer: top-k indices [b, p, k] the UNATTACHED model's routers return} for one forward on ``batch``."""
+    return _run_unattached(hf, layout, batch)[2]
 
 
 def _dev(a: Tensor, b: Tensor) -> float:

@@ -200,6 +200,20 @@ def steer(model, data, behaviour, control, goal, top, seeds, margin, per_relatio
     _or_fail(lambda: run_steer(model, data, behaviour=behaviour, control=control, goals=goals, top=top, seeds=seeds,
                                margin=margin, per_relation=per_relation, remote=_remote(remote), device=device,
                                dtype=dtype, threads=threads, batch_size=batch_size, out=out))
+#: ``nnsight-moe analyze NAME``: the analysis recipes' own command lines (``python -m nnsight_moe.recipes.<module>``)
+ANALYSES = {"routing": "routing_stats", "specialisation": "specialisation", "fidelity": "fidelity", "lenses": "lenses",
+            "super-experts": "super_experts", "replot": "replot"}
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("name", type=click.Choice(sorted(ANALYSES)))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def analyze(name, args) -> None:
+    """Run one analysis recipe: routing, specialisation, fidelity, lenses, super-experts, replot (ARGS: its
+    own options, see `nnsight-moe analyze NAME --help`)."""
+    import importlib
+
+    _or_fail(lambda: importlib.import_module(f"nnsight_moe.recipes.{ANALYSES[name]}").main(list(args)))
 
 
 def _or_fail(fn):

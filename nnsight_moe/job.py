@@ -301,6 +301,10 @@ RECIPE_SECTIONS: list[tuple[str, str, str]] = [
     ("blocking", "nnsight_moe.recipes.blocking", "section"),
     ("head_expert", "nnsight_moe.recipes.head_expert", "section"),
     ("steering", "nnsight_moe.recipes.steering", "section"),
+    ("routing", "nnsight_moe.recipes.routing_stats", "section"),
+    ("fidelity", "nnsight_moe.recipes.fidelity", "section"),
+    ("lenses", "nnsight_moe.recipes.lenses", "section"),
+    ("super_experts", "nnsight_moe.recipes.super_experts", "section"),
 ]
 
 
@@ -311,6 +315,10 @@ _STEP_TEXT = {
     "blocking": "rank experts, block the top ones vs random baselines per relation, then shared/routed configurations",
     "head_expert": "head-expert correlation, then suppressing the top heads vs random heads",
     "steering": "experts linked to one relation vs another, forced on / off on held-out prompts vs random experts",
+    "routing": "routing statistics, co-activation, transitions, specialisation per relation, generation-time routing",
+    "fidelity": "share of tokens whose top-k set changes between dtypes / experts implementations",
+    "lenses": "tokens each expert promotes / suppresses through the frozen final readout",
+    "super_experts": "max |down_proj input / output| per expert, outliers blocked vs random experts",
 }
 
 
@@ -384,7 +392,7 @@ def _section_to_json(section: Section | None) -> Any:
             plt.close(figure)
     return {"name": section.name, "title": section.title, "text": section.text, "data": section.data,
             "tables": {caption: render_table(frame) for caption, frame in section.tables.items()},
-            "figures": figures}
+            "figures": figures, "html": section.html}
 
 
 def _section_from_json(value: Any) -> Section | None:
@@ -392,7 +400,8 @@ def _section_from_json(value: Any) -> Section | None:
         return None
     try:
         return Section(value["name"], value["title"], value["text"], data=value["data"], tables=dict(value["tables"]),
-                       figures={n: (t, base64.b64decode(png)) for n, (t, png) in value["figures"].items()})
+                       figures={n: (t, base64.b64decode(png)) for n, (t, png) in value["figures"].items()},
+                       html=dict(value.get("html", {})))
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"a section checkpoint is malformed ({error}); rerun with --fresh") from None
 
