@@ -33,6 +33,10 @@ class Adapter:
         shared_gate: attribute of the shared expert gate (a Linear to 1, passed through a sigmoid).
         routed_scale: attribute of the block holding a constant its forward multiplies the routed sum
             by (becomes :attr:`~nnsight_moe.layout.LayerLayout.routed_scale`); None for 1.
+        experts_float32: the family's experts compute in float32 whatever the model's dtype and add the
+            weighted outputs of a token's experts in increasing expert order into a float32 sum, cast to
+            the input dtype at the end (OpenAI-Privacy-Filter's eager experts): the ``"nnsight_moe"``
+            experts implementation and the remote view then do the same, so bf16 / fp16 stay bit-exact.
     """
 
     name: str
@@ -43,6 +47,7 @@ class Adapter:
     shared: str | None = None
     shared_gate: str | None = None
     routed_scale: str | None = None
+    experts_float32: bool = False
 
     def is_block(self, module: nn.Module) -> bool:
         """Whether ``module`` is a MoE block of this family."""

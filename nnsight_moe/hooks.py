@@ -34,7 +34,7 @@ from transformer_lens.hook_points import HookPoint
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
 from nnsight_moe.layout import LayerLayout
-from nnsight_moe.routing import keep_top_weights, zero_weights
+from nnsight_moe.routing import expert_order_sum, keep_top_weights, zero_weights
 
 EXPERTS_IMPLEMENTATION = "nnsight_moe"
 _STATE = "_nnsight_moe"
@@ -291,10 +291,16 @@ def hooked_experts_forward(
     b, p = state.bp(n)
     k = top_k_index.shape[-1]
     slots = _sort_slots(top_k_index, experts.num_experts)
-    acts = state.hook("hook_expert_acts", expert_acts(experts, hidden_states, top_k_index, slots).view(b, p, k, -1))
+    fp32 = getattr(state.adapter, "experts_float32", False)
+    x = hidden_states.float() if fp32 else hidden_states
+    acts = state.hook("hook_expert_acts", expert_acts(experts, x, top_k_index, slots).view(b, p, k, -1))
     out = state.hook("hook_expert_out", expert_down(experts, acts.reshape(n * k, -1), top_k_index, slots).view(b, p, k, d))
-    routed = (out * top_k_weights.view(b, p, k, 1)).sum(dim=-2).to(hidden_states.dtype)
+    if fp32:
+        routed = expert_order_sum(out, top_k_weights.view(b, p, k), top_k_index.view(b, p, k)).to(hidden_states.dtype)
+    else:
+        routed = (out * top_k_weights.view(b, p, k, 1)).sum(dim=-2).to(hidden_states.dtype)
     return state.hook("hook_routed_out", routed).reshape(n, d)
+
 
 
 def _sort_slots(indices: Tensor, n_experts: int) -> tuple[Tensor, Tensor, list[int]]:

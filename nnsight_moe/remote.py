@@ -45,7 +45,7 @@ import torch
 from nnsight_moe.attach import hf_model
 from nnsight_moe.files import ResultsFileError, call_identity, digest, identity_changes, load_results, model_identity, save_results
 from nnsight_moe.layout import MoELayout
-from nnsight_moe.routing import Routing, keep_top_weights, rule_scores, rule_select, rule_weights, zero_weights
+from nnsight_moe.routing import Routing, expert_order_sum, keep_top_weights, rule_scores, rule_select, rule_weights, zero_weights
 
 __all__ = ["MoEView", "RemoteBatchError", "VIEW_QUANTITIES", "moe_spec", "read_layer", "run_batches"]
 
@@ -94,9 +94,11 @@ def moe_spec(model: Any) -> dict:
     ``{"family": str, "layers": {index: {paths, sizes, routing}}}`` (str, int, float, bool, None only).
     """
     from nnsight_moe import layout as layout_of
+    from nnsight_moe.adapters import adapter_for
 
     hf = hf_model(model)
     layout: MoELayout = layout_of(hf)
+    experts_float32 = bool(adapter_for(hf).experts_float32)
     layers = {}
     for index in layout.moe_layers:
         info = layout.layer(index)
@@ -110,6 +112,7 @@ def moe_spec(model: Any) -> dict:
             "shared_gate": info.shared_gate,
             "n_experts": info.n_experts,
             "top_k": info.top_k,
+            "experts_float32": experts_float32,
             "routing": _routing_spec(info.routing, hf.get_submodule(info.path), layout.family),
         }
     return {"family": layout.family, "layers": layers}
@@ -497,10 +500,14 @@ def read_layer(
     values = {"router_logits": logits, "router_scores": scores, "topk_indices": indices, "topk_weights": weights}
     flat = x.reshape(b * p, x.shape[-1])
     if any(name in want for name in ("expert_acts", "expert_out", "routed_out")):
-        acts, out = _expert_slots(_envoy(model, info["experts"]), flat, indices.reshape(b * p, k))
+        fp32 = info.get("experts_float32", False)  # the experts compute and sum in float32 (see Adapter)
+        acts, out = _expert_slots(_envoy(model, info["experts"]), flat.float() if fp32 else flat, indices.reshape(b * p, k))
         values["expert_acts"] = acts.reshape(b, p, k, -1)
         values["expert_out"] = out.reshape(b, p, k, -1)
-        values["routed_out"] = (values["expert_out"] * weights[..., None]).sum(dim=-2).to(x.dtype)
+        if fp32:
+            values["routed_out"] = expert_order_sum(values["expert_out"], weights, indices).to(x.dtype)
+        else:
+            values["routed_out"] = (values["expert_out"] * weights[..., None]).sum(dim=-2).to(x.dtype)
     if info["shared"] and any(name in want for name in ("shared_acts", "shared_out", "shared_gate")):
         shared = _envoy(model, info["shared"])
         if info["shared_gated"]:

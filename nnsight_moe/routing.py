@@ -32,7 +32,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 __all__ = ["ClampNormRouting", "Routing", "SigmoidOfLogits", "SoftmaxTopK", "SparseMixer", "keep_top_weights",
-           "rule_scores", "rule_select", "rule_weights", "weights_dtypes", "zero_weights"]
+           "expert_order_sum", "rule_scores", "rule_select", "rule_weights", "weights_dtypes", "zero_weights"]
 
 
 @dataclass
@@ -247,6 +247,20 @@ def zero_weights(weights: torch.Tensor, indices: torch.Tensor, mask: torch.Tenso
         kept = edited.sum(dim=-1, keepdim=True)
         edited = edited * (weights.sum(dim=-1, keepdim=True) / kept.masked_fill(kept == 0, 1.0))
     return edited
+
+
+def expert_order_sum(out: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``sum over slots of weight * out`` ([b, p, k, d] outputs, [b, p, k] weights and expert ids -> [b, p, d]),
+    in float32, added in increasing expert order onto 0: what an eager experts loop over the experts with
+    ``index_add_`` into a float32 zero tensor computes (float32 addition is not associative, so the order
+    is what makes the sum bit-identical to the family's)."""
+    contrib = out.float() * weights.float()[..., None]
+    order = indices.argsort(dim=-1, stable=True)
+    contrib = contrib.gather(-2, order[..., None].expand_as(contrib))
+    routed = torch.zeros_like(contrib[..., 0, :])
+    for j in range(contrib.shape[-2]):
+        routed = routed + contrib[..., j, :]
+    return routed
 
 
 def keep_top_weights(weights: torch.Tensor, n: int) -> torch.Tensor:
