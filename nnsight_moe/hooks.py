@@ -128,12 +128,26 @@ def install(block: nn.Module, state: BlockState) -> list:
         block.add_module(name, hook_point)
     for module in (block, state.router, state.experts):
         module.__dict__[_STATE] = state
+    moe_out = unwrap(block.get_submodule(state.adapter.moe_out)) if state.adapter.moe_out else block
     handles = [
         block.register_forward_pre_hook(_record_shape, with_kwargs=True),
-        state.router.register_forward_hook(_route),
-        block.register_forward_hook(_moe_out),
+        moe_out.register_forward_hook(_moe_out),
         block.register_forward_hook(_end_forward, always_call=True),  # also when the forward raises
     ]
+    if state.adapter.routing_in_block:  # DBRX: the router gives logits only (nnsight_moe.block_routed)
+        from nnsight_moe import block_routed
+
+        handles += block_routed.install(state)
+    else:
+        handles.append(state.router.register_forward_hook(_route))
+    if state.adapter.gate_on_input:  # Llama 4: weights scale the experts' inputs (nnsight_moe.input_gated)
+        from nnsight_moe import input_gated
+
+        handles += input_gated.install(state)
+    if state.adapter.router_logits:  # the router's first output is not its logits: read them where computed
+        logits = unwrap(state.router.get_submodule(state.adapter.router_logits))
+        logits.__dict__[_STATE] = state
+        handles.append(logits.register_forward_hook(_stash_logits))
     if state.layer.has_shared:
         shared = unwrap(block.get_submodule(state.adapter.shared))
         down_proj = unwrap(shared.down_proj)
@@ -187,9 +201,15 @@ def _end_forward(block, args, output):
                 state._thread, state._depth = None, 0
 
 
+def _stash_logits(module, args, output):
+    """Keep the raw router logits computed inside the router (``Adapter.router_logits``) for :func:`_route`."""
+    module.__dict__[_STATE].logits = output
+
+
 def _route(router, args, output):
     state: BlockState = router.__dict__[_STATE]
-    logits = output[0]
+    gate_on_input = state.adapter.gate_on_input  # Llama 4's router returns (dense scores, logits)
+    logits = state.__dict__.pop("logits") if state.adapter.router_logits else output[1 if gate_on_input else 0]
     b, p = state.bp(logits.shape[:-1].numel())
     rule = state.rule()
     n_experts, k = state.layer.n_experts, state.layer.top_k
@@ -200,7 +220,11 @@ def _route(router, args, output):
     scores = _checked(state, "hook_router_scores", state.hook("hook_router_scores", raw), (b, p, n_experts))
     unedited = scores is raw and raw._version == version
     exclude = state.row_mask(state.exclude, b, scores.device)
-    indices = state.hook("hook_topk_indices", rule.select(scores, exclude))
+    if rule._kind == "hash":  # chosen by token id: the model's own indices (block_experts refuses reroute)
+        selected = output[2].reshape(b, p, k)
+    else:
+        selected = rule.select(scores, exclude)
+    indices = state.hook("hook_topk_indices", selected)
     _checked(state, "hook_topk_indices", indices, (b, p, k))
     if indices.is_floating_point() or (indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_experts)):
         raise ValueError(f"layer {state.layer.index}: hook_topk_indices must hold integer expert ids in "
@@ -212,7 +236,14 @@ def _route(router, args, output):
     weights = _checked(state, "hook_topk_weights", state.hook("hook_topk_weights", state.edit_weights(indices, weights)),
                        (b, p, k))
     state.experts_pending = True  # cleared by the "nnsight_moe" experts implementation
-    return (logits.reshape(b * p, -1), weights.reshape(b * p, k), indices.reshape(b * p, k), *output[3:])
+    if gate_on_input:
+        from nnsight_moe.input_gated import dense_scores
+
+        state.indices = indices.reshape(b * p, k)
+        scores_dense = dense_scores(weights.reshape(b * p, k), state.indices, n_experts, output[0].dtype)
+        return scores_dense, logits.reshape(b * p, -1)
+    first = scores.to(output[0].dtype) if state.adapter.router_logits else logits  # the router's own format
+    return (first.reshape(b * p, -1), weights.reshape(b * p, k), indices.reshape(b * p, k), *output[3:])
 
 
 def _checked(state: "BlockState", name: str, value: Any, shape: tuple) -> Tensor:
@@ -235,8 +266,17 @@ def _moe_out(block, args, output):
             "hook_expert_acts / hook_expert_out / hook_routed_out did not fire. Switch back with "
             f"model.set_experts_implementation({EXPERTS_IMPLEMENTATION!r}), or detach and attach again")
     if isinstance(output, tuple):
-        return (state.hook("hook_moe_out", output[0]), *output[1:])
-    return state.hook("hook_moe_out", output)
+        return (_moe_out_of(state, output[0]), *output[1:])
+    return _moe_out_of(state, output)
+
+
+def _moe_out_of(state: "BlockState", out: Tensor) -> Tensor:
+    """``out`` through ``hook_moe_out`` as [b, p, d] (flattened [tokens, d] outputs, Llama 4's or Gemma-4's
+    experts', are viewed as such and handed back flat)."""
+    if out.dim() == 2:
+        b, p = state.bp(out.shape[0])
+        return state.hook("hook_moe_out", out.reshape(b, p, -1)).reshape(out.shape)
+    return state.hook("hook_moe_out", out)
 
 
 def _shared_acts(down_proj, args):

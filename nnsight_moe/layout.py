@@ -55,6 +55,15 @@ class LayerLayout:
     #: The block multiplies its routed sum by this constant (OpenAI-Privacy-Filter: by top_k, undoing its
     #: router's / top_k): ``hook_moe_out = routed_scale * hook_routed_out (+ gate * shared)``.
     routed_scale: float = 1.0
+    #: Module whose output are the raw router logits when the router's first output is not them (Gemma-4's
+    #: ``router.proj``); None: the router's first output.
+    router_logits: str | None = None
+    #: Module whose output is ``hook_moe_out`` when that is not the block (Gemma-4, whose block is the decoder
+    #: layer: its experts); None: the block at ``path``.
+    moe_out: str | None = None
+    #: The gate weights scale the selected experts' INPUTS (Llama 4): ``hook_expert_out`` is the expert's
+    #: output on ``weight * x`` and ``hook_routed_out = sum over slots of hook_expert_out``.
+    gate_on_input: bool = False
 
     @property
     def is_moe(self) -> bool:

@@ -41,14 +41,23 @@ def _capture(model: nn.Module, layout: MoELayout, path_of, record, fn) -> dict:
 
 
 def capture_blocks(model: nn.Module, layout: MoELayout, fn):
-    """Inputs and outputs of every MoE block of an UNATTACHED model: {layer: (input, output)}."""
+    """Inputs and outputs of every MoE block of an UNATTACHED model: {layer: (input, output)}.
 
-    def record(args, kwargs, output):
-        x = args[0] if args else kwargs["hidden_states"]
-        out = output[0] if isinstance(output, tuple) else output
-        return x.detach().clone(), out.detach().clone()
+    The input is the block's, except where the decoder layer is the block (Gemma-4): there it is the
+    experts' input (a normalised copy of the layer's input); the output is the MoE output (``layout.moe_out`` when
+    the block is a decoder layer, as Gemma-4's).
+    """
 
-    return _capture(model, layout, lambda info: info.path, record, fn)
+    def first(args, kwargs, output):
+        return args[0] if args else kwargs["hidden_states"]
+
+    def out(args, kwargs, output):
+        return (output[0] if isinstance(output, tuple) else output).detach().clone()
+
+    inputs = _capture(model, layout, lambda info: info.experts if info.moe_out else info.path,
+                      lambda *a: first(*a).detach().clone(), fn)
+    outputs = _capture(model, layout, lambda info: info.moe_out or info.path, out, fn)
+    return {index: (inputs[index], outputs[index]) for index in outputs}
 
 
 def capture_routers(model: nn.Module, layout: MoELayout, fn):
@@ -57,12 +66,33 @@ def capture_routers(model: nn.Module, layout: MoELayout, fn):
     Read from the forward itself rather than by calling the router again: some families pass the router
     a second argument (a selection bias held by the block) or a 3-D input.
     """
-    record = lambda args, kwargs, output: (output[1].detach().clone(), output[2].detach().clone())  # noqa: E731
+    def record(args, kwargs, output):
+        if len(output) == 2:  # Llama 4: (dense scores [n, E], logits); its own topk of the logits picks the slots
+            indices = torch.topk(output[1], output[0].shape[-1] - (output[0] == 0).sum(-1).min().item(), dim=1).indices
+            return output[0].gather(1, indices).detach().clone(), indices.detach().clone()
+        return output[1].detach().clone(), output[2].detach().clone()
+
+    def record_experts(args, kwargs, output):  # (hidden_states, top_k_index, top_k_weights)
+        return args[2].detach().clone(), args[1].detach().clone()
+
+    if any(isinstance(getattr(model.get_submodule(layout.layer(i).experts), "mlp", None), nn.Module)
+           for i in layout.moe_layers):  # DBRX: the router returns logits only; the block hands the experts the rest
+        return _capture(model, layout, lambda info: info.experts, record_experts, fn)
     return _capture(model, layout, lambda info: info.router, record, fn)
 
 
 def naive_expert(experts: nn.Module, x: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert ``e`` applied to tokens ``x`` [n, d] straight from its weights: (acts, out)."""
+    if type(experts).__name__ == "DbrxExperts":  # 2-D w1 / v1 / w2 [E * d_expert, d]
+        from nnsight_moe.block_routed import expert_weights
+
+        w1, v1, w2 = (w[e] for w in expert_weights(experts))
+        acts = experts.mlp.activation_fn(x @ w1.T) * (x @ v1.T)
+        return acts, acts @ w2
+    if type(experts).__name__ == "Llama4TextExperts":  # [E, in, out] weights, gate | up halves, no bias
+        gate, up = (x @ experts.gate_up_proj[e]).chunk(2, dim=-1)
+        acts = up * experts.act_fn(gate)
+        return acts, acts @ experts.down_proj[e]
     transposed = getattr(experts, "is_transposed", False)
     has_gate = getattr(experts, "has_gate", True)
     w_up = (experts.gate_up_proj if has_gate else experts.up_proj)[e]
@@ -82,6 +112,12 @@ def zero_expert_(model: nn.Module, layout: MoELayout, blocked: dict[int, list[in
     with torch.no_grad():
         for index, experts in blocked.items():
             module = model.get_submodule(layout.layer(index).experts)
+            if type(module).__name__ == "DbrxExperts":
+                from nnsight_moe.block_routed import expert_weights
+
+                for e in experts:
+                    expert_weights(module)[2][e].zero_()
+                continue
             for e in experts:
                 module.down_proj[e].zero_()
                 if getattr(module, "has_bias", False):
