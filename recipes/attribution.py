@@ -173,8 +173,8 @@ def _parts(hf: nn.Module) -> Parts:
         mlps.append(getattr(layer, mlp_name) if mlp_name else None), mlp_names.append(mlp_name)
     if all(m is None for m in mixers) and all(m is None for m in mlps):
         raise ValueError(f"{type(hf).__name__}: its decoder layers have none of {MIXER_NAMES + MLP_NAMES}")
-    base = hf.base_model
-    norm = next((getattr(base, n) for n in ("norm", "final_layernorm", "norm_f", "ln_f")
+    bases = [hf.base_model] + [getattr(hf, "model", None)] * (hf.base_model is hf)  # Llama 4: prefix is not `model`
+    norm = next((getattr(base, n) for base in bases for n in ("norm", "final_layernorm", "norm_f", "ln_f")
                  if isinstance(getattr(base, n, None), nn.Module)), None)
     if norm is None:
         raise ValueError(f"{type(hf).__name__}: no final norm (base_model.norm / final_layernorm / norm_f) found")
@@ -219,7 +219,8 @@ def capture(hf: nn.Module, batch: dict[str, Tensor], parts: Parts, handle=None) 
             handles.append(parts.o_proj[i].register_forward_pre_hook(lambda m, a, i=i: got["z"].__setitem__(i, pick(a[0]))))
         mlp = parts.mlp[i]
         if mlp is not None:
-            handles.append(mlp.register_forward_hook(lambda m, a, o, i=i: got["mlp_out"].__setitem__(i, pick(_out(o)))))
+            handles.append(mlp.register_forward_hook(  # Llama 4's MoE returns flattened tokens: view them as its input
+                lambda m, a, o, i=i: got["mlp_out"].__setitem__(i, pick(_out(o).view(a[0].shape)))))
             down = getattr(unwrap(mlp), "down_proj", None)
             if i not in moe_layers and _linear(down) is not None:
                 handles.append(down.register_forward_pre_hook(lambda m, a, i=i: got["mlp_acts"].__setitem__(i, pick(a[0]))))
@@ -315,7 +316,8 @@ def _rows(**cols) -> pd.DataFrame:
 def _down_columns(experts: nn.Module, expert_ids: Tensor) -> Tensor:
     """W_down of each expert in ``expert_ids`` [N] as [N, d_expert, d_model] (row k = column k of W_down)."""
     w = experts.down_proj[expert_ids].float()
-    return w if getattr(experts, "is_transposed", False) else w.transpose(-1, -2)
+    transposed = getattr(experts, "is_transposed", type(experts).__name__ == "Llama4TextExperts")  # [E, in, out]
+    return w if transposed else w.transpose(-1, -2)
 
 
 def score_batch(hf: nn.Module, parts: Parts, captured: dict, ro: Readout, levels: Sequence[str],
@@ -352,6 +354,8 @@ def score_batch(hf: nn.Module, parts: Parts, captured: dict, ro: Readout, levels
             rows = ar.repeat_interleave(k)
             ids = moe["topk_indices"].reshape(-1)
             gate = moe["topk_weights"].float().reshape(-1)
+            if handle.layout.layer(layer).gate_on_input:  # Llama 4: the weight scales the input, already inside
+                gate = torch.ones_like(gate)
             if "expert" in levels:
                 contrib = gate[:, None] * moe["expert_out"].float().reshape(-1, u.shape[-1])
                 add(layer, "expert", rows, lpi(ro, u[layer], contrib, rows, budget_bytes), expert=ids)
