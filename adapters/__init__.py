@@ -150,6 +150,7 @@ def _moe_layer(index: int, path: str, block: nn.Module, adapter: Adapter, config
         router_logits=f"{path}.{adapter.router}.{adapter.router_logits}" if adapter.router_logits else None,
         moe_out=f"{path}.{adapter.moe_out}" if adapter.moe_out else None,
         gate_on_input=adapter.gate_on_input,
+        moe_bias=f"{path}.{adapter.moe_bias}" if adapter.moe_bias else None,
     )
 
 

@@ -48,6 +48,10 @@ class Adapter:
             ``is_transposed`` attribute (Llama 4's experts predate the experts interface).
         routing_in_block: the router returns only its logits and the block computes the weights and
             indices it hands the experts (DBRX; see :mod:`nnsight_moe.block_routed`).
+        dispatch_router: the router returns a dispatch plan and the block runs parallel experts
+            (JetMoE; see :mod:`nnsight_moe.dispatch_experts`); ``experts`` names the down projection.
+        moe_bias: attribute of the block holding a bias its forward adds to the routed sum
+            (``hook_moe_out = hook_routed_out + bias``; JetMoE).
     """
 
     name: str
@@ -64,6 +68,8 @@ class Adapter:
     gate_on_input: bool = False
     experts_transposed: bool = False
     routing_in_block: bool = False
+    dispatch_router: bool = False
+    moe_bias: str | None = None
 
     def is_block(self, module: nn.Module) -> bool:
         """Whether ``module`` is a MoE block of this family."""

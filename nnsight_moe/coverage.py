@@ -51,7 +51,6 @@ NOT_YET: dict[str, str] = {
     "granitemoeshared": "the shared MLP is a sibling of the MoE block on the decoder layer: hook_shared_* and "
                         "shared ablation need a layer-level shared-expert path",
     "granitemoehybrid": "shared MLP on the decoder layer (as granitemoeshared); hybrid Mamba stack",
-    "jetmoe": "dispatch router and ParallelExperts (also mixture-of-attention experts)",
     "inkling": "the router also returns shared-expert gammas: a fourth router output the contract lacks",
     "zaya": "a skip expert and cross-layer router state",
     "diffusion_gemma": "Gemma-4's MoE decoder layers in two stacks (a bidirectional encoder and a block-diffusion "

@@ -138,6 +138,10 @@ def install(block: nn.Module, state: BlockState) -> list:
         from nnsight_moe import block_routed
 
         handles += block_routed.install(state)
+    elif state.adapter.dispatch_router:  # JetMoE: a dispatch plan and parallel experts
+        from nnsight_moe import dispatch_experts
+
+        handles += dispatch_experts.install(state)
     else:
         handles.append(state.router.register_forward_hook(_route))
     if state.adapter.gate_on_input:  # Llama 4: weights scale the experts' inputs (nnsight_moe.input_gated)

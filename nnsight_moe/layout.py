@@ -64,6 +64,8 @@ class LayerLayout:
     #: The gate weights scale the selected experts' INPUTS (Llama 4): ``hook_expert_out`` is the expert's
     #: output on ``weight * x`` and ``hook_routed_out = sum over slots of hook_expert_out``.
     gate_on_input: bool = False
+    #: A bias the block adds to the routed sum (JetMoE): ``hook_moe_out = hook_routed_out + <moe_bias>``.
+    moe_bias: str | None = None
 
     @property
     def is_moe(self) -> bool:

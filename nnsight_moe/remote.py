@@ -45,6 +45,7 @@ import torch
 from nnsight_moe.attach import hf_model
 from nnsight_moe.files import ResultsFileError, call_identity, digest, identity_changes, load_results, model_identity, save_results
 from nnsight_moe.block_routed import dbrx_slots
+from nnsight_moe.dispatch_experts import dispatch_plan, parallel_slots
 from nnsight_moe.input_gated import dense_experts, dense_scores
 from nnsight_moe.layout import MoELayout
 from nnsight_moe.routing import Routing, expert_order_sum, keep_top_weights, rule_scores, rule_select, rule_weights, zero_weights
@@ -126,6 +127,7 @@ def moe_spec(model: Any) -> dict:
             "experts_input": info.moe_out is not None,
             "gate_on_input": info.gate_on_input,
             "routing_in_block": bool(adapter.routing_in_block),
+            "dispatch_router": bool(adapter.dispatch_router),
             "shared_act": _shared_act(hf.get_submodule(info.shared)) if info.shared else None,
             "routing": _routing_spec(info.routing, hf.get_submodule(info.path), layout.family),
         }
@@ -483,9 +485,12 @@ def read_layer(
     output = router.output
     gate_on_input = info.get("gate_on_input", False)  # Llama 4: the router returns (dense scores, logits)
     in_block = info.get("routing_in_block", False)  # DBRX: logits only; the block hands the experts the rest
+    dispatch = info.get("dispatch_router", False)  # JetMoE: the router returns a dispatch plan, logits last
     if in_block:
         experts_args, experts_kwargs = _envoy(model, info["experts"]).inputs
         raw_logits, raw_indices, raw_weights = output, experts_args[1], experts_args[2]
+    elif dispatch:
+        raw_logits, raw_weights, raw_indices = output[4], None, None
     elif gate_on_input:
         raw_first, raw_logits, raw_weights, raw_indices = output[0], output[1], None, None
     else:
@@ -496,11 +501,14 @@ def read_layer(
     # rows: take this invoke's rows [start, start + b) of the combined batch ourselves.
     start, total = _invoke_rows(b, raw_logits.numel() // (p * n_experts))
     logits = raw_logits.reshape(total, p, n_experts)[start : start + b]
+    if (gate_on_input or dispatch) and total != b:
+        raise ValueError(f"layer {layer}: the remote view of {spec['family']} reads one invoke per trace")
     if gate_on_input:  # the router's own top-k of its logits, its weights read off its dense scores
-        if total != b:
-            raise ValueError(f"layer {layer}: the remote view of {spec['family']} reads one invoke per trace")
         indices = rule_select(rule, rule_scores(rule, logits), None, None, k)
         weights = raw_first.reshape(b, p, n_experts).gather(-1, indices)
+    elif dispatch:  # the router's own top-k and softmax over it, from its logits
+        indices = rule_select(rule, rule_scores(rule, logits), None, None, k)
+        weights = rule_weights(rule, rule_scores(rule, logits), indices, raw_logits.dtype, x.dtype, logits)
     else:
         indices = raw_indices.reshape(total, p, k)[start : start + b]
         weights = raw_weights.reshape(total, p, k)[start : start + b]
@@ -535,6 +543,9 @@ def read_layer(
         _envoy(model, info["experts"]).inputs = (
             (experts_args[0], _splice(raw_indices, indices, start, total), _splice(raw_weights, weights, start, total)),
             experts_kwargs)
+    elif edited and dispatch:
+        plan = dispatch_plan(indices.reshape(b * p, k), weights.reshape(b * p, k), n_experts)
+        router.output = (*plan, logits.reshape(b * p, n_experts))
     elif edited and gate_on_input:
         dense = dense_scores(weights.reshape(b * p, k), indices.reshape(b * p, k), n_experts, raw_first.dtype)
         router.output = (dense, _splice(raw_logits, logits, start, total))
@@ -560,6 +571,11 @@ def read_layer(
         values["expert_acts"] = acts_dense[slots, tokens].reshape(b, p, k, -1)
         values["expert_out"] = out_dense[slots, tokens].reshape(b, p, k, -1)
         values["routed_out"] = out_dense.sum(dim=0).reshape(b, p, -1)
+    elif dispatch and any(name in want for name in ("expert_acts", "expert_out", "routed_out")):
+        acts, out = parallel_slots(_envoy(model, info["block"]), flat, indices.reshape(b * p, k))
+        values["expert_acts"] = acts.reshape(b, p, k, -1)
+        values["expert_out"] = out.reshape(b, p, k, -1)
+        values["routed_out"] = (values["expert_out"] * weights[..., None]).sum(dim=-2).to(x.dtype)
     elif in_block and any(name in want for name in ("expert_acts", "expert_out", "routed_out")):
         acts, out = dbrx_slots(_envoy(model, info["experts"]), flat, indices.reshape(b * p, k))
         values["expert_acts"] = acts.reshape(b, p, k, -1)

@@ -67,6 +67,13 @@ def capture_routers(model: nn.Module, layout: MoELayout, fn):
     a second argument (a selection bias held by the block) or a 3-D input.
     """
     def record(args, kwargs, output):
+        if len(output) == 5:  # JetMoE's dispatch plan: slots sorted by expert, their gates; its own topk of the logits
+            order, gates, logits = output[0], output[2], output[4]
+            n = logits.shape[0]
+            weights = torch.empty_like(gates)
+            weights[order] = gates
+            k = gates.shape[0] // n
+            return weights.view(n, k).detach().clone(), torch.topk(logits, k, dim=1).indices.detach().clone()
         if len(output) == 2:  # Llama 4: (dense scores [n, E], logits); its own topk of the logits picks the slots
             indices = torch.topk(output[1], output[0].shape[-1] - (output[0] == 0).sum(-1).min().item(), dim=1).indices
             return output[0].gather(1, indices).detach().clone(), indices.detach().clone()
@@ -83,6 +90,10 @@ def capture_routers(model: nn.Module, layout: MoELayout, fn):
 
 def naive_expert(experts: nn.Module, x: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert ``e`` applied to tokens ``x`` [n, d] straight from its weights: (acts, out)."""
+    if type(experts).__name__ == "JetMoeMoE":  # parallel experts [E, out, in] (pass the block)
+        gate, up = (x @ experts.input_linear.weight[e].T).chunk(2, dim=-1)
+        acts = experts.activation(gate) * up
+        return acts, acts @ experts.output_linear.weight[e].T
     if type(experts).__name__ == "DbrxExperts":  # 2-D w1 / v1 / w2 [E * d_expert, d]
         from nnsight_moe.block_routed import expert_weights
 
@@ -107,11 +118,27 @@ def naive_expert(experts: nn.Module, x: torch.Tensor, e: int) -> tuple[torch.Ten
     return acts, out
 
 
+def down_weights(experts: nn.Module) -> torch.Tensor:
+    """The experts' down projections as [E, ...] (zeroing row e zeroes expert e's output): fused ``down_proj``,
+    JetMoE's ``output_linear.weight``, DBRX's ``w2`` view."""
+    if type(experts).__name__ == "JetMoeParallelExperts":
+        return experts.weight
+    if type(experts).__name__ == "DbrxExperts":
+        from nnsight_moe.block_routed import expert_weights
+
+        return expert_weights(experts)[2]
+    return experts.down_proj
+
+
 def zero_expert_(model: nn.Module, layout: MoELayout, blocked: dict[int, list[int]]) -> nn.Module:
     """Zero the down projection (and its bias) of each blocked expert, in place."""
     with torch.no_grad():
         for index, experts in blocked.items():
             module = model.get_submodule(layout.layer(index).experts)
+            if type(module).__name__ == "JetMoeParallelExperts":  # JetMoE's output_linear [E, d, d_expert]
+                for e in experts:
+                    module.weight[e].zero_()
+                continue
             if type(module).__name__ == "DbrxExperts":
                 from nnsight_moe.block_routed import expert_weights
 

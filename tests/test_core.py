@@ -79,6 +79,8 @@ def test_equivalence_and_decomposition(family):
         torch.testing.assert_close(get("hook_routed_out"), weighted.sum(-2), atol=ATOL, rtol=0)
         # moe_out = routed + gate * shared = HF block output
         moe = info.routed_scale * get("hook_routed_out")
+        if info.moe_bias:  # JetMoE adds a learned bias to the routed sum
+            moe = moe + model.get_parameter(info.moe_bias)
         if info.has_shared:
             assert get("hook_shared_out").shape == (b, p, d)
             assert get("hook_shared_gate").shape == (b, p, 1)
@@ -88,6 +90,8 @@ def test_equivalence_and_decomposition(family):
         torch.testing.assert_close(get("hook_moe_out"), block_out.reshape(b, p, d), atol=ATOL, rtol=0)
         # each slot's expert output equals the expert MLP applied straight from its weights
         experts = model.get_submodule(info.experts)
+        if type(experts).__name__ == "JetMoeParallelExperts":  # the naive expert needs both of JetMoE's linears
+            experts = model.get_submodule(info.path)
         idx = get("hook_topk_indices").reshape(b * p, k)
         acts_all = get("hook_expert_acts").reshape(b * p, k, -1)
         out_all = out.reshape(b * p, k, d)

@@ -70,7 +70,7 @@ def test_attach_is_exact_in_every_dtype(case, dtype, request):
 @pytest.mark.parametrize(
     "case",
     [("ernie4_5_moe", {}), ("granitemoe", {}), ("gpt_oss", {}), ("openai_privacy_filter", {}), ("llama4", {}),
-     ("gemma4", {}), ("dbrx", {}), ("deepseek_v4", {}), CASES[-2]],
+     ("gemma4", {}), ("dbrx", {}), ("deepseek_v4", {}), ("jetmoe", {}), CASES[-2]],
     ids=_case_id,
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda d: str(d).replace("torch.", ""))

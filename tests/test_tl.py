@@ -15,14 +15,14 @@ from transformers import PreTrainedTokenizerFast
 import nnsight_moe
 from nnsight_moe import tl
 from nnsight_moe.testing import tiny_model
-from tests.helpers import naive_expert
+from tests.helpers import down_weights, naive_expert
 
 ARCHS = ["qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "lfm2_moe", "sarvam_mla", "sarvam_moe", "llama4",
-         "deepseek_v4"]
+         "deepseek_v4", "jetmoe"]
 #: Tiny models whose layer 0 is dense (DeepSeek-V3's first_k_dense_replace, LFM2-MoE's num_dense_layers).
 DENSE_FIRST = {"deepseek_v3", "lfm2_moe", "sarvam_mla", "sarvam_moe", "llama4"}
 #: TransformerLens does not split these routers' tuple into gate.hook_expert_indices / _weights.
-NO_NATIVE_ROUTER_HOOKS = {"deepseek_v3", "sarvam_mla", "llama4", "deepseek_v4"}
+NO_NATIVE_ROUTER_HOOKS = {"deepseek_v3", "sarvam_mla", "llama4", "deepseek_v4", "jetmoe"}
 #: TransformerLens' own name of the shared expert's output, per family with one.
 NATIVE_SHARED_OUT = {"qwen2_moe": "shared_expert.hook_out", "deepseek_v3": "shared_experts.hook_out",
                      "llama4": "shared_expert.hook_out", "deepseek_v4": "shared_experts.hook_out",
@@ -197,7 +197,7 @@ def test_block_experts_composes_with_a_tl_hook(bridged):
     with torch.no_grad():
         with nnsight_moe.block_experts(bridge, {layer: [expert]}, mode="zero"):
             blocked = bridge.run_with_hooks(ids, fwd_hooks=tl_hook)
-        down_proj = handle.states[layer].experts.down_proj
+        down_proj = down_weights(handle.states[layer].experts)
         saved = down_proj[expert].clone()
         down_proj[expert].zero_()
         try:
@@ -356,6 +356,8 @@ def test_dense_experts_against_weights(bridged):
     assert torch.equal(out.abs().sum(-1) > 0, selected)  # zeros exactly where not selected
     x = cache[f"blocks.{index}.mlp.hook_in"].reshape(-1, layer.d_model)
     experts = handle.states[index].experts
+    if type(experts).__name__ == "JetMoeParallelExperts":  # the naive expert needs both of JetMoE's linears
+        experts = handle.states[index].block
     for e in indices.unique().tolist():
         rows = selected.reshape(-1, layer.n_experts)[:, e]
         x_in = x[rows]
