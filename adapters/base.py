@@ -52,6 +52,8 @@ class Adapter:
             (JetMoE; see :mod:`nnsight_moe.dispatch_experts`); ``experts`` names the down projection.
         moe_bias: attribute of the block holding a bias its forward adds to the routed sum
             (``hook_moe_out = hook_routed_out + bias``; JetMoE).
+        identity_experts: the experts module runs its own loop and includes zero-compute identity experts
+            after the real ones (LongCat-Flash; see :mod:`nnsight_moe.identity_experts`).
     """
 
     name: str
@@ -70,6 +72,7 @@ class Adapter:
     routing_in_block: bool = False
     dispatch_router: bool = False
     moe_bias: str | None = None
+    identity_experts: bool = False
 
     def is_block(self, module: nn.Module) -> bool:
         """Whether ``module`` is a MoE block of this family."""

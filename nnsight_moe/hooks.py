@@ -144,6 +144,10 @@ def install(block: nn.Module, state: BlockState) -> list:
         handles += dispatch_experts.install(state)
     else:
         handles.append(state.router.register_forward_hook(_route))
+    if state.adapter.identity_experts:  # LongCat-Flash: its own experts loop, zero-compute identity experts
+        from nnsight_moe import identity_experts
+
+        handles += identity_experts.install(state)
     if state.adapter.gate_on_input:  # Llama 4: weights scale the experts' inputs (nnsight_moe.input_gated)
         from nnsight_moe import input_gated
 

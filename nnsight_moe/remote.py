@@ -46,6 +46,7 @@ from nnsight_moe.attach import hf_model
 from nnsight_moe.files import ResultsFileError, call_identity, digest, identity_changes, load_results, model_identity, save_results
 from nnsight_moe.block_routed import dbrx_slots
 from nnsight_moe.dispatch_experts import dispatch_plan, parallel_slots
+from nnsight_moe.identity_experts import identity_slots
 from nnsight_moe.input_gated import dense_experts, dense_scores
 from nnsight_moe.layout import MoELayout
 from nnsight_moe.routing import Routing, expert_order_sum, keep_top_weights, rule_scores, rule_select, rule_weights, zero_weights
@@ -128,6 +129,9 @@ def moe_spec(model: Any) -> dict:
             "gate_on_input": info.gate_on_input,
             "routing_in_block": bool(adapter.routing_in_block),
             "dispatch_router": bool(adapter.dispatch_router),
+            # LongCat-Flash: experts from this id on are zero-compute identities
+            "identity_experts": (int(hf.get_submodule(info.experts).num_routed_experts)
+                                 if adapter.identity_experts else None),
             "shared_act": _shared_act(hf.get_submodule(info.shared)) if info.shared else None,
             "routing": _routing_spec(info.routing, hf.get_submodule(info.path), layout.family),
         }
@@ -571,6 +575,11 @@ def read_layer(
         values["expert_acts"] = acts_dense[slots, tokens].reshape(b, p, k, -1)
         values["expert_out"] = out_dense[slots, tokens].reshape(b, p, k, -1)
         values["routed_out"] = out_dense.sum(dim=0).reshape(b, p, -1)
+    elif info.get("identity_experts") is not None and any(name in want for name in ("expert_acts", "expert_out", "routed_out")):
+        acts, out = identity_slots(_envoy(model, info["experts"]), flat, indices.reshape(b * p, k), info["identity_experts"])
+        values["expert_acts"] = acts.reshape(b, p, k, -1)
+        values["expert_out"] = out.reshape(b, p, k, -1)
+        values["routed_out"] = (values["expert_out"] * weights[..., None]).sum(dim=-2).to(x.dtype)
     elif dispatch and any(name in want for name in ("expert_acts", "expert_out", "routed_out")):
         acts, out = parallel_slots(_envoy(model, info["block"]), flat, indices.reshape(b * p, k))
         values["expert_acts"] = acts.reshape(b, p, k, -1)

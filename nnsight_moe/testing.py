@@ -91,6 +91,9 @@ FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
     # checkpoints set both (DBRX-Instruct: 500000, 8)
     "dbrx": {"d_model": 64, "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 2},
              "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}},
+    # LongCat-Flash: 8 real + 2 zero-compute identity experts, MLA sizes as DeepSeek's
+    "longcat_flash": {"zero_expert_num": 2, "expert_ffn_hidden_size": 32, "head_dim": 8, "num_key_value_heads": 4,
+                      "num_hidden_layers": 4},  # 2 decoder layers (each holds two attention + MLP sub-layers)
     # Llama 4: layer 0 dense (its own MLP width), 1 and 2 MoE; no chunked attention
     "llama4_text": {"moe_layers": [1, 2], "intermediate_size_mlp": 64, "attention_chunk_size": None},
     # Gemma-4: MoE on every decoder layer (router + experts beside the dense MLP), small per-layer inputs

@@ -90,6 +90,12 @@ def capture_routers(model: nn.Module, layout: MoELayout, fn):
 
 def naive_expert(experts: nn.Module, x: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert ``e`` applied to tokens ``x`` [n, d] straight from its weights: (acts, out)."""
+    if type(experts).__name__ == "LongcatFlashExperts":  # ids >= num_routed_experts are identities
+        if e >= experts.num_routed_experts:
+            return x.new_zeros(x.shape[0], experts.intermediate_size), x
+        gate, up = (x @ experts.gate_up_proj[e].T).chunk(2, dim=-1)
+        acts = experts.act_fn(gate) * up
+        return acts, acts @ experts.down_proj[e].T
     if type(experts).__name__ == "JetMoeMoE":  # parallel experts [E, out, in] (pass the block)
         gate, up = (x @ experts.input_linear.weight[e].T).chunk(2, dim=-1)
         acts = experts.activation(gate) * up

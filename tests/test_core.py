@@ -197,6 +197,30 @@ def test_hash_routing():
 
 
 @torch.no_grad()
+def test_identity_experts():
+    """LongCat-Flash's zero-compute experts (ids 8, 9 of 10): their slots' output is the token itself and
+    their acts 0; blocking them (zero) removes exactly weight * token from the routed sum."""
+    model = tiny_model("longcat_flash")
+    ids = _ids()
+    layout = nnsight_moe.layout(model)
+    info = layout.layer(0)
+    blocks = capture_blocks(model, layout, lambda: model(ids))
+    with nnsight_moe.attached(model) as handle:
+        clean = capture_hooks(handle, lambda: model(ids))
+        with nnsight_moe.block_experts(model, {0: [8, 9]}, mode="zero"):
+            blocked = capture_hooks(handle, lambda: model(ids))
+    get = lambda values, name: values[f"{info.path}.{name}"]  # noqa: E731
+    x = blocks[0][0].reshape(*ids.shape, -1)
+    identity = get(clean, "hook_topk_indices") >= 8
+    assert identity.any() and not identity.all(), "the tiny model picks identity experts sometimes"
+    torch.testing.assert_close(get(clean, "hook_expert_out")[identity], x[..., None, :].expand(-1, -1, 2, -1)[identity])
+    assert not get(clean, "hook_expert_acts")[identity].any()
+    dropped = (get(clean, "hook_topk_weights") * identity)[..., None] * x[..., None, :]
+    torch.testing.assert_close(get(blocked, "hook_routed_out"), get(clean, "hook_routed_out") - dropped.sum(-2),
+                               atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
 def test_router_logit_edit_forces_expert(family):
     model = tiny_model(family)
     ids = _ids()
