@@ -418,3 +418,35 @@ def test_attach_again_after_compatibility_mode():
     finally:
         nnsight_moe.detach(bridge)
     assert not any(".mlp.hook_topk" in name for name in bridge.hook_dict)
+
+
+def test_gemma4_bridge(tokenizer_dir):
+    """Gemma-4 under TransformerLens' own gemma4_text adapter: the decoder layer is the block, its hook points
+    are blocks.L.mlp.hook_* with the contract's shapes, attaching leaves the bridge's logits bit-identical,
+    and zero blocking equals zeroing the expert's down_proj. (The bridge itself differs from HF by ~4e-5 on
+    logits of ~4: TransformerLens' processing, with or without us.)"""
+    ids = _ids()
+    bridge = tl.boot(tiny_model("gemma4_text"), tokenizer=tokenizer_dir)
+    handle = nnsight_moe.handle_of(bridge)
+    try:
+        with torch.no_grad():
+            attached, cache = bridge.run_with_cache(ids)
+            for index in handle.layout.moe_layers:
+                for name, shape in contract_shapes(handle.layout.layer(index), *ids.shape).items():
+                    assert tuple(cache[f"blocks.{index}.mlp.{name}"].shape) == shape, (index, name)
+            layer, expert = 1, _most_used_expert(bridge, 1, ids)
+            with nnsight_moe.block_experts(bridge, {layer: [expert]}, mode="zero"):
+                blocked = bridge(ids)
+            down = handle.states[layer].experts.down_proj
+            saved = down[expert].clone()
+            down[expert].zero_()
+            try:
+                oracle = bridge(ids)
+            finally:
+                down[expert].copy_(saved)
+        torch.testing.assert_close(blocked, oracle, rtol=1e-5, atol=1e-5)
+        assert (blocked - attached).abs().max() > 1e-4
+    finally:
+        nnsight_moe.detach(bridge)
+    with torch.no_grad():
+        assert torch.equal(bridge(ids), attached), "attaching left the bridge's logits bit-identical"
