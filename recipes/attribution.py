@@ -326,6 +326,11 @@ def score_batch(hf: nn.Module, parts: Parts, captured: dict, ro: Readout, levels
     n_layers, n_prompts = captured["resid_pre"].shape[:2]
     ar = torch.arange(n_prompts)
     h_prev, attn_out, mlp_out = captured["resid_pre"], captured["attn_out"], captured["mlp_out"]
+    if h_prev.shape[1:] != captured["final"].shape:
+        raise ValueError(
+            f"this model's residual stream is not one d_model vector per position (decoder layers see "
+            f"{tuple(h_prev.shape[2:])}, the final norm {tuple(captured['final'].shape[1:])}: parallel residual "
+            "streams, e.g. DeepSeek-V4's hyper-connections); attribution needs h + attn + mlp per layer")
     u = h_prev + attn_out
     _check_residual(captured, u, dtype=activation_dtype(*parts.layers))
     frames = []

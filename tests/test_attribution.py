@@ -400,3 +400,9 @@ def test_prediction_targets_and_only_correct():
     assert (got["score"] - expected["score"]).abs().max() < 1e-5  # batch composition differs: float noise
     with pytest.raises(ValueError, match="only_correct=True compares"):
         attribute(model, PROMPTS, None, only_correct=True)
+
+
+def test_parallel_residual_streams_are_refused():
+    """DeepSeek-V4's hyper-connections (4 residual streams per position): a clear error, not a shape crash."""
+    with pytest.raises(ValueError, match="not one d_model vector per position .* hyper-connections"):
+        attribute(tiny_model("deepseek_v4"), PROMPTS, TARGETS, levels=("layer",), progress=False)
