@@ -114,11 +114,11 @@ def detect(model: nn.Module) -> MoELayout:
     for index, layer in enumerate(layers):
         found = next(((name, m) for name, m in layer.named_modules() if adapter.is_block(m)), None)
         if found is None:
-            mlp = "mlp" if hasattr(layer, "mlp") else ""
+            mlp = next((name for name in ("mlp", "feed_forward") if hasattr(layer, name)), "")
             described.append(LayerLayout(index, "dense", f"{layers_path}.{index}" + (f".{mlp}" if mlp else ""), d_model))
             continue
         name, block = found
-        path = f"{layers_path}.{index}.{name}"
+        path = f"{layers_path}.{index}" + (f".{name}" if name else "")  # "": the decoder layer is the block (Gemma-4)
         described.append(_moe_layer(index, path, block, adapter, config, d_model, layer, f"{layers_path}.{index}"))
     return MoELayout(family=adapter.name, model_type=config.model_type, layers=tuple(described))
 
@@ -128,8 +128,8 @@ def _moe_layer(index: int, path: str, block: nn.Module, adapter: Adapter, config
     router = block.get_submodule(adapter.router)
     experts = block.get_submodule(adapter.experts)
     routing = adapter.routing(block, router, config)
-    transposed = getattr(experts, "is_transposed", False)
-    d_expert = experts.down_proj.shape[1] if transposed else experts.down_proj.shape[2]
+    transposed = getattr(experts, "is_transposed", adapter.experts_transposed)
+    d_expert = adapter.expert_width(experts)
     latent = adapter.latent_out is not None and not isinstance(block.get_submodule(adapter.latent_out), nn.Identity)
     d_latent = int(experts.down_proj.shape[2] if transposed else experts.down_proj.shape[1]) if latent else 0
     owner, owner_path = (layer, layer_path) if adapter.shared_on_layer else (block, path)  # where the shared MLP lives
@@ -157,6 +157,10 @@ def _moe_layer(index: int, path: str, block: nn.Module, adapter: Adapter, config
         d_shared=int(d_shared),
         routing=routing,
         routed_scale=float(getattr(block, adapter.routed_scale)) if adapter.routed_scale else 1.0,
+        router_logits=f"{path}.{adapter.router}.{adapter.router_logits}" if adapter.router_logits else None,
+        moe_out=f"{path}.{adapter.moe_out}" if adapter.moe_out else None,
+        gate_on_input=adapter.gate_on_input,
+        moe_bias=f"{path}.{adapter.moe_bias}" if adapter.moe_bias else None,
     )
 
 

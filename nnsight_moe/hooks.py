@@ -34,7 +34,7 @@ from transformer_lens.hook_points import HookPoint
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
 from nnsight_moe.layout import LayerLayout
-from nnsight_moe.routing import keep_top_weights, zero_weights
+from nnsight_moe.routing import expert_order_sum, keep_top_weights, zero_weights
 
 EXPERTS_IMPLEMENTATION = "nnsight_moe"
 _STATE = "_nnsight_moe"
@@ -138,10 +138,10 @@ def install(block: nn.Module, state: BlockState) -> list:
         block.add_module(name, hook_point)
     for module in (block, state.router, state.experts):
         module.__dict__[_STATE] = state
+    moe_out = unwrap(block.get_submodule(state.adapter.moe_out)) if state.adapter.moe_out else block
     handles = [
         block.register_forward_pre_hook(_record_shape, with_kwargs=True),
-        state.router.register_forward_hook(_route),
-        block.register_forward_hook(_moe_out),
+        moe_out.register_forward_hook(_moe_out),
         block.register_forward_hook(_end_forward, always_call=True),  # also when the forward raises
     ]
     if state.adapter.own_experts:  # an experts forward outside transformers' ExpertsInterface (Step-3.7)
@@ -155,6 +155,28 @@ def install(block: nn.Module, state: BlockState) -> list:
         post = unwrap(block.get_submodule(state.adapter.post))
         post.__dict__[_STATE] = state
         handles.append(post.register_forward_pre_hook(_moe_sum, with_kwargs=True))
+    if state.adapter.routing_in_block:  # DBRX: the router gives logits only (nnsight_moe.block_routed)
+        from nnsight_moe import block_routed
+
+        handles += block_routed.install(state)
+    elif state.adapter.dispatch_router:  # JetMoE: a dispatch plan and parallel experts
+        from nnsight_moe import dispatch_experts
+
+        handles += dispatch_experts.install(state)
+    else:
+        handles.append(state.router.register_forward_hook(_route))
+    if state.adapter.identity_experts:  # LongCat-Flash: its own experts loop, zero-compute identity experts
+        from nnsight_moe import identity_experts
+
+        handles += identity_experts.install(state)
+    if state.adapter.gate_on_input:  # Llama 4: weights scale the experts' inputs (nnsight_moe.input_gated)
+        from nnsight_moe import input_gated
+
+        handles += input_gated.install(state)
+    if state.adapter.router_logits:  # the router's first output is not its logits: read them where computed
+        logits = unwrap(state.router.get_submodule(state.adapter.router_logits))
+        logits.__dict__[_STATE] = state
+        handles.append(logits.register_forward_hook(_stash_logits))
     if state.layer.has_shared:
         shared = state.shared
         down_proj = unwrap(shared.get_submodule(state.adapter.shared_down))
@@ -214,9 +236,15 @@ def _end_forward(block, args, output):
                 state._thread, state._depth = None, 0
 
 
+def _stash_logits(module, args, output):
+    """Keep the raw router logits computed inside the router (``Adapter.router_logits``) for :func:`_route`."""
+    module.__dict__[_STATE].logits = output
+
+
 def _route(router, args, output):
     state: BlockState = router.__dict__[_STATE]
-    logits = output[0]
+    gate_on_input = state.adapter.gate_on_input  # Llama 4's router returns (dense scores, logits)
+    logits = state.__dict__.pop("logits") if state.adapter.router_logits else output[1 if gate_on_input else 0]
     b, p = state.bp(logits.shape[:-1].numel())
     rule = state.rule()
     n_experts, k = state.layer.n_experts, state.layer.top_k
@@ -230,7 +258,11 @@ def _route(router, args, output):
     scores = _checked(state, "hook_router_scores", state.hook("hook_router_scores", raw), (b, p, n_experts))
     unedited = scores is raw and raw._version == version
     exclude = state.row_mask(state.exclude, b, scores.device)
-    indices = state.hook("hook_topk_indices", rule.select(scores, exclude))
+    if rule._kind == "hash":  # chosen by token id: the model's own indices (block_experts refuses reroute)
+        selected = output[2].reshape(b, p, k)
+    else:
+        selected = rule.select(scores, exclude)
+    indices = state.hook("hook_topk_indices", selected)
     _checked(state, "hook_topk_indices", indices, (b, p, k))
     if indices.is_floating_point() or (indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_experts)):
         raise ValueError(f"layer {state.layer.index}: hook_topk_indices must hold integer expert ids in "
@@ -242,7 +274,14 @@ def _route(router, args, output):
     weights = _checked(state, "hook_topk_weights", state.hook("hook_topk_weights", state.edit_weights(indices, weights)),
                        (b, p, k))
     state.experts_pending = True  # cleared by the "nnsight_moe" experts implementation
-    return (logits.reshape(b * p, -1), weights.reshape(b * p, k), indices.reshape(b * p, k), *output[3:])
+    if gate_on_input:
+        from nnsight_moe.input_gated import dense_scores
+
+        state.indices = indices.reshape(b * p, k)
+        scores_dense = dense_scores(weights.reshape(b * p, k), state.indices, n_experts, output[0].dtype)
+        return scores_dense, logits.reshape(b * p, -1)
+    first = scores.to(output[0].dtype) if state.adapter.router_logits else logits  # the router's own format
+    return (first.reshape(b * p, -1), weights.reshape(b * p, k), indices.reshape(b * p, k), *output[3:])
 
 
 def _checked(state: "BlockState", name: str, value: Any, shape: tuple) -> Tensor:
@@ -268,8 +307,17 @@ def _moe_out(block, args, output):
         state.block_out = output[0] if isinstance(output, tuple) else output
         return None
     if isinstance(output, tuple):
-        return (state.hook("hook_moe_out", output[0]), *output[1:])
-    return state.hook("hook_moe_out", output)
+        return (_moe_out_of(state, output[0]), *output[1:])
+    return _moe_out_of(state, output)
+
+
+def _moe_out_of(state: "BlockState", out: Tensor) -> Tensor:
+    """``out`` through ``hook_moe_out`` as [b, p, d] (flattened [tokens, d] outputs, Llama 4's or Gemma-4's
+    experts', are viewed as such and handed back flat)."""
+    if out.dim() == 2:
+        b, p = state.bp(out.shape[0])
+        return state.hook("hook_moe_out", out.reshape(b, p, -1)).reshape(out.shape)
+    return state.hook("hook_moe_out", out)
 
 
 def _own_experts_in(experts, args):
@@ -384,10 +432,14 @@ def hooked_experts_forward(
     if state.layer.d_latent:  # a latent MoE: the experts' input, the block input projected (and normed)
         hidden_states = state.hook("hook_latent_in", hidden_states.view(b, p, d)).reshape(n, d)
     slots = _sort_slots(top_k_index, experts.num_experts)
-    acts = state.hook("hook_expert_acts", expert_acts(experts, hidden_states, top_k_index, slots).view(b, p, k, -1))
+    fp32 = getattr(state.adapter, "experts_float32", False)
+    x = hidden_states.float() if fp32 else hidden_states
+    acts = state.hook("hook_expert_acts", expert_acts(experts, x, top_k_index, slots).view(b, p, k, -1))
     out = state.hook("hook_expert_out", expert_down(experts, acts.reshape(n * k, -1), top_k_index, slots).view(b, p, k, d))
     if state.adapter.own_experts:
         routed = _eager_sum(out, top_k_weights.view(b, p, k), top_k_index.view(b, p, k), hidden_states.dtype)
+    elif fp32:
+        routed = expert_order_sum(out, top_k_weights.view(b, p, k), top_k_index.view(b, p, k)).to(hidden_states.dtype)
     else:
         routed = (out * top_k_weights.view(b, p, k, 1)).sum(dim=-2).to(hidden_states.dtype)
     return state.hook("hook_routed_out", routed).reshape(n, -1)
@@ -403,6 +455,7 @@ def _eager_sum(out: Tensor, weights: Tensor, indices: Tensor, dtype: torch.dtype
     for j in range(terms.shape[-2]):
         routed = routed + terms[..., j, :]
     return routed
+
 
 
 def _sort_slots(indices: Tensor, n_experts: int) -> tuple[Tensor, Tensor, list[int]]:

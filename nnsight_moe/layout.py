@@ -74,6 +74,17 @@ class LayerLayout:
     #: The block post-processes its sum with this module (A.X-K1's post-MoE RMSNorm):
     #: ``hook_moe_out = post(hook_moe_sum)``.
     post: str | None = None
+    #: Module whose output are the raw router logits when the router's first output is not them (Gemma-4's
+    #: ``router.proj``); None: the router's first output.
+    router_logits: str | None = None
+    #: Module whose output is ``hook_moe_out`` when that is not the block (Gemma-4, whose block is the decoder
+    #: layer: its experts); None: the block at ``path``.
+    moe_out: str | None = None
+    #: The gate weights scale the selected experts' INPUTS (Llama 4): ``hook_expert_out`` is the expert's
+    #: output on ``weight * x`` and ``hook_routed_out = sum over slots of hook_expert_out``.
+    gate_on_input: bool = False
+    #: A bias the block adds to the routed sum (JetMoE): ``hook_moe_out = hook_routed_out + <moe_bias>``.
+    moe_bias: str | None = None
 
     @property
     def is_moe(self) -> bool:

@@ -93,6 +93,22 @@ FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
     "granitemoeshared": {"shared_intermediate_size": 48},
     "granitemoehybrid": {"shared_intermediate_size": 48, "position_embedding_type": "rope", "layer_types": ["linear_attention", "full_attention", "full_attention"],
                          "mamba_n_heads": 4, "mamba_d_head": 32, "mamba_d_state": 16, "mamba_chunk_size": 16},
+    # DeepSeek-V4: one hash-routed layer first (as the real model), a small indexer
+    "deepseek_v4": {"mlp_layer_types": ["hash_moe", "moe", "moe"], "index_n_heads": 2, "index_head_dim": 16,
+                    "index_topk": 4},
+    # DBRX keeps its MoE sizes in ffn_config (top-2 of 8 as the other families; DBRX's default is top-1 of 4).
+    # transformers 5.24 quirks: d_model by name (hidden_size reaches ffn_config only so), and its attention reads
+    # attn_config.rope_theta (not a DbrxAttentionConfig field) and clamps with clip_qkv (None fails): real
+    # checkpoints set both (DBRX-Instruct: 500000, 8)
+    "dbrx": {"d_model": 64, "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 2},
+             "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}},
+    # LongCat-Flash: 8 real + 2 zero-compute identity experts, MLA sizes as DeepSeek's
+    "longcat_flash": {"zero_expert_num": 2, "expert_ffn_hidden_size": 32, "head_dim": 8, "num_key_value_heads": 4,
+                      "num_hidden_layers": 4},  # 2 decoder layers (each holds two attention + MLP sub-layers)
+    # Llama 4: layer 0 dense (its own MLP width), 1 and 2 MoE; no chunked attention
+    "llama4_text": {"moe_layers": [1, 2], "intermediate_size_mlp": 64, "attention_chunk_size": None},
+    # Gemma-4: MoE on every decoder layer (router + experts beside the dense MLP), small per-layer inputs
+    "gemma4_text": {"enable_moe_block": True, "top_k_experts": 2, "hidden_size_per_layer_input": 16},
     "qwen4_exp_text": {
         "layer_types": ["linear_attention", "indexed_attention", "linear_attention"],
         "indexer_n_heads": 2,
@@ -146,7 +162,7 @@ def tiny_config(model_type: str, **overrides: Any):
     values = {**TINY, **FAMILY_EXTRAS.get(model_type, {}), **overrides}
     sub_configs = getattr(default, "sub_configs", None) or {}
     if "text_config" not in sub_configs:
-        return AutoConfig.for_model(model_type, **{k: v for k, v in values.items() if hasattr(default, k)})
+        return AutoConfig.for_model(model_type, **{k: v for k, v in values.items() if _has(default, k)})
     text_type = getattr(default.text_config, "model_type", "")
     text = {**TINY, **FAMILY_EXTRAS.get(text_type, {}), **FAMILY_EXTRAS.get(model_type, {}), **overrides}
     subs = {name: _shrunk(getattr(default, name), text if name == "text_config" else
@@ -154,8 +170,17 @@ def tiny_config(model_type: str, **overrides: Any):
             for name in sub_configs if getattr(default, name, None) is not None}
     text_fields = default.text_config.to_dict()
     extras = {k: v for k, v in FAMILY_EXTRAS.get(model_type, {}).items() if k not in text_fields}
-    top = {k: v for k, v in {**TINY, **extras, **overrides}.items() if hasattr(default, k) and k not in sub_configs}
+    top = {k: v for k, v in {**TINY, **extras, **overrides}.items() if _has(default, k) and k not in sub_configs}
     return AutoConfig.for_model(model_type, **subs, **top)
+
+
+def _has(config, name: str) -> bool:
+    """Whether ``config`` has the attribute ``name`` (a per-layer attribute of a heterogeneous config, which
+    refuses a global read, counts as present: Gemma-4's ``head_dim``)."""
+    try:
+        return hasattr(config, name)
+    except Exception:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        return True
 
 
 def _shrunk(config, sizes: dict[str, Any]):
@@ -194,12 +219,19 @@ def _model_class(config):
 def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
     """Re-draw every floating parameter and buffer of ``model`` from N(0, std^2/fan) (in place).
 
-    Norm weights are drawn around 1. Returns the model.
+    Norm weights are drawn around 1; a hash router's ``tid2eid`` table gets k distinct random experts per
+    token id; 0-d tensors (constants such as an embedding scale) are kept. Returns
+    the model.
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            if not tensor.is_floating_point() or "inv_freq" in name or "rotary" in name:
+            if name.endswith("tid2eid"):  # a hash router's token -> experts table: k distinct experts per token
+                n_experts = int(getattr(model.get_submodule(name.rsplit(".", 1)[0]), "num_experts", tensor.max() + 1))
+                table = torch.rand(tensor.shape[0], n_experts, generator=gen).argsort(dim=-1)[:, : tensor.shape[1]]
+                tensor.copy_(table)
+                continue
+            if not tensor.is_floating_point() or tensor.ndim == 0 or "inv_freq" in name or "rotary" in name:
                 continue
             noise = torch.randn(tensor.shape, generator=gen, dtype=torch.float32)
             if tensor.ndim == 1 and "norm" in name:

@@ -174,7 +174,8 @@ def _parts(hf: nn.Module) -> Parts:
     if all(m is None for m in mixers) and all(m is None for m in mlps):
         raise ValueError(f"{type(hf).__name__}: its decoder layers have none of {MIXER_NAMES + MLP_NAMES}")
     base = hf.base_model
-    owners = (base, getattr(base, "language_model", None))  # a multimodal model's text stack keeps the norm
+    # a multimodal model's text stack keeps the norm; Llama 4's prefix is not `model`
+    owners = (base, getattr(base, "language_model", None), getattr(hf, "model", None) if base is hf else None)
     norm = next((getattr(owner, n) for owner in owners for n in ("norm", "final_layernorm", "norm_f", "ln_f")
                  if isinstance(getattr(owner, n, None), nn.Module)), None)
     if norm is None:
@@ -220,7 +221,8 @@ def capture(hf: nn.Module, batch: dict[str, Tensor], parts: Parts, handle=None) 
             handles.append(parts.o_proj[i].register_forward_pre_hook(lambda m, a, i=i: got["z"].__setitem__(i, pick(a[0]))))
         mlp = parts.mlp[i]
         if mlp is not None:
-            handles.append(mlp.register_forward_hook(lambda m, a, o, i=i: got["mlp_out"].__setitem__(i, pick(_out(o)))))
+            handles.append(mlp.register_forward_hook(  # Llama 4's MoE returns flattened tokens: view them as its input
+                lambda m, a, o, i=i: got["mlp_out"].__setitem__(i, pick(_out(o).view(a[0].shape)))))
             down = getattr(unwrap(mlp), "down_proj", None)
             if i not in moe_layers and _linear(down) is not None:
                 handles.append(down.register_forward_pre_hook(lambda m, a, i=i: got["mlp_acts"].__setitem__(i, pick(a[0]))))
@@ -346,7 +348,8 @@ def _block_maps(hf: nn.Module, info: Any, moe: dict) -> tuple[Any, Any]:
 def _down_columns(experts: nn.Module, expert_ids: Tensor) -> Tensor:
     """W_down of each expert in ``expert_ids`` [N] as [N, d_expert, d_model] (row k = column k of W_down)."""
     w = experts.down_proj[expert_ids].float()
-    return w if getattr(experts, "is_transposed", False) else w.transpose(-1, -2)
+    transposed = getattr(experts, "is_transposed", type(experts).__name__ == "Llama4TextExperts")  # [E, in, out]
+    return w if transposed else w.transpose(-1, -2)
 
 
 def score_batch(hf: nn.Module, parts: Parts, captured: dict, ro: Readout, levels: Sequence[str],
@@ -355,6 +358,11 @@ def score_batch(hf: nn.Module, parts: Parts, captured: dict, ro: Readout, levels
     n_layers, n_prompts = captured["resid_pre"].shape[:2]
     ar = torch.arange(n_prompts)
     h_prev, attn_out, mlp_out = captured["resid_pre"], captured["attn_out"], captured["mlp_out"]
+    if h_prev.shape[1:] != captured["final"].shape:
+        raise ValueError(
+            f"this model's residual stream is not one d_model vector per position (decoder layers see "
+            f"{tuple(h_prev.shape[2:])}, the final norm {tuple(captured['final'].shape[1:])}: parallel residual "
+            "streams, e.g. DeepSeek-V4's hyper-connections); attribution needs h + attn + mlp per layer")
     u = h_prev + attn_out
     _check_residual(captured, u, dtype=activation_dtype(*parts.layers))
     frames = []
@@ -385,6 +393,8 @@ def score_batch(hf: nn.Module, parts: Parts, captured: dict, ro: Readout, levels
             gate = moe["topk_weights"].float().reshape(-1)
             info = handle.layout.layer(layer)
             to_block, shared_to_block = _block_maps(hf, info, moe)
+            if handle.layout.layer(layer).gate_on_input:  # Llama 4: the weight scales the input, already inside
+                gate = torch.ones_like(gate)
             if "expert" in levels:
                 contrib = gate[:, None] * moe["expert_out"].float().reshape(len(ids), -1)
                 add(layer, "expert", rows, lpi(ro, u[layer], to_block(contrib, rows), rows, budget_bytes), expert=ids)

@@ -84,15 +84,18 @@ def test_equivalence_and_decomposition(family):
         hf_weights, hf_indices = (t.reshape(b * p, k) for t in routers[index])
         assert torch.equal(get("hook_topk_indices").reshape(b * p, k), hf_indices)
         assert torch.allclose(get("hook_topk_weights").reshape(b * p, k).float(), hf_weights.float(), atol=ATOL)
-        # routed_out = sum_slots weight * expert_out
+        # routed_out = sum_slots weight * expert_out (gate_on_input, Llama 4: the weight scales the input)
         w, out = get("hook_topk_weights"), get("hook_expert_out")
-        torch.testing.assert_close(get("hook_routed_out"), (w[..., None] * out).sum(-2), atol=ATOL, rtol=0)
+        weighted = out if info.gate_on_input else w[..., None] * out
+        torch.testing.assert_close(get("hook_routed_out"), weighted.sum(-2), atol=ATOL, rtol=0)
         # moe_out = routed + gate * shared = HF block output
         moe = info.routed_scale * get("hook_routed_out")
         if info.d_latent:  # the extension: the routed sum's output projection replaces it in the block's sum
             projection = model.get_submodule(info.latent_out)
             torch.testing.assert_close(get("hook_latent_out"), projection(moe), atol=ATOL, rtol=0)
             moe = get("hook_latent_out")
+        if info.moe_bias:  # JetMoE adds a learned bias to the routed sum
+            moe = moe + model.get_parameter(info.moe_bias)
         if info.has_shared:
             assert get("hook_shared_out").shape == (b, p, d)
             assert get("hook_shared_gate").shape == (b, p, 1)
@@ -105,12 +108,16 @@ def test_equivalence_and_decomposition(family):
         torch.testing.assert_close(get("hook_moe_out"), block_out.reshape(b, p, d), atol=ATOL, rtol=0)
         # each slot's expert output equals the expert MLP applied straight from its weights
         experts = model.get_submodule(info.experts)
+        if type(experts).__name__ == "JetMoeParallelExperts":  # the naive expert needs both of JetMoE's linears
+            experts = model.get_submodule(info.path)
         idx = get("hook_topk_indices").reshape(b * p, k)
         acts_all = get("hook_expert_acts").reshape(b * p, k, -1)
         out_all = out.reshape(b * p, k, d_out)
+        w_flat = w.reshape(b * p, k)
         for j in range(k):
             for t in range(b * p):
-                acts, direct = naive_expert(experts, x[t : t + 1], int(idx[t, j]))
+                x_in = x[t : t + 1] * w_flat[t, j].to(x.dtype) if info.gate_on_input else x[t : t + 1]
+                acts, direct = naive_expert(experts, x_in, int(idx[t, j]))
                 torch.testing.assert_close(out_all[t, j], direct[0], atol=ATOL, rtol=0)
                 torch.testing.assert_close(acts_all[t, j], acts[0], atol=ATOL, rtol=0)
 
@@ -138,8 +145,10 @@ def test_attach_twice_is_noop_and_context_manager(family):
     assert torch.equal(model(ids).logits, ref)
 
 
-def _two_experts(layout):
-    layers = layout.moe_layers
+def _two_experts(layout, reroute=False):
+    """Experts to block in the first and last MoE layers (for ``reroute``: of those layers that choose from
+    scores; a hash-routed layer, DeepSeek-V4's first, refuses rerouting)."""
+    layers = [i for i in layout.moe_layers if not (reroute and layout.layer(i).routing._kind == "hash")]
     return {layers[0]: [0, 3], layers[-1]: [1]}
 
 
@@ -162,7 +171,7 @@ def test_block_reroute_and_renorm(family):
     model = tiny_model(family)
     ids = _ids()
     handle = nnsight_moe.attach(model)
-    blocked = _two_experts(handle.layout)
+    blocked = _two_experts(handle.layout, reroute=True)
     clean = capture_hooks(handle, lambda: model(ids))
     with nnsight_moe.block_experts(model, blocked, mode="reroute"):
         rerouted = capture_hooks(handle, lambda: model(ids))
@@ -183,6 +192,50 @@ def test_block_reroute_and_renorm(family):
         full = hit.sum(-1) < hit.shape[-1]  # tokens that keep at least one expert
         torch.testing.assert_close(renorm_w.float().sum(-1)[full], clean_sum[full], atol=1e-5, rtol=1e-5)
     handle.detach()
+
+
+@torch.no_grad()
+def test_hash_routing():
+    """DeepSeek-V4's hash layer: indices are the token-id table's, weights the renormalised scores there;
+    reroute is refused with a clear error, zero blocking equals zeroed weights."""
+    model = tiny_model("deepseek_v4")
+    ids = _ids()
+    layout = nnsight_moe.layout(model)
+    info = layout.layer(0)
+    assert info.routing._kind == "hash" and layout.layer(1).routing._kind == "topk"
+    with nnsight_moe.attached(model) as handle:
+        values = capture_hooks(handle, lambda: model(ids))
+    table = model.get_submodule(info.router).tid2eid
+    assert torch.equal(values[f"{info.path}.hook_topk_indices"], table[ids])
+    with pytest.raises(ValueError, match="layer 0 is hash-routed .* mode='reroute' has no meaning"):
+        with nnsight_moe.block_experts(model, {0: [1]}, mode="reroute"):
+            pass
+    with pytest.raises(ValueError, match="hash-routed layer chooses its experts by token id"):
+        info.routing.select(values[f"{info.path}.hook_router_scores"])
+
+
+@torch.no_grad()
+def test_identity_experts():
+    """LongCat-Flash's zero-compute experts (ids 8, 9 of 10): their slots' output is the token itself and
+    their acts 0; blocking them (zero) removes exactly weight * token from the routed sum."""
+    model = tiny_model("longcat_flash")
+    ids = _ids()
+    layout = nnsight_moe.layout(model)
+    info = layout.layer(0)
+    blocks = capture_blocks(model, layout, lambda: model(ids))
+    with nnsight_moe.attached(model) as handle:
+        clean = capture_hooks(handle, lambda: model(ids))
+        with nnsight_moe.block_experts(model, {0: [8, 9]}, mode="zero"):
+            blocked = capture_hooks(handle, lambda: model(ids))
+    get = lambda values, name: values[f"{info.path}.{name}"]  # noqa: E731
+    x = blocks[0][0].reshape(*ids.shape, -1)
+    identity = get(clean, "hook_topk_indices") >= 8
+    assert identity.any() and not identity.all(), "the tiny model picks identity experts sometimes"
+    torch.testing.assert_close(get(clean, "hook_expert_out")[identity], x[..., None, :].expand(-1, -1, 2, -1)[identity])
+    assert not get(clean, "hook_expert_acts")[identity].any()
+    dropped = (get(clean, "hook_topk_weights") * identity)[..., None] * x[..., None, :]
+    torch.testing.assert_close(get(blocked, "hook_routed_out"), get(clean, "hook_routed_out") - dropped.sum(-2),
+                               atol=ATOL, rtol=0)
 
 
 @torch.no_grad()

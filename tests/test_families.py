@@ -19,10 +19,8 @@ ADDED = ["aria", "axk1", "beam", "deepseek_ocr2", "dots3_note", "glm4v_moe", "gl
          "mistral4", "mistral_large4", "openai_privacy_filter", "qwen3_vl_moe", "sarvam_mla", "sarvam_moe", "step3p7",
          "unlimited_ocr"]
 #: Families whose router keeps bf16 arithmetic (mistral4, lfm2_moe) or casts weights to the hidden states'
-#: dtype (lara_mini): the contract's float32 weights differ from the model's by bf16 rounding; and
-#: openai_privacy_filter, whose own experts forward upcasts to float32 on a bf16 model while the
-#: "nnsight_moe" experts implementation computes in the input dtype.
-BF16_ROUNDED = {"lara_mini", "lfm2_moe", "mistral4", "openai_privacy_filter"}
+#: dtype (lara_mini): the contract's float32 weights differ from the model's by bf16 rounding.
+BF16_ROUNDED = {"lara_mini", "lfm2_moe", "mistral4"}
 
 
 def test_every_moe_package_is_supported_excluded_or_listed():
