@@ -46,7 +46,7 @@ def capture_blocks(model: nn.Module, layout: MoELayout, fn):
     """Inputs and outputs of every MoE block of an UNATTACHED model: {layer: (input, output)}.
 
     For a shared expert beside the block (``shared_outside``, Granite) the output is what the decoder
-    layer computes from both, ``block output + shared output``."""
+    layer computes from both, ``block output + shared output``.
 
     The input is the block's, except where the decoder layer is the block (Gemma-4): there it is the
     experts' input (a normalised copy of the layer's input); the output is the MoE output (``layout.moe_out`` when
