@@ -305,6 +305,7 @@ RECIPE_SECTIONS: list[tuple[str, str, str]] = [
     ("attribution", "nnsight_moe.recipes.attribution", "section"),
     ("blocking", "nnsight_moe.recipes.blocking", "section"),
     ("head_expert", "nnsight_moe.recipes.head_expert", "section"),
+    ("recovery", "nnsight_moe.recipes.recovery", "section"),
 ]
 
 
@@ -314,6 +315,7 @@ _STEP_TEXT = {
     "attribution": "LPI of every layer, head, expert and neuron on the sampled facts",
     "blocking": "rank experts, block the top ones vs random baselines per relation, then shared/routed configurations",
     "head_expert": "head-expert correlation, then suppressing the top heads vs random heads",
+    "recovery": "validation on the planted model: do attribution and blocking find its planted experts?",
 }
 
 
