@@ -3,7 +3,9 @@
 Sections, each skipped with a note when it does not apply (e.g. a dense model has no experts):
 
 * ``baseline``: MRR / HIT@10 of the target per relation, and the expert load per MoE layer;
-* the recipes in :data:`RECIPE_SECTIONS` (attribution, blocking, head-expert correlation).
+* the recipes in :data:`RECIPE_SECTIONS` (attribution, blocking, head-expert correlation, recovery on
+  the planted model);
+* ``claims``: which of the study's qualitative claims this run reproduces (:mod:`nnsight_moe.recipes.claims`).
 
 Resume: the job keeps its finished work under ``<out>/.nnsight-moe-resume/``: each finished section,
 the stages a section marks with :meth:`Job.stage` (the expert ranking of the blocking sweep, the
@@ -561,6 +563,9 @@ def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = 
     n_steps = 1 + len(RECIPE_SECTIONS)
     sections = [_step(1, n_steps, "baseline", job, lambda j: _checkpointed(j, "baseline", lambda: baseline_section(j))),
                 *_recipe_sections(job)]
+    from nnsight_moe.recipes import claims
+
+    sections.append(claims.section(sections))  # what this run reproduces of the study's claims, from the above
     job.predictions()  # cached; recomputed once when every section using it was resumed
     header["data"]["selection"] = job.selection()
     header["data"]["skipped_per_relation"] = encoded.skipped_per_relation()

@@ -185,3 +185,36 @@ def test_depth_matched_binning():
     with pytest.raises(ValueError, match="bins"):
         efficiency.depth_matched([], bins=0)
     assert math.isclose(efficiency._binned(np.array([2.0]), 2).sum(), 2.0)
+
+
+def test_dense_option_names_a_bad_model(tmp_path):
+    """run_job(dense=...) checks the dense model's name before any compute, naming it."""
+    from nnsight_moe.job import run_job
+
+    with pytest.raises(ValueError, match="/nonexistent/dense-model"):
+        run_job("demo-moe", out=tmp_path, dense="/nonexistent/dense-model", quick=True)
+
+
+def test_claims_verdicts_follow_their_rules():
+    """claims.assess: each verdict follows its stated rule; missing sections read 'not measured'."""
+    from nnsight_moe.recipes import claims
+
+    data = {
+        "attribution": {"efficiency": {"ratios": {"FFN gain / L": 0.99, "FFN share": 0.99,
+                                                  "depth ratio (L_dense / L_moe)": 1.0},
+                                       "profile": [{"moe / total": v} for v in (0.3, 0.2, 0.05, 0.01, 0.0, 0.0)],
+                                       "telescoping": {"p_by_layer_mean": [0.0, 0.2, 0.7, 0.9, 0.95, 0.99, 1.0]}}},
+        "blocking": {"split": True,
+                     "configurations": {"rows": [{"relation": "all", "configuration": "shared + top-2 (default)", "mrr": 1.0},
+                                                 {"relation": "all", "configuration": "shared ablation (routed top-2 only)",
+                                                  "mrr": 0.9}]},
+                     "significance": [{"relation": "a", "n": 10, "uniform_p_signflip": 0.01},
+                                      {"relation": "b", "n": 10, "uniform_p_signflip": 0.5},
+                                      {"relation": "all", "n": 10, "uniform_p_signflip": 0.001},
+                                      {"relation": "a", "n": 1, "uniform_p_signflip": 0.9}]},
+        "head_expert": {"correlation": {"summary_r": -0.6, "summary_p": 0.001}},
+    }
+    verdicts = [row["verdict"] for row in claims.assess(data)]
+    assert verdicts == ["inconclusive (within 5%)", "not reproduced", "reproduced", "not reproduced", "reproduced"]
+    assert "p(target) entering the last third 0.950" in claims.assess(data)[1]["measured"]
+    assert [row["verdict"] for row in claims.assess({})] == ["not measured"] * 5
