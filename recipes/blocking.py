@@ -3,9 +3,9 @@
     from nnsight_moe.recipes import blocking
     ranking = blocking.rank_experts(model, relations, tokenizer=tok, by="frequency")
     result = blocking.sweep(model, relations, tokenizer=tok, ranking=ranking, top_n=(1, 5, 10))
-    result.table()          # relation: original -> top-1 / top-5 / top-10 (the study's Table 5)
+    result.table()          # relation: original -> top-1 / top-5 / top-10 (Table-5 layout, our reconstruction)
     result.plot()           # MRR vs N, top-ranked vs random baselines (mean +- std over seeds)
-    configs = blocking.configurations(model, relations, tokenizer=tok)   # the study's Table 2
+    configs = blocking.configurations(model, relations, tokenizer=tok)   # Table-2 layout (our reconstruction)
 
 **Datasets.** Every entry point takes ``dataset`` as one of
 
@@ -817,7 +817,7 @@ class BlockingResult(_Result):
         return out.join(grouped.size().rename("count"))
 
     def table(self, metric: str = "mrr", mode: str | None = None, kind: str = "top"):
-        """The study's Table 5: index relation, columns ``original`` and ``top-N`` (after blocking).
+        """Table-5 layout (our reconstruction): index relation, columns ``original`` and ``top-N`` (after blocking).
 
         ``kind="uniform"`` / ``"matched"`` gives the random baselines' means instead.
         """
@@ -928,7 +928,7 @@ def configurations(
     progress: bool = True,
     renorm: bool = False,
 ) -> ConfigurationResult:
-    """Shared vs routed experts (the study's Table 2): MRR / HIT@k per relation under each configuration.
+    """Shared vs routed experts (Table-2 layout; our reconstruction): MRR / HIT@k per relation per configuration.
 
     With shared experts: routed top-1 only (shared off), routed top-2 only, shared only, shared + top-1,
     shared + top-2, shared + default k (the unmodified model) and shared ablation (routing unchanged).
@@ -1001,7 +1001,7 @@ class ConfigurationResult(_Result):
     type = "blocking_configurations"
 
     def table(self, metric: str = "mrr"):
-        """Index relation, one column per configuration (the study's Table 2 layout)."""
+        """Index relation, one column per configuration (the study's Table-2 layout; definitions ours)."""
         frame = self.to_frame()
         table = frame.pivot(index="relation", columns="configuration", values=_metric(metric))
         return table.reindex(index=list(self.original), columns=self.meta["configurations"])

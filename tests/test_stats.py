@@ -218,3 +218,20 @@ def test_claims_verdicts_follow_their_rules():
     assert verdicts == ["inconclusive (within 5%)", "not reproduced", "reproduced", "not reproduced", "reproduced"]
     assert "p(target) entering the last third 0.950" in claims.assess(data)[1]["measured"]
     assert [row["verdict"] for row in claims.assess({})] == ["not measured"] * 5
+
+
+def test_dense_model_must_tokenize_like_the_moe():
+    """attribution._dense_model loads a dense model by path and refuses one whose tokenizer differs."""
+    from types import SimpleNamespace
+
+    from nnsight_moe import demo
+    from nnsight_moe.demo import planted
+    from nnsight_moe.recipes import attribution
+
+    tok = demo.load_tokenizer("demo-moe")
+    sample = SimpleNamespace(prompts=["The capital of France is"])
+    model, dense_tok = attribution._dense_model(str(demo.path("demo-dense")), None, tok, sample)
+    assert model.config.model_type == "llama" and dense_tok("x")["input_ids"] == tok("x")["input_ids"]
+    _, other = planted.load()
+    with pytest.raises(ValueError, match="encodes the prompts differently.*prompt 0"):
+        attribution._dense_model("demo-dense", None, other, sample)
