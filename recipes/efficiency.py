@@ -131,23 +131,17 @@ def telescoping(model: Any, prompts: Sequence, targets: Sequence[int], *, tokeni
     Returns ``{"logp_by_layer": [P, L+1] list, "p_by_layer_mean": [L+1], "logp_h0_mean", "logp_final_mean",
     "ln_V", "max identity error" (with result), "saturation holds" (with result)}``.
     """
-    import nnsight_moe
-    from nnsight_moe.recipes import attribution
-    from nnsight_moe.recipes.prompts import encode_prompts, model_tokenizer
+    import functools
 
-    tokenizer = model_tokenizer(model, tokenizer)
+    import nnsight_moe
+    from nnsight_moe.recipes import attribution, runner
+
     hf = nnsight_moe.hf_model(model)
     parts = attribution._parts(hf)
-    device = next(hf.parameters()).device
-    rows = []
-    for start in range(0, len(prompts), batch_size):
-        batch = encode_prompts(tokenizer, list(prompts[start : start + batch_size]), device)
-        got = attribution.capture(hf, batch, parts)
-        tgt = torch.tensor(list(targets[start : start + batch_size]), device=got["logits"].device)
-        ro = attribution.readout(parts, got, tgt)
-        states = torch.cat([got["resid_pre"], got["final"][None]])  # [L+1, P, D]: h^0 .. h^L
-        ar = torch.arange(states.shape[1], device=states.device)
-        rows.append(torch.stack([ro.logprob(s, ar) for s in states], dim=1).double().cpu())  # [P, L+1]
+    if len(targets) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(targets)} targets")
+    rows = runner.run(hf, list(prompts), functools.partial(_logp_by_layer, parts), tokenizer=tokenizer,
+                      batch_size=batch_size, per_prompt={"target": torch.tensor(list(targets))}, progress=False)
     logp = torch.cat(rows)
     vocab = hf.get_output_embeddings().weight.shape[0]
     out = {"logp_by_layer": logp.tolist(), "p_by_layer_mean": logp.exp().mean(0).tolist(),
@@ -161,6 +155,17 @@ def telescoping(model: Any, prompts: Sequence, targets: Sequence[int], *, tokeni
         out["total gain mean"] = float(sums.mean())
         out["saturation holds"] = bool((sums <= -logp[:, 0] + 1e-4).all())
     return out
+
+
+def _logp_by_layer(parts, hf, batch) -> torch.Tensor:
+    """[b, L+1] log p(target | h^l) of the frozen readout for l = 0..L (one capture; runner batch)."""
+    from nnsight_moe.recipes import attribution, runner
+
+    got = attribution.capture(hf, runner.inputs(batch), parts)
+    ro = attribution.readout(parts, got, batch["target"].to(got["logits"].device))
+    states = torch.cat([got["resid_pre"], got["final"][None]])  # [L+1, P, D]: h^0 .. h^L
+    ar = torch.arange(states.shape[1], device=states.device)
+    return torch.stack([ro.logprob(s, ar) for s in states], dim=1).double().cpu()
 
 
 def section_parts(results: Sequence, telescope: dict | None = None) -> tuple[dict, dict, str]:
