@@ -107,10 +107,16 @@ def inspect(model: str) -> None:
 @click.option("--only-correct", is_flag=True, help="Run the recipes only on facts the model answers correctly.")
 @click.option("--fresh", is_flag=True,
               help="Discard the finished work an interrupted run kept in --out, and start over (default: resume).")
+@click.option("--dense", default=None,
+              help="A dense model (name or directory, as --model) for the MoE-vs-dense attribution comparison "
+                   "[default: demo-dense for demo-moe, else none].")
+@click.option("--in-sample", is_flag=True,
+              help="Blocking: rank experts and evaluate on the same facts (default: rank on half of each "
+                   "relation's subjects, evaluate on the other half).")
 @click.option("--allow-http", is_flag=True,
               help="Allow --remote http://HOST to a host other than this machine (the API key travels unencrypted).")
 def run(model, data, out, remote, device, dtype, threads, batch_size, per_relation, quick, target, only_correct,
-        fresh, allow_http) -> None:
+        fresh, dense, in_sample, allow_http) -> None:
     """Run the main job: every recipe on a model and relations; writes results.json and report.html."""
     from nnsight_moe.models import check_model_name
 
@@ -123,12 +129,15 @@ def run(model, data, out, remote, device, dtype, threads, batch_size, per_relati
             os.environ[ALLOW_HTTP_ENV] = "1"
         _or_fail(lambda: _check_remote(_remote(remote)))
     _or_fail(lambda: check_model_name(model))  # before torch is imported: a bad name fails at once
+    if dense is not None:
+        _or_fail(lambda: check_model_name(dense))
     from nnsight_moe.job import check_out_dir, run_job
 
     _or_fail(lambda: check_out_dir(out))
     _or_fail(lambda: run_job(model, data, out, remote=_remote(remote), device=device, dtype=dtype,
                              batch_size=batch_size, quick=quick, max_per_relation=per_relation,
-                             target=target, only_correct=only_correct, fresh=fresh, threads=threads))
+                             target=target, only_correct=only_correct, fresh=fresh, threads=threads,
+                             split=not in_sample, dense=dense))
 
 
 @main.command()

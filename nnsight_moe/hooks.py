@@ -65,7 +65,8 @@ class BlockState:
     * ``zero``: bool [E] (or [batch, E], one row per batch row), experts whose gate weight is set to 0;
     * ``renorm``: after zeroing, rescale the remaining weights to the original per-token sum;
     * ``exclude``: bool [E] or [batch, E], experts removed before selection (``reroute``);
-    * ``keep_top``: keep only the n largest routed gate weights per token (0 = routed experts off);
+    * ``keep_top``: keep only the n largest routed gate weights per token (0 = routed experts off;
+      ``keep_top_renorm``: rescale the kept ones to the original per-token sum);
     * ``shared_scale``: multiplies the shared expert gate (0 = shared expert ablated);
     * ``steer``: active :mod:`nnsight_moe.steering` plans: router-logit edits before ``hook_router_logits``
       fires, gate scaling after blocking.
@@ -86,6 +87,7 @@ class BlockState:
         self.renorm = False
         self.exclude: Tensor | None = None
         self.keep_top: int | None = None
+        self.keep_top_renorm = False  # keep_top: rescale the kept weights to the original sum
         self.shared_scale: float | None = None
         self.steer: list = []  # active nnsight_moe.steering plans: .logits(state, logits), .weights(state, i, w)
         self._lock = threading.Lock()
@@ -126,7 +128,7 @@ class BlockState:
         for steering in self.steer:
             weights = steering.weights(self, indices, weights)
         if self.keep_top is not None:
-            weights = keep_top_weights(weights, self.keep_top)
+            weights = keep_top_weights(weights, self.keep_top, self.keep_top_renorm)
         return weights
 
 

@@ -111,11 +111,13 @@ def block_experts(
 
 @contextmanager
 def restrict_experts(
-    model: Any, top: int | None = None, *, shared: bool = True, layers: Iterable[int] | None = None
+    model: Any, top: int | None = None, *, shared: bool = True, layers: Iterable[int] | None = None,
+    renorm: bool = False,
 ) -> Iterator[AttachHandle]:
     """Keep only the ``top`` largest routed gate weights per token and/or switch shared experts off.
 
-    The kept weights are used as the model computed them (no renormalisation). Examples:
+    The kept weights are used as the model computed them (no renormalisation), or with ``renorm=True``
+    rescaled to the token's original sum of all k weights. Examples:
     ``restrict_experts(m, 0)`` = shared only; ``restrict_experts(m, 1)`` = shared + top-1;
     ``restrict_experts(m, 2, shared=False)`` = routed top-2 only; ``restrict_experts(m, shared=False)``
     = shared expert ablated, routing unchanged.
@@ -135,6 +137,7 @@ def restrict_experts(
             if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= info.top_k:
                 raise ValueError(f"top must be an integer in 0..{info.top_k} (the model's k), got {top!r}")
             fields["keep_top"] = top
+            fields["keep_top_renorm"] = bool(renorm)
         if not shared:
             if not info.has_shared:
                 raise ValueError(

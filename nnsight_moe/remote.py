@@ -473,6 +473,7 @@ def read_layer(
     edit_weights: Any = None,
     keep_top: int | None = None,
     shared: bool = True,
+    keep_top_renorm: bool = False,
 ) -> dict:
     """Read (and optionally edit) MoE layer ``layer`` inside a trace; returns ``{quantity: tensor}``.
 
@@ -491,7 +492,7 @@ def read_layer(
         edit_weights: ``fn(indices [b, p, k], weights [b, p, k]) -> weights``, applied after blocking
             (as setting ``hook_topk_weights``).
         keep_top: keep only the n largest gate weights per token (0 = routed experts off), applied last;
-            as ``restrict_experts`` does locally.
+            as ``restrict_experts`` does locally (``keep_top_renorm``: its ``renorm=True``).
         shared: ``False`` switches the shared expert off (its output is set to zero; the reported
             ``shared_gate`` is 0), as ``ablate_shared`` does locally.
     """
@@ -581,7 +582,7 @@ def read_layer(
         weights = edit_weights(indices, weights)
         edited = True
     if keep_top is not None:
-        weights = keep_top_weights(weights, keep_top)
+        weights = keep_top_weights(weights, keep_top, keep_top_renorm)
         edited = True
     if edited and in_block:  # the experts' (top_k_index, top_k_weights) arguments
         _envoy(model, info["experts"]).inputs = (

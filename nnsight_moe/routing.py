@@ -290,10 +290,18 @@ def expert_order_sum(out: torch.Tensor, weights: torch.Tensor, indices: torch.Te
     return routed
 
 
-def keep_top_weights(weights: torch.Tensor, n: int) -> torch.Tensor:
-    """Gate weights [..., k] with all but the ``n`` largest per token set to 0 (ties: first slot wins)."""
+def keep_top_weights(weights: torch.Tensor, n: int, renorm: bool = False) -> torch.Tensor:
+    """Gate weights [..., k] with all but the ``n`` largest per token set to 0 (ties: first slot wins).
+
+    ``renorm=True`` rescales the kept weights to the token's original sum of all k weights (tokens whose
+    kept weights sum to 0 keep zeros), as blocking's ``renorm`` mode does.
+    """
     rank = weights.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
-    return weights.masked_fill(rank >= n, 0.0)
+    kept = weights.masked_fill(rank >= n, 0.0)
+    if not renorm:
+        return kept
+    total, kept_sum = weights.sum(dim=-1, keepdim=True), kept.sum(dim=-1, keepdim=True)
+    return torch.where(kept_sum != 0, kept * (total / torch.where(kept_sum != 0, kept_sum, 1)), kept)
 
 
 def _mask_groups(choice: torch.Tensor, n_group: int, topk_group: int, how: str) -> torch.Tensor:

@@ -884,8 +884,10 @@ def compare(results: Sequence[AttributionResult]) -> tuple[pd.DataFrame, float |
 def section(job: Any):
     """The ``attribution`` section of the main job: all levels on the job's sample of facts.
 
-    Neurons use the fast screen (exact LPI of the top 20 per prompt and layer). On ``demo-moe`` the
-    same prompts also run on ``demo-dense`` for the Table-1 comparison and the efficiency ratio.
+    Neurons use the fast screen (exact LPI of the top 20 per prompt and layer). With a dense model
+    (``job.dense``: ``--dense``, demo-dense for demo-moe by default) the same prompts also run on it for
+    the Table-1-layout comparison and the efficiency ratio, in the three forms of
+    :mod:`nnsight_moe.recipes.efficiency` (locally also the measured telescoping identity).
     """
     from nnsight_moe.report import Section
 
@@ -894,26 +896,21 @@ def section(job: Any):
     sample = job.sample()
     options = dict(tokenizer=job.tokenizer, batch_size=job.batch_size, neurons="fast", fast_top=20, remote=remote)
     path = getattr(job, "results_path", lambda stage: None)  # remote batches kept for a resume
-    with label(f"model 1/{2 if job.name == 'demo-moe' else 1} {job.name}"):
+    dense_name = getattr(job, "dense", "demo-dense" if job.name == "demo-moe" else None)
+    with label(f"model 1/{2 if dense_name else 1} {job.name}"):
         result = attribute(model, sample.prompts, sample.targets, levels=levels, results_path=path("attribution"),
                            **options)
     result.name, result.relations = job.name, [f.relation for f in sample.facts]
     # the job chose the targets (gold or the model's own top-1) and the facts (all or only correct ones)
     result.target, result.only_correct = getattr(job, "target", "gold"), getattr(job, "only_correct", False)
     results = [result]
-    if job.name == "demo-moe":
-        from nnsight_moe import demo
-
-        dense_model, _ = demo.load("demo-dense")
-        if remote is not None:
-            from nnsight import LanguageModel
-
-            dense_model = LanguageModel(dense_model, tokenizer=job.tokenizer)
+    if dense_name:
+        dense_model, dense_tok = _dense_model(dense_name, remote, job.tokenizer, sample)
         dense_levels = [level for level in ("layer", "head", "neuron") if level in levels]
-        with label("model 2/2 demo-dense (the Table-1 comparison)"):
+        with label(f"model 2/2 {dense_name} (the Table-1 comparison)"):
             dense = attribute(dense_model, sample.prompts, sample.targets, levels=dense_levels,
-                              results_path=path("attribution-dense"), **options)
-        dense.name, dense.family = "demo-dense", "dense"
+                              results_path=path("attribution-dense"), **dict(options, tokenizer=dense_tok))
+        dense.name, dense.family = dense_name, "dense"
         dense.target, dense.only_correct = result.target, result.only_correct
         results.append(dense)
     table, ratio = compare(results)
@@ -930,8 +927,36 @@ def section(job: Any):
             f"({job.max_per_relation or 'all'} per relation)"
             + (f", computed through nnsight with remote={remote!r}." if remote else "."))
     if ratio is not None:
-        text += f" MoE-vs-dense per-layer efficiency ratio: {ratio:.3f}."
+        text += f" MoE-vs-dense per-layer efficiency ratio (FFN gain / L, the study's form): {ratio:.3f}."
+    from nnsight_moe.recipes import efficiency
+
+    telescope = None if remote is not None else efficiency.telescoping(
+        model, sample.prompts, result.targets, tokenizer=job.tokenizer, batch_size=job.batch_size, result=result)
+    honest, honest_tables, honest_text = efficiency.section_parts(results, telescope)
     data = {"table1": table.reset_index().to_dict(orient="records"), "efficiency_ratio": ratio,
-            "models": [r.to_json() for r in results]}
-    return Section("attribution", "Cross-level knowledge attribution (LPI)", text, data=data,
-                   tables={"Table 1 (study layout)": table}, figures=figures)
+            "models": [r.to_json() for r in results], "efficiency": honest}
+    return Section("attribution", "Cross-level knowledge attribution (LPI)", text + honest_text, data=data,
+                   tables={"Table-1 layout (our reconstruction of the study's aggregates)": table, **honest_tables},
+                   figures=figures)
+
+
+def _dense_model(name: str, remote: Any, tokenizer, sample):
+    """The dense comparison model and its tokenizer; its tokenizer must encode the prompts as the MoE's does."""
+    from nnsight_moe import demo
+    from nnsight_moe.models import load_model, load_traced
+
+    if name in demo.names():
+        model, tok = demo.load(name)
+        if remote is not None:
+            from nnsight import LanguageModel
+
+            model = LanguageModel(model, tokenizer=tok)
+    else:
+        model, tok = load_model(name) if remote is None else load_traced(name, remote)
+    mine, theirs = tokenizer(list(sample.prompts))["input_ids"], tok(list(sample.prompts))["input_ids"]
+    if mine != theirs:
+        bad = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
+        raise ValueError(f"--dense {name!r}: its tokenizer encodes the prompts differently from the MoE model's "
+                         f"(first: prompt {bad}, {sample.prompts[bad]!r}); the comparison needs the same tokens "
+                         "and target ids (e.g. Qwen1.5-MoE-A2.7B with Qwen1.5-7B)")
+    return model, tok
