@@ -45,30 +45,37 @@ def _affixes(tokenizer) -> tuple[list[int], int] | None:
     return found
 
 
-def encode_prompts(tokenizer, prompts: Sequence, device, vocab: int | None = None) -> dict[str, Tensor]:
+def encode_prompts(tokenizer, prompts: Sequence, device, vocab: int | None = None, *,
+                   padding_side: str | None = None, pad_id: int | None = None) -> dict[str, Tensor]:
     """``input_ids`` and ``attention_mask`` for a batch of prompts.
 
-    Strings go through ``tokenizer`` (its own padding side) with the special tokens it puts BEFORE a
-    text (BOS, [CLS]); tokens it appends (EOS, [SEP]) are left out, so the last position is the
-    prompt's last token. Lists of token ids are left-padded with 0. With ``vocab`` (the model's
-    vocabulary size) every id is checked (:func:`check_vocab`).
+    Strings go through ``tokenizer`` (its own padding side unless ``padding_side`` is given) with the
+    special tokens it puts BEFORE a text (BOS, [CLS]); tokens it appends (EOS, [SEP]) are left out, so
+    the last position is the prompt's last token. Lists of token ids are padded with ``pad_id`` (default
+    0) on ``padding_side`` (default ``"left"``). With ``vocab`` (the model's vocabulary size) every id is
+    checked (:func:`check_vocab`).
     """
+    if padding_side not in (None, "left", "right"):
+        raise ValueError(f"padding_side must be 'left', 'right' or None (the tokenizer's own), got {padding_side!r}")
     if isinstance(prompts[0], str):
         if tokenizer is None:
             raise ValueError("string prompts need a tokenizer=; or pass lists of token ids")
         affixes = _affixes(tokenizer)
+        side = padding_side or getattr(tokenizer, "padding_side", "right")
         if affixes is None or affixes[1] == 0:
-            enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
+            enc = tokenizer(list(prompts), return_tensors="pt", padding=True,
+                            **({} if padding_side is None else {"padding_side": padding_side}))
             out = {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
         else:  # the tokenizer appends EOS / [SEP]: keep only what comes before the text
             pad = getattr(tokenizer, "pad_token_id", None)
             if pad is None:
                 raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before batching")
             bodies = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-            out = _pad([affixes[0] + list(b) for b in bodies], pad, getattr(tokenizer, "padding_side", "right"))
+            out = _pad([affixes[0] + list(b) for b in bodies], pad, side)
             out = {k: v.to(device) for k, v in out.items()}
     else:
-        out = {k: v.to(device) for k, v in _pad([list(p) for p in prompts], 0, "left").items()}
+        out = {k: v.to(device) for k, v in _pad([list(p) for p in prompts], 0 if pad_id is None else pad_id,
+                                                padding_side or "left").items()}
     if vocab is not None:
         check_vocab(out["input_ids"][out["attention_mask"].bool()], vocab, "the prompts", tokenizer)
     return out
