@@ -196,10 +196,11 @@ class Estimate:
     chunk_rows: int  # most rows one chunk holds (the chunk budget's rule)
     chunk_rows_per_row: int  # contributions one prompt adds to the largest single scoring call
     seq_len: int
+    readout: int = 0  # the readout's transient before scoring (|W_U| of its self-check), not at once with a chunk
 
     def chunk(self, rows: int = 1) -> int:
-        """Bytes of the largest logits chunk for a batch of ``rows``."""
-        return self.chunk_row * min(self.chunk_rows, rows * self.chunk_rows_per_row)
+        """Bytes of the largest logits chunk for a batch of ``rows`` (or of the readout's transient)."""
+        return max(self.readout, self.chunk_row * min(self.chunk_rows, rows * self.chunk_rows_per_row))
 
     def peak(self, rows: int) -> int:
         """Estimated peak working memory of a batch of ``rows``."""
@@ -244,7 +245,7 @@ def estimate(shapes: ModelShapes, kind: str, seq_len: int, *, chunk_bytes: int =
         s.top_k * (s.d_expert + s.d_model) + 2 * s.d_shared + 2 * s.n_experts) * s.dtype_bytes
     unembed_copy = s.vocab * s.d_model * f if s.dtype_bytes != f else 0
     rows_per_chunk = max(1, chunk_bytes // (16 * s.vocab))  # attribution.lpi's chunk rule
-    chunk_row = 3 * (s.vocab + s.d_model) * f  # logits, log-softmax, state of one contribution
+    chunk_row = (2 * s.vocab + 3 * s.d_model) * f  # logits and log-softmax [V], states [D] of one contribution
     if kind in ("forward", "blocking"):
         # blocking rows: one stacked copy of a prompt each; only last-position logits are kept
         return Estimate(kind, 0, int(SAFETY * forward), 0, 1, 0, seq_len)
@@ -271,8 +272,9 @@ def estimate(shapes: ModelShapes, kind: str, seq_len: int, *, chunk_bytes: int =
         per += _row_bytes(kept) + (s.n_neurons * 3 * f if kind == "neuron-fast" else 0)
         widest = max(s.top_k * s.d_expert, s.d_shared, s.d_dense)
         calls = widest if kind == "neuron-exact" else min(widest, fast_top)
+    # the readout's self-check takes |W_U| (V x D float32) once per batch, before any chunk: at least that
     return Estimate(kind, int(SAFETY * fixed), int(SAFETY * per), int(SAFETY * chunk_row), rows_per_chunk, calls,
-                    seq_len)
+                    seq_len, int(SAFETY * s.vocab * s.d_model * f))
 
 
 # ------------------------------------------------------------------------------------------ planning

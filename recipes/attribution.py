@@ -257,6 +257,7 @@ def _keeps_logits(hf: nn.Module) -> bool:
         return False
 
 
+@torch.no_grad()
 def readout(parts: Parts, captured: dict, targets: Tensor, atol: float = 1e-3) -> Readout:
     """The frozen final projection for a batch, checked against the model's own log-probabilities.
 
@@ -318,6 +319,7 @@ def _down_columns(experts: nn.Module, expert_ids: Tensor) -> Tensor:
     return w if getattr(experts, "is_transposed", False) else w.transpose(-1, -2)
 
 
+@torch.no_grad()  # the weights require grad: without this every chunk's [rows, V] log-softmax stays saved
 def score_batch(hf: nn.Module, parts: Parts, captured: dict, ro: Readout, levels: Sequence[str],
                 handle=None, budget_bytes: int = 2 << 30, neurons: str = "exact", fast_top: int = 100) -> pd.DataFrame:
     """All requested levels for one captured batch, as rows (prompt index local to the batch)."""
