@@ -201,9 +201,13 @@ def _route(router, args, output):
     scores = _checked(state, "hook_router_scores", state.hook("hook_router_scores", raw), (b, p, n_experts))
     unedited = scores is raw and raw._version == version
     exclude = state.row_mask(state.exclude, b, scores.device)
-    indices = state.hook("hook_topk_indices", rule.select(scores, exclude))
+    selected = rule.select(scores, exclude)
+    version = selected._version
+    indices = state.hook("hook_topk_indices", selected)
     _checked(state, "hook_topk_indices", indices, (b, p, k))
-    if indices.is_floating_point() or (indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_experts)):
+    edited = indices is not selected or selected._version != version  # unedited ids are valid: no host sync
+    if edited and (indices.is_floating_point() or (
+            indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_experts))):
         raise ValueError(f"layer {state.layer.index}: hook_topk_indices must hold integer expert ids in "
                          f"0..{n_experts - 1}, got {indices.dtype} values in [{indices.min()}, {indices.max()}]")
     x = args[0] if args and isinstance(args[0], Tensor) else None  # the router's input (hidden states)
