@@ -6,7 +6,7 @@
 The estimate is arithmetic on the shapes (d_model, layers, experts, top-k, expert / shared / dense widths,
 heads, vocabulary, dtype), never a trial forward. For one batch of ``b`` prompts padded to ``T`` tokens,
 
-    peak = fixed + b * per_prompt(T) + chunk
+    peak = fixed + b * per_prompt(T) + chunk(b)       (every term x SAFETY = 1.25)
 
 * ``fixed``: what a batch allocates whatever its size: the float32 copy of the unembedding the readout
   makes for a bf16/fp16 model (V x D x 4), the float32 W_O of a layer (head level), the float32 shared /
@@ -17,14 +17,15 @@ heads, vocabulary, dtype), never a trial forward. For one batch of ``b`` prompts
   selected expert for neurons, per-head contributions, the result rows of the batch);
 * ``chunk``: the [chunk, V] float32 logits of one chunk of contributions: as many rows as the batch's
   largest scoring call has (prompts x heads, x selected experts, x neurons of the selected experts), at most
-  what ``chunk_bytes`` allows (attribution's ``budget_bytes`` rule).
+  what ``chunk_bytes`` allows (attribution's ``budget_bytes`` rule); at least the readout's |W_U| check.
 
 ``max_memory`` is the WORKING memory a recipe may use on top of the loaded model (its weights are
 already resident). Default: what the model's device has free now (``torch.cuda.mem_get_info`` on CUDA,
 ``MemAvailable`` of ``/proc/meminfo`` / psutil on CPU) minus a margin (10 % and 256 MiB). A budget that
 cannot hold even one prompt raises :class:`MemoryBudgetError` before any compute, naming the level and
 the bytes one prompt needs. The estimates are calibrated against measured peaks by
-``benchmarks/real_shapes.py`` (peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA).
+``benchmarks/real_shapes.py`` (peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA): at the true
+OLMoE / Qwen1.5-MoE widths and vocabularies the measured peak is 0.74-0.80 of the estimate.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 __all__ = ["KINDS", "MemoryBudgetError", "ModelShapes", "Plan", "budget", "choose_batch_size", "estimate",
-           "format_bytes", "free_bytes", "limit", "parse_size", "plan"]
+           "format_bytes", "free_bytes", "limit", "max_length", "parse_size", "plan"]
 
 #: What the planner sizes: attribution levels (neurons in either mode), a blocking sweep's stacked rows,
 #: or a plain capture forward (routing statistics, target ranks).
