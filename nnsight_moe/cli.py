@@ -10,6 +10,40 @@ from nnsight_moe.models import DTYPES  # torch-free, like everything this module
 DEFAULT_MODEL = "demo-moe"
 
 
+class _BatchSize(click.ParamType):
+    """A positive integer, or ``auto`` (the memory planner chooses)."""
+
+    name = "INTEGER|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = 0
+        if number < 1:
+            self.fail(f"{value!r} is neither a positive integer nor 'auto'", param, ctx)
+        return number
+
+
+class _Memory(click.ParamType):
+    """A memory size such as ``8GiB`` or ``500MB`` (:func:`nnsight_moe.memory.parse_size`), kept as bytes."""
+
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        from nnsight_moe.memory import parse_size  # torch-free
+
+        try:
+            return parse_size(value)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+BATCH_SIZE, MEMORY = _BatchSize(), _Memory()
+
+
 def _remote(value: str | None):
     """``--remote``: none (local), ``ndif`` (True), ``local`` (nnsight's simulation) or a host URL."""
     if value is None:
@@ -98,7 +132,11 @@ def inspect(model: str) -> None:
 @click.option("--dtype", default=None, type=click.Choice(DTYPES))
 @click.option("--threads", default=None, type=click.IntRange(min=1),
               help="torch CPU threads [default: $NNSIGHT_MOE_THREADS, else 1 for small models like the demos].")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default="auto", show_default=True, type=BATCH_SIZE,
+              help="Prompts per forward, or 'auto': the largest batch that fits --max-memory.")
+@click.option("--max-memory", default=None, type=MEMORY,
+              help="Working memory the job may use on top of the model, e.g. 8GiB or 500MB "
+                   "[default: the device's free memory minus a margin].")
 @click.option("--per-relation", default=24, show_default=True, type=click.IntRange(min=0),
               help="Prompts per relation for the recipes (0 = all facts); the baseline uses every fact.")
 @click.option("--quick", is_flag=True, help="8 prompts per relation and fewer seeds (smoke runs).")
@@ -115,8 +153,8 @@ def inspect(model: str) -> None:
                    "relation's subjects, evaluate on the other half).")
 @click.option("--allow-http", is_flag=True,
               help="Allow --remote http://HOST to a host other than this machine (the API key travels unencrypted).")
-def run(model, data, out, remote, device, dtype, threads, batch_size, per_relation, quick, target, only_correct,
-        fresh, dense, in_sample, allow_http) -> None:
+def run(model, data, out, remote, device, dtype, threads, batch_size, max_memory, per_relation, quick, target,
+        only_correct, fresh, dense, in_sample, allow_http) -> None:
     """Run the main job: every recipe on a model and relations; writes results.json and report.html."""
     from nnsight_moe.models import check_model_name
 
@@ -137,7 +175,7 @@ def run(model, data, out, remote, device, dtype, threads, batch_size, per_relati
     _or_fail(lambda: run_job(model, data, out, remote=_remote(remote), device=device, dtype=dtype,
                              batch_size=batch_size, quick=quick, max_per_relation=per_relation,
                              target=target, only_correct=only_correct, fresh=fresh, threads=threads,
-                             split=not in_sample, dense=dense))
+                             split=not in_sample, dense=dense, max_memory=max_memory))
 
 
 @main.command()

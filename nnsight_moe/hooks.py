@@ -32,6 +32,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
+from transformers.integrations.moe import _grouped_linear as _hf_grouped_linear
 
 from nnsight_moe.layout import LayerLayout
 from nnsight_moe.routing import expert_order_sum, keep_top_weights, zero_weights
@@ -264,9 +265,12 @@ def _route(router, args, output):
         selected = output[2].reshape(b, p, k)
     else:
         selected = rule.select(scores, exclude)
+    version = selected._version
     indices = state.hook("hook_topk_indices", selected)
     _checked(state, "hook_topk_indices", indices, (b, p, k))
-    if indices.is_floating_point() or (indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_experts)):
+    edited = indices is not selected or selected._version != version  # unedited ids are valid: no host sync
+    if edited and (indices.is_floating_point() or (
+            indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_experts))):
         raise ValueError(f"layer {state.layer.index}: hook_topk_indices must hold integer expert ids in "
                          f"0..{n_experts - 1}, got {indices.dtype} values in [{indices.min()}, {indices.max()}]")
     x = args[0] if args and isinstance(args[0], Tensor) else None  # the router's input (hidden states)
@@ -460,20 +464,28 @@ def _eager_sum(out: Tensor, weights: Tensor, indices: Tensor, dtype: torch.dtype
 
 
 
-def _sort_slots(indices: Tensor, n_experts: int) -> tuple[Tensor, Tensor, list[int]]:
-    """Slots grouped by expert: (order, its inverse permutation, slots per expert)."""
+def _sort_slots(indices: Tensor, n_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Slots grouped by expert: (order, its inverse permutation, slots per expert [E] on the device)."""
     flat = indices.reshape(-1)
     order = flat.argsort(stable=True)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    counts = torch.bincount(flat, minlength=n_experts).tolist()
+    counts = torch.bincount(flat, minlength=n_experts)
     return order, inverse, counts
 
 
-def _grouped_linear(x: Tensor, weight: Tensor, counts: list[int], transposed: bool) -> Tensor:
-    """Rows of ``x`` sorted by expert, times each expert's matrix ([E, out, in], or [E, in, out] if transposed)."""
+def _grouped_linear(x: Tensor, weight: Tensor, counts: Tensor, transposed: bool) -> Tensor:
+    """Rows of ``x`` sorted by expert, times each expert's matrix ([E, out, in], or [E, in, out] if transposed).
+
+    When ``x`` has the weights' dtype this is transformers' own grouped matmul (the kernel its default
+    ``grouped_mm`` experts implementation runs: one call for all experts, no host sync, the same bits);
+    otherwise (weights cast to the input's dtype, e.g. lara_mini) one matmul per expert.
+    """
+    if x.dtype == weight.dtype and x.shape[0]:
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        return _hf_grouped_linear(x, weight, offsets, is_transposed=transposed)
     chunks, start = [], 0
-    for e, c in enumerate(counts):
+    for e, c in enumerate(counts.tolist()):
         if c:
             w = weight[e] if transposed else weight[e].T
             chunks.append(x[start : start + c] @ w.to(x.dtype))

@@ -470,11 +470,28 @@ def check_out_dir(out: str | Path) -> Path:
     return out
 
 
+def _job_batch_size(model, tokenizer, prompts, batch_size, remote, max_memory) -> int:
+    """The job's prompts per forward: ``batch_size`` as given, or planned for ``"auto"`` (16 remotely)."""
+    from nnsight_moe import memory
+
+    if batch_size != "auto":
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+        return batch_size
+    if remote is not None:
+        return 16  # the server's memory is not known here
+    chosen = memory.plan(model, "attribution", len(prompts), memory.max_length(prompts, tokenizer), max_memory,
+                         neurons="fast", fast_top=20)
+    print(f"memory plan: {chosen}")
+    return chosen.batch_size
+
+
 def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = "results", *,
             remote: Any = None, device: str | None = None, dtype: str | None = None,
-            batch_size: int = 16, quick: bool = False, max_per_relation: int | None = 24,
+            batch_size: int | str = "auto", quick: bool = False, max_per_relation: int | None = 24,
             target: str = "gold", only_correct: bool = False, fresh: bool = False,
-            threads: int | None = None, split: bool = True, dense: str | None = None) -> dict:
+            threads: int | None = None, split: bool = True, dense: str | None = None,
+            max_memory: Any = None) -> dict:
     """Run the main job and write ``out/results.json`` and ``out/report.html``; returns the results dict.
 
     ``target``: what the recipes score, ``"gold"`` (the object's first token) or ``"prediction"`` (the
@@ -488,6 +505,9 @@ def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = 
     (False: both on the same facts, in-sample). ``dense``: a dense model (name or path, as ``model``)
     run through the attribution recipe on the same prompts for the MoE-vs-dense comparison (default:
     demo-dense when ``model`` is demo-moe, else none).
+    ``batch_size``: prompts per forward, or ``"auto"``: the largest batch whose estimated peak for the
+    heaviest section (attribution with the fast neuron screen) fits ``max_memory`` (bytes or ``"8GiB"``;
+    None: the device's free memory minus a margin; :mod:`nnsight_moe.memory`), checked before any compute.
     """
     from nnsight_moe import threads as cpu_threads
 
@@ -535,6 +555,7 @@ def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = 
         from nnsight_moe.models import check_model_name
 
         check_model_name(dense)  # a bad --dense name fails before any compute
+    requested, batch_size = batch_size, _job_batch_size(lm, tokenizer, encoded.prompts, batch_size, remote, max_memory)
     job = Job(model, lm, tokenizer, relations, encoded, remote=remote, batch_size=batch_size, quick=quick,
               max_per_relation=max_per_relation or None, target=target, only_correct=only_correct,
               split=split, dense=dense)
@@ -542,7 +563,7 @@ def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = 
     from nnsight_moe.files import digest, model_identity
 
     identity = {**model_identity(lm), "function": "nnsight_moe.job.run_job",
-                "settings": digest([remote, batch_size, quick, max_per_relation or None, target, only_correct,
+                "settings": digest([remote, requested, quick, max_per_relation or None, target, only_correct,
                                     split, dense]),
                 "job.model": model, "job.data": digest([(r.name, r.prompt_templates, r.samples) for r in relations]),
                 "job.version": __version__}
@@ -572,8 +593,11 @@ def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = 
         },
     }
     n_steps = 1 + len(RECIPE_SECTIONS)
-    sections = [_step(1, n_steps, "baseline", job, lambda j: _checkpointed(j, "baseline", lambda: baseline_section(j))),
-                *_recipe_sections(job)]
+    from nnsight_moe import memory
+
+    with memory.limit(max_memory):  # recipes planned with batch_size="auto" inside use the same budget
+        sections = [_step(1, n_steps, "baseline", job,
+                          lambda j: _checkpointed(j, "baseline", lambda: baseline_section(j))), *_recipe_sections(job)]
     from nnsight_moe.recipes import claims
 
     sections.append(claims.section(sections))  # what this run reproduces of the study's claims, from the above

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 import nnsight_moe
 from nnsight_moe.hooks import TemporaryHooks, unwrap
-from nnsight_moe.progress import bar as progress_bar, label
+from nnsight_moe.progress import batches as progress_batches, label
 from nnsight_moe.precision import activation_dtype, readout_bound, residual_bound
 from nnsight_moe.recipes.metrics import hits_of_ranks, mrr_of_ranks, target_ranks
 from nnsight_moe.recipes.prompts import encode_prompts, last_positions
@@ -264,6 +264,7 @@ def _keeps_logits(hf: nn.Module) -> bool:
         return False
 
 
+@torch.no_grad()
 def readout(parts: Parts, captured: dict, targets: Tensor, atol: float = 1e-3) -> Readout:
     """The frozen final projection for a batch, checked against the model's own log-probabilities.
 
@@ -352,6 +353,7 @@ def _down_columns(experts: nn.Module, expert_ids: Tensor) -> Tensor:
     return w if transposed else w.transpose(-1, -2)
 
 
+@torch.no_grad()  # the weights require grad: without this every chunk's [rows, V] log-softmax stays saved
 def score_batch(hf: nn.Module, parts: Parts, captured: dict, ro: Readout, levels: Sequence[str],
                 handle=None, budget_bytes: int = 2 << 30, neurons: str = "exact", fast_top: int = 100) -> pd.DataFrame:
     """All requested levels for one captured batch, as rows (prompt index local to the batch)."""
@@ -523,9 +525,10 @@ def _select(got: dict, keep: Tensor) -> dict:
 
 
 def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = None, *, tokenizer=None,
-              levels: Sequence[str] = LEVELS, remote: Any = None, batch_size: int = 16,
+              levels: Sequence[str] = LEVELS, remote: Any = None, batch_size: int | str = "auto",
               budget_bytes: int = 2 << 30, neurons: str = "exact", fast_top: int = 100,
-              progress: bool = True, results_path: Any = None, only_correct: bool = False) -> "AttributionResult":
+              progress: bool = True, results_path: Any = None, only_correct: bool = False,
+              max_memory: Any = None) -> "AttributionResult":
     """LPI attribution of every component at the last prompt position.
 
     Args:
@@ -549,6 +552,12 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
             are computed on the server and only they come back (:mod:`nnsight_moe.recipes.attribution_remote`).
         results_path: remote only: partial results file; a failed run resumes from it when rerun.
         budget_bytes: memory budget for the [chunk, vocab] logits of a chunk of contributions.
+        batch_size: prompts per forward, or ``"auto"`` (default): the largest batch (at most 16 on CPU, 64 on
+            CUDA) whose estimated peak fits ``max_memory`` (:mod:`nnsight_moe.memory`; the chunk budget then
+            shrinks to fit too). Remote runs use 16 for ``"auto"`` (the server's memory is not known here).
+        max_memory: working-memory budget on top of the loaded model for ``"auto"`` (bytes or ``"8GiB"``);
+            None: the device's free memory minus a margin. If even one prompt does not fit,
+            :class:`nnsight_moe.memory.MemoryBudgetError` is raised before any forward.
         neurons: ``"exact"`` (every neuron) or ``"fast"``: a first-order (linearised log-sum-exp) screen
             of every neuron, then exact LPI for the ``fast_top`` neurons with the largest |screen score|
             per prompt and layer (routed and shared/dense neurons screened separately); others omitted.
@@ -570,6 +579,8 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
     vocab = vocab_size(model)
     if wanted is not None:
         check_vocab(wanted, vocab, "the targets", tokenizer)
+    if remote is not None and batch_size == "auto":
+        batch_size = 16  # the server's memory is not known here
     if remote is not None:
         from nnsight_moe.recipes.attribution_remote import attribute_remote
 
@@ -584,6 +595,8 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
         layout = nnsight_moe.layout(hf)
     except nnsight_moe.UnsupportedModelError:
         layout = None
+    batch_size, budget_bytes = _planned(hf, prompts, tokenizer, levels, batch_size, budget_bytes, max_memory,
+                                        neurons, fast_top)
     device = next(hf.parameters()).device
     frames, all_targets, all_ranks, kept = [], [], [], []
 
@@ -594,7 +607,7 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
 
     context = nnsight_moe.attached(hf) if layout is not None else _null()
     with context as handle:
-        for start in progress_bar(range(0, len(prompts), batch_size), "attribution batches", disable=not progress):
+        for start in progress_batches(len(prompts), batch_size, "attribution", disable=not progress):
             batch = encode_prompts(tokenizer, prompts[start : start + batch_size], device, vocab=vocab)
             got = capture(hf, batch, parts, handle)
             tgt = (got["logits"].argmax(-1) if wanted is None
@@ -622,6 +635,19 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
     if only_correct:
         result.prompt_ids = [p for k in kept for p in k]
     return result
+
+
+def _planned(hf, prompts, tokenizer, levels, batch_size, budget_bytes, max_memory, neurons, fast_top):
+    """(batch size, chunk budget): as given, or chosen by the memory planner for ``batch_size="auto"``."""
+    from nnsight_moe import memory
+
+    if batch_size != "auto":
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+        return batch_size, budget_bytes
+    chosen = memory.plan(hf, tuple(levels), len(prompts), memory.max_length(prompts, tokenizer), max_memory,
+                         neurons=neurons, fast_top=fast_top)
+    return chosen.batch_size, min(budget_bytes, chosen.chunk_bytes)
 
 
 class _null:

@@ -158,9 +158,12 @@ class _Chunk:
 
 
 def _chunks(hf, data: _Data, indices: list[int], tokenizer, batch_size: int, padding_side: str) -> list[_Chunk]:
-    """Tokenize ``data.prompts[indices]`` once, in batches of ``batch_size`` prompts."""
+    """Tokenize ``data.prompts[indices]`` once, in batches of ``batch_size`` prompts (``"auto"``: the
+    memory planner's choice for a blocking sweep, :mod:`nnsight_moe.memory`; 16 for a remote model)."""
+    if batch_size == "auto":
+        batch_size = _auto_batch(hf, [data.prompts[i] for i in indices], tokenizer)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     device = next(hf.parameters()).device
@@ -184,6 +187,14 @@ def _chunks(hf, data: _Data, indices: list[int], tokenizer, batch_size: int, pad
         last = last_positions(mask)
         out.append(_Chunk(rows, ids.to(device), mask.to(device), last.to(device)))
     return out
+
+
+def _auto_batch(hf, prompts, tokenizer) -> int:
+    from nnsight_moe import memory
+
+    if next(hf.parameters()).device.type == "meta":  # weights on the server: its memory is not known here
+        return 16
+    return memory.plan(hf, "blocking", len(prompts), memory.max_length(prompts, tokenizer)).batch_size
 
 
 def _pad(seqs: list[list[int]], pad_id: int | None, side: str) -> tuple[Tensor, Tensor]:
@@ -242,7 +253,7 @@ def rank_experts(
     *,
     tokenizer: Any = None,
     by: str = "attribution",
-    batch_size: int = 16,
+    batch_size: int | str = "auto",
     padding_side: str = "left",
     max_per_relation: int | None = None,
     remote: Any = None,
@@ -478,7 +489,7 @@ def evaluate(
     *,
     mode: str = "zero",
     tokenizer: Any = None,
-    batch_size: int = 16,
+    batch_size: int | str = "auto",
     max_rows: int = 64,
     stacked: bool = True,
     padding_side: str = "left",
@@ -494,7 +505,7 @@ def evaluate(
             prompts are returned in dataset order.
         conditions: each a list of ``(layer, expert)`` pairs blocked together (``[]`` = no blocking).
         mode: ``"zero"``, ``"renorm"`` or ``"reroute"`` (:func:`nnsight_moe.block_experts`).
-        batch_size: prompts per tokenized batch; max_rows: most batch rows (conditions x prompts) per
+        batch_size: prompts per tokenized batch (``"auto"``: planned, :mod:`nnsight_moe.memory`); max_rows: most batch rows (conditions x prompts) per
             forward when ``stacked`` (64 suits a CPU; raise it to 512-2048 on a GPU); ``stacked=False``
             runs one condition at a time instead (with :func:`nnsight_moe.block_experts`).
         remote: run inside ``model.trace(..., remote=remote)`` on the unmodified model (``True`` for NDIF,
@@ -628,7 +639,7 @@ def sweep(
     per_relation: bool = True,
     max_per_relation: int | None = None,
     k: int = 10,
-    batch_size: int = 16,
+    batch_size: int | str = "auto",
     max_rows: int = 64,
     stacked: bool = True,
     padding_side: str = "left",
@@ -921,7 +932,7 @@ def configurations(
     tokenizer: Any = None,
     max_per_relation: int | None = None,
     k: int = 10,
-    batch_size: int = 16,
+    batch_size: int | str = "auto",
     padding_side: str = "left",
     remote: Any = None,
     results_path: Any = None,
