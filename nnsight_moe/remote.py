@@ -153,6 +153,10 @@ def moe_spec(model: Any) -> dict:
 #: whitespace removed; any other shared MLP (clamped, fused, float32 SwiGLU, ...) is read from the forward.
 _STANDARD_MLPS = ("self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))",
                   "self.down_proj(self.act_fn(self.up_proj(x)))")
+#: Whole standard forward bodies, whitespace removed. Llama 4's shared MLP (``activation_fn``, see
+#: :func:`_shared_act`) must be recomputed: its block adds the routed sum into the shared output in
+#: place, so the output read from the forward would include it.
+_STANDARD_BODIES = ("down_proj=self.activation_fn(self.gate_proj(x))*self.up_proj(x)returnself.down_proj(down_proj)",)
 
 
 def _standard_mlp(shared: torch.nn.Module) -> bool:
@@ -163,7 +167,8 @@ def _standard_mlp(shared: torch.nn.Module) -> bool:
         source = "".join(inspect.getsource(type(shared).forward).split())
     except (OSError, TypeError):
         return False
-    return any(f"return{expr}" in source or f"={expr}" in source for expr in _STANDARD_MLPS)
+    return (any(f"return{expr}" in source or f"={expr}" in source for expr in _STANDARD_MLPS)
+            or any(body in source for body in _STANDARD_BODIES))
 
 
 def _shared_act(shared: torch.nn.Module) -> str:
