@@ -289,3 +289,13 @@ def test_bad_input_gives_clear_errors():
         runner.run_batches(hf, [{"input_ids": torch.ones(1, 2)}], fn)
     with pytest.raises(ValueError, match="max_memory must be a positive number"):
         runner.choose_batch_size(hf, 4, 4, max_memory=-5)
+
+
+def test_rows_batch_a_subset_and_keep_input_indices():
+    batches = runner.make_batches(PROMPTS, batch_size=2, rows=[5, 1, 3], per_prompt={"target": torch.arange(6) * 10})
+    assert [b["rows"] for b in batches] == [[5, 1], [3]]
+    assert batches[0]["target"].tolist() == [50, 10] and batches[1]["input_ids"].tolist() == [PROMPTS[3]]
+    with pytest.raises(IndexError, match=r"rows \[6\] are out of range for 6 prompts"):
+        runner.make_batches(PROMPTS, rows=[0, 6])
+    with pytest.raises(ValueError, match="rows is empty"):
+        runner.make_batches(PROMPTS, rows=[])
