@@ -155,7 +155,8 @@ def make_batches(prompts: Sequence, *, tokenizer: Any = None, batch_size: int | 
         lengths = [len(prompts[i]) for i in order]
         empty = [i for i in order if len(prompts[i]) == 0]
         if empty:
-            raise ValueError(f"prompts {empty[:10]} have no tokens; every prompt needs at least one token id")
+            raise ValueError(f"prompts {empty[:10]} of this batch are empty (no tokens); every prompt needs at "
+                             "least one token id")
     size = _batch_size(batch_size, model, len(order), max(lengths), kind, max_memory)
     out = []
     for index, start in enumerate(range(0, len(order), size)):
@@ -165,8 +166,8 @@ def make_batches(prompts: Sequence, *, tokenizer: Any = None, batch_size: int | 
         mask = encoded["attention_mask"]
         empty = (mask.sum(-1) == 0).nonzero().reshape(-1).tolist()
         if empty:
-            raise ValueError(f"prompts {[rows[i] for i in empty]} are empty after tokenization; every prompt "
-                             "needs at least one token")
+            raise ValueError(f"prompts {[rows[i] for i in empty]} of this batch are empty (no tokens after "
+                             "tokenization); every prompt needs at least one token")
         if vocab is not None:
             check_vocab(encoded["input_ids"][mask.bool()], vocab, "the prompts", tokenizer)
         batch = {"index": index, "rows": rows, "input_ids": encoded["input_ids"].to(device),

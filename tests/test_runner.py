@@ -267,7 +267,7 @@ def test_bad_input_gives_clear_errors():
         runner.run(hf, "w5 w6", fn, tokenizer=tok)
     with pytest.raises(TypeError, match="mix strings and token-id lists"):
         runner.run(hf, ["w5 w6", [5, 6]], fn, tokenizer=tok)
-    with pytest.raises(ValueError, match=r"prompts \[1\] have no tokens"):
+    with pytest.raises(ValueError, match=r"prompts \[1\] of this batch are empty \(no tokens\)"):
         runner.run(hf, [[5], []], fn)
     with pytest.raises(TypeError, match="prompt 1 is neither"):
         runner.run(hf, [[5], [1.5, 2.0]], fn)
