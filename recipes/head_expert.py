@@ -43,9 +43,9 @@ from torch import nn
 
 import nnsight_moe
 from nnsight_moe.hooks import TemporaryHooks
-from nnsight_moe.progress import bar as progress_bar
 from nnsight_moe.recipes.metrics import checked_ranks, mrr, mrr_of_ranks
-from nnsight_moe.recipes.prompts import encode_prompts, last_positions, model_tokenizer
+from nnsight_moe.recipes import runner
+from nnsight_moe.recipes.prompts import last_positions, model_tokenizer
 from nnsight_moe.remote import _envoy as _remote_envoy
 from nnsight_moe.routing import rule_scores as _remote_scores
 
@@ -294,51 +294,45 @@ def _signals(model, prompts, targets, tokenizer, signal: str, batch_size: int, r
 
 @torch.no_grad()
 def _router_probs(model, prompts, tokenizer, batch_size, remote: Any = None) -> np.ndarray:
-    """Router scores of every expert at the last non-pad position, [P, L', E]."""
+    """Router scores of every expert at the last non-pad position, [P, L', E] (hooks, or the remote view)."""
+    options = dict(tokenizer=tokenizer, batch_size=batch_size, remote=remote, progress=False)
     if remote is not None:
-        return _router_probs_remote(model, prompts, tokenizer, batch_size, remote)
+        from nnsight_moe.remote import MoEView
+
+        return torch.cat(runner.run(model, prompts, functools.partial(_router_probs_in_trace, MoEView(model)),
+                                    **options)).numpy()
     hf = nnsight_moe.hf_model(model)
-    out = []
     with nnsight_moe.attached(hf) as handle:
-        layers = handle.layout.moe_layers
-        for start in range(0, len(prompts), batch_size):
-            batch = _batch(tokenizer, prompts[start : start + batch_size], hf)
-            seen = {}
-            with TemporaryHooks() as added:  # removes ours only: hooks the user added stay
-                for i in layers:
-                    added.add(handle.block(i).hook_router_scores, lambda s, hook, i=i: seen.__setitem__(i, s))
-                hf(**batch)
-            last = last_positions(batch["attention_mask"])
-            rows = torch.arange(len(last))
-            out.append(torch.stack([seen[i][rows, last] for i in layers], dim=1).float().cpu())
-    return torch.cat(out).numpy()
+        return torch.cat(runner.run(hf, prompts, functools.partial(_router_probs_local, handle), **options)).numpy()
 
 
-def _router_probs_remote(model, prompts, tokenizer, batch_size, remote) -> np.ndarray:
-    """:func:`_router_probs` inside ``model.trace(..., remote=remote)`` through the MoE view."""
-    from nnsight_moe.remote import MoEView, run_batches
+def _router_probs_local(handle, model, batch):
+    """Router scores [b, L', E] at the last positions, from the attached hooks (runner function)."""
+    layers = handle.layout.moe_layers
+    seen = {}
+    with TemporaryHooks() as added:  # removes ours only: hooks the user added stay
+        for i in layers:
+            added.add(handle.block(i).hook_router_scores, lambda s, hook, i=i: seen.__setitem__(i, s))
+        model(**runner.inputs(batch))
+    rows = torch.arange(len(batch["rows"]))
+    return torch.stack([seen[i][rows, batch["last"]] for i in layers], dim=1).float()
 
-    batches = [encode_prompts(tokenizer, prompts[start : start + batch_size], "cpu")
-               for start in range(0, len(prompts), batch_size)]
-    extras = [{"last": last_positions(batch["attention_mask"])} for batch in batches]
-    results = run_batches(model, batches, functools.partial(_router_probs_in_trace, MoEView(model)), extras=extras,
-                          remote=remote, progress=False)
-    return torch.cat(results).numpy()
 
-
-def _router_probs_in_trace(view, model, batch, extra):
+def _router_probs_in_trace(view, model, batch):
     """Router scores [b, L', E] at the last positions; runs inside the trace (on the server)."""
-    last = extra["last"]
+    last = batch["last"]
     rows = torch.arange(last.shape[0])
     scores = [view.layer(i, want=("router_scores",))["router_scores"][rows, last] for i in view.moe_layers]
     return torch.stack(scores, dim=1).float()
 
 
 def _batch(tokenizer, prompts, hf) -> dict:
-    """Model inputs for ``prompts`` on ``hf``'s device."""
+    """Model inputs of ``prompts`` as one batch on ``hf``'s device."""
     from nnsight_moe.recipes.prompts import vocab_size
 
-    return encode_prompts(tokenizer, prompts, next(hf.parameters()).device, vocab=vocab_size(hf))
+    batch, = runner.make_batches(prompts, tokenizer=tokenizer, batch_size=len(prompts), device=runner.model_device(hf),
+                                 vocab=vocab_size(hf))
+    return runner.inputs(batch)
 
 
 def correlate(model: Any, dataset: Any, *, tokenizer=None, signal: str = "attribution", top_k: int = 5,
@@ -507,6 +501,35 @@ def _conditions(correlation: HeadExpertResult, head_layers: Sequence[int], n_hea
     return top_heads, correlated, conditions
 
 
+def _causal_batch(handle, conditions, correlated, hf, batch) -> dict:
+    """One batch of the local causal checks (runner function): last-position logits of the clean run and,
+    per condition, of the suppressed and patched runs, and the router-score changes at the last position."""
+    inputs = runner.inputs(batch)
+    clean, clean_routing = _run(hf, handle, inputs, capture=True)
+    out = {"clean": clean, "suppressed": [], "patched": [], "d_corr": [], "d_sel": []}
+    last = batch["last"]
+    rows_idx = torch.arange(len(last))
+    for _, _, heads in conditions:
+        with suppress_heads(hf, heads):
+            logits, routing = _run(hf, handle, inputs, capture=True)
+            patch = {i: {n: clean_routing[i][n] for n in ("hook_topk_indices", "hook_topk_weights")}
+                     for i in handle.layout.moe_layers}
+            patched, _ = _run(hf, handle, inputs, patch=patch)
+        d_corr, d_sel = [], []
+        for layer, expert in correlated:
+            before = clean_routing[layer]["hook_router_scores"][rows_idx, last, expert]
+            after = routing[layer]["hook_router_scores"][rows_idx, last, expert]
+            d_corr.append((after - before).float())
+        for layer in handle.layout.moe_layers:
+            chosen = clean_routing[layer]["hook_topk_indices"][rows_idx, last]
+            before = clean_routing[layer]["hook_router_scores"][rows_idx, last].gather(-1, chosen)
+            after = routing[layer]["hook_router_scores"][rows_idx, last].gather(-1, chosen)
+            d_sel.append((after - before).float().reshape(-1))
+        out["suppressed"].append(logits), out["patched"].append(patched)
+        out["d_corr"].append(d_corr), out["d_sel"].append(d_sel)
+    return out
+
+
 def _causal_row(condition: str, s: int, m_clean: float, m_supp: float, m_patch: float,
                 d_corr: list, d_sel: list) -> dict:
     """One row of :class:`CausalResult` from the three MRRs and the router-probability changes."""
@@ -556,39 +579,18 @@ def causal(model: Any, dataset: Any, *, tokenizer=None, correlation: HeadExpertR
     top_heads, correlated, conditions = _conditions(correlation, sorted(attention), n_heads, k_heads, seeds, seed)
     targets_t = torch.as_tensor(targets)
     rows = []
-    with nnsight_moe.attached(hf) as handle:
-        clean_logits, clean_batches = [], []
-        for start in range(0, len(prompts), batch_size):
-            batch = _batch(tokenizer, prompts[start : start + batch_size], hf)
-            logits, routing = _run(hf, handle, batch, capture=True)
-            clean_logits.append(logits.cpu())
-            clean_batches.append((batch, routing))
-        clean_logits = torch.cat(clean_logits)
-        bar = progress_bar(conditions, f"head suppression: {len(conditions)} conditions (top-K, then random seeds)")
-        for condition, s, heads in bar:
-            bar.set_postfix_str(condition if condition == "top-K heads" else f"{condition} seed {s}")
-            supp_logits, patched_logits, d_corr, d_sel = [], [], [], []
-            for batch, clean_routing in clean_batches:
-                last = last_positions(batch["attention_mask"])
-                rows_idx = torch.arange(len(last))
-                with suppress_heads(hf, heads):
-                    logits, routing = _run(hf, handle, batch, capture=True)
-                    patch = {i: {n: clean_routing[i][n] for n in ("hook_topk_indices", "hook_topk_weights")}
-                             for i in layout.moe_layers}
-                    patched, _ = _run(hf, handle, batch, patch=patch)
-                supp_logits.append(logits.cpu())
-                patched_logits.append(patched.cpu())
-                for layer, expert in correlated:
-                    before = clean_routing[layer]["hook_router_scores"][rows_idx, last, expert]
-                    after = routing[layer]["hook_router_scores"][rows_idx, last, expert]
-                    d_corr.append((after - before).float().cpu())
-                for layer in layout.moe_layers:
-                    chosen = clean_routing[layer]["hook_topk_indices"][rows_idx, last]
-                    before = clean_routing[layer]["hook_router_scores"][rows_idx, last].gather(-1, chosen)
-                    after = routing[layer]["hook_router_scores"][rows_idx, last].gather(-1, chosen)
-                    d_sel.append((after - before).float().reshape(-1).cpu())
-            rows.append(_causal_row(condition, s, mrr(clean_logits, targets_t), mrr(torch.cat(supp_logits), targets_t),
-                                    mrr(torch.cat(patched_logits), targets_t), d_corr, d_sel))
+    with nnsight_moe.attached(hf) as handle:  # per batch: the clean run, then every condition's two runs
+        results = runner.run(hf, prompts, functools.partial(_causal_batch, handle, conditions, correlated),
+                             tokenizer=tokenizer, batch_size=batch_size,
+                             desc=f"head suppression: {len(conditions)} conditions (top-K, then random seeds)")
+    clean_logits = torch.cat([r["clean"] for r in results])
+    for c, (condition, s, _) in enumerate(conditions):
+        supp_logits = torch.cat([r["suppressed"][c] for r in results])
+        patched_logits = torch.cat([r["patched"][c] for r in results])
+        d_corr = [t for r in results for t in r["d_corr"][c]]
+        d_sel = [t for r in results for t in r["d_sel"][c]]
+        rows.append(_causal_row(condition, s, mrr(clean_logits, targets_t), mrr(supp_logits, targets_t),
+                                mrr(patched_logits, targets_t), d_corr, d_sel))
     return CausalResult(pd.DataFrame(rows), [tuple(h) for h in top_heads])
 
 
@@ -604,7 +606,7 @@ def _causal_remote(model, prompts, targets, tokenizer, correlation, *, k_heads, 
     replaced by the clean rows' (what setting ``hook_topk_indices`` / ``hook_topk_weights`` does
     locally). Only target ranks, last-position router scores and the clean selection come back.
     """
-    from nnsight_moe.remote import moe_spec, run_batches
+    from nnsight_moe.remote import moe_spec
 
     hf = nnsight_moe.hf_model(model)
     layout = nnsight_moe.layout(hf)
@@ -636,15 +638,13 @@ def _causal_remote(model, prompts, targets, tokenizer, correlation, *, k_heads, 
                         "routing": info["routing"]} for index, info in spec["layers"].items()},
     }
     groups = settings["groups"]
-    batches, extras = [], []
-    for start in range(0, len(prompts), batch_size):
-        batch = encode_prompts(tokenizer, prompts[start : start + batch_size], "cpu")
-        batches.append({name: t.repeat(groups, 1) for name, t in batch.items()})
-        extras.append({"last": last_positions(batch["attention_mask"]),
-                       "target": torch.as_tensor(targets[start : start + batch_size])})
-    results = run_batches(model, batches, functools.partial(_causal_in_trace, settings), extras=extras,
-                          key=settings,  # resume fingerprint: a results file for other heads is refused
-                          remote=remote, results_path=results_path, progress=progress)
+    batches = [{**batch, "input_ids": batch["input_ids"].repeat(groups, 1),  # the row groups share one trace
+                "attention_mask": batch["attention_mask"].repeat(groups, 1)}
+               for batch in runner.make_batches(prompts, tokenizer=tokenizer, batch_size=batch_size,
+                                                per_prompt={"target": torch.as_tensor(targets)})]
+    results = runner.run_batches(model, batches, functools.partial(_causal_in_trace, settings),
+                                 key=settings,  # resume fingerprint: a results file for other heads is refused
+                                 remote=remote, results_path=results_path, progress=progress)
 
     ranks = checked_ranks(torch.cat([result["rank"] for result in results], dim=1), 0)  # [groups, P]
 
@@ -664,14 +664,14 @@ def _causal_remote(model, prompts, targets, tokenizer, correlation, *, k_heads, 
     return CausalResult(pd.DataFrame(rows), [tuple(h) for h in top_heads])
 
 
-def _causal_in_trace(settings: dict, model: Any, batch: dict, extra: dict) -> dict:
+def _causal_in_trace(settings: dict, model: Any, batch: dict) -> dict:
     """One batch of the stacked causal runs; runs inside ``model.trace`` (on the server for remote runs).
 
     Reads only envoys, torch and the remote view's trace-side functions (all shipped by source).
     Returns ``rank`` [groups, b], ``scores`` {MoE layer: [1 + C, b, E]} (router scores at the last
     position of the clean and suppressed row groups) and ``chosen`` {MoE layer: [b, k]} (clean top-k).
     """
-    last, target = extra["last"], extra["target"]
+    last, target = batch["last"], batch["target"]  # [b]: the ids and mask are [groups * b, p]
     b, groups = last.shape[0], settings["groups"]
     p = batch["input_ids"].shape[1]
     rows = torch.arange(b)
