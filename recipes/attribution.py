@@ -21,6 +21,7 @@ tensors; the scoring functions are pure tensor maths on what was captured (so th
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +33,10 @@ from torch import Tensor, nn
 
 import nnsight_moe
 from nnsight_moe.hooks import TemporaryHooks, unwrap
-from nnsight_moe.progress import bar as progress_bar, label
+from nnsight_moe.progress import label
 from nnsight_moe.precision import activation_dtype, readout_bound, residual_bound
 from nnsight_moe.recipes.metrics import hits_of_ranks, mrr_of_ranks, target_ranks
+from nnsight_moe.recipes import runner
 from nnsight_moe.recipes.prompts import encode_prompts, last_positions
 
 __all__ = ["AttributionResult", "LEVELS", "attribute", "attribute_relations", "capture", "compare", "lpi"]
@@ -541,8 +543,7 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
         layout = nnsight_moe.layout(hf)
     except nnsight_moe.UnsupportedModelError:
         layout = None
-    device = next(hf.parameters()).device
-    frames, all_targets, all_ranks, kept = [], [], [], []
+    device = runner.model_device(hf)
 
     def locate(row: int, start: int = 0):  # the first module with a non-finite output, for NonFiniteError
         from nnsight_moe.recipes.metrics import first_nonfinite
@@ -551,34 +552,45 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
 
     context = nnsight_moe.attached(hf) if layout is not None else _null()
     with context as handle:
-        for start in progress_bar(range(0, len(prompts), batch_size), "attribution batches", disable=not progress):
-            batch = encode_prompts(tokenizer, prompts[start : start + batch_size], device, vocab=vocab)
-            got = capture(hf, batch, parts, handle)
-            tgt = (got["logits"].argmax(-1) if wanted is None
-                   else torch.tensor(wanted[start : start + batch_size], device=got["logits"].device))
-            ranks = target_ranks(got["logits"], tgt, prompts=range(start, start + len(tgt)),
-                                 locate=lambda r, s=start: locate(r, s))
-            keep = torch.arange(len(tgt), device=tgt.device)
-            if only_correct:
-                keep = (ranks == 1).nonzero()[:, 0]
-                got, tgt, ranks = _select(got, keep), tgt[keep], ranks[keep]
-            if len(keep):
-                ro = readout(parts, got, tgt)
-                frame = score_batch(hf, parts, got, ro, levels, handle, budget_bytes, neurons, fast_top)
-                frame["prompt"] += sum(len(k) for k in kept)
-                frames.append(frame)
-            del got  # the batch's logits [b, V] and captured states go here: nothing of size V is kept
-            kept.append((keep + start).tolist())
-            all_targets.append(tgt.cpu())
-            all_ranks.append(ranks.cpu())
+        score = functools.partial(_attribute_batch, parts, handle, levels, budget_bytes, neurons, fast_top,
+                                  only_correct, locate)
+        results = runner.run(hf, prompts, score, tokenizer=tokenizer, batch_size=batch_size, progress=progress,
+                             per_prompt=None if wanted is None else {"target": torch.tensor(wanted)},
+                             kind="attribution", desc="attribution batches")
+    frames, kept = [], []
+    for r in results:
+        if r["frame"] is not None:
+            r["frame"]["prompt"] += len(kept)  # prompts kept by the batches before (all without only_correct)
+            frames.append(r["frame"])
+        kept += r["kept"]
+    all_targets, all_ranks = [r["targets"] for r in results], [r["ranks"] for r in results]
     frame = pd.concat(frames, ignore_index=True)[COLUMNS] if frames else pd.DataFrame(columns=COLUMNS)
     frame = check_finite_scores(frame, locate)
     result = AttributionResult(frame, torch.cat(all_targets).tolist(), torch.cat(all_ranks).tolist(),
                                n_layers=len(parts.layers), family=layout.family if layout else "dense",
                                model_type=hf.config.model_type)
     if only_correct:
-        result.prompt_ids = [p for k in kept for p in k]
+        result.prompt_ids = kept
     return result
+
+
+def _attribute_batch(parts, handle, levels, budget_bytes, neurons, fast_top, only_correct, locate, hf, batch) -> dict:
+    """One batch of local attribution (runner function): its score rows (prompt index local to the prompts
+    kept in the batch), the kept prompts' input indices, targets and ranks. Nothing of size V is returned."""
+    start = batch["rows"][0]
+    got = capture(hf, runner.inputs(batch), parts, handle)
+    tgt = got["logits"].argmax(-1) if "target" not in batch else batch["target"].to(got["logits"].device)
+    ranks = target_ranks(got["logits"], tgt, prompts=batch["rows"], locate=lambda r, s=start: locate(r, s))
+    keep = torch.arange(len(tgt), device=tgt.device)
+    if only_correct:
+        keep = (ranks == 1).nonzero()[:, 0]
+        got, tgt, ranks = _select(got, keep), tgt[keep], ranks[keep]
+    frame = None
+    if len(keep):
+        ro = readout(parts, got, tgt)
+        frame = score_batch(hf, parts, got, ro, levels, handle, budget_bytes, neurons, fast_top)
+    del got  # the batch's logits [b, V] and captured states go here: nothing of size V is kept
+    return {"frame": frame, "kept": (keep + start).tolist(), "targets": tgt, "ranks": ranks}
 
 
 class _null:
