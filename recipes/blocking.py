@@ -27,6 +27,7 @@ per-condition loop with :func:`nnsight_moe.block_experts`, for checks and benchm
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -46,8 +47,9 @@ from nnsight_moe.attach import attached, hf_model
 from nnsight_moe.hooks import TemporaryHooks
 from nnsight_moe.interventions import BLOCK_MODES, block_experts, restrict_experts
 from nnsight_moe.layout import MoELayout
+from nnsight_moe.recipes import runner
 from nnsight_moe.recipes.metrics import checked_ranks, first_nonfinite, hits_of_ranks, mrr_of_ranks, target_ranks
-from nnsight_moe.recipes.prompts import check_vocab, encode_prompts, last_positions, model_tokenizer, vocab_size
+from nnsight_moe.recipes.prompts import check_vocab, model_tokenizer, vocab_size
 
 __all__ = [
     "ALL",
@@ -147,55 +149,21 @@ def _subsample(data: _Data, n: int) -> _Data:
     return _Data([data.prompts[i] for i in keep], data.targets[keep], [data.relations[i] for i in keep])
 
 
-@dataclass
-class _Chunk:
-    """One tokenized batch of prompts: their indices in the dataset, ids, mask, last non-pad position."""
-
-    rows: list[int]
-    input_ids: Tensor
-    attention_mask: Tensor
-    last: Tensor
-
-
-def _chunks(hf, data: _Data, indices: list[int], tokenizer, batch_size: int, padding_side: str) -> list[_Chunk]:
-    """Tokenize ``data.prompts[indices]`` once, in batches of ``batch_size`` prompts."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+def _chunks(hf, data: _Data, indices: list[int], tokenizer, batch_size: int, padding_side: str) -> list[dict]:
+    """Tokenize ``data.prompts[indices]`` once, in runner batches of ``batch_size`` prompts (``rows``: dataset
+    indices; ``last``: last non-pad positions), on the model's device (the CPU for a remote model)."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    device = next(hf.parameters()).device
-    if device.type == "meta":  # an nnsight model whose weights live on the server (NDIF)
-        device = torch.device("cpu")
+    strings = isinstance(data.prompts[indices[0]], str) if indices else False
+    if strings and getattr(tokenizer, "pad_token_id", None) is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before batching")
     vocab = vocab_size(hf)
-    out = []
-    for start in range(0, len(indices), batch_size):
-        rows = indices[start : start + batch_size]
-        prompts = [data.prompts[i] for i in rows]
-        if isinstance(prompts[0], str):
-            if getattr(tokenizer, "pad_token_id", None) is None:
-                raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before batching")
-            enc = encode_prompts(tokenizer, prompts, "cpu")  # BOS kept, an appended EOS / [SEP] left out
-            ids, mask = enc["input_ids"], enc["attention_mask"]
-        else:
-            ids, mask = _pad([list(map(int, p)) for p in prompts], hf.config.get_text_config().pad_token_id,
-                             padding_side)
-        check_vocab(ids[mask.bool()], vocab, "the prompts", tokenizer)
-        check_vocab(data.targets[rows], vocab, "the targets", tokenizer)
-        last = last_positions(mask)
-        out.append(_Chunk(rows, ids.to(device), mask.to(device), last.to(device)))
-    return out
-
-
-def _pad(seqs: list[list[int]], pad_id: int | None, side: str) -> tuple[Tensor, Tensor]:
-    if any(len(s) == 0 for s in seqs):
-        raise ValueError("a prompt has no tokens; every prompt needs at least one token id")
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), 0 if pad_id is None else pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        span = slice(width - len(s), width) if side == "left" else slice(0, len(s))
-        ids[i, span], mask[i, span] = torch.tensor(s), 1
-    return ids, mask
+    chunks = runner.make_batches(data.prompts, rows=indices, tokenizer=tokenizer, batch_size=batch_size,
+                                 padding_side=None if strings else padding_side,  # strings: the tokenizer's side
+                                 pad_id=hf.config.get_text_config().pad_token_id, device=runner.model_device(hf),
+                                 vocab=vocab, model=hf, kind="blocking")
+    check_vocab(data.targets[indices], vocab, "the targets", tokenizer)
+    return chunks
 
 
 def _last_logits(hf, ids: Tensor, mask: Tensor, last: Tensor) -> Tensor:
@@ -319,7 +287,7 @@ def _routing_scores(model, layout, data, tokenizer, pairs, by, batch_size, paddi
         for i, (indices, weights) in per_layer.items():
             values = torch.ones_like(weights, dtype=torch.float64) if by == "frequency" else weights.double()
             base = column[(i, 0)]
-            for r, prompt in enumerate(chunk.rows):
+            for r, prompt in enumerate(chunk["rows"]):
                 totals[data.relations[prompt]].index_add_(0, base + indices[r].cpu(), values[r].cpu())
     return totals
 
@@ -327,22 +295,19 @@ def _routing_scores(model, layout, data, tokenizer, pairs, by, batch_size, paddi
 def _routing_local(hf, layout, chunks, by, progress) -> list[dict]:
     """Per chunk ``{layer: (indices [b, k], weights [b, k])}`` at the last positions, from attached hooks."""
     seen: dict[tuple[int, str], Tensor] = {}
-    out = []
-    with attached(hf) as handle:
-        added = TemporaryHooks()
+
+    def routing(model, chunk):
+        model(**runner.inputs(chunk), logits_to_keep=1)
+        rows = torch.arange(len(chunk["rows"]), device=chunk["last"].device)
+        return {i: tuple(seen[(i, f"hook_topk_{name}")][rows, chunk["last"]] for name in ("indices", "weights"))
+                for i in layout.moe_layers}
+
+    with attached(hf) as handle, TemporaryHooks() as added:  # removes ours only: hooks the user added stay
         for i in layout.moe_layers:
             block = handle.block(i)
             for point in (block.hook_topk_indices, block.hook_topk_weights):
                 added.add(point, lambda t, hook, i=i: seen.__setitem__((i, hook.name.rsplit(".", 1)[-1]), t))
-        try:
-            for chunk in progress_bar(chunks, f"rank experts by {by}", disable=not progress):
-                hf(input_ids=chunk.input_ids, attention_mask=chunk.attention_mask, logits_to_keep=1)
-                rows = torch.arange(len(chunk.rows), device=chunk.last.device)
-                out.append({i: tuple(seen[(i, f"hook_topk_{name}")][rows, chunk.last].cpu()
-                                     for name in ("indices", "weights")) for i in layout.moe_layers})
-        finally:
-            added.remove()  # ours only: hooks the user added stay
-    return out
+        return runner.run_batches(hf, chunks, routing, progress=progress, desc=f"rank experts by {by}")
 
 
 def _attribution_scores(model, data, tokenizer, pairs, batch_size, progress, remote=None,
@@ -412,7 +377,66 @@ def _masks(layout: MoELayout, conditions: list[list[Pair]], mode: str) -> dict[i
 
 def _locate(hf, chunk):
     """``locate(row)`` for :func:`target_ranks`: the first module with a non-finite output on that row."""
-    return lambda r: first_nonfinite(hf, input_ids=chunk.input_ids[r : r + 1], attention_mask=chunk.attention_mask[r : r + 1])
+    return lambda r: first_nonfinite(hf, **{k: v[r : r + 1] for k, v in runner.inputs(chunk).items()})
+
+
+def _ranks(hf, chunk) -> Tensor:
+    """Target ranks of ``chunk`` (a runner batch with ``target``) as the model is now (runner function)."""
+    logits = _last_logits(hf, chunk["input_ids"], chunk["attention_mask"], chunk["last"])
+    return target_ranks(logits, chunk["target"].to(logits.device), prompts=chunk["rows"], locate=_locate(hf, chunk))
+
+
+def _plan(layout: MoELayout, tasks, targets: Tensor, max_rows: int) -> tuple[list[dict], list[tuple]]:
+    """Stacked traces for ``(chunks, conditions, mode)`` tasks, and where each one's ranks go.
+
+    Per chunk of b prompts, groups of ``max_rows // b`` conditions share one forward: a runner batch
+    repeated per condition (condition-major: row ``c * b + i``) whose ``edits`` give each row its
+    condition's expert mask ``{layer: {"block": [rows, E], "mode": mode}}`` in every layer some condition
+    of the task blocks. Returns the traces and ``(task, c0, c1, start, b)`` per trace.
+    """
+    traces, places = [], []
+    for t, (chunks, conditions, mode) in enumerate(tasks):
+        if mode not in BLOCK_MODES:
+            raise ValueError(f"mode must be one of {BLOCK_MODES}, got {mode!r}")
+        masks = _masks(layout, conditions, mode)
+        start = 0
+        for chunk in chunks:
+            b = len(chunk["rows"])
+            per = max(1, max_rows // b)
+            for c0 in range(0, len(conditions), per):
+                c1 = min(c0 + per, len(conditions))
+                edits = {layer: {"block": mask[c0:c1].repeat_interleave(b, dim=0), "mode": mode}
+                         for layer, mask in masks.items()}
+                traces.append(runner.repeat({**chunk, "target": targets[chunk["rows"]]}, c1 - c0, edits=edits))
+                places.append((t, c0, c1, start, b))
+            start += b
+    return traces, places
+
+
+def _place(tasks, places, found) -> list[Tensor]:
+    """Ranks [C, P] per task from the ranks [(c1 - c0) * b] of each planned trace."""
+    out = [torch.zeros(len(conditions), sum(len(c["rows"]) for c in chunks), dtype=torch.long)
+           for chunks, conditions, _ in tasks]
+    for (t, c0, c1, start, b), ranks in zip(places, found):
+        out[t][c0:c1, start : start + b] = ranks.view(c1 - c0, b)
+    return out
+
+
+def _stacked_ranks(handle, saved, hf, trace) -> Tensor:
+    """Target ranks of one planned trace, its per-row masks set on the attached blocks (runner function)."""
+    for layer, edit in trace["edits"].items():
+        state, mode = handle.states[layer], edit["mode"]
+        rows = edit["block"]
+        previous = saved[layer][1 if mode == "reroute" else 0]
+        if previous is not None:
+            if previous.ndim != 1:
+                raise ValueError(f"layer {layer} already has a per-row mask; cannot stack conditions on it")
+            rows = rows | previous.cpu()[None, :]
+        setattr(state, "exclude" if mode == "reroute" else "zero", rows.to(trace["input_ids"].device))
+        if mode != "reroute":
+            state.renorm = mode == "renorm"
+    logits = _last_logits(hf, trace["input_ids"], trace["attention_mask"], trace["last"])
+    return target_ranks(logits, trace["target"].to(logits.device), prompts=trace["rows"])
 
 
 @torch.no_grad()
@@ -421,54 +445,28 @@ def _run(hf, layout, chunks, targets, conditions, mode, max_rows, stacked, progr
     if mode not in BLOCK_MODES:
         raise ValueError(f"mode must be one of {BLOCK_MODES}, got {mode!r}")
     masks = _masks(layout, conditions, mode)
-    n_prompts = sum(len(c.rows) for c in chunks)
-    ranks = torch.zeros(len(conditions), n_prompts, dtype=torch.long)
     if not stacked:
+        chunks = [{**chunk, "target": targets[chunk["rows"]]} for chunk in chunks]
+        ranks = []
         for c, pairs in enumerate(progress_bar(conditions, f"{mode}: conditions", disable=not progress)):
             blocked: dict[int, list[int]] = {}
             for layer, expert in pairs:
                 blocked.setdefault(layer, []).append(expert)
             with block_experts(hf, blocked, mode=mode):
-                start = 0
-                for chunk in chunks:
-                    logits = _last_logits(hf, chunk.input_ids, chunk.attention_mask, chunk.last)
-                    ranks[c, start : start + len(chunk.rows)] = target_ranks(
-                        logits, targets[chunk.rows], prompts=chunk.rows, locate=_locate(hf, chunk)).cpu()
-                    start += len(chunk.rows)
-        return ranks
-    field = "exclude" if mode == "reroute" else "zero"
+                ranks.append(torch.cat(runner.run_batches(hf, chunks, _ranks, progress=False)))
+        return torch.stack(ranks)
+    tasks = [(chunks, conditions, mode)]
+    traces, places = _plan(layout, tasks, targets, max_rows)
     with attached(hf) as handle:
         saved = {i: (s.zero, s.exclude, s.renorm) for i, s in handle.states.items()}
-        plan = []
-        start = 0
-        for chunk in chunks:
-            per = max(1, max_rows // len(chunk.rows))
-            plan += [(chunk, start, g, min(g + per, len(conditions))) for g in range(0, len(conditions), per)]
-            start += len(chunk.rows)
         try:
-            for chunk, start, c0, c1 in progress_bar(plan, f"{mode}: stacked conditions x batches",
-                                                     disable=not progress):
-                g, b = c1 - c0, len(chunk.rows)
-                for layer, mask in masks.items():
-                    state = handle.states[layer]
-                    rows = mask[c0:c1].repeat_interleave(b, dim=0)  # condition-major: row = c * b + i
-                    previous = saved[layer][1 if mode == "reroute" else 0]
-                    if previous is not None:
-                        if previous.ndim != 1:
-                            raise ValueError(f"layer {layer} already has a per-row mask; cannot stack conditions on it")
-                        rows = rows | previous.cpu()[None, :]
-                    setattr(state, field, rows.to(chunk.input_ids.device))
-                    if mode != "reroute":
-                        state.renorm = mode == "renorm"
-                logits = _last_logits(hf, chunk.input_ids.repeat(g, 1), chunk.attention_mask.repeat(g, 1),
-                                      chunk.last.repeat(g))
-                found = target_ranks(logits, targets[chunk.rows].repeat(g), prompts=list(chunk.rows) * g).cpu().view(g, b)
-                ranks[c0:c1, start : start + b] = found
+            found = runner.run_batches(hf, traces, functools.partial(_stacked_ranks, handle, saved), progress=progress,
+                                       desc=f"{mode}: stacked conditions x batches")
         finally:
             for i, (zero, exclude, renorm) in saved.items():
                 state = handle.states[i]
                 state.zero, state.exclude, state.renorm = zero, exclude, renorm
-    return ranks
+    return _place(tasks, places, found)[0]
 
 
 def evaluate(
@@ -519,34 +517,16 @@ def evaluate(
 def _run_remote(model, layout, tasks, targets, remote, max_rows, results_path, progress) -> list[Tensor]:
     """Ranks [C, P] per ``(chunks, conditions, mode)`` task, through nnsight on the unmodified model.
 
-    The same plan as the stacked local path: per chunk, groups of ``max_rows // b`` conditions share a
-    trace, each row with its condition's mask in every layer some condition of the task blocks.
+    The same plan as the stacked local path (:func:`_plan`): per chunk, groups of ``max_rows // b``
+    conditions share a trace, each row with its condition's mask in every layer some condition of the
+    task blocks.
     """
     from nnsight_moe.recipes.blocking_remote import ranks_remote
 
-    traces, places = [], []
-    for t, (chunks, conditions, mode) in enumerate(tasks):
-        if mode not in BLOCK_MODES:
-            raise ValueError(f"mode must be one of {BLOCK_MODES}, got {mode!r}")
-        masks = _masks(layout, conditions, mode)
-        start = 0
-        for chunk in chunks:
-            b = len(chunk.rows)
-            per = max(1, max_rows // b)
-            for c0 in range(0, len(conditions), per):
-                c1 = min(c0 + per, len(conditions))
-                edits = {layer: {"block": mask[c0:c1].repeat_interleave(b, dim=0), "mode": mode}
-                         for layer, mask in masks.items()}
-                traces.append((chunk, c1 - c0, edits))
-                places.append((t, c0, c1, start, b))
-            start += b
+    traces, places = _plan(layout, tasks, targets, max_rows)
     found = [checked_ranks(r, 0) for r in
-             ranks_remote(model, traces, targets, remote=remote, results_path=results_path, progress=progress)]
-    out = [torch.zeros(len(conditions), sum(len(c.rows) for c in chunks), dtype=torch.long)
-           for chunks, conditions, _ in tasks]
-    for (t, c0, c1, start, b), ranks in zip(places, found):
-        out[t][c0:c1, start : start + b] = ranks.view(c1 - c0, b)
-    return out
+             ranks_remote(model, traces, remote=remote, results_path=results_path, progress=progress)]
+    return _place(tasks, places, found)
 
 
 def _positive(value: Any, name: str) -> int:
@@ -949,9 +929,10 @@ def configurations(
         traces = []  # per configuration and chunk: the same view options in every MoE layer ({}: unmodified)
         for _, top, shared in configs:
             options = {**({} if top is None else {"keep_top": top}), **({} if shared else {"shared": False})}
-            traces += [(chunk, 1, {i: options for i in layout.moe_layers} if options else {}) for chunk in chunks]
+            traces += [{**chunk, "target": data.targets[chunk["rows"]],
+                        "edits": {i: options for i in layout.moe_layers} if options else {}} for chunk in chunks]
         found = [checked_ranks(r, 0) for r in
-                 ranks_remote(model, traces, data.targets, remote=remote, results_path=results_path, progress=progress)]
+                 ranks_remote(model, traces, remote=remote, results_path=results_path, progress=progress)]
         remote_ranks = torch.cat(found).view(len(configs), -1)  # [configs, P]: chunks cover the prompts in order
     for c, (name, top, shared) in enumerate(progress_bar(configs, "shared/routed configurations",
                                                          disable=not progress or remote is not None)):
@@ -960,10 +941,10 @@ def configurations(
         else:
             ranks = torch.zeros(len(data.prompts), dtype=torch.long)
             with restrict_experts(hf, top, shared=shared):
-                for chunk in chunks:
-                    logits = _last_logits(hf, chunk.input_ids, chunk.attention_mask, chunk.last)
-                    ranks[chunk.rows] = target_ranks(logits, data.targets[chunk.rows], prompts=chunk.rows,
-                                                     locate=_locate(hf, chunk)).cpu()
+                found = runner.run_batches(hf, [{**chunk, "target": data.targets[chunk["rows"]]} for chunk in chunks],
+                                           _ranks, progress=False)
+            for chunk, chunk_ranks in zip(chunks, found):
+                ranks[chunk["rows"]] = chunk_ranks
         parts = dict(groups, **({ALL: list(range(len(ranks)))} if len(groups) > 1 else {}))
         for rel, idx in parts.items():
             metrics = _metrics(ranks[idx], k)
