@@ -43,7 +43,7 @@ from torch import nn
 
 import nnsight_moe
 from nnsight_moe.hooks import TemporaryHooks
-from nnsight_moe.recipes.metrics import checked_ranks, mrr, mrr_of_ranks
+from nnsight_moe.recipes.metrics import checked_ranks, mrr_of_ranks, target_ranks
 from nnsight_moe.recipes import runner
 from nnsight_moe.recipes.prompts import last_positions, model_tokenizer
 from nnsight_moe.remote import _envoy as _remote_envoy
@@ -502,11 +502,15 @@ def _conditions(correlation: HeadExpertResult, head_layers: Sequence[int], n_hea
 
 
 def _causal_batch(handle, conditions, correlated, hf, batch) -> dict:
-    """One batch of the local causal checks (runner function): last-position logits of the clean run and,
-    per condition, of the suppressed and patched runs, and the router-score changes at the last position."""
+    """One batch of the local causal checks (runner function): target ranks of the clean run and, per
+    condition, of the suppressed and patched runs, and the router-score changes at the last position."""
     inputs = runner.inputs(batch)
+
+    def ranks(logits):  # [b, V] logits are reduced to ranks here: nothing of size V is kept per condition
+        return target_ranks(logits, batch["target"].to(logits.device), prompts=batch["rows"])
+
     clean, clean_routing = _run(hf, handle, inputs, capture=True)
-    out = {"clean": clean, "suppressed": [], "patched": [], "d_corr": [], "d_sel": []}
+    out = {"clean": ranks(clean), "suppressed": [], "patched": [], "d_corr": [], "d_sel": []}
     last = batch["last"]
     rows_idx = torch.arange(len(last))
     for _, _, heads in conditions:
@@ -525,7 +529,7 @@ def _causal_batch(handle, conditions, correlated, hf, batch) -> dict:
             before = clean_routing[layer]["hook_router_scores"][rows_idx, last].gather(-1, chosen)
             after = routing[layer]["hook_router_scores"][rows_idx, last].gather(-1, chosen)
             d_sel.append((after - before).float().reshape(-1))
-        out["suppressed"].append(logits), out["patched"].append(patched)
+        out["suppressed"].append(ranks(logits)), out["patched"].append(ranks(patched))
         out["d_corr"].append(d_corr), out["d_sel"].append(d_sel)
     return out
 
@@ -581,16 +585,15 @@ def causal(model: Any, dataset: Any, *, tokenizer=None, correlation: HeadExpertR
     rows = []
     with nnsight_moe.attached(hf) as handle:  # per batch: the clean run, then every condition's two runs
         results = runner.run(hf, prompts, functools.partial(_causal_batch, handle, conditions, correlated),
-                             tokenizer=tokenizer, batch_size=batch_size,
+                             tokenizer=tokenizer, batch_size=batch_size, per_prompt={"target": targets_t},
                              desc=f"head suppression: {len(conditions)} conditions (top-K, then random seeds)")
-    clean_logits = torch.cat([r["clean"] for r in results])
+    clean = mrr_of_ranks(torch.cat([r["clean"] for r in results]))
     for c, (condition, s, _) in enumerate(conditions):
-        supp_logits = torch.cat([r["suppressed"][c] for r in results])
-        patched_logits = torch.cat([r["patched"][c] for r in results])
+        suppressed = mrr_of_ranks(torch.cat([r["suppressed"][c] for r in results]))
+        patched = mrr_of_ranks(torch.cat([r["patched"][c] for r in results]))
         d_corr = [t for r in results for t in r["d_corr"][c]]
         d_sel = [t for r in results for t in r["d_sel"][c]]
-        rows.append(_causal_row(condition, s, mrr(clean_logits, targets_t), mrr(supp_logits, targets_t),
-                                mrr(patched_logits, targets_t), d_corr, d_sel))
+        rows.append(_causal_row(condition, s, clean, suppressed, patched, d_corr, d_sel))
     return CausalResult(pd.DataFrame(rows), [tuple(h) for h in top_heads])
 
 
