@@ -79,7 +79,7 @@ class BlockingResult(_Result):
         return out.join(grouped.size().rename("count"))
 
     def table(self, metric: str = "mrr", mode: str | None = None, kind: str = "top"):
-        """The study's Table 5: index relation, columns ``original`` and ``top-N`` (after blocking).
+        """Table-5 layout (our reconstruction): index relation, columns ``original`` and ``top-N`` (after blocking).
 
         ``kind="uniform"`` / ``"matched"`` gives the random baselines' means instead.
         """
@@ -167,7 +167,7 @@ class ConfigurationResult(_Result):
     type = "blocking_configurations"
 
     def table(self, metric: str = "mrr"):
-        """Index relation, one column per configuration (the study's Table 2 layout)."""
+        """Index relation, one column per configuration (the study's Table-2 layout; definitions ours)."""
         frame = self.to_frame()
         table = frame.pivot(index="relation", columns="configuration", values=_metric(metric))
         return table.reindex(index=list(self.original), columns=self.meta["configurations"])
