@@ -299,3 +299,23 @@ def test_rows_batch_a_subset_and_keep_input_indices():
         runner.make_batches(PROMPTS, rows=[0, 6])
     with pytest.raises(ValueError, match="rows is empty"):
         runner.make_batches(PROMPTS, rows=[])
+
+
+def test_recipes_take_batch_size_auto_with_the_same_numbers():
+    """batch_size="auto" reaches choose_batch_size through the runner in every recipe; numbers do not depend
+    on the batch size."""
+    from nnsight_moe.recipes import blocking, head_expert
+    from nnsight_moe.recipes.attribution import attribute
+
+    hf = tiny_model("olmoe")
+    targets = [40, 41, 42, 43, 44, 45]
+    keys = ["prompt", "layer", "level", "expert"]
+    a, b = (attribute(hf, PROMPTS, targets, levels=("layer", "expert"), batch_size=size, progress=False).to_frame()
+            .sort_values(keys, kind="stable").reset_index(drop=True) for size in (2, "auto"))
+    assert a[keys].equals(b[keys]) and (a["score"] - b["score"]).abs().max() < ATOL
+    conditions = [[], [(0, 1)], [(1, 2), (0, 3)]]
+    small = blocking.evaluate(hf, (PROMPTS, targets), conditions, batch_size=2, max_rows=4, progress=False)
+    auto = blocking.evaluate(hf, (PROMPTS, targets), conditions, batch_size="auto", progress=False)
+    assert torch.equal(small, auto)
+    probs = head_expert._router_probs(hf, PROMPTS, None, 2)
+    assert abs(probs - head_expert._router_probs(hf, PROMPTS, None, "auto")).max() < ATOL
