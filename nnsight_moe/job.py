@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from nnsight_moe.progress import bar, label
+from nnsight_moe.progress import label
 from nnsight_moe.report import Section, write
 
 __all__ = ["RECIPE_SECTIONS", "RESUME_DIR", "TARGETS", "Job", "check_out_dir", "run_job"]
@@ -153,25 +153,13 @@ class Job:
 
     @torch.no_grad()
     def _predict_local(self) -> tuple[torch.Tensor, torch.Tensor]:
-        from nnsight_moe.recipes.metrics import target_ranks
-        from nnsight_moe.recipes.prompts import encode_prompts, last_positions
+        from nnsight_moe.recipes import runner
 
-        prompts, targets = self.gold.prompts, torch.tensor(self.gold.targets)
-        device = next(self.model.parameters()).device
-        ranks, top1 = [], []
-        for start in bar(range(0, len(prompts), self.batch_size), f"target ranks of {len(prompts)} facts"):
-            batch = encode_prompts(self.tokenizer, prompts[start : start + self.batch_size], device)
-            last = last_positions(batch["attention_mask"])
-            logits = self.model(**batch, logits_to_keep=last[:, None]).logits[:, -1].float()
-            def locate(row, batch=batch):  # the first module with a non-finite output, for the error
-                from nnsight_moe.recipes.metrics import first_nonfinite
-
-                return first_nonfinite(self.model, **{k: v[row : row + 1] for k, v in batch.items()})
-
-            ranks.append(target_ranks(logits, targets[start : start + self.batch_size].to(logits.device),
-                                      prompts=range(start, start + len(logits)), locate=locate).cpu())
-            top1.append(logits.argmax(-1).cpu())
-        return torch.cat(ranks), torch.cat(top1)
+        prompts = self.gold.prompts
+        results = runner.run(self.model, prompts, _ranks_local, tokenizer=self.tokenizer, batch_size=self.batch_size,
+                             per_prompt={"target": torch.tensor(self.gold.targets)},
+                             desc=f"target ranks of {len(prompts)} facts")
+        return torch.cat([r["rank"] for r in results]), torch.cat([r["top1"] for r in results])
 
     def selection(self) -> dict:
         """What the recipes score, for results.json: target kind, only-correct, facts used per relation."""
@@ -223,38 +211,41 @@ def baseline_section(job: Job) -> Section:
     return section
 
 
+def _ranks_local(model, batch) -> dict:
+    """Target ranks and top-1 tokens of one batch (only the last positions are projected); runner function."""
+    from nnsight_moe.recipes import runner
+    from nnsight_moe.recipes.metrics import first_nonfinite, target_ranks
+
+    logits = model(**runner.inputs(batch), logits_to_keep=batch["last"][:, None]).logits[:, -1].float()
+
+    def locate(row):  # the first module with a non-finite output, for the error
+        return first_nonfinite(model, **{k: v[row : row + 1] for k, v in runner.inputs(batch).items()})
+
+    ranks = target_ranks(logits, batch["target"].to(logits.device), prompts=batch["rows"], locate=locate)
+    return {"rank": ranks, "top1": logits.argmax(-1)}
+
+
 @torch.no_grad()
 def routing_load(job: Job) -> torch.Tensor:
     """Share of routed slots per expert, [MoE layers, E], over all non-pad prompt tokens."""
     import nnsight_moe
-    from nnsight_moe.recipes.prompts import encode_prompts
     from nnsight_moe.hooks import TemporaryHooks
+    from nnsight_moe.recipes import runner
 
-    layers = job.layout.moe_layers
-    counts = torch.zeros(len(layers), job.layout.n_experts)
-    device = next(job.model.parameters()).device
-    with nnsight_moe.attached(job.model) as handle:
-        points = [handle.block(i).hook_topk_indices for i in layers]
-        mask_holder: dict[str, torch.Tensor] = {}
+    layers, n_experts = job.layout.moe_layers, job.layout.n_experts
+    seen: dict[int, torch.Tensor] = {}
 
-        def count(row):
-            def hook(indices, hook):
-                keep = mask_holder["mask"].bool()
-                chosen = indices[keep].reshape(-1).cpu()
-                counts[row] += torch.bincount(chosen, minlength=counts.shape[1]).float()
-            return hook
+    def count(model, batch):
+        model(**runner.inputs(batch), logits_to_keep=1)
+        keep = batch["attention_mask"].bool()  # padding is routed like any token: masked here
+        return torch.stack([torch.bincount(seen[i][keep].reshape(-1).cpu(), minlength=n_experts) for i in layers])
 
-        added = TemporaryHooks()
-        for row, point in enumerate(points):
-            added.add(point, count(row))
-        try:
-            prompts = job.gold.prompts
-            for start in bar(range(0, len(prompts), job.batch_size), f"expert load over {len(prompts)} facts"):
-                batch = encode_prompts(job.tokenizer, prompts[start : start + job.batch_size], device)
-                mask_holder["mask"] = batch["attention_mask"]
-                job.model(**batch, logits_to_keep=1)
-        finally:
-            added.remove()  # ours only: hooks the user added stay
+    with nnsight_moe.attached(job.model) as handle, TemporaryHooks() as added:  # removes ours only
+        for i in layers:
+            added.add(handle.block(i).hook_topk_indices, lambda indices, hook, i=i: seen.__setitem__(i, indices))
+        prompts = job.gold.prompts
+        counts = sum(runner.run(job.model, prompts, count, tokenizer=job.tokenizer, batch_size=job.batch_size,
+                                desc=f"expert load over {len(prompts)} facts")).float()
     return counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
 
 
@@ -262,20 +253,16 @@ def _baseline_remote(job: Job) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     """Gold target ranks [P], top-1 tokens [P] and expert load [MoE layers, E] inside ``job.model.trace``."""
     import functools
 
+    from nnsight_moe.recipes import runner
     from nnsight_moe.recipes.metrics import checked_ranks
-    from nnsight_moe.recipes.prompts import encode_prompts, last_positions
-    from nnsight_moe.remote import MoEView, run_batches
+    from nnsight_moe.remote import MoEView
 
-    prompts, targets = job.gold.prompts, torch.tensor(job.gold.targets)
-    batches, extras = [], []
-    for start in range(0, len(prompts), job.batch_size):
-        batch = encode_prompts(job.tokenizer, prompts[start : start + job.batch_size], "cpu")
-        batches.append(batch)
-        extras.append({"last": last_positions(batch["attention_mask"]), "target": targets[start : start + job.batch_size],
-                       "mask": batch["attention_mask"].bool()})
+    prompts = job.gold.prompts
     view = MoEView(job.model) if job.is_moe else None
-    results = run_batches(job.model, batches, functools.partial(_baseline_in_trace, view), extras=extras,
-                          remote=job.remote, progress=True, results_path=job.results_path("baseline"))
+    results = runner.run(job.model, prompts, functools.partial(_baseline_in_trace, view), tokenizer=job.tokenizer,
+                         batch_size=job.batch_size, per_prompt={"target": torch.tensor(job.gold.targets)},
+                         remote=job.remote, results_path=job.results_path("baseline"),
+                         desc=f"target ranks and expert load of {len(prompts)} facts")
     ranks = checked_ranks(torch.cat([r["rank"] for r in results]), 0)
     top1 = torch.cat([r["top1"] for r in results])
     if view is None:
@@ -284,17 +271,18 @@ def _baseline_remote(job: Job) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return ranks, top1, (counts / counts.sum(dim=1, keepdim=True).clamp(min=1)).float()
 
 
-def _baseline_in_trace(view, model, batch, extra) -> dict:
+def _baseline_in_trace(view, model, batch) -> dict:
     """Target ranks and per-layer expert counts over non-pad tokens; runs inside the trace (server side)."""
     out = {}
     if view is not None:
         counts = []
+        mask = batch["attention_mask"].bool()
         for layer in view.moe_layers:
             indices = view.layer(layer, want=("topk_indices",))["topk_indices"]
             n_experts = view.spec["layers"][layer]["n_experts"]
-            counts.append(torch.bincount(indices[extra["mask"]].reshape(-1), minlength=n_experts))
+            counts.append(torch.bincount(indices[mask].reshape(-1), minlength=n_experts))
         out["counts"] = torch.stack(counts)
-    last, target = extra["last"], extra["target"]
+    last, target = batch["last"], batch["target"]
     picked = model.output.logits[torch.arange(last.shape[0]), last].float()
     ranks = (picked > picked.gather(1, target[:, None])).sum(-1) + 1
     out["rank"] = torch.where(torch.isfinite(picked).all(-1), ranks, 0)  # 0: non-finite logits (checked_ranks)

@@ -21,6 +21,7 @@ tensors; the scoring functions are pure tensor maths on what was captured (so th
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +33,11 @@ from torch import Tensor, nn
 
 import nnsight_moe
 from nnsight_moe.hooks import TemporaryHooks, unwrap
-from nnsight_moe.progress import batches as progress_batches, label
+from nnsight_moe.progress import label
 from nnsight_moe.precision import activation_dtype, readout_bound, residual_bound
 from nnsight_moe.recipes.metrics import hits_of_ranks, mrr_of_ranks, target_ranks
+from nnsight_moe.recipes import runner
+from nnsight_moe.recipes.attribution_results import BANDS, AttributionResult  # noqa: F401
 from nnsight_moe.recipes.prompts import encode_prompts, last_positions
 
 __all__ = ["AttributionResult", "LEVELS", "attribute", "attribute_relations", "capture", "compare", "lpi"]
@@ -597,8 +600,7 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
         layout = None
     batch_size, budget_bytes = _planned(hf, prompts, tokenizer, levels, batch_size, budget_bytes, max_memory,
                                         neurons, fast_top)
-    device = next(hf.parameters()).device
-    frames, all_targets, all_ranks, kept = [], [], [], []
+    device = runner.model_device(hf)
 
     def locate(row: int, start: int = 0):  # the first module with a non-finite output, for NonFiniteError
         from nnsight_moe.recipes.metrics import first_nonfinite
@@ -607,33 +609,25 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
 
     context = nnsight_moe.attached(hf) if layout is not None else _null()
     with context as handle:
-        for start in progress_batches(len(prompts), batch_size, "attribution", disable=not progress):
-            batch = encode_prompts(tokenizer, prompts[start : start + batch_size], device, vocab=vocab)
-            got = capture(hf, batch, parts, handle)
-            tgt = (got["logits"].argmax(-1) if wanted is None
-                   else torch.tensor(wanted[start : start + batch_size], device=got["logits"].device))
-            ranks = target_ranks(got["logits"], tgt, prompts=range(start, start + len(tgt)),
-                                 locate=lambda r, s=start: locate(r, s))
-            keep = torch.arange(len(tgt), device=tgt.device)
-            if only_correct:
-                keep = (ranks == 1).nonzero()[:, 0]
-                got, tgt, ranks = _select(got, keep), tgt[keep], ranks[keep]
-            if len(keep):
-                ro = readout(parts, got, tgt)
-                frame = score_batch(hf, parts, got, ro, levels, handle, budget_bytes, neurons, fast_top)
-                frame["prompt"] += sum(len(k) for k in kept)
-                frames.append(frame)
-            del got  # the batch's logits [b, V] and captured states go here: nothing of size V is kept
-            kept.append((keep + start).tolist())
-            all_targets.append(tgt.cpu())
-            all_ranks.append(ranks.cpu())
+        score = functools.partial(_attribute_batch, parts, handle, levels, budget_bytes, neurons, fast_top,
+                                  only_correct, locate)
+        results = runner.run(hf, prompts, score, tokenizer=tokenizer, batch_size=batch_size, progress=progress,
+                             per_prompt=None if wanted is None else {"target": torch.tensor(wanted)},
+                             kind="attribution", desc="attribution batches")
+    frames, kept = [], []
+    for r in results:
+        if r["frame"] is not None:
+            r["frame"]["prompt"] += len(kept)  # prompts kept by the batches before (all without only_correct)
+            frames.append(r["frame"])
+        kept += r["kept"]
+    all_targets, all_ranks = [r["targets"] for r in results], [r["ranks"] for r in results]
     frame = pd.concat(frames, ignore_index=True)[COLUMNS] if frames else pd.DataFrame(columns=COLUMNS)
     frame = check_finite_scores(frame, locate)
     result = AttributionResult(frame, torch.cat(all_targets).tolist(), torch.cat(all_ranks).tolist(),
                                n_layers=len(parts.layers), family=layout.family if layout else "dense",
                                model_type=hf.config.model_type)
     if only_correct:
-        result.prompt_ids = [p for k in kept for p in k]
+        result.prompt_ids = kept
     return result
 
 
@@ -648,6 +642,23 @@ def _planned(hf, prompts, tokenizer, levels, batch_size, budget_bytes, max_memor
     chosen = memory.plan(hf, tuple(levels), len(prompts), memory.max_length(prompts, tokenizer), max_memory,
                          neurons=neurons, fast_top=fast_top)
     return chosen.batch_size, min(budget_bytes, chosen.chunk_bytes)
+def _attribute_batch(parts, handle, levels, budget_bytes, neurons, fast_top, only_correct, locate, hf, batch) -> dict:
+    """One batch of local attribution (runner function): its score rows (prompt index local to the prompts
+    kept in the batch), the kept prompts' input indices, targets and ranks. Nothing of size V is returned."""
+    start = batch["rows"][0]
+    got = capture(hf, runner.inputs(batch), parts, handle)
+    tgt = got["logits"].argmax(-1) if "target" not in batch else batch["target"].to(got["logits"].device)
+    ranks = target_ranks(got["logits"], tgt, prompts=batch["rows"], locate=lambda r, s=start: locate(r, s))
+    keep = torch.arange(len(tgt), device=tgt.device)
+    if only_correct:
+        keep = (ranks == 1).nonzero()[:, 0]
+        got, tgt, ranks = _select(got, keep), tgt[keep], ranks[keep]
+    frame = None
+    if len(keep):
+        ro = readout(parts, got, tgt)
+        frame = score_batch(hf, parts, got, ro, levels, handle, budget_bytes, neurons, fast_top)
+    del got  # the batch's logits [b, V] and captured states go here: nothing of size V is kept
+    return {"frame": frame, "kept": (keep + start).tolist(), "targets": tgt, "ranks": ranks}
 
 
 class _null:
@@ -715,179 +726,6 @@ def attribute_relations(model: Any, tokenizer, relations, *, per_relation: int |
     result.relations = [encoded.facts[i].relation for i in ids]
     result.target, result.only_correct = target, only_correct
     return result
-
-
-# ------------------------------------------------------------------------------------ results
-BANDS = ("early", "middle", "late")
-
-
-@dataclass
-class AttributionResult:
-    """LPI scores (``to_frame()``), targets and target ranks of the model's real prediction."""
-
-    frame: pd.DataFrame
-    targets: list[int]
-    ranks: list[int]
-    n_layers: int
-    family: str = ""
-    model_type: str = ""
-    name: str = ""
-    relations: list[str] | None = None
-    target: str = "gold"
-    only_correct: bool = False
-    prompt_ids: list[int] | None = None  # with only_correct: index of each kept prompt in the input
-
-    def select(self, keep: Sequence[int]) -> "AttributionResult":
-        """The result restricted to prompts ``keep`` (renumbered 0..len(keep)-1, ``prompt_ids`` set)."""
-        keep = list(keep)
-        new = {old: i for i, old in enumerate(keep)}
-        frame = self.frame[self.frame["prompt"].isin(new)].copy()
-        frame["prompt"] = frame["prompt"].map(new)
-        base = self.prompt_ids if self.prompt_ids is not None else range(self.n_prompts)
-        return AttributionResult(frame.reset_index(drop=True), [self.targets[i] for i in keep],
-                                 [self.ranks[i] for i in keep], self.n_layers, self.family, self.model_type,
-                                 self.name, None if self.relations is None else [self.relations[i] for i in keep],
-                                 self.target, True, [base[i] for i in keep])
-
-    def to_frame(self) -> pd.DataFrame:
-        """One long table: prompt, [relation,] layer, level, head, expert, neuron, score (LPI, nats)."""
-        frame = self.frame.copy()
-        if self.relations is not None:
-            frame.insert(1, "relation", [self.relations[p] for p in frame["prompt"]])
-        return frame
-
-    @property
-    def n_prompts(self) -> int:
-        return len(self.targets)
-
-    def layer_gains(self) -> pd.DataFrame:
-        """Mean Imp(A^l) and Imp(F^l) over prompts, per layer (columns ``attn``, ``moe``; and ``mixer`` for
-        token mixers without attention heads, in hybrid stacks). NaN where a layer has no such part."""
-        levels = ["attn", "moe"] + (["mixer"] if (self.frame["level"] == "mixer").any() else [])
-        layer = self.frame[self.frame["level"].isin(levels)]
-        table = layer.pivot_table(index="layer", columns="level", values="score", aggfunc="mean")
-        return table.reindex(index=range(self.n_layers), columns=levels)
-
-    def summary(self, bands: Sequence[float] = (1 / 3, 2 / 3)) -> dict[str, float]:
-        """Table-1 quantities: HIT@10, MRR, FFN gain, Attn gain, peak position (% depth), efficiency, band
-        shares; ``Mixer gain`` too when the model has token mixers without attention heads."""
-        gains = self.layer_gains()
-        ffn, attn = gains["moe"].fillna(0.0), gains["attn"].fillna(0.0)
-        ranks = torch.tensor(self.ranks, dtype=torch.float64)
-        edges = [0, *[int(round(b * self.n_layers)) for b in bands], self.n_layers]
-        total = ffn.sum()
-        out = {
-            "HIT@10": hits_of_ranks(ranks, 10),
-            "MRR": mrr_of_ranks(ranks),
-            "FFN gain": float(total),
-            "Attn gain": float(attn.sum()),
-            "peak position %": float(100.0 * (int(ffn.to_numpy().argmax()) + 1) / self.n_layers),
-            "efficiency": float(total / self.n_layers),
-        }
-        if "mixer" in gains:
-            out["Mixer gain"] = float(gains["mixer"].fillna(0.0).sum())
-        for name, lo, hi in zip(BANDS, edges[:-1], edges[1:]):
-            out[f"{name} share"] = float(ffn.iloc[lo:hi].sum() / total) if total != 0 else float("nan")
-        return out
-
-    def expert_matrix(self) -> pd.DataFrame:
-        """Mean gated-LPI per (layer, expert) over prompts; 0 for prompts that did not select the expert."""
-        experts = self.frame[self.frame["level"] == "expert"]
-        table = experts.groupby(["layer", "expert"])["score"].sum() / self.n_prompts
-        return table.unstack("expert").fillna(0.0)
-
-    def to_json(self) -> dict:
-        """Summary, per-layer gains and expert matrix for results.json."""
-        return {"name": self.name, "family": self.family, "n_prompts": self.n_prompts,
-                "target": self.target, "only_correct": self.only_correct,
-                "summary": self.summary(),
-                "layer_gains": self.layer_gains().reset_index().to_dict(orient="list"),
-                "expert_matrix": self.expert_matrix().to_dict() if (self.frame["level"] == "expert").any() else {}}
-
-    def save(self, path: str | Path) -> Path:
-        """Save the table (parquet-free: CSV) and metadata next to it (``path`` + ``.json``)."""
-        path = Path(path)
-        self.to_frame().to_csv(path, index=False)
-        meta = {"targets": self.targets, "ranks": self.ranks, "n_layers": self.n_layers, "family": self.family,
-                "model_type": self.model_type, "name": self.name, "relations": self.relations,
-                "target": self.target, "only_correct": self.only_correct, "prompt_ids": self.prompt_ids}
-        path.with_suffix(path.suffix + ".json").write_text(json.dumps(meta))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "AttributionResult":
-        """Inverse of :meth:`save`."""
-        path = Path(path)
-        frame = pd.read_csv(path)
-        meta = json.loads(path.with_suffix(path.suffix + ".json").read_text())
-        frame = frame.drop(columns=["relation"], errors="ignore")[COLUMNS]
-        return cls(frame, **meta)
-
-    # -------------------------------------------------------------- plots (matplotlib Figures)
-    def plot_gains(self):
-        """Attention vs MoE/FFN gain by layer."""
-        import matplotlib.pyplot as plt
-
-        gains = self.layer_gains().fillna(0.0)
-        fig, ax = plt.subplots(figsize=(6, 3))
-        x = torch.arange(self.n_layers).numpy()
-        ax.bar(x - 0.2, gains["attn"], 0.4, label="attention  Imp(A^l)")
-        if "mixer" in gains:  # hybrid stacks: linear attention / Mamba layers in the same slot
-            ax.bar(x - 0.2, gains["mixer"], 0.4, label="mixer (no heads)  Imp(M^l)", hatch="//")
-        ax.bar(x + 0.2, gains["moe"], 0.4, label="MoE / FFN  Imp(F^l)")
-        ax.axhline(0, color="black", linewidth=0.5)
-        ax.set_xticks(x)  # whole layers only
-        ax.set_xlabel("layer"), ax.set_ylabel("mean LPI (nats)")
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside the bars
-        ax.set_title(f"{self.name or self.family}: gain by layer")
-        fig.tight_layout()
-        return fig
-
-    def plot_experts(self):
-        """[layer x expert] heatmap of mean gated-LPI."""
-        import matplotlib.pyplot as plt
-
-        matrix = self.expert_matrix()
-        fig, ax = plt.subplots(figsize=(min(12, 2 + 0.4 * matrix.shape[1]), 1 + 0.5 * matrix.shape[0]))
-        lim = float(matrix.abs().to_numpy().max()) or 1.0
-        image = ax.imshow(matrix.to_numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
-        ax.set_yticks(range(matrix.shape[0]), matrix.index), ax.set_xticks(range(matrix.shape[1]), matrix.columns)
-        ax.set_xlabel("expert"), ax.set_ylabel("layer"), ax.set_title("Mean gated LPI per expert")
-        fig.colorbar(image, ax=ax, label="nats")
-        return fig
-
-    def plot_shared_routed(self):
-        """Per layer: summed routed-expert LPI vs shared-expert LPI (mean over prompts)."""
-        import matplotlib.pyplot as plt
-
-        f = self.frame
-        routed = f[f["level"] == "expert"].groupby("layer")["score"].sum() / self.n_prompts
-        shared = f[f["level"] == "shared"].groupby("layer")["score"].sum() / self.n_prompts
-        layers = sorted(set(routed.index) | set(shared.index))
-        fig, ax = plt.subplots(figsize=(6, 3))
-        x = torch.arange(len(layers)).numpy()
-        ax.bar(x - 0.2, [routed.get(l, 0.0) for l in layers], 0.4, label="routed experts (sum)")
-        ax.bar(x + 0.2, [shared.get(l, 0.0) for l in layers], 0.4, label="shared expert")
-        ax.set_xticks(x, layers), ax.axhline(0, color="black", linewidth=0.5)
-        ax.set_xlabel("layer"), ax.set_ylabel("mean LPI (nats)")
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
-        ax.set_title("Shared vs routed contribution by layer")
-        fig.tight_layout()
-        return fig
-
-    def plot_neurons(self, n: int = 15):
-        """The neurons with the largest mean LPI."""
-        import matplotlib.pyplot as plt
-
-        f = self.frame[self.frame["level"] == "neuron"]
-        top = (f.groupby(["layer", "expert", "neuron"])["score"].sum() / self.n_prompts).nlargest(n)
-        fig, ax = plt.subplots(figsize=(6, 0.3 * len(top) + 1))
-        labels = [f"L{l} {'shared/MLP' if e < 0 else f'E{e}'} n{k}" for l, e, k in top.index]
-        ax.barh(range(len(top))[::-1], top.to_numpy(), color="tab:purple")
-        ax.set_yticks(range(len(top))[::-1], labels, fontsize=7)
-        ax.set_xlabel("mean LPI (nats)"), ax.set_title("Top neurons")
-        fig.tight_layout()
-        return fig
 
 
 def compare(results: Sequence[AttributionResult]) -> tuple[pd.DataFrame, float | None]:

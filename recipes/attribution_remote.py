@@ -88,13 +88,14 @@ def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *
                      budget_bytes: int = 2 << 30, neurons: str = "exact", fast_top: int = 100):
     """Remote attribution; see the module docstring. Returns an ``AttributionResult``.
 
-    Batches run through :func:`nnsight_moe.remote.run_batches`: progress per batch, a failed batch raises
+    Batches run through :func:`nnsight_moe.recipes.runner.run_batches`: progress per batch, a failed batch raises
     ``RemoteBatchError`` naming it, and with ``results_path`` a rerun resumes from the finished batches.
     """
     from nnsight_moe.recipes.attribution import COLUMNS, AttributionResult, check_finite_scores
     from nnsight_moe.recipes.metrics import checked_ranks
-    from nnsight_moe.recipes.prompts import encode_prompts, last_positions, vocab_size
-    from nnsight_moe.remote import MoEView, run_batches
+    from nnsight_moe.recipes import runner
+    from nnsight_moe.recipes.prompts import vocab_size
+    from nnsight_moe.remote import MoEView
 
     unsupported = set(levels) - set(REMOTE_LEVELS)
     if unsupported:
@@ -145,16 +146,14 @@ def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *
         "dtype": str(activation_dtype(hf.get_submodule(where["norm"]), hf.get_submodule(where["unembed"]),
                                       *(hf.get_submodule(p) for p in layer_paths))).replace("torch.", ""),
     }
-    batches, extras = [], []
-    for start in range(0, len(prompts), batch_size):
-        batch = encode_prompts(tokenizer, prompts[start : start + batch_size], "cpu", vocab=vocab)
-        batches.append(batch)
-        extras.append({"last": last_positions(batch["attention_mask"]),
-                       "target": None if targets is None else torch.tensor(targets[start : start + batch_size])})
+    batches = runner.make_batches(prompts, tokenizer=tokenizer, batch_size=batch_size, vocab=vocab, model=model,
+                                  kind="attribution",
+                                  per_prompt=None if targets is None else {"target": torch.tensor(targets)})
     key = {name: value for name, value in settings.items() if name != "view"}  # what is computed, for resume
-    results = run_batches(model, batches, functools.partial(_scores_in_trace, settings), extras=extras, key=key,
-                          remote=remote, results_path=results_path, progress=progress)
-    frames, all_targets, all_ranks, start = [], [], [], 0
+    results = runner.run_batches(model, batches, functools.partial(_scores_in_trace, settings), key=key,
+                                 remote=remote, results_path=results_path, progress=progress,
+                                 desc="attribution batches")
+    frames, all_targets, all_ranks = [], [], []
     dtype = settings["dtype"]
     for result, batch in zip(results, batches):
         # allowed: atol (float32 slack) + the model dtype's rounding (nnsight_moe.precision), measured in the trace
@@ -168,22 +167,21 @@ def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *
                              f"{float(result['residual']):.2e} exceeds the {dtype} rounding of the two additions by "
                              f"{float(result['residual_excess']):.2e} (atol {atol:g} x max |h| "
                              f"{float(result['scale']):.3g}); LPI attribution does not apply")
-        frames.append(_frame(result, levels, moe_layers, n_heads, start, where["kinds"], where["mlp"]))
+        frames.append(_frame(result, levels, moe_layers, n_heads, batch["rows"][0], where["kinds"], where["mlp"]))
         all_targets.append(result["target"].cpu())
         all_ranks.append(result["rank"].cpu())
-        start += batch["input_ids"].shape[0]
     frame = check_finite_scores(pd.concat(frames, ignore_index=True)[COLUMNS])
     return AttributionResult(frame, torch.cat(all_targets).tolist(), checked_ranks(torch.cat(all_ranks), 0).tolist(),
                              n_layers=len(layer_paths), family=layout.family if layout else "dense",
                              model_type=hf.config.model_type)
 
 
-def _scores_in_trace(settings: dict, model: Any, batch: dict, extra: dict) -> dict:
+def _scores_in_trace(settings: dict, model: Any, batch: dict) -> dict:
     """One batch's LPI scores; runs inside ``model.trace`` (on the server for remote runs).
 
     Reads only envoys, the MoE view and torch; returns small tensors (scores, ranks, self-checks).
     """
-    last = extra["last"]
+    last = batch["last"]
     rows = torch.arange(last.shape[0])
     n_heads, moe_layers, view = settings["heads"], settings["moe_layers"], settings["view"]
     states, attn, mlp_out, heads, experts, shared = [], [], [], {}, [], []
@@ -234,7 +232,7 @@ def _scores_in_trace(settings: dict, model: Any, batch: dict, extra: dict) -> di
                                     w_o.reshape(w_o.shape[0], n_heads, -1))
     final = model.get(settings["norm"]).input[rows, last].float()
     logits = model.output.logits[rows, last].float()
-    target = logits.argmax(-1) if extra["target"] is None else extra["target"]
+    target = batch["target"] if "target" in batch else logits.argmax(-1)
     slope, offset = settings["gamma"]  # γ = slope * weight + offset (offset 1 for "(1 + weight)" norms)
     unembed = model.get(settings["unembed"]).weight.float()
     gamma = model.get(settings["norm"]).weight.float() * slope + offset

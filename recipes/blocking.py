@@ -27,15 +27,12 @@ per-condition loop with :func:`nnsight_moe.block_experts`, for checks and benchm
 
 from __future__ import annotations
 
-import json
-import math
+import functools
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from jaxtyping import Int
 from torch import Tensor
@@ -46,8 +43,10 @@ from nnsight_moe.attach import attached, hf_model
 from nnsight_moe.hooks import TemporaryHooks
 from nnsight_moe.interventions import BLOCK_MODES, block_experts, restrict_experts
 from nnsight_moe.layout import MoELayout
+from nnsight_moe.recipes import runner
+from nnsight_moe.recipes.blocking_results import BlockingResult, ConfigurationResult, _metric, _Result  # noqa: F401
 from nnsight_moe.recipes.metrics import checked_ranks, first_nonfinite, hits_of_ranks, mrr_of_ranks, target_ranks
-from nnsight_moe.recipes.prompts import check_vocab, encode_prompts, last_positions, model_tokenizer, vocab_size
+from nnsight_moe.recipes.prompts import check_vocab, model_tokenizer, vocab_size
 
 __all__ = [
     "ALL",
@@ -147,66 +146,21 @@ def _subsample(data: _Data, n: int) -> _Data:
     return _Data([data.prompts[i] for i in keep], data.targets[keep], [data.relations[i] for i in keep])
 
 
-@dataclass
-class _Chunk:
-    """One tokenized batch of prompts: their indices in the dataset, ids, mask, last non-pad position."""
-
-    rows: list[int]
-    input_ids: Tensor
-    attention_mask: Tensor
-    last: Tensor
-
-
-def _chunks(hf, data: _Data, indices: list[int], tokenizer, batch_size: int, padding_side: str) -> list[_Chunk]:
-    """Tokenize ``data.prompts[indices]`` once, in batches of ``batch_size`` prompts (``"auto"``: the
-    memory planner's choice for a blocking sweep, :mod:`nnsight_moe.memory`; 16 for a remote model)."""
-    if batch_size == "auto":
-        batch_size = _auto_batch(hf, [data.prompts[i] for i in indices], tokenizer)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+def _chunks(hf, data: _Data, indices: list[int], tokenizer, batch_size: int, padding_side: str) -> list[dict]:
+    """Tokenize ``data.prompts[indices]`` once, in runner batches of ``batch_size`` prompts (``rows``: dataset
+    indices; ``last``: last non-pad positions), on the model's device (the CPU for a remote model)."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    device = next(hf.parameters()).device
-    if device.type == "meta":  # an nnsight model whose weights live on the server (NDIF)
-        device = torch.device("cpu")
+    strings = isinstance(data.prompts[indices[0]], str) if indices else False
+    if strings and getattr(tokenizer, "pad_token_id", None) is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before batching")
     vocab = vocab_size(hf)
-    out = []
-    for start in range(0, len(indices), batch_size):
-        rows = indices[start : start + batch_size]
-        prompts = [data.prompts[i] for i in rows]
-        if isinstance(prompts[0], str):
-            if getattr(tokenizer, "pad_token_id", None) is None:
-                raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before batching")
-            enc = encode_prompts(tokenizer, prompts, "cpu")  # BOS kept, an appended EOS / [SEP] left out
-            ids, mask = enc["input_ids"], enc["attention_mask"]
-        else:
-            ids, mask = _pad([list(map(int, p)) for p in prompts], hf.config.get_text_config().pad_token_id,
-                             padding_side)
-        check_vocab(ids[mask.bool()], vocab, "the prompts", tokenizer)
-        check_vocab(data.targets[rows], vocab, "the targets", tokenizer)
-        last = last_positions(mask)
-        out.append(_Chunk(rows, ids.to(device), mask.to(device), last.to(device)))
-    return out
-
-
-def _auto_batch(hf, prompts, tokenizer) -> int:
-    from nnsight_moe import memory
-
-    if next(hf.parameters()).device.type == "meta":  # weights on the server: its memory is not known here
-        return 16
-    return memory.plan(hf, "blocking", len(prompts), memory.max_length(prompts, tokenizer)).batch_size
-
-
-def _pad(seqs: list[list[int]], pad_id: int | None, side: str) -> tuple[Tensor, Tensor]:
-    if any(len(s) == 0 for s in seqs):
-        raise ValueError("a prompt has no tokens; every prompt needs at least one token id")
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), 0 if pad_id is None else pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        span = slice(width - len(s), width) if side == "left" else slice(0, len(s))
-        ids[i, span], mask[i, span] = torch.tensor(s), 1
-    return ids, mask
+    chunks = runner.make_batches(data.prompts, rows=indices, tokenizer=tokenizer, batch_size=batch_size,
+                                 padding_side=None if strings else padding_side,  # strings: the tokenizer's side
+                                 pad_id=hf.config.get_text_config().pad_token_id, device=runner.model_device(hf),
+                                 vocab=vocab, model=hf, kind="blocking")
+    check_vocab(data.targets[indices], vocab, "the targets", tokenizer)
+    return chunks
 
 
 def _last_logits(hf, ids: Tensor, mask: Tensor, last: Tensor) -> Tensor:
@@ -330,7 +284,7 @@ def _routing_scores(model, layout, data, tokenizer, pairs, by, batch_size, paddi
         for i, (indices, weights) in per_layer.items():
             values = torch.ones_like(weights, dtype=torch.float64) if by == "frequency" else weights.double()
             base = column[(i, 0)]
-            for r, prompt in enumerate(chunk.rows):
+            for r, prompt in enumerate(chunk["rows"]):
                 totals[data.relations[prompt]].index_add_(0, base + indices[r].cpu(), values[r].cpu())
     return totals
 
@@ -338,22 +292,19 @@ def _routing_scores(model, layout, data, tokenizer, pairs, by, batch_size, paddi
 def _routing_local(hf, layout, chunks, by, progress) -> list[dict]:
     """Per chunk ``{layer: (indices [b, k], weights [b, k])}`` at the last positions, from attached hooks."""
     seen: dict[tuple[int, str], Tensor] = {}
-    out = []
-    with attached(hf) as handle:
-        added = TemporaryHooks()
+
+    def routing(model, chunk):
+        model(**runner.inputs(chunk), logits_to_keep=1)
+        rows = torch.arange(len(chunk["rows"]), device=chunk["last"].device)
+        return {i: tuple(seen[(i, f"hook_topk_{name}")][rows, chunk["last"]] for name in ("indices", "weights"))
+                for i in layout.moe_layers}
+
+    with attached(hf) as handle, TemporaryHooks() as added:  # removes ours only: hooks the user added stay
         for i in layout.moe_layers:
             block = handle.block(i)
             for point in (block.hook_topk_indices, block.hook_topk_weights):
                 added.add(point, lambda t, hook, i=i: seen.__setitem__((i, hook.name.rsplit(".", 1)[-1]), t))
-        try:
-            for chunk in progress_bar(chunks, f"rank experts by {by}", disable=not progress):
-                hf(input_ids=chunk.input_ids, attention_mask=chunk.attention_mask, logits_to_keep=1)
-                rows = torch.arange(len(chunk.rows), device=chunk.last.device)
-                out.append({i: tuple(seen[(i, f"hook_topk_{name}")][rows, chunk.last].cpu()
-                                     for name in ("indices", "weights")) for i in layout.moe_layers})
-        finally:
-            added.remove()  # ours only: hooks the user added stay
-    return out
+        return runner.run_batches(hf, chunks, routing, progress=progress, desc=f"rank experts by {by}")
 
 
 def _attribution_scores(model, data, tokenizer, pairs, batch_size, progress, remote=None,
@@ -423,7 +374,66 @@ def _masks(layout: MoELayout, conditions: list[list[Pair]], mode: str) -> dict[i
 
 def _locate(hf, chunk):
     """``locate(row)`` for :func:`target_ranks`: the first module with a non-finite output on that row."""
-    return lambda r: first_nonfinite(hf, input_ids=chunk.input_ids[r : r + 1], attention_mask=chunk.attention_mask[r : r + 1])
+    return lambda r: first_nonfinite(hf, **{k: v[r : r + 1] for k, v in runner.inputs(chunk).items()})
+
+
+def _ranks(hf, chunk) -> Tensor:
+    """Target ranks of ``chunk`` (a runner batch with ``target``) as the model is now (runner function)."""
+    logits = _last_logits(hf, chunk["input_ids"], chunk["attention_mask"], chunk["last"])
+    return target_ranks(logits, chunk["target"].to(logits.device), prompts=chunk["rows"], locate=_locate(hf, chunk))
+
+
+def _plan(layout: MoELayout, tasks, targets: Tensor, max_rows: int) -> tuple[list[dict], list[tuple]]:
+    """Stacked traces for ``(chunks, conditions, mode)`` tasks, and where each one's ranks go.
+
+    Per chunk of b prompts, groups of ``max_rows // b`` conditions share one forward: a runner batch
+    repeated per condition (condition-major: row ``c * b + i``) whose ``edits`` give each row its
+    condition's expert mask ``{layer: {"block": [rows, E], "mode": mode}}`` in every layer some condition
+    of the task blocks. Returns the traces and ``(task, c0, c1, start, b)`` per trace.
+    """
+    traces, places = [], []
+    for t, (chunks, conditions, mode) in enumerate(tasks):
+        if mode not in BLOCK_MODES:
+            raise ValueError(f"mode must be one of {BLOCK_MODES}, got {mode!r}")
+        masks = _masks(layout, conditions, mode)
+        start = 0
+        for chunk in chunks:
+            b = len(chunk["rows"])
+            per = max(1, max_rows // b)
+            for c0 in range(0, len(conditions), per):
+                c1 = min(c0 + per, len(conditions))
+                edits = {layer: {"block": mask[c0:c1].repeat_interleave(b, dim=0), "mode": mode}
+                         for layer, mask in masks.items()}
+                traces.append(runner.repeat({**chunk, "target": targets[chunk["rows"]]}, c1 - c0, edits=edits))
+                places.append((t, c0, c1, start, b))
+            start += b
+    return traces, places
+
+
+def _place(tasks, places, found) -> list[Tensor]:
+    """Ranks [C, P] per task from the ranks [(c1 - c0) * b] of each planned trace."""
+    out = [torch.zeros(len(conditions), sum(len(c["rows"]) for c in chunks), dtype=torch.long)
+           for chunks, conditions, _ in tasks]
+    for (t, c0, c1, start, b), ranks in zip(places, found):
+        out[t][c0:c1, start : start + b] = ranks.view(c1 - c0, b)
+    return out
+
+
+def _stacked_ranks(handle, saved, hf, trace) -> Tensor:
+    """Target ranks of one planned trace, its per-row masks set on the attached blocks (runner function)."""
+    for layer, edit in trace["edits"].items():
+        state, mode = handle.states[layer], edit["mode"]
+        rows = edit["block"]
+        previous = saved[layer][1 if mode == "reroute" else 0]
+        if previous is not None:
+            if previous.ndim != 1:
+                raise ValueError(f"layer {layer} already has a per-row mask; cannot stack conditions on it")
+            rows = rows | previous.cpu()[None, :]
+        setattr(state, "exclude" if mode == "reroute" else "zero", rows.to(trace["input_ids"].device))
+        if mode != "reroute":
+            state.renorm = mode == "renorm"
+    logits = _last_logits(hf, trace["input_ids"], trace["attention_mask"], trace["last"])
+    return target_ranks(logits, trace["target"].to(logits.device), prompts=trace["rows"])
 
 
 @torch.no_grad()
@@ -432,54 +442,28 @@ def _run(hf, layout, chunks, targets, conditions, mode, max_rows, stacked, progr
     if mode not in BLOCK_MODES:
         raise ValueError(f"mode must be one of {BLOCK_MODES}, got {mode!r}")
     masks = _masks(layout, conditions, mode)
-    n_prompts = sum(len(c.rows) for c in chunks)
-    ranks = torch.zeros(len(conditions), n_prompts, dtype=torch.long)
     if not stacked:
+        chunks = [{**chunk, "target": targets[chunk["rows"]]} for chunk in chunks]
+        ranks = []
         for c, pairs in enumerate(progress_bar(conditions, f"{mode}: conditions", disable=not progress)):
             blocked: dict[int, list[int]] = {}
             for layer, expert in pairs:
                 blocked.setdefault(layer, []).append(expert)
             with block_experts(hf, blocked, mode=mode):
-                start = 0
-                for chunk in chunks:
-                    logits = _last_logits(hf, chunk.input_ids, chunk.attention_mask, chunk.last)
-                    ranks[c, start : start + len(chunk.rows)] = target_ranks(
-                        logits, targets[chunk.rows], prompts=chunk.rows, locate=_locate(hf, chunk)).cpu()
-                    start += len(chunk.rows)
-        return ranks
-    field = "exclude" if mode == "reroute" else "zero"
+                ranks.append(torch.cat(runner.run_batches(hf, chunks, _ranks, progress=False)))
+        return torch.stack(ranks)
+    tasks = [(chunks, conditions, mode)]
+    traces, places = _plan(layout, tasks, targets, max_rows)
     with attached(hf) as handle:
         saved = {i: (s.zero, s.exclude, s.renorm) for i, s in handle.states.items()}
-        plan = []
-        start = 0
-        for chunk in chunks:
-            per = max(1, max_rows // len(chunk.rows))
-            plan += [(chunk, start, g, min(g + per, len(conditions))) for g in range(0, len(conditions), per)]
-            start += len(chunk.rows)
         try:
-            for chunk, start, c0, c1 in progress_bar(plan, f"{mode}: stacked conditions x batches",
-                                                     disable=not progress):
-                g, b = c1 - c0, len(chunk.rows)
-                for layer, mask in masks.items():
-                    state = handle.states[layer]
-                    rows = mask[c0:c1].repeat_interleave(b, dim=0)  # condition-major: row = c * b + i
-                    previous = saved[layer][1 if mode == "reroute" else 0]
-                    if previous is not None:
-                        if previous.ndim != 1:
-                            raise ValueError(f"layer {layer} already has a per-row mask; cannot stack conditions on it")
-                        rows = rows | previous.cpu()[None, :]
-                    setattr(state, field, rows.to(chunk.input_ids.device))
-                    if mode != "reroute":
-                        state.renorm = mode == "renorm"
-                logits = _last_logits(hf, chunk.input_ids.repeat(g, 1), chunk.attention_mask.repeat(g, 1),
-                                      chunk.last.repeat(g))
-                found = target_ranks(logits, targets[chunk.rows].repeat(g), prompts=list(chunk.rows) * g).cpu().view(g, b)
-                ranks[c0:c1, start : start + b] = found
+            found = runner.run_batches(hf, traces, functools.partial(_stacked_ranks, handle, saved), progress=progress,
+                                       desc=f"{mode}: stacked conditions x batches")
         finally:
             for i, (zero, exclude, renorm) in saved.items():
                 state = handle.states[i]
                 state.zero, state.exclude, state.renorm = zero, exclude, renorm
-    return ranks
+    return _place(tasks, places, found)[0]
 
 
 def evaluate(
@@ -530,34 +514,16 @@ def evaluate(
 def _run_remote(model, layout, tasks, targets, remote, max_rows, results_path, progress) -> list[Tensor]:
     """Ranks [C, P] per ``(chunks, conditions, mode)`` task, through nnsight on the unmodified model.
 
-    The same plan as the stacked local path: per chunk, groups of ``max_rows // b`` conditions share a
-    trace, each row with its condition's mask in every layer some condition of the task blocks.
+    The same plan as the stacked local path (:func:`_plan`): per chunk, groups of ``max_rows // b``
+    conditions share a trace, each row with its condition's mask in every layer some condition of the
+    task blocks.
     """
     from nnsight_moe.recipes.blocking_remote import ranks_remote
 
-    traces, places = [], []
-    for t, (chunks, conditions, mode) in enumerate(tasks):
-        if mode not in BLOCK_MODES:
-            raise ValueError(f"mode must be one of {BLOCK_MODES}, got {mode!r}")
-        masks = _masks(layout, conditions, mode)
-        start = 0
-        for chunk in chunks:
-            b = len(chunk.rows)
-            per = max(1, max_rows // b)
-            for c0 in range(0, len(conditions), per):
-                c1 = min(c0 + per, len(conditions))
-                edits = {layer: {"block": mask[c0:c1].repeat_interleave(b, dim=0), "mode": mode}
-                         for layer, mask in masks.items()}
-                traces.append((chunk, c1 - c0, edits))
-                places.append((t, c0, c1, start, b))
-            start += b
+    traces, places = _plan(layout, tasks, targets, max_rows)
     found = [checked_ranks(r, 0) for r in
-             ranks_remote(model, traces, targets, remote=remote, results_path=results_path, progress=progress)]
-    out = [torch.zeros(len(conditions), sum(len(c.rows) for c in chunks), dtype=torch.long)
-           for chunks, conditions, _ in tasks]
-    for (t, c0, c1, start, b), ranks in zip(places, found):
-        out[t][c0:c1, start : start + b] = ranks.view(c1 - c0, b)
-    return out
+             ranks_remote(model, traces, remote=remote, results_path=results_path, progress=progress)]
+    return _place(tasks, places, found)
 
 
 def _positive(value: Any, name: str) -> int:
@@ -767,144 +733,6 @@ def _pooled(original: dict, rows: list[dict]) -> tuple[dict, list[dict]]:
     return pooled_original, rows + pooled
 
 
-# =========================================================================================== results
-class _Result:
-    """Rows of metrics plus the original (unblocked) metrics per relation; JSON round trip."""
-
-    type = "result"
-
-    def __init__(self, meta: dict, original: dict, rows: list[dict]):
-        self.meta, self.original, self.rows = meta, original, rows
-
-    def to_json(self) -> dict:
-        """The dict stored in results.json (schema in docs/recipes/blocking.md)."""
-        return {"type": self.type, "meta": self.meta, "original": self.original, "rows": self.rows}
-
-    def save(self, path: str | Path) -> Path:
-        """Write :meth:`to_json` to ``path`` (JSON); returns the path."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_json(), indent=1))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path):
-        """Read a result written by :meth:`save` (the class must match the file's ``type``)."""
-        data = json.loads(Path(path).read_text())
-        if data.get("type") != cls.type:
-            raise ValueError(f"{path} holds a {data.get('type')!r} result, not {cls.type!r}")
-        return cls(data["meta"], data["original"], data["rows"])
-
-    def to_frame(self):
-        """One row per condition with ``*_orig``, ``*_drop`` (orig - after) and ``*_rel_drop`` (drop / orig)."""
-        import pandas as pd
-
-        frame = pd.DataFrame(self.rows)
-        for metric in ("mrr", "hit_at_k"):
-            orig = frame["relation"].map(lambda r, m=metric: self.original[r][m])
-            frame[f"{metric}_orig"] = orig
-            frame[f"{metric}_drop"] = orig - frame[metric]
-            frame[f"{metric}_rel_drop"] = (orig - frame[metric]) / orig.where(orig != 0)
-        return frame
-
-
-class BlockingResult(_Result):
-    """What :func:`sweep` returns.
-
-    ``rows``: one dict per (relation, mode, kind, n, seed) with ``kind`` in ``"top"``, ``"uniform"``,
-    ``"matched"`` (``seed`` None for top), metrics ``mrr`` and ``hit_at_k`` after blocking, ``n_prompts``
-    and the blocked ``experts`` (``[[layer, expert], ...]``; None for the pooled :data:`ALL` rows).
-    ``original``: ``{relation: {"n_prompts", "mrr", "hit_at_k"}}`` without blocking. ``meta``: options
-    and the ranking used per relation.
-    """
-
-    type = "blocking_sweep"
-
-    def summary(self):
-        """Mean and std over seeds per (relation, mode, kind, n) of metrics and drops (std 0 for one value)."""
-        frame = self.to_frame()
-        cols = ["mrr", "hit_at_k", "mrr_drop", "hit_at_k_drop", "mrr_rel_drop", "hit_at_k_rel_drop"]
-        grouped = frame.groupby(["relation", "mode", "kind", "n"], sort=False)[cols]
-        out = grouped.mean().join(grouped.std(ddof=1).fillna(0.0), rsuffix="_std")
-        return out.join(grouped.size().rename("count"))
-
-    def table(self, metric: str = "mrr", mode: str | None = None, kind: str = "top"):
-        """Table-5 layout (our reconstruction): index relation, columns ``original`` and ``top-N`` (after blocking).
-
-        ``kind="uniform"`` / ``"matched"`` gives the random baselines' means instead.
-        """
-        import pandas as pd
-
-        mode = self._mode(mode)
-        summary = self.summary().reset_index()
-        part = summary[(summary["mode"] == mode) & (summary["kind"] == kind)]
-        table = part.pivot(index="relation", columns="n", values=_metric(metric))
-        table.columns = [f"{kind}-{n}" for n in table.columns]
-        table.insert(0, "original", pd.Series({r: o[_metric(metric)] for r, o in self.original.items()}))
-        return table.reindex(list(self.original))
-
-    def mode_table(self, metric: str = "mrr", n: int | None = None):
-        """Per-mode comparison: index relation, one column per mode (top-``n`` blocked; default largest N)."""
-        n = max(self.meta["top_n"]) if n is None else n
-        frame = self.to_frame()
-        part = frame[(frame["kind"] == "top") & (frame["n"] == n)]
-        table = part.pivot(index="relation", columns="mode", values=_metric(metric))
-        return table.reindex(index=list(self.original), columns=self.meta["modes"])
-
-    def text(self, metric: str = "mrr", mode: str | None = None) -> str:
-        """Table 5 as lines ``relation: original -> top-1 / top-5 / top-10``."""
-        table = self.table(metric, mode)
-        return "\n".join(f"{rel}: {row['original']:.3f} -> " + " / ".join(f"{v:.3f}" for v in row.iloc[1:])
-                         for rel, row in table.iterrows())
-
-    def plot(self, metric: str = "mrr", mode: str | None = None):
-        """MRR (or HIT@k) vs N per relation: top-ranked vs random baselines (mean +- std); a Figure."""
-        import matplotlib.pyplot as plt
-
-        mode = self._mode(mode)
-        summary = self.summary().reset_index()
-        name = _metric(metric)
-        relations = list(self.original)
-        cols = min(4, len(relations))
-        nrows = math.ceil(len(relations) / cols)
-        fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.6 * nrows), squeeze=False, sharey=True)
-        for ax, rel in zip(axes.flat, relations):
-            for kind, style in (("top", "o-"), ("uniform", "s--"), ("matched", "^:")):
-                part = summary[(summary["relation"] == rel) & (summary["mode"] == mode) & (summary["kind"] == kind)]
-                if len(part):
-                    # mean +- std, clipped to the metric's range [0, 1] (MRR and HIT@k cannot leave it)
-                    mean, std = part[name].to_numpy(), part[f"{name}_std"].fillna(0.0).to_numpy()
-                    yerr = [np.minimum(std, mean), np.minimum(std, 1.0 - mean)]
-                    ax.errorbar(part["n"], mean, yerr=yerr, fmt=style, capsize=3, label=kind)
-            ax.axhline(self.original[rel][name], color="grey", lw=0.8, label="original")
-            ax.set_title(rel, fontsize=9)
-            ax.set_xlabel("N experts blocked")
-            ax.set_xticks(sorted(self.meta["top_n"]))
-            ax.set_ylim(-0.03, 1.05)
-        for ax in axes.flat[len(relations):]:
-            ax.axis("off")
-        for row in axes:
-            row[0].set_ylabel("MRR" if name == "mrr" else f"HIT@{self.meta['k']}")
-        handles, names = axes[0, 0].get_legend_handles_labels()
-        fig.suptitle(f"Blocking the top-N experts ({mode}) vs random baselines (mean ± std over seeds)", fontsize=10)
-        fig.tight_layout(rect=(0, 0.06, 1, 1))
-        fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize=8, frameon=False)  # below the panels
-        return fig
-
-    def _mode(self, mode: str | None) -> str:
-        if mode is None:
-            return self.meta["modes"][0]
-        if mode not in self.meta["modes"]:
-            raise ValueError(f"mode {mode!r} was not swept; this result has {self.meta['modes']}")
-        return mode
-
-
-def _metric(metric: str) -> str:
-    aliases = {"mrr": "mrr", "hit": "hit_at_k", "hit_at_k": "hit_at_k", "hit@10": "hit_at_k"}
-    if metric not in aliases:
-        raise ValueError(f"metric must be 'mrr' or 'hit_at_k', got {metric!r}")
-    return aliases[metric]
-
-
 # ==================================================================================== configurations
 def _configurations(layout: MoELayout, renorm: bool = False) -> list[tuple[str, int | None, bool, bool]]:
     """(name, routed experts kept per token or None for all k, shared expert on, kept weights renormalised)
@@ -974,9 +802,10 @@ def configurations(
         for _, top, shared, renormed in configs:
             options = {**({} if top is None else {"keep_top": top}), **({} if shared else {"shared": False}),
                        **({"keep_top_renorm": True} if renormed else {})}
-            traces += [(chunk, 1, {i: options for i in layout.moe_layers} if options else {}) for chunk in chunks]
+            traces += [{**chunk, "target": data.targets[chunk["rows"]],
+                        "edits": {i: options for i in layout.moe_layers} if options else {}} for chunk in chunks]
         found = [checked_ranks(r, 0) for r in
-                 ranks_remote(model, traces, data.targets, remote=remote, results_path=results_path, progress=progress)]
+                 ranks_remote(model, traces, remote=remote, results_path=results_path, progress=progress)]
         remote_ranks = torch.cat(found).view(len(configs), -1)  # [configs, P]: chunks cover the prompts in order
     for c, (name, top, shared, renormed) in enumerate(progress_bar(configs, "shared/routed configurations",
                                                          disable=not progress or remote is not None)):
@@ -985,10 +814,10 @@ def configurations(
         else:
             ranks = torch.zeros(len(data.prompts), dtype=torch.long)
             with restrict_experts(hf, top, shared=shared, renorm=renormed):
-                for chunk in chunks:
-                    logits = _last_logits(hf, chunk.input_ids, chunk.attention_mask, chunk.last)
-                    ranks[chunk.rows] = target_ranks(logits, data.targets[chunk.rows], prompts=chunk.rows,
-                                                     locate=_locate(hf, chunk)).cpu()
+                found = runner.run_batches(hf, [{**chunk, "target": data.targets[chunk["rows"]]} for chunk in chunks],
+                                           _ranks, progress=False)
+            for chunk, chunk_ranks in zip(chunks, found):
+                ranks[chunk["rows"]] = chunk_ranks
         parts = dict(groups, **({ALL: list(range(len(ranks)))} if len(groups) > 1 else {}))
         for rel, idx in parts.items():
             metrics = _metrics(ranks[idx], k)
@@ -999,39 +828,6 @@ def configurations(
     meta = {"configurations": [c[0] for c in configs], "k": k, "top_k": layout.top_k,
             "has_shared": layout.has_shared, "max_per_relation": max_per_relation, "renorm": bool(renorm)}
     return ConfigurationResult(meta, original, rows)
-
-
-class ConfigurationResult(_Result):
-    """What :func:`configurations` returns.
-
-    ``rows``: one dict per (relation, configuration) with ``keep_top`` (routed experts kept per token;
-    None = all k), ``shared`` (shared expert on), ``n_prompts``, ``mrr``, ``hit_at_k``; pooled rows under
-    :data:`ALL` when there are several relations. ``original``: the default configuration's metrics.
-    """
-
-    type = "blocking_configurations"
-
-    def table(self, metric: str = "mrr"):
-        """Index relation, one column per configuration (the study's Table-2 layout; definitions ours)."""
-        frame = self.to_frame()
-        table = frame.pivot(index="relation", columns="configuration", values=_metric(metric))
-        return table.reindex(index=list(self.original), columns=self.meta["configurations"])
-
-    def plot(self, metric: str = "mrr"):
-        """Grouped bar chart: one group per relation, one bar per configuration; a Figure."""
-        import matplotlib.pyplot as plt
-
-        table = self.table(metric)
-        fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(table)), 3.5))
-        width = 0.8 / len(table.columns)
-        for j, config in enumerate(table.columns):
-            ax.bar([i + j * width for i in range(len(table))], table[config], width, label=config)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(table))], table.index, rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("MRR" if _metric(metric) == "mrr" else f"HIT@{self.meta['k']}")
-        ax.set_title("Shared vs routed experts", fontsize=10)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside the bars
-        fig.tight_layout()
-        return fig
 
 
 # ====================================================================================== main job

@@ -3,7 +3,7 @@
 Everything runs on the UNMODIFIED model (NDIF's copy, or a local one under ``remote="local"``) through
 :func:`nnsight_moe.remote.MoEView`: blocking, top-n restriction and shared-expert ablation are edits of
 the router / shared expert outputs inside the trace, never client hooks. Batches go through
-:func:`nnsight_moe.remote.run_batches` (progress, a failed batch named in the error, resume from
+:func:`nnsight_moe.recipes.runner.run_batches` (progress, a failed batch named in the error, resume from
 ``results_path``). Only target ranks [rows] and last-position routing [rows, layers, k] come back.
 
 Blocking conditions are stacked along the batch dimension as in the local path (``blocking`` plans the
@@ -22,55 +22,48 @@ from torch import Tensor
 __all__ = ["ranks_remote", "routing_remote"]
 
 
-def _inputs(chunk: Any, repeat: int = 1) -> dict:
-    return {"input_ids": chunk.input_ids.cpu().repeat(repeat, 1),
-            "attention_mask": chunk.attention_mask.cpu().repeat(repeat, 1)}
-
-
-def ranks_remote(model: Any, traces: Sequence[tuple], targets: Tensor, *, remote: Any, results_path: Any = None,
+def ranks_remote(model: Any, traces: Sequence[dict], *, remote: Any, results_path: Any = None,
                  progress: bool = True) -> list[Tensor]:
     """Target ranks per trace, each computed in one ``model.trace(..., remote=remote)``.
 
-    A trace is ``(chunk, repeat, edits)``: the tokenized prompt batch ``chunk`` (``blocking._Chunk``)
-    repeated ``repeat`` times along the batch (stacked conditions, condition-major) and the view edits
-    ``{layer: read_layer options}`` (``{}`` = unedited; a ``block`` mask may be per row). Returns the
-    ranks [repeat * b] of each trace. All traces run in one :func:`nnsight_moe.remote.run_batches`
-    call, so one ``results_path`` resumes all of them.
+    A trace is a runner batch (:mod:`nnsight_moe.recipes.runner`) with ``target`` [rows] and ``edits``
+    ``{layer: read_layer options}`` (``{}`` = unedited; a ``block`` mask may be per row): a tokenized
+    prompt batch, possibly repeated along the batch for stacked conditions (``blocking._plan``). Returns
+    the ranks [rows] of each trace (0 where the logits are not finite). All traces run in one
+    :func:`nnsight_moe.recipes.runner.run_batches` call, so one ``results_path`` resumes all of them.
     """
-    from nnsight_moe.remote import MoEView, run_batches
+    from nnsight_moe.recipes import runner
+    from nnsight_moe.remote import MoEView
 
-    batches = [_inputs(chunk, repeat) for chunk, repeat, _ in traces]
-    extras = [{"edits": edits, "last": chunk.last.cpu().repeat(repeat), "targets": targets[chunk.rows].cpu().repeat(repeat)}
-              for chunk, repeat, edits in traces]
-    return run_batches(model, batches, functools.partial(_ranks_in_trace, MoEView(model)), extras=extras,
-                       remote=remote, results_path=results_path, progress=progress)
+    traces = [{**trace, "input_ids": trace["input_ids"].cpu(), "attention_mask": trace["attention_mask"].cpu(),
+               "last": trace["last"].cpu(), "target": trace["target"].cpu()} for trace in traces]
+    return runner.run_batches(model, traces, functools.partial(_ranks_in_trace, MoEView(model)), remote=remote,
+                              results_path=results_path, progress=progress, desc="blocked forwards")
 
 
-def _ranks_in_trace(view: Any, model: Any, batch: dict, extra: dict) -> Tensor:
-    """Target ranks [rows] under ``extra["edits"]``; runs inside ``model.trace`` (on the server)."""
-    for layer in sorted(extra["edits"]):
-        view.layer(layer, want=("topk_weights",), **extra["edits"][layer])
-    last, targets = extra["last"], extra["targets"]
+def _ranks_in_trace(view: Any, model: Any, batch: dict) -> Tensor:
+    """Target ranks [rows] under ``batch["edits"]``; runs inside ``model.trace`` (on the server)."""
+    for layer in sorted(batch["edits"]):
+        view.layer(layer, want=("topk_weights",), **batch["edits"][layer])
+    last, targets = batch["last"], batch["target"]
     picked = model.output.logits[torch.arange(last.shape[0]), last].float()
     ranks = (picked > picked.gather(1, targets[:, None])).sum(-1) + 1
     return torch.where(torch.isfinite(picked).all(-1), ranks, 0)  # 0: non-finite logits (checked_ranks)
 
 
-def routing_remote(model: Any, chunks: Sequence[Any], *, remote: Any, results_path: Any = None,
+def routing_remote(model: Any, chunks: Sequence[dict], *, remote: Any, results_path: Any = None,
                    progress: bool = True) -> list[dict]:
-    """Per chunk ``{layer: (indices [b, k], weights [b, k])}`` at each prompt's last position, remotely."""
-    from nnsight_moe.remote import MoEView, run_batches
+    """Per chunk (runner batch) ``{layer: (indices [b, k], weights [b, k])}`` at each prompt's last position."""
+    from nnsight_moe.recipes import runner
+    from nnsight_moe.remote import MoEView
 
-    view = MoEView(model)
-    batches = [_inputs(chunk) for chunk in chunks]
-    extras = [{"last": chunk.last.cpu()} for chunk in chunks]
-    return run_batches(model, batches, functools.partial(_routing_in_trace, view), extras=extras,
-                       remote=remote, results_path=results_path, progress=progress)
+    return runner.run_batches(model, chunks, functools.partial(_routing_in_trace, MoEView(model)), remote=remote,
+                              results_path=results_path, progress=progress, desc="routing at the last positions")
 
 
-def _routing_in_trace(view: Any, model: Any, batch: dict, extra: dict) -> dict:
+def _routing_in_trace(view: Any, model: Any, batch: dict) -> dict:
     """Top-k indices and weights at the last positions of every MoE layer; runs inside the trace."""
-    last = extra["last"]
+    last = batch["last"]
     rows = torch.arange(last.shape[0])
     out = {}
     for layer in view.moe_layers:

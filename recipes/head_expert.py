@@ -28,11 +28,7 @@ Causal checks (:func:`causal`):
 from __future__ import annotations
 
 import functools
-import json
-import re
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -43,9 +39,10 @@ from torch import nn
 
 import nnsight_moe
 from nnsight_moe.hooks import TemporaryHooks
-from nnsight_moe.progress import bar as progress_bar
-from nnsight_moe.recipes.metrics import checked_ranks, mrr, mrr_of_ranks
-from nnsight_moe.recipes.prompts import encode_prompts, last_positions, model_tokenizer
+from nnsight_moe.recipes.metrics import checked_ranks, mrr_of_ranks, target_ranks
+from nnsight_moe.recipes import runner
+from nnsight_moe.recipes.head_expert_results import CausalResult, HeadExpertResult
+from nnsight_moe.recipes.prompts import last_positions, model_tokenizer
 from nnsight_moe.remote import _envoy as _remote_envoy
 from nnsight_moe.routing import rule_scores as _remote_scores
 
@@ -185,85 +182,6 @@ def suppress_heads(model: Any, heads: Sequence[tuple[int, int]]) -> Iterator[Non
 
 
 # ----------------------------------------------------------------------------- correlation
-@dataclass
-class HeadExpertResult:
-    """Head × expert correlation. ``pairs`` has one row per (head layer, head, expert layer, expert)."""
-
-    pairs: pd.DataFrame
-    summary_r: float
-    summary_p: float
-    top_heads: list[tuple[int, int]]
-    top_experts: list[tuple[int, int]]
-    signal: str
-    n_prompts: int
-    definition: str = field(default=(
-        "summary_r = Pearson r across prompts between the summed attribution of the top-K heads and the "
-        "summed expert signal of the top-K experts (heads and experts ranked by mean attribution); "
-        "p from a permutation test"))
-
-    def to_frame(self) -> pd.DataFrame:
-        """All pairs: head_layer, head, expert_layer, expert, r, p, q (BH)."""
-        return self.pairs.copy()
-
-    def strongest(self, n: int = 10, q: float = 0.05) -> pd.DataFrame:
-        """The ``n`` pairs with the largest |r| among those with BH q-value below ``q``."""
-        sig = self.pairs[self.pairs["q"] < q]
-        return sig.reindex(sig["r"].abs().sort_values(ascending=False).index).head(n)
-
-    def to_json(self) -> dict:
-        """Compact summary for results.json (strongest pairs, summary coefficient and its definition)."""
-        return {
-            "signal": self.signal, "n_prompts": self.n_prompts, "summary_r": self.summary_r,
-            "summary_p": self.summary_p, "definition": self.definition,
-            "top_heads": self.top_heads, "top_experts": self.top_experts,
-            "n_pairs": int(self.pairs["r"].notna().sum()),
-            "n_significant": int((self.pairs["q"] < 0.05).sum()),
-            "strongest": self.strongest().to_dict(orient="records"),
-        }
-
-    def to_dict(self) -> dict:
-        """Everything, JSON-ready (read back by :meth:`from_dict`)."""
-        return {"pairs": self.pairs.to_dict(orient="split"), "summary_r": self.summary_r, "summary_p": self.summary_p,
-                "top_heads": [list(h) for h in self.top_heads], "top_experts": [list(e) for e in self.top_experts],
-                "signal": self.signal, "n_prompts": self.n_prompts, "definition": self.definition}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "HeadExpertResult":
-        """The result :meth:`to_dict` wrote."""
-        split = data["pairs"]
-        pairs = pd.DataFrame(split["data"], index=split["index"], columns=split["columns"])
-        return cls(pairs, data["summary_r"], data["summary_p"], [tuple(h) for h in data["top_heads"]],
-                   [tuple(e) for e in data["top_experts"]], data["signal"], data["n_prompts"], data["definition"])
-
-    def save(self, path: str | Path) -> Path:
-        """Save as JSON (pairs included)."""
-        path = Path(path)
-        data = self.to_json() | {"pairs": self.pairs.to_dict(orient="list")}
-        path.write_text(json.dumps(data, default=float))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "HeadExpertResult":
-        """Inverse of :meth:`save`."""
-        data = json.loads(Path(path).read_text())
-        return cls(pd.DataFrame(data["pairs"]), data["summary_r"], data["summary_p"],
-                   [tuple(h) for h in data["top_heads"]], [tuple(e) for e in data["top_experts"]],
-                   data["signal"], data["n_prompts"], data["definition"])
-
-    def plot(self):
-        """Heatmap of r: rows heads (layer.head), columns experts (layer.expert)."""
-        import matplotlib.pyplot as plt
-
-        grid = self.pairs.pivot_table(index=["head_layer", "head"], columns=["expert_layer", "expert"], values="r")
-        fig, ax = plt.subplots(figsize=(min(14, 2 + 0.25 * grid.shape[1]), min(12, 1.5 + 0.22 * grid.shape[0])))
-        image = ax.imshow(grid.to_numpy(dtype=float), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
-        ax.set_yticks(range(grid.shape[0]), [f"L{l}.H{h}" for l, h in grid.index], fontsize=6)
-        ax.set_xticks(range(grid.shape[1]), [f"L{l}.E{e}" for l, e in grid.columns], fontsize=6, rotation=90)
-        ax.set_title(f"Head × expert Pearson r across prompts ({self.signal}); blank: l_head > l_expert or constant")
-        fig.colorbar(image, ax=ax, label="Pearson r")
-        return fig
-
-
 def _signals(model, prompts, targets, tokenizer, signal: str, batch_size: int, remote: Any = None):
     """(heads [P, attention layers, H], attention layer indices, experts [P, L', E], expert attributions
     [P, L', E], layout) for the prompts."""
@@ -294,51 +212,45 @@ def _signals(model, prompts, targets, tokenizer, signal: str, batch_size: int, r
 
 @torch.no_grad()
 def _router_probs(model, prompts, tokenizer, batch_size, remote: Any = None) -> np.ndarray:
-    """Router scores of every expert at the last non-pad position, [P, L', E]."""
+    """Router scores of every expert at the last non-pad position, [P, L', E] (hooks, or the remote view)."""
+    options = dict(tokenizer=tokenizer, batch_size=batch_size, remote=remote, progress=False)
     if remote is not None:
-        return _router_probs_remote(model, prompts, tokenizer, batch_size, remote)
+        from nnsight_moe.remote import MoEView
+
+        return torch.cat(runner.run(model, prompts, functools.partial(_router_probs_in_trace, MoEView(model)),
+                                    **options)).numpy()
     hf = nnsight_moe.hf_model(model)
-    out = []
     with nnsight_moe.attached(hf) as handle:
-        layers = handle.layout.moe_layers
-        for start in range(0, len(prompts), batch_size):
-            batch = _batch(tokenizer, prompts[start : start + batch_size], hf)
-            seen = {}
-            with TemporaryHooks() as added:  # removes ours only: hooks the user added stay
-                for i in layers:
-                    added.add(handle.block(i).hook_router_scores, lambda s, hook, i=i: seen.__setitem__(i, s))
-                hf(**batch)
-            last = last_positions(batch["attention_mask"])
-            rows = torch.arange(len(last))
-            out.append(torch.stack([seen[i][rows, last] for i in layers], dim=1).float().cpu())
-    return torch.cat(out).numpy()
+        return torch.cat(runner.run(hf, prompts, functools.partial(_router_probs_local, handle), **options)).numpy()
 
 
-def _router_probs_remote(model, prompts, tokenizer, batch_size, remote) -> np.ndarray:
-    """:func:`_router_probs` inside ``model.trace(..., remote=remote)`` through the MoE view."""
-    from nnsight_moe.remote import MoEView, run_batches
+def _router_probs_local(handle, model, batch):
+    """Router scores [b, L', E] at the last positions, from the attached hooks (runner function)."""
+    layers = handle.layout.moe_layers
+    seen = {}
+    with TemporaryHooks() as added:  # removes ours only: hooks the user added stay
+        for i in layers:
+            added.add(handle.block(i).hook_router_scores, lambda s, hook, i=i: seen.__setitem__(i, s))
+        model(**runner.inputs(batch))
+    rows = torch.arange(len(batch["rows"]))
+    return torch.stack([seen[i][rows, batch["last"]] for i in layers], dim=1).float()
 
-    batches = [encode_prompts(tokenizer, prompts[start : start + batch_size], "cpu")
-               for start in range(0, len(prompts), batch_size)]
-    extras = [{"last": last_positions(batch["attention_mask"])} for batch in batches]
-    results = run_batches(model, batches, functools.partial(_router_probs_in_trace, MoEView(model)), extras=extras,
-                          remote=remote, progress=False)
-    return torch.cat(results).numpy()
 
-
-def _router_probs_in_trace(view, model, batch, extra):
+def _router_probs_in_trace(view, model, batch):
     """Router scores [b, L', E] at the last positions; runs inside the trace (on the server)."""
-    last = extra["last"]
+    last = batch["last"]
     rows = torch.arange(last.shape[0])
     scores = [view.layer(i, want=("router_scores",))["router_scores"][rows, last] for i in view.moe_layers]
     return torch.stack(scores, dim=1).float()
 
 
 def _batch(tokenizer, prompts, hf) -> dict:
-    """Model inputs for ``prompts`` on ``hf``'s device."""
+    """Model inputs of ``prompts`` as one batch on ``hf``'s device."""
     from nnsight_moe.recipes.prompts import vocab_size
 
-    return encode_prompts(tokenizer, prompts, next(hf.parameters()).device, vocab=vocab_size(hf))
+    batch, = runner.make_batches(prompts, tokenizer=tokenizer, batch_size=len(prompts), device=runner.model_device(hf),
+                                 vocab=vocab_size(hf))
+    return runner.inputs(batch)
 
 
 def correlate(model: Any, dataset: Any, *, tokenizer=None, signal: str = "attribution", top_k: int = 5,
@@ -389,85 +301,6 @@ def correlate(model: Any, dataset: Any, *, tokenizer=None, signal: str = "attrib
 
 
 # ----------------------------------------------------------------------------- causal checks
-@dataclass
-class CausalResult:
-    """Effects of suppressing heads, and recovery by router patching. ``rows``: one per condition."""
-
-    rows: pd.DataFrame
-    heads: list[tuple[int, int]]
-
-    def to_frame(self) -> pd.DataFrame:
-        """Columns: condition, seed, mrr_clean, mrr_suppressed, mrr_drop, mrr_patched, recovered_pct,
-        d_prob_correlated, d_prob_selected."""
-        return self.rows.copy()
-
-    def summary(self) -> pd.DataFrame:
-        """Mean, std and ``n`` per condition (top-K heads vs random heads) and metric.
-
-        ``n`` counts the seeds where the metric is defined: ``recovered_pct`` is undefined (NaN, null
-        in JSON) for a seed whose suppression did not lower the MRR, and mean / std skip those seeds.
-        """
-        numeric = self.rows.drop(columns=["seed"]).groupby("condition", sort=False)
-        return numeric.agg(["mean", "std", "count"]).rename(columns={"count": "n"}, level=1)
-
-    def summary_json(self) -> dict:
-        """``{condition: {metric: {"mean", "std", "n", "of"}}}``: ``n`` of ``of`` seeds defined."""
-        table, sizes = self.summary(), self.rows.groupby("condition", sort=False).size()
-        return {condition: {metric: {"mean": table.loc[condition, (metric, "mean")],
-                                     "std": table.loc[condition, (metric, "std")],
-                                     "n": int(table.loc[condition, (metric, "n")]), "of": int(sizes[condition])}
-                            for metric in dict.fromkeys(m for m, _ in table.columns)}
-                for condition in table.index}
-
-    def summary_table(self) -> pd.DataFrame:
-        """Metrics as rows, conditions as columns; cells "mean ± std (n/N seeds)" (for the report)."""
-        def cell(entry: dict) -> str:
-            if entry["n"] == 0:
-                return f"undefined (0/{entry['of']})"
-            spread = "" if entry["n"] < 2 else f" ± {entry['std']:.2g}"
-            return f"{entry['mean']:.4g}{spread} ({entry['n']}/{entry['of']})"
-
-        data = self.summary_json()
-        return pd.DataFrame({condition: {metric.replace("_", " "): cell(entry) for metric, entry in metrics.items()}
-                             for condition, metrics in data.items()})
-
-    def to_json(self) -> dict:
-        """Rows and the suppressed heads, for results.json."""
-        return {"heads": self.heads, "rows": self.rows.to_dict(orient="records")}
-
-    def save(self, path: str | Path) -> Path:
-        """Save as JSON."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_json(), default=float))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "CausalResult":
-        """Inverse of :meth:`save`."""
-        data = json.loads(Path(path).read_text())
-        return cls(pd.DataFrame(data["rows"]), [tuple(h) for h in data["heads"]])
-
-    def plot(self):
-        """Bar chart: MRR drop, recovery and gate-probability change, top-K heads vs random heads."""
-        import matplotlib.pyplot as plt
-
-        metrics = ["mrr_drop", "recovered_pct", "d_prob_correlated", "d_prob_selected"]
-        grouped = self.rows.groupby("condition", sort=False)[metrics]  # top-K heads first (red), random after
-        mean, std, count = grouped.mean(), grouped.std().fillna(0.0), grouped.count()
-        sizes = self.rows.groupby("condition", sort=False).size()
-        colors = ["tab:red" if c == "top-K heads" else "tab:gray" for c in mean.index]
-        fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3))
-        for ax, metric in zip(axes, metrics):
-            ax.bar(mean.index, mean[metric].fillna(0.0), yerr=std[metric], color=colors, capsize=4)
-            ax.set_xticks(range(len(mean)), [f"{c}\n{count.loc[c, metric]}/{sizes[c]} defined" for c in mean.index],
-                          fontsize=8)
-            ax.set_title(metric.replace("_", " "))
-            ax.axhline(0, color="black", linewidth=0.5)
-        fig.suptitle("Suppressing heads: effect on MRR and on the experts' router probability")
-        fig.tight_layout()
-        return fig
-
-
 @torch.no_grad()
 def _run(hf, handle, batch, patch: dict | None = None, capture: bool = False):
     """Forward; optionally patch every router's selection/weights; returns (last logits, routing)."""
@@ -505,6 +338,39 @@ def _conditions(correlation: HeadExpertResult, head_layers: Sequence[int], n_hea
         for s in range(seeds)
     ]
     return top_heads, correlated, conditions
+
+
+def _causal_batch(handle, conditions, correlated, hf, batch) -> dict:
+    """One batch of the local causal checks (runner function): target ranks of the clean run and, per
+    condition, of the suppressed and patched runs, and the router-score changes at the last position."""
+    inputs = runner.inputs(batch)
+
+    def ranks(logits):  # [b, V] logits are reduced to ranks here: nothing of size V is kept per condition
+        return target_ranks(logits, batch["target"].to(logits.device), prompts=batch["rows"])
+
+    clean, clean_routing = _run(hf, handle, inputs, capture=True)
+    out = {"clean": ranks(clean), "suppressed": [], "patched": [], "d_corr": [], "d_sel": []}
+    last = batch["last"]
+    rows_idx = torch.arange(len(last))
+    for _, _, heads in conditions:
+        with suppress_heads(hf, heads):
+            logits, routing = _run(hf, handle, inputs, capture=True)
+            patch = {i: {n: clean_routing[i][n] for n in ("hook_topk_indices", "hook_topk_weights")}
+                     for i in handle.layout.moe_layers}
+            patched, _ = _run(hf, handle, inputs, patch=patch)
+        d_corr, d_sel = [], []
+        for layer, expert in correlated:
+            before = clean_routing[layer]["hook_router_scores"][rows_idx, last, expert]
+            after = routing[layer]["hook_router_scores"][rows_idx, last, expert]
+            d_corr.append((after - before).float())
+        for layer in handle.layout.moe_layers:
+            chosen = clean_routing[layer]["hook_topk_indices"][rows_idx, last]
+            before = clean_routing[layer]["hook_router_scores"][rows_idx, last].gather(-1, chosen)
+            after = routing[layer]["hook_router_scores"][rows_idx, last].gather(-1, chosen)
+            d_sel.append((after - before).float().reshape(-1))
+        out["suppressed"].append(ranks(logits)), out["patched"].append(ranks(patched))
+        out["d_corr"].append(d_corr), out["d_sel"].append(d_sel)
+    return out
 
 
 def _causal_row(condition: str, s: int, m_clean: float, m_supp: float, m_patch: float,
@@ -556,39 +422,17 @@ def causal(model: Any, dataset: Any, *, tokenizer=None, correlation: HeadExpertR
     top_heads, correlated, conditions = _conditions(correlation, sorted(attention), n_heads, k_heads, seeds, seed)
     targets_t = torch.as_tensor(targets)
     rows = []
-    with nnsight_moe.attached(hf) as handle:
-        clean_logits, clean_batches = [], []
-        for start in range(0, len(prompts), batch_size):
-            batch = _batch(tokenizer, prompts[start : start + batch_size], hf)
-            logits, routing = _run(hf, handle, batch, capture=True)
-            clean_logits.append(logits.cpu())
-            clean_batches.append((batch, routing))
-        clean_logits = torch.cat(clean_logits)
-        bar = progress_bar(conditions, f"head suppression: {len(conditions)} conditions (top-K, then random seeds)")
-        for condition, s, heads in bar:
-            bar.set_postfix_str(condition if condition == "top-K heads" else f"{condition} seed {s}")
-            supp_logits, patched_logits, d_corr, d_sel = [], [], [], []
-            for batch, clean_routing in clean_batches:
-                last = last_positions(batch["attention_mask"])
-                rows_idx = torch.arange(len(last))
-                with suppress_heads(hf, heads):
-                    logits, routing = _run(hf, handle, batch, capture=True)
-                    patch = {i: {n: clean_routing[i][n] for n in ("hook_topk_indices", "hook_topk_weights")}
-                             for i in layout.moe_layers}
-                    patched, _ = _run(hf, handle, batch, patch=patch)
-                supp_logits.append(logits.cpu())
-                patched_logits.append(patched.cpu())
-                for layer, expert in correlated:
-                    before = clean_routing[layer]["hook_router_scores"][rows_idx, last, expert]
-                    after = routing[layer]["hook_router_scores"][rows_idx, last, expert]
-                    d_corr.append((after - before).float().cpu())
-                for layer in layout.moe_layers:
-                    chosen = clean_routing[layer]["hook_topk_indices"][rows_idx, last]
-                    before = clean_routing[layer]["hook_router_scores"][rows_idx, last].gather(-1, chosen)
-                    after = routing[layer]["hook_router_scores"][rows_idx, last].gather(-1, chosen)
-                    d_sel.append((after - before).float().reshape(-1).cpu())
-            rows.append(_causal_row(condition, s, mrr(clean_logits, targets_t), mrr(torch.cat(supp_logits), targets_t),
-                                    mrr(torch.cat(patched_logits), targets_t), d_corr, d_sel))
+    with nnsight_moe.attached(hf) as handle:  # per batch: the clean run, then every condition's two runs
+        results = runner.run(hf, prompts, functools.partial(_causal_batch, handle, conditions, correlated),
+                             tokenizer=tokenizer, batch_size=batch_size, per_prompt={"target": targets_t},
+                             desc=f"head suppression: {len(conditions)} conditions (top-K, then random seeds)")
+    clean = mrr_of_ranks(torch.cat([r["clean"] for r in results]))
+    for c, (condition, s, _) in enumerate(conditions):
+        suppressed = mrr_of_ranks(torch.cat([r["suppressed"][c] for r in results]))
+        patched = mrr_of_ranks(torch.cat([r["patched"][c] for r in results]))
+        d_corr = [t for r in results for t in r["d_corr"][c]]
+        d_sel = [t for r in results for t in r["d_sel"][c]]
+        rows.append(_causal_row(condition, s, clean, suppressed, patched, d_corr, d_sel))
     return CausalResult(pd.DataFrame(rows), [tuple(h) for h in top_heads])
 
 
@@ -604,7 +448,7 @@ def _causal_remote(model, prompts, targets, tokenizer, correlation, *, k_heads, 
     replaced by the clean rows' (what setting ``hook_topk_indices`` / ``hook_topk_weights`` does
     locally). Only target ranks, last-position router scores and the clean selection come back.
     """
-    from nnsight_moe.remote import moe_spec, run_batches
+    from nnsight_moe.remote import moe_spec
 
     hf = nnsight_moe.hf_model(model)
     layout = nnsight_moe.layout(hf)
@@ -636,15 +480,13 @@ def _causal_remote(model, prompts, targets, tokenizer, correlation, *, k_heads, 
                         "routing": info["routing"]} for index, info in spec["layers"].items()},
     }
     groups = settings["groups"]
-    batches, extras = [], []
-    for start in range(0, len(prompts), batch_size):
-        batch = encode_prompts(tokenizer, prompts[start : start + batch_size], "cpu")
-        batches.append({name: t.repeat(groups, 1) for name, t in batch.items()})
-        extras.append({"last": last_positions(batch["attention_mask"]),
-                       "target": torch.as_tensor(targets[start : start + batch_size])})
-    results = run_batches(model, batches, functools.partial(_causal_in_trace, settings), extras=extras,
-                          key=settings,  # resume fingerprint: a results file for other heads is refused
-                          remote=remote, results_path=results_path, progress=progress)
+    batches = [{**batch, "input_ids": batch["input_ids"].repeat(groups, 1),  # the row groups share one trace
+                "attention_mask": batch["attention_mask"].repeat(groups, 1)}
+               for batch in runner.make_batches(prompts, tokenizer=tokenizer, batch_size=batch_size,
+                                                per_prompt={"target": torch.as_tensor(targets)})]
+    results = runner.run_batches(model, batches, functools.partial(_causal_in_trace, settings),
+                                 key=settings,  # resume fingerprint: a results file for other heads is refused
+                                 remote=remote, results_path=results_path, progress=progress)
 
     ranks = checked_ranks(torch.cat([result["rank"] for result in results], dim=1), 0)  # [groups, P]
 
@@ -664,14 +506,14 @@ def _causal_remote(model, prompts, targets, tokenizer, correlation, *, k_heads, 
     return CausalResult(pd.DataFrame(rows), [tuple(h) for h in top_heads])
 
 
-def _causal_in_trace(settings: dict, model: Any, batch: dict, extra: dict) -> dict:
+def _causal_in_trace(settings: dict, model: Any, batch: dict) -> dict:
     """One batch of the stacked causal runs; runs inside ``model.trace`` (on the server for remote runs).
 
     Reads only envoys, torch and the remote view's trace-side functions (all shipped by source).
     Returns ``rank`` [groups, b], ``scores`` {MoE layer: [1 + C, b, E]} (router scores at the last
     position of the clean and suppressed row groups) and ``chosen`` {MoE layer: [b, k]} (clean top-k).
     """
-    last, target = extra["last"], extra["target"]
+    last, target = batch["last"], batch["target"]  # [b]: the ids and mask are [groups * b, p]
     b, groups = last.shape[0], settings["groups"]
     p = batch["input_ids"].shape[1]
     rows = torch.arange(b)

@@ -122,7 +122,7 @@ def _batch_size(batch_size: Any, model: Any, n_prompts: int, seq_len: int, kind:
 def make_batches(prompts: Sequence, *, tokenizer: Any = None, batch_size: int | str = 16,
                  padding_side: str | None = None, pad_id: int | None = None, per_prompt: Mapping | None = None,
                  device: Any = "cpu", vocab: int | None = None, model: Any = None, kind: str = "forward",
-                 max_memory: int | None = None) -> list[dict]:
+                 max_memory: int | None = None, rows: Sequence[int] | None = None) -> list[dict]:
     """Tokenize and pad ``prompts`` into batches (dicts, see the module docstring), in input order.
 
     Args:
@@ -139,32 +139,37 @@ def make_batches(prompts: Sequence, *, tokenizer: Any = None, batch_size: int | 
         device: where the batch tensors live. vocab: the model's vocabulary size; every token id is
             checked against it (a tokenizer of another model is named in the error).
         model, kind, max_memory: for ``batch_size="auto"`` (:func:`choose_batch_size`).
+        rows: batch only the prompts at these indices, in this order (default all); ``batch["rows"]``
+            and the ``per_prompt`` values then refer to the full ``prompts``.
     """
     from nnsight_moe.recipes.prompts import check_vocab, encode_prompts, last_positions
 
     prompts = _check_prompts(prompts, tokenizer)
     per_prompt = _check_per_prompt(per_prompt, len(prompts))
+    order = _check_rows(rows, len(prompts))
     if padding_side not in (None, "left", "right"):
         raise ValueError(f"padding_side must be 'left', 'right' or None, got {padding_side!r}")
     strings = isinstance(prompts[0], str)
     if strings:
-        lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]] if batch_size == "auto" else [1]
+        lengths = ([len(ids) for ids in tokenizer([prompts[i] for i in order])["input_ids"]]
+                   if batch_size == "auto" else [1])
     else:
-        lengths = [len(p) for p in prompts]
-        empty = [i for i, n in enumerate(lengths) if n == 0]
+        lengths = [len(prompts[i]) for i in order]
+        empty = [i for i in order if len(prompts[i]) == 0]
         if empty:
-            raise ValueError(f"prompts {empty[:10]} have no tokens; every prompt needs at least one token id")
-    size = _batch_size(batch_size, model, len(prompts), max(lengths), kind, max_memory)
+            raise ValueError(f"prompts {empty[:10]} of this batch are empty (no tokens); every prompt needs at "
+                             "least one token id")
+    size = _batch_size(batch_size, model, len(order), max(lengths), kind, max_memory)
     out = []
-    for index, start in enumerate(range(0, len(prompts), size)):
-        rows = list(range(start, min(start + size, len(prompts))))
+    for index, start in enumerate(range(0, len(order), size)):
+        rows = order[start : start + size]
         encoded = encode_prompts(tokenizer, [prompts[i] for i in rows], "cpu", padding_side=padding_side,
                                  pad_id=pad_id)
         mask = encoded["attention_mask"]
         empty = (mask.sum(-1) == 0).nonzero().reshape(-1).tolist()
         if empty:
-            raise ValueError(f"prompts {[rows[i] for i in empty]} are empty after tokenization; every prompt "
-                             "needs at least one token")
+            raise ValueError(f"prompts {[rows[i] for i in empty]} of this batch are empty (no tokens after "
+                             "tokenization); every prompt needs at least one token")
         if vocab is not None:
             check_vocab(encoded["input_ids"][mask.bool()], vocab, "the prompts", tokenizer)
         batch = {"index": index, "rows": rows, "input_ids": encoded["input_ids"].to(device),
@@ -209,6 +214,21 @@ def _check_prompts(prompts: Any, tokenizer: Any) -> list:
                 raise TypeError(f"prompt {i} is neither a string nor a list of integer token ids: "
                                 f"{str(p)[:60]!r}") from None
     return out
+
+
+def _check_rows(rows: Sequence[int] | None, n: int) -> list[int]:
+    if rows is None:
+        return list(range(n))
+    try:
+        order = [operator.index(i) for i in (rows.tolist() if isinstance(rows, torch.Tensor) else rows)]
+    except TypeError:
+        raise TypeError(f"rows must be prompt indices (integers), got {str(rows)[:60]!r}") from None
+    bad = [i for i in order if not 0 <= i < n]
+    if bad:
+        raise IndexError(f"rows {bad[:5]} are out of range for {n} prompts (valid: 0..{n - 1})")
+    if not order:
+        raise ValueError("rows is empty: give at least one prompt index")
+    return order
 
 
 def _check_per_prompt(per_prompt: Mapping | None, n: int) -> dict:

@@ -472,7 +472,7 @@ def test_client_side_works_on_meta_weights(family):
     assert moe_spec(meta) == moe_spec(hf)
     data = _Data([[5, 6, 7], [8, 9]], torch.tensor([1, 2]), ["r", "r"])
     chunk, = _chunks(meta, data, [0, 1], None, 4, "left")
-    assert chunk.input_ids.device.type == "cpu" and chunk.input_ids.tolist() == [[5, 6, 7], [0, 8, 9]]
+    assert chunk["input_ids"].device.type == "cpu" and chunk["input_ids"].tolist() == [[5, 6, 7], [0, 8, 9]]
 
 
 def test_cli_remote_ndif_needs_a_hosted_model(tmp_path):

@@ -270,7 +270,7 @@ def test_bad_input_gives_clear_errors():
         runner.run(hf, "w5 w6", fn, tokenizer=tok)
     with pytest.raises(TypeError, match="mix strings and token-id lists"):
         runner.run(hf, ["w5 w6", [5, 6]], fn, tokenizer=tok)
-    with pytest.raises(ValueError, match=r"prompts \[1\] have no tokens"):
+    with pytest.raises(ValueError, match=r"prompts \[1\] of this batch are empty \(no tokens\)"):
         runner.run(hf, [[5], []], fn)
     with pytest.raises(TypeError, match="prompt 1 is neither"):
         runner.run(hf, [[5], [1.5, 2.0]], fn)
@@ -292,3 +292,33 @@ def test_bad_input_gives_clear_errors():
         runner.run_batches(hf, [{"input_ids": torch.ones(1, 2)}], fn)
     with pytest.raises(ValueError, match="max_memory must be a positive number"):
         runner.choose_batch_size(hf, 4, 4, max_memory=-5)
+
+
+def test_rows_batch_a_subset_and_keep_input_indices():
+    batches = runner.make_batches(PROMPTS, batch_size=2, rows=[5, 1, 3], per_prompt={"target": torch.arange(6) * 10})
+    assert [b["rows"] for b in batches] == [[5, 1], [3]]
+    assert batches[0]["target"].tolist() == [50, 10] and batches[1]["input_ids"].tolist() == [PROMPTS[3]]
+    with pytest.raises(IndexError, match=r"rows \[6\] are out of range for 6 prompts"):
+        runner.make_batches(PROMPTS, rows=[0, 6])
+    with pytest.raises(ValueError, match="rows is empty"):
+        runner.make_batches(PROMPTS, rows=[])
+
+
+def test_recipes_take_batch_size_auto_with_the_same_numbers():
+    """batch_size="auto" reaches choose_batch_size through the runner in every recipe; numbers do not depend
+    on the batch size."""
+    from nnsight_moe.recipes import blocking, head_expert
+    from nnsight_moe.recipes.attribution import attribute
+
+    hf = tiny_model("olmoe")
+    targets = [40, 41, 42, 43, 44, 45]
+    keys = ["prompt", "layer", "level", "expert"]
+    a, b = (attribute(hf, PROMPTS, targets, levels=("layer", "expert"), batch_size=size, progress=False).to_frame()
+            .sort_values(keys, kind="stable").reset_index(drop=True) for size in (2, "auto"))
+    assert a[keys].equals(b[keys]) and (a["score"] - b["score"]).abs().max() < ATOL
+    conditions = [[], [(0, 1)], [(1, 2), (0, 3)]]
+    small = blocking.evaluate(hf, (PROMPTS, targets), conditions, batch_size=2, max_rows=4, progress=False)
+    auto = blocking.evaluate(hf, (PROMPTS, targets), conditions, batch_size="auto", progress=False)
+    assert torch.equal(small, auto)
+    probs = head_expert._router_probs(hf, PROMPTS, None, 2)
+    assert abs(probs - head_expert._router_probs(hf, PROMPTS, None, "auto")).max() < ATOL
