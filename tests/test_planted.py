@@ -76,3 +76,26 @@ def test_faithful_prototype_trains_three_models(tmp_path):
         metrics = json.loads((tmp_path / name / "metrics.json").read_text())
         assert metrics["training"]["label_smoothing"] == faithful.FAITHFUL["label_smoothing"]
         assert metrics["eval_held_out_template"]["prompts"] < metrics["eval_train_templates"]["prompts"]
+
+
+def test_specialisation_finds_the_planted_experts():
+    """Routing analytics on the planted model (issue #17's acceptance): at each prompt's last token, the four
+    experts most enriched for a relation (by nPMI, among those significant at q < 0.05) are its planted ones."""
+    from nnsight_moe.recipes.routing_trace import collect_routing
+    from nnsight_moe.recipes.specialisation import enrichment
+
+    model, tok = planted.load()
+    prompts, labels = [], []
+    for rel in planted.relations():
+        for template in rel.prompt_templates:
+            for subject, _ in rel.samples:
+                prompts.append(template.format(subject))
+                labels.append(rel.name)
+    trace = collect_routing(model, prompts, tokenizer=tok, batch_size=16)
+    last = torch.zeros(len(prompts), dtype=torch.long).scatter_reduce(0, trace.prompt, trace.position, "amax")
+    found = enrichment(trace.select(trace.position == last[trace.prompt]), prompt_labels=labels, min_support=5)
+    significant = found.significant()
+    truth = planted.ground_truth()["experts"]
+    for rel, pairs in truth.items():
+        rows = significant[significant.label == rel].sort_values("npmi", ascending=False).head(len(pairs))
+        assert sorted(zip(rows.layer.tolist(), rows.expert.tolist())) == sorted(map(tuple, pairs)), rel
