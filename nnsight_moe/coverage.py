@@ -46,7 +46,6 @@ NOT_YET: dict[str, str] = {
     "zaya": "a skip expert and cross-layer router state",
     "diffusion_gemma": "Gemma-4's MoE decoder layers in two stacks (a bidirectional encoder and a block-diffusion "
                        "decoder): the layout indexes one stack of layers",
-    "ernie4_5_vl_moe": "modality-isolated expert groups (text / vision experts chosen by token type)",
     "inkling2_loop": "layers run several times per forward: hooks need a per-pass key",
     "qwen3_omni_moe": "two MoE decoder stacks (thinker and talker) in one model",
 }

@@ -61,6 +61,9 @@ FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
     "axk2": {"head_dim": 8, "num_key_value_heads": 4},
     "cohere2_moe": {"num_shared_experts": 1, "shared_expert_combination_strategy": "sum"},
     "ernie4_5_moe": {"num_experts_per_tok": 4},  # the random selection bias dominates: top-4 so blocking hits
+    # ERNIE-4.5-VL: [text, vision] expert widths (modality-isolated experts), top-4 as ERNIE-4.5
+    "ernie4_5_vl_moe_text": {"moe_intermediate_size": [32, 32], "moe_num_experts": 8, "moe_k": 4, "moe_num_shared_experts": 1,
+                             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]}},
     # hybrids: at least one attention layer (an all-linear-attention stack fails in HF on a cache query);
     # linear-attention reference kernels are slow on CPU: tiny models use attention only where the family allows
     "qwen3_next": {"layer_types": ["full_attention"] * 3},
