@@ -47,7 +47,6 @@ NOT_YET: dict[str, str] = {
     "diffusion_gemma": "Gemma-4's MoE decoder layers in two stacks (a bidirectional encoder and a block-diffusion "
                        "decoder): the layout indexes one stack of layers",
     "inkling2_loop": "layers run several times per forward: hooks need a per-pass key",
-    "qwen3_omni_moe": "two MoE decoder stacks (thinker and talker) in one model",
 }
 
 _MOE_CLASS = re.compile(r"^class (\w*(?:Experts|MoE|Moe)\w*)\(", re.M)

@@ -112,6 +112,14 @@ FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
     "llama4_text": {"moe_layers": [1, 2], "intermediate_size_mlp": 64, "attention_chunk_size": None},
     # Gemma-4: MoE on every decoder layer (router + experts beside the dense MLP), small per-layer inputs
     "gemma4_text": {"enable_moe_block": True, "top_k_experts": 2, "hidden_size_per_layer_input": 16},
+    # Qwen3-Omni-MoE: the talker reads the thinker's hidden states (thinker_hidden_size) at accept_hidden_layer
+    # transformers 5.24: the talker's MoE block reads shared_expert_intermediate_size, which its config lacks
+    "qwen3_omni_moe_talker_text": {"shared_expert_intermediate_size": 48},
+    # the thinker's rope index (padded batches) reads vision_start_token_id, absent from its config class: an id
+    # outside the tiny vocabulary, so no text token starts a vision span
+    "qwen3_omni_moe_thinker": {"vision_start_token_id": 1000},
+    "qwen3_omni_moe_talker": {"thinker_hidden_size": 64, "accept_hidden_layer": 1, "num_code_groups": 4,
+                              "spatial_merge_size": 2},  # read by its modeling, absent from its config class
     "qwen4_exp_text": {
         "layer_types": ["linear_attention", "indexed_attention", "linear_attention"],
         "indexer_n_heads": 2,
@@ -150,6 +158,9 @@ TOWER: dict[str, Any] = {
 #: Per-sub-config extras on top of TOWER, keyed by the sub-config's model type (towers with per-stage lists).
 TOWER_EXTRAS: dict[str, dict[str, Any]] = {
     "muse_spark_audio": {"patch_sizes": [16], "hidden_sizes": [32], "depths": [1]},
+    "qwen3_omni_moe_code2wav": {"decoder_dim": 32, "codebook_size": 64},
+    "qwen3_omni_moe_audio_encoder": {"encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 64,
+                                     "d_model": 32, "output_dim": TINY["hidden_size"], "downsample_hidden_size": 16},
 }
 
 
@@ -164,6 +175,13 @@ def tiny_config(model_type: str, **overrides: Any):
     default = AutoConfig.for_model(model_type)
     values = {**TINY, **FAMILY_EXTRAS.get(model_type, {}), **overrides}
     sub_configs = getattr(default, "sub_configs", None) or {}
+    if any(name in sub_configs for name in COMPOSITE_SUB_CONFIGS):  # Qwen3-Omni-MoE: thinker + talker (+ code2wav)
+        subs = {name: _composite(getattr(default, name), overrides) if name in COMPOSITE_SUB_CONFIGS
+                else _shrunk(getattr(default, name), {**TOWER, **TOWER_EXTRAS.get(  # untyped: keyed <model_type>_<name>
+                    getattr(default, name).model_type or f"{model_type}_{name.removesuffix('_config')}", {})})
+                for name in sub_configs if getattr(default, name, None) is not None}
+        top = {k: v for k, v in values.items() if _has(default, k) and k not in sub_configs}
+        return AutoConfig.for_model(model_type, **subs, **top)
     if "text_config" not in sub_configs:
         return AutoConfig.for_model(model_type, **{k: v for k, v in values.items() if _has(default, k)})
     text_type = getattr(default.text_config, "model_type", "")
@@ -175,6 +193,37 @@ def tiny_config(model_type: str, **overrides: Any):
     extras = {k: v for k, v in FAMILY_EXTRAS.get(model_type, {}).items() if k not in text_fields}
     top = {k: v for k, v in {**TINY, **extras, **overrides}.items() if _has(default, k) and k not in sub_configs}
     return AutoConfig.for_model(model_type, **subs, **top)
+
+
+#: Sub-configs that are themselves multimodal models with a text stack of their own (Qwen3-Omni-MoE's
+#: ``thinker_config`` and ``talker_config``, each holding a MoE ``text_config``): each is shrunk as a
+#: multimodal config (:func:`_composite`), its other sub-configs (towers, the talker's code predictor, the
+#: code-to-wave decoder) to :data:`TOWER`.
+COMPOSITE_SUB_CONFIGS = ("thinker_config", "talker_config")
+
+
+def _composite(config, overrides: dict[str, Any]):
+    """A new ``type(config)`` of a nested multimodal sub-config: its ``text_config`` gets TINY, the family
+    extras of the text model type and ``overrides``; its own fields TINY and the extras of its model type
+    (keyed by ``config.model_type``, e.g. ``qwen3_omni_moe_thinker``, or by the text type's stem + ``_talker``
+    where the sub-config has none: :data:`FAMILY_EXTRAS` ``qwen3_omni_moe_talker``); its other sub-configs TOWER."""
+    text_type = getattr(config.text_config, "model_type", "")
+    own_type = config.model_type or text_type.removesuffix("_text")
+    text = {**TINY, **FAMILY_EXTRAS.get(text_type, {}), **overrides}
+    nested = {name: _shrunk(getattr(config, name), text if name == "text_config" else
+                            {**TOWER, **TOWER_EXTRAS.get(getattr(getattr(config, name), "model_type", ""), {})})
+              for name in (getattr(config, "sub_configs", None) or {}) if getattr(config, name, None) is not None}
+    for name, value in FAMILY_EXTRAS.get(text_type, {}).items():  # read by the modeling, absent from the config
+        if "text_config" in nested and not hasattr(nested["text_config"], name):  # class (talker's shared width)
+            setattr(nested["text_config"], name, value)
+    fields = config.to_dict()
+    own = {**TINY, **FAMILY_EXTRAS.get(own_type, {})}
+    kept = {k: v for k, v in fields.items() if not isinstance(v, (list, dict)) and k not in _NOT_INIT and k not in nested}
+    out = type(config)(**{**kept, **{k: v for k, v in own.items() if k in fields and k not in nested}, **nested})
+    for name, value in FAMILY_EXTRAS.get(own_type, {}).items():  # read by the modeling, absent from the config class
+        if not hasattr(out, name):
+            setattr(out, name, value)
+    return out
 
 
 def _has(config, name: str) -> bool:
@@ -204,9 +253,14 @@ _NOT_INIT = {"model_type", "transformers_version", "architectures", "_name_or_pa
 
 def _model_class(config):
     """The HF class a tiny model of ``config`` is built from: the causal LM (of the config, else of its
-    text config), else the image-text-to-text model, else the token classifier (bidirectional MoE)."""
+    text config), else the image-text-to-text model, else the token classifier (bidirectional MoE). A
+    config with a ``thinker_config`` (Qwen3-Omni-MoE, whose full model has no forward, only ``generate``)
+    builds its thinker, the model that runs text (build the full model from :func:`tiny_config`)."""
     from transformers.models.auto import modeling_auto as auto
 
+    thinker = getattr(config, "thinker_config", None)
+    if thinker is not None:  # Qwen3-Omni-MoE: the full model only generates; its text forward is the thinker's
+        return _model_class(thinker)
     text = config.get_text_config()
     causal = auto.MODEL_FOR_CAUSAL_LM_MAPPING
     if text is not config and type(text) in causal and causal.get(type(config), None) is causal[type(text)]:

@@ -365,3 +365,43 @@ def test_granite_shared_hooks_in_nnsight():
         edited = lm.output.logits.save()
     torch.testing.assert_close(edited, zeroed, atol=1e-5, rtol=0)
     nnsight_moe.detach(lm)
+
+
+def test_qwen3_omni_moe_two_stacks_key_the_thinker():
+    """The full Qwen3-Omni-MoE model (thinker + talker + code2wav, from the shrunk nested config): the layout and
+    the hook points are the thinker's MoE layers (``thinker.model.language_model.layers.L.mlp``), the talker's
+    MoE blocks get none; attached, the thinker's forward is unchanged and its hook_topk_indices are its routers'."""
+    from transformers import Qwen3OmniMoeForConditionalGeneration
+
+    config = tiny_config("qwen3_omni_moe")
+    assert config.talker_config.text_config.hidden_size == 64 and config.thinker_config.text_config.num_experts == 8
+    torch.manual_seed(0)
+    full = Qwen3OmniMoeForConditionalGeneration._from_config(config).eval()
+    from nnsight_moe.testing import randomize_
+
+    randomize_(full)
+    layout = nnsight_moe.layout(full)
+    assert layout.family == "qwen3_omni_moe" and layout.moe_layers == [0, 1, 2]
+    assert all(l.path == f"thinker.model.language_model.layers.{l.index}.mlp" for l in layout.layers)
+    talker_blocks = [n for n, m in full.talker.named_modules() if type(m).__name__ == "Qwen3OmniMoeTalkerTextSparseMoeBlock"]
+    assert len(talker_blocks) == config.talker_config.text_config.num_hidden_layers > 0
+    ids = _ids(pos=6)
+    ref = full.thinker(ids).logits
+    handle = nnsight_moe.attach(full)
+    try:
+        points = handle.hook_points()
+        assert points and all(name.startswith("thinker.") for name in points)
+        assert not any(name.startswith(f"talker.{b}.hook_") for b in talker_blocks for name in points)
+        seen, own = {}, {}
+        for layer in layout.moe_layers:
+            path = layout.hook_name(layer, "hook_topk_indices")
+            points[path].register_forward_hook(lambda m, a, out, layer=layer: seen.__setitem__(layer, out.clone()))
+            full.get_submodule(layout.layer(layer).router).register_forward_hook(
+                lambda m, a, out, layer=layer: own.__setitem__(layer, out[2].clone()))
+        out = full.thinker(ids).logits
+        assert torch.equal(out, ref)
+        assert sorted(seen) == layout.moe_layers
+        for layer in layout.moe_layers:
+            assert torch.equal(seen[layer].reshape(own[layer].shape).sort(-1).values, own[layer].sort(-1).values)
+    finally:
+        handle.detach()
