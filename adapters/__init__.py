@@ -114,25 +114,29 @@ def detect(model: nn.Module) -> MoELayout:
     for index, layer in enumerate(layers):
         found = next(((name, m) for name, m in layer.named_modules() if adapter.is_block(m)), None)
         if found is None:
-            mlp = "mlp" if hasattr(layer, "mlp") else ""
+            mlp = next((name for name in ("mlp", "feed_forward") if hasattr(layer, name)), "")
             described.append(LayerLayout(index, "dense", f"{layers_path}.{index}" + (f".{mlp}" if mlp else ""), d_model))
             continue
         name, block = found
-        path = f"{layers_path}.{index}.{name}"
-        described.append(_moe_layer(index, path, block, adapter, config, d_model))
+        path = f"{layers_path}.{index}" + (f".{name}" if name else "")  # "": the decoder layer is the block (Gemma-4)
+        described.append(_moe_layer(index, path, block, adapter, config, d_model, layer, f"{layers_path}.{index}"))
     return MoELayout(family=adapter.name, model_type=config.model_type, layers=tuple(described))
 
 
-def _moe_layer(index: int, path: str, block: nn.Module, adapter: Adapter, config, d_model: int) -> LayerLayout:
+def _moe_layer(index: int, path: str, block: nn.Module, adapter: Adapter, config, d_model: int,
+               layer: nn.Module, layer_path: str) -> LayerLayout:
     router = block.get_submodule(adapter.router)
     experts = block.get_submodule(adapter.experts)
     routing = adapter.routing(block, router, config)
-    transposed = getattr(experts, "is_transposed", False)
-    d_expert = experts.down_proj.shape[1] if transposed else experts.down_proj.shape[2]
-    shared = adapter.shared if adapter.shared and getattr(block, adapter.shared, None) is not None else None
+    transposed = getattr(experts, "is_transposed", adapter.experts_transposed)
+    d_expert = adapter.expert_width(experts)
+    latent = adapter.latent_out is not None and not isinstance(block.get_submodule(adapter.latent_out), nn.Identity)
+    d_latent = int(experts.down_proj.shape[2] if transposed else experts.down_proj.shape[1]) if latent else 0
+    owner, owner_path = (layer, layer_path) if adapter.shared_on_layer else (block, path)  # where the shared MLP lives
+    shared = adapter.shared if adapter.shared and getattr(owner, adapter.shared, None) is not None else None
     d_shared = 0
     if shared is not None:
-        d_shared = block.get_submodule(shared).down_proj.in_features
+        d_shared = owner.get_submodule(shared).get_submodule(adapter.shared_down).in_features
     return LayerLayout(
         index=index,
         kind="moe",
@@ -140,14 +144,23 @@ def _moe_layer(index: int, path: str, block: nn.Module, adapter: Adapter, config
         d_model=d_model,
         router=f"{path}.{adapter.router}",
         experts=f"{path}.{adapter.experts}",
-        shared=f"{path}.{shared}" if shared else None,
-        shared_gate=f"{path}.{adapter.shared_gate}" if shared and adapter.shared_gate else None,
+        shared=f"{owner_path}.{shared}" if shared else None,
+        shared_gate=f"{owner_path}.{adapter.shared_gate}" if shared and adapter.shared_gate else None,
+        shared_down=f"{owner_path}.{shared}.{adapter.shared_down}" if shared else None,
+        shared_outside=bool(shared and adapter.shared_on_layer),
+        d_latent=d_latent,
+        latent_out=f"{path}.{adapter.latent_out}" if latent else None,
+        post=f"{path}.{adapter.post}" if adapter.post else None,
         n_experts=routing.n_experts,
         top_k=routing.top_k,
         d_expert=int(d_expert),
         d_shared=int(d_shared),
         routing=routing,
         routed_scale=float(getattr(block, adapter.routed_scale)) if adapter.routed_scale else 1.0,
+        router_logits=f"{path}.{adapter.router}.{adapter.router_logits}" if adapter.router_logits else None,
+        moe_out=f"{path}.{adapter.moe_out}" if adapter.moe_out else None,
+        gate_on_input=adapter.gate_on_input,
+        moe_bias=f"{path}.{adapter.moe_bias}" if adapter.moe_bias else None,
     )
 
 

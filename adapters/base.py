@@ -33,6 +33,36 @@ class Adapter:
         shared_gate: attribute of the shared expert gate (a Linear to 1, passed through a sigmoid).
         routed_scale: attribute of the block holding a constant its forward multiplies the routed sum
             by (becomes :attr:`~nnsight_moe.layout.LayerLayout.routed_scale`); None for 1.
+        shared_on_layer: the shared expert is an attribute of the decoder layer, a sibling of the MoE
+            block, and the layer adds its output to the block's (Granite-MoE-Shared / -Hybrid ``shared_mlp``).
+        shared_down: attribute of the shared expert MLP holding its down projection (an ``nn.Linear``
+            whose input is ``hook_shared_acts``).
+        latent_out: attribute of the block projecting the routed sum of a latent MoE back to d_model (its
+            output is ``hook_latent_out``); the layer is latent when that module is not an ``nn.Identity``.
+        post: attribute of the block that post-processes its sum (its input is ``hook_moe_sum``).
+        own_experts: the fused experts module has its own forward, not dispatched through transformers'
+            ``ExpertsInterface`` (Step-3.7): the hooks replace its output from a forward hook.
+        experts_float32: the family's experts compute in float32 whatever the model's dtype and add the
+            weighted outputs of a token's experts in increasing expert order into a float32 sum, cast to
+            the input dtype at the end (OpenAI-Privacy-Filter's eager experts): the ``"nnsight_moe"``
+            experts implementation and the remote view then do the same, so bf16 / fp16 stay bit-exact.
+        router_logits: submodule of the router whose output are the raw router logits, for a router whose
+            first output is not them (Gemma-4 returns its softmax probabilities: the logits are ``proj``'s);
+            the router's first output is then handed back as the (float32) scores.
+        moe_out: submodule of the block whose output is ``hook_moe_out``, when the block is not the MoE
+            block itself (Gemma-4: the block is the decoder layer and the MoE output is the experts').
+        gate_on_input: the gate weights scale each expert's input, not its output, and the router returns a
+            dense ``(scores [n, E], logits)`` pair (Llama 4; see :mod:`nnsight_moe.input_gated`).
+        experts_transposed: the experts' weights are stored ``[E, in, out]`` although the module has no
+            ``is_transposed`` attribute (Llama 4's experts predate the experts interface).
+        routing_in_block: the router returns only its logits and the block computes the weights and
+            indices it hands the experts (DBRX; see :mod:`nnsight_moe.block_routed`).
+        dispatch_router: the router returns a dispatch plan and the block runs parallel experts
+            (JetMoE; see :mod:`nnsight_moe.dispatch_experts`); ``experts`` names the down projection.
+        moe_bias: attribute of the block holding a bias its forward adds to the routed sum
+            (``hook_moe_out = hook_routed_out + bias``; JetMoE).
+        identity_experts: the experts module runs its own loop and includes zero-compute identity experts
+            after the real ones (LongCat-Flash; see :mod:`nnsight_moe.identity_experts`).
     """
 
     name: str
@@ -43,12 +73,32 @@ class Adapter:
     shared: str | None = None
     shared_gate: str | None = None
     routed_scale: str | None = None
+    shared_on_layer: bool = False
+    shared_down: str = "down_proj"
+    latent_out: str | None = None
+    post: str | None = None
+    own_experts: bool = False
+    experts_float32: bool = False
+    router_logits: str | None = None
+    moe_out: str | None = None
+    gate_on_input: bool = False
+    experts_transposed: bool = False
+    routing_in_block: bool = False
+    dispatch_router: bool = False
+    moe_bias: str | None = None
+    identity_experts: bool = False
 
     def is_block(self, module: nn.Module) -> bool:
         """Whether ``module`` is a MoE block of this family."""
         experts = getattr(module, self.experts, None)
         router = getattr(module, self.router, None)
         return isinstance(experts, nn.Module) and isinstance(router, nn.Module) and _has_fused_experts(experts)
+
+
+    def expert_width(self, experts: nn.Module) -> int:
+        """d_expert: the width of one expert's down-projection input."""
+        transposed = getattr(experts, "is_transposed", self.experts_transposed)
+        return int(experts.down_proj.shape[1] if transposed else experts.down_proj.shape[2])
 
 
 def _has_fused_experts(experts: nn.Module) -> bool:

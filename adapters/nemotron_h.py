@@ -1,21 +1,15 @@
-"""Nemotron-H MoE layers: DeepSeek-V3 routing (sigmoid, bias, grouped top-2-sum, renorm, scale), relu2 experts."""
+"""Nemotron-H MoE layers: DeepSeek-V3 routing (sigmoid, bias, grouped top-2-sum, renorm, scale), relu2 experts; LatentMoE with ``moe_latent_size``.
+
+With ``moe_latent_size`` the block projects its input into the latent space (``fc1_latent_proj``) and the
+routed sum back (``fc2_latent_proj``, with the config's ``mlp_bias``): ``hook_latent_in`` is the experts'
+input, ``hook_expert_out`` / ``hook_routed_out`` are latent, and
+``hook_moe_out = hook_latent_out + hook_shared_out`` with ``hook_latent_out = fc2_latent_proj(hook_routed_out)``.
+"""
 
 from nnsight_moe.adapters.base import Adapter
 from nnsight_moe.adapters.deepseek_v3 import deepseek_v3_routing
-from nnsight_moe.layout import UnsupportedModelError
-from torch import nn
-
-
-def nemotron_h_routing(block, router, config):
-    """DeepSeek-V3 routing; latent MoE (``moe_latent_size``) projects around the experts and is not supported."""
-    if not (isinstance(block.fc1_latent_proj, nn.Identity) and isinstance(block.fc2_latent_proj, nn.Identity)):
-        raise UnsupportedModelError(
-            f"nemotron_h with moe_latent_size={config.moe_latent_size} projects expert inputs/outputs through "
-            "latent projections, which the hook contract cannot express; accepted: moe_latent_size=None"
-        )
-    return deepseek_v3_routing(block, router, config)
-
 
 NEMOTRON_H = Adapter(
-    name="nemotron_h", model_types=("nemotron_h",), routing=nemotron_h_routing, shared="shared_experts"
+    name="nemotron_h", model_types=("nemotron_h",), routing=deepseek_v3_routing, shared="shared_experts",
+    latent_out="fc2_latent_proj",
 )

@@ -1,4 +1,4 @@
-"""OpenAI-Privacy-Filter: router with bias, top-k on the float32 logits, softmax over the k divided by k; the block multiplies the routed sum by k (a bidirectional token classifier)."""
+"""OpenAI-Privacy-Filter: router with bias, top-k on the float32 logits, softmax over the k divided by k; the block multiplies the routed sum by k; float32 experts (a bidirectional token classifier)."""
 
 from nnsight_moe.adapters.base import Adapter
 from nnsight_moe.routing import SoftmaxTopK
@@ -15,4 +15,5 @@ OPENAI_PRIVACY_FILTER = Adapter(
     routing=openai_privacy_filter_routing,
     router="router",
     routed_scale="num_experts",  # OpenAIPrivacyFilterMLP.num_experts is num_experts_per_tok
+    experts_float32=True,  # "Key change to original gpt oss is to stay in fp32 precision" (its experts forward)
 )

@@ -43,7 +43,7 @@ _API = {
 #: Subpackages / modules reachable as attributes (``nnsight_moe.tl.boot``, ``nnsight_moe.demo.load``).
 _SUBMODULES = frozenset({
     "adapters", "attach", "check", "cli", "coverage", "data", "demo", "hooks", "interventions", "job", "layout",
-    "models", "nnsight_frontend", "precision", "progress", "recipes", "remote", "report", "routing", "testing",
+    "models", "nnsight_frontend", "precision", "progress", "recipes", "remote", "report", "routing", "steering", "testing",
     "threads", "tl",
 })
 

@@ -130,7 +130,8 @@ def _attach_hf(hf: nn.Module) -> AttachHandle:
         if not layer.is_moe:
             continue
         block = hooks.unwrap(hf.get_submodule(layer.path))  # the HF block behind a bridge wrapper
-        state = hooks.BlockState(block, layer, adapter, config)
+        shared = hf.get_submodule(layer.shared) if layer.shared_outside else None  # a sibling of the block
+        state = hooks.BlockState(block, layer, adapter, config, shared=shared)
         states[layer.index] = state
         handle._handles[layer.index] = hooks.install(block, state)
     hf.__dict__[_HANDLE] = handle

@@ -13,9 +13,11 @@ user checks a real checkpoint the tests never saw. Per MoE layer it measures:
   forward: same experts, same dtype, weights within one unit in the last place of that dtype;
 * **routed**: ``hook_routed_out = sum_k hook_topk_weights * hook_expert_out``, and **moe**:
   ``hook_moe_out = hook_routed_out + hook_shared_gate * hook_shared_out`` (``= hook_routed_out``
-  without shared experts), each within the rounding of the model's dtype;
+  without shared experts), each within the rounding of the model's dtype (with the contract's extension:
+  ``routed_scale * hook_routed_out``, ``hook_latent_out`` for a latent MoE, ``hook_moe_sum`` on the left
+  for a post-processed block; a shared expert beside the block counts in the block output);
 * **block**: the attached block output against the unattached model's, on the same prompts;
-* **top-k flips**: the share of tokens whose selected expert SET differs between this dtype and float32
+* **top-k flips**: the share of (non-pad) tokens whose selected expert SET differs between this dtype and float32
   (a float32 copy of the model, end to end), and between transformers' experts implementations
   (``eager`` / ``batched_mm`` / ``grouped_mm``, on the unattached model; each against the model's
   configured one). These are facts about the model, not failures of the hooks: they say how much
@@ -35,7 +37,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["IMPLEMENTATIONS", "LayerCheck", "RoutingCheck", "check_routing"]
+__all__ = ["IMPLEMENTATIONS", "LayerCheck", "RoutingCheck", "check_routing", "flip_share", "router_indices",
+           "topk_set_changed"]
 
 #: transformers' experts implementations compared by the check (those the model cannot run are reported)
 IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
@@ -236,22 +239,25 @@ def check_routing(model: Any, input_ids: Tensor | None = None, *, tokenizer=None
         terms = get("hook_topk_weights").float()[..., None] * get("hook_expert_out").float()
         routed_tol = (eps(act) + 4 * eps(torch.float32)) * float(terms.abs().sum(-2).max())
         routed_dev = _dev(get("hook_routed_out"), terms.sum(-2))
-        moe = get("hook_routed_out").float()
+        moe = info.routed_scale * get("hook_routed_out").float()
+        if info.d_latent:  # a latent MoE: the routed sum projected back to d_model (contract extension)
+            moe = get("hook_latent_out").float()
         magnitude = moe.abs()
         if info.has_shared:
             shared = get("hook_shared_gate").float() * get("hook_shared_out").float()
             moe, magnitude = moe + shared, magnitude + shared.abs()
         moe_tol = (eps(act) + 4 * eps(torch.float32)) * float(magnitude.max())
-        flips = {}
+        moe_hook = get("hook_moe_sum") if info.post else get("hook_moe_out")  # a post-processed block: its input
+        flips, real = {}, batch["attention_mask"]  # padding positions are not counted
         if compare_float32 and hf.dtype != torch.float32:
-            flips["float32"] = _flip_share(ref_indices[index], f32_indices[index]) if f32_indices else None
+            flips["float32"] = flip_share(ref_indices[index], f32_indices[index], real) if f32_indices else None
         for name in implementations:
             if name != configured:
-                flips[name] = _flip_share(ref_indices[index], impl_indices[name][index]) if name in impl_indices else None
+                flips[name] = flip_share(ref_indices[index], impl_indices[name][index], real) if name in impl_indices else None
         layers.append(LayerCheck(
             layer=index, router_indices_equal=same_idx, router_dtype=_name(w_dtype), hook_dtype=_name(weights.dtype),
             router_weights_dev=w_dev, router_weights_tol=w_tol, routed_dev=routed_dev, routed_tol=routed_tol,
-            moe_dev=_dev(get("hook_moe_out"), moe), moe_tol=moe_tol,
+            moe_dev=_dev(moe_hook, moe), moe_tol=moe_tol,
             block_dev=_dev(get("hook_moe_out"), blocks[index].reshape(get("hook_moe_out").shape)), flips=flips,
         ))
     report = RoutingCheck(family=layout.family, dtype=_name(hf.dtype), device=str(device),
@@ -309,11 +315,19 @@ def _run_unattached(hf, layout, batch) -> tuple[Tensor, dict, dict]:
                              lambda i, o: blocks.__setitem__(i, (o[0] if isinstance(o, tuple) else o).detach().clone()))
     handles += _forward_hooks(hf, layout, lambda info: info.router,
                               lambda i, o: indices.__setitem__(i, o[2].detach().reshape(b, p, -1).clone()))
+    beside = {}  # a shared expert beside the block (Granite): the layer adds its output to the block's
+    for index in layout.moe_layers:
+        if layout.layer(index).shared_outside:
+            module = _inner(hf.get_submodule(layout.layer(index).shared))
+            handles.append(module.register_forward_hook(
+                lambda m, a, o, index=index: beside.__setitem__(index, o.detach().clone()), prepend=True))
     try:
         logits = hf(**batch).logits
     finally:
         for h in handles:
             h.remove()
+    for index, shared in beside.items():
+        blocks[index] = blocks[index] + shared.reshape(blocks[index].shape)
     return logits, blocks, indices
 
 
@@ -355,10 +369,27 @@ def _float32_indices(hf, layout, batch) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------ small helpers
-def _flip_share(a: Tensor, b: Tensor) -> float:
-    """Share of tokens whose top-k expert SET differs between indices ``a`` and ``b`` [b, p, k]."""
+def topk_set_changed(a: Tensor, b: Tensor) -> Tensor:
+    """Bool [..., ] per token: whether the top-k expert SET differs between indices ``a`` and ``b`` [..., k]."""
     a, b = a.sort(-1).values, b.to(a.device).sort(-1).values
-    return float((a != b).any(-1).float().mean())
+    return (a != b).any(-1)
+
+
+def flip_share(a: Tensor, b: Tensor, mask: Tensor | None = None) -> float:
+    """Share of tokens whose top-k expert SET differs between indices ``a`` and ``b`` [b, p, k], over the
+    tokens where ``mask`` [b, p] holds (all tokens without a mask; NaN when the mask holds nowhere).
+
+    The core of the check's top-k flips and of :mod:`nnsight_moe.recipes.fidelity`.
+    """
+    changed = topk_set_changed(a, b)
+    if mask is not None:
+        changed = changed[mask.to(changed.device).bool()]
+    return float(changed.float().mean()) if changed.numel() else float("nan")
+
+
+def router_indices(hf: nn.Module, layout: Any, batch: dict) -> dict[int, Tensor]:
+    """{MoE layer: top-k indices [b, p, k] the UNATTACHED model's routers return} for one forward on ``batch``."""
+    return _run_unattached(hf, layout, batch)[2]
 
 
 def _dev(a: Tensor, b: Tensor) -> float:

@@ -1,4 +1,5 @@
-"""The ``nnsight-moe`` command line: ``families``, ``inspect``, ``check`` (routing fidelity) and ``run`` (the main job)."""
+"""The ``nnsight-moe`` command line: ``families``, ``inspect``, ``check`` (routing fidelity), ``run`` (the main job)
+and ``steer`` (behaviour-linked experts, steered against random experts)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,40 @@ import click
 from nnsight_moe.models import DTYPES  # torch-free, like everything this module imports at start
 
 DEFAULT_MODEL = "demo-moe"
+
+
+class _BatchSize(click.ParamType):
+    """A positive integer, or ``auto`` (the memory planner chooses)."""
+
+    name = "INTEGER|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = 0
+        if number < 1:
+            self.fail(f"{value!r} is neither a positive integer nor 'auto'", param, ctx)
+        return number
+
+
+class _Memory(click.ParamType):
+    """A memory size such as ``8GiB`` or ``500MB`` (:func:`nnsight_moe.memory.parse_size`), kept as bytes."""
+
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        from nnsight_moe.memory import parse_size  # torch-free
+
+        try:
+            return parse_size(value)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+BATCH_SIZE, MEMORY = _BatchSize(), _Memory()
 
 
 def _remote(value: str | None):
@@ -97,7 +132,11 @@ def inspect(model: str) -> None:
 @click.option("--dtype", default=None, type=click.Choice(DTYPES))
 @click.option("--threads", default=None, type=click.IntRange(min=1),
               help="torch CPU threads [default: $NNSIGHT_MOE_THREADS, else 1 for small models like the demos].")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default="auto", show_default=True, type=BATCH_SIZE,
+              help="Prompts per forward, or 'auto': the largest batch that fits --max-memory.")
+@click.option("--max-memory", default=None, type=MEMORY,
+              help="Working memory the job may use on top of the model, e.g. 8GiB or 500MB "
+                   "[default: the device's free memory minus a margin].")
 @click.option("--per-relation", default=24, show_default=True, type=click.IntRange(min=0),
               help="Prompts per relation for the recipes (0 = all facts); the baseline uses every fact.")
 @click.option("--quick", is_flag=True, help="8 prompts per relation and fewer seeds (smoke runs).")
@@ -106,10 +145,16 @@ def inspect(model: str) -> None:
 @click.option("--only-correct", is_flag=True, help="Run the recipes only on facts the model answers correctly.")
 @click.option("--fresh", is_flag=True,
               help="Discard the finished work an interrupted run kept in --out, and start over (default: resume).")
+@click.option("--dense", default=None,
+              help="A dense model (name or directory, as --model) for the MoE-vs-dense attribution comparison "
+                   "[default: demo-dense for demo-moe, else none].")
+@click.option("--in-sample", is_flag=True,
+              help="Blocking: rank experts and evaluate on the same facts (default: rank on half of each "
+                   "relation's subjects, evaluate on the other half).")
 @click.option("--allow-http", is_flag=True,
               help="Allow --remote http://HOST to a host other than this machine (the API key travels unencrypted).")
-def run(model, data, out, remote, device, dtype, threads, batch_size, per_relation, quick, target, only_correct,
-        fresh, allow_http) -> None:
+def run(model, data, out, remote, device, dtype, threads, batch_size, max_memory, per_relation, quick, target,
+        only_correct, fresh, dense, in_sample, allow_http) -> None:
     """Run the main job: every recipe on a model and relations; writes results.json and report.html."""
     from nnsight_moe.models import check_model_name
 
@@ -122,12 +167,15 @@ def run(model, data, out, remote, device, dtype, threads, batch_size, per_relati
             os.environ[ALLOW_HTTP_ENV] = "1"
         _or_fail(lambda: _check_remote(_remote(remote)))
     _or_fail(lambda: check_model_name(model))  # before torch is imported: a bad name fails at once
+    if dense is not None:
+        _or_fail(lambda: check_model_name(dense))
     from nnsight_moe.job import check_out_dir, run_job
 
     _or_fail(lambda: check_out_dir(out))
     _or_fail(lambda: run_job(model, data, out, remote=_remote(remote), device=device, dtype=dtype,
                              batch_size=batch_size, quick=quick, max_per_relation=per_relation,
-                             target=target, only_correct=only_correct, fresh=fresh, threads=threads))
+                             target=target, only_correct=only_correct, fresh=fresh, threads=threads,
+                             split=not in_sample, dense=dense, max_memory=max_memory))
 
 
 @main.command()
@@ -152,6 +200,67 @@ def check(model, dtype, device, no_float32) -> None:
     click.echo(report.format())
     if not report.ok:
         raise SystemExit(1)
+
+
+@main.command()
+@click.option("--model", "-m", default=DEFAULT_MODEL, show_default=True,
+              help="demo-moe, a local model directory, or a hub name.")
+@click.option("--data", "-d", default=None, help="LRE relation JSON file or directory [default: bundled relations].")
+@click.option("--behaviour", "-b", default="country_capital_city", show_default=True,
+              help="Relation whose experts are found and steered.")
+@click.option("--control", "-c", default="country_language", show_default=True, help="Relation it is contrasted with.")
+@click.option("--goal", default="both", show_default=True, type=click.Choice(["toward", "suppress", "both"]),
+              help="toward: force the experts ON in control prompts, scored on the behaviour answer of the same "
+                   "subject; suppress: force them OFF in behaviour prompts.")
+@click.option("--top", default=3, show_default=True, type=click.IntRange(min=1), help="Experts steered.")
+@click.option("--seeds", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Draws of layer-matched random experts (the baseline).")
+@click.option("--margin", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Forced logit = max + margin (on) or min - margin (off).")
+@click.option("--per-relation", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Facts per relation before the discovery / held-out split (0 = all).")
+@click.option("--remote", default=None, help="Run through nnsight remotely: 'ndif', 'local' (simulation) or a host URL.")
+@click.option("--allow-http", is_flag=True, help="Allow --remote http://HOST to a host other than this machine.")
+@click.option("--device", default=None, help="torch device, e.g. cpu or cuda.")
+@click.option("--dtype", default=None, type=click.Choice(DTYPES))
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--out", "-o", default=None, help="Write the discovery and evaluations to this JSON file.")
+def steer(model, data, behaviour, control, goal, top, seeds, margin, per_relation, remote, allow_http, device, dtype,
+          threads, batch_size, out) -> None:
+    """Find the experts linked to one relation (vs another) and steer with them on held-out prompts, against
+    layer-matched random experts (docs/recipes/steering.md)."""
+    from nnsight_moe.models import check_model_name
+
+    if remote is not None:
+        from nnsight_moe.remote import ALLOW_HTTP_ENV, _check_remote
+
+        if allow_http:
+            import os
+
+            os.environ[ALLOW_HTTP_ENV] = "1"
+        _or_fail(lambda: _check_remote(_remote(remote)))
+    _or_fail(lambda: check_model_name(model))
+    from nnsight_moe.recipes.steering import run_steer
+
+    goals = ("toward", "suppress") if goal == "both" else (goal,)
+    _or_fail(lambda: run_steer(model, data, behaviour=behaviour, control=control, goals=goals, top=top, seeds=seeds,
+                               margin=margin, per_relation=per_relation, remote=_remote(remote), device=device,
+                               dtype=dtype, threads=threads, batch_size=batch_size, out=out))
+#: ``nnsight-moe analyze NAME``: the analysis recipes' own command lines (``python -m nnsight_moe.recipes.<module>``)
+ANALYSES = {"routing": "routing_stats", "specialisation": "specialisation", "fidelity": "fidelity", "lenses": "lenses",
+            "super-experts": "super_experts", "replot": "replot"}
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("name", type=click.Choice(sorted(ANALYSES)))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def analyze(name, args) -> None:
+    """Run one analysis recipe: routing, specialisation, fidelity, lenses, super-experts, replot (ARGS: its
+    own options, see `nnsight-moe analyze NAME --help`)."""
+    import importlib
+
+    _or_fail(lambda: importlib.import_module(f"nnsight_moe.recipes.{ANALYSES[name]}").main(list(args)))
 
 
 def _or_fail(fn):

@@ -15,7 +15,7 @@ built, no modeling module imported):
 
 Each MoE package is then exactly one of: **supported** (an adapter serves one of its model types, its
 text model type, or the modeling classes it runs; every supported family passes the core equivalence
-tests), **excluded** (:data:`EXCLUDED`: not a causal-LM MoE) or **not yet supported**
+tests), **excluded** (:data:`EXCLUDED`: not a causal-LM MoE, or never an MoE model; it takes precedence) or **not yet supported**
 (:data:`NOT_YET`, with what it needs). ``tests/test_coverage.py`` fails when a transformers release
 brings a MoE package that is in none of them.
 """
@@ -34,34 +34,21 @@ EXCLUDED: dict[str, str] = {
     "nllb_moe": "encoder-decoder translation model with capacity-limited top-2 routing; not a causal LM",
     "doge": "its CDMoE is product-key retrieval over ~16k single-neuron experts (embedding rows, no fused "
             "experts) whose router mixes logits across tokens in a full forward; not a top-k expert MoE",
+    "gemma4_assistant": "Gemma-4's speculative-decoding assistant: its text model is gemma4_text, but its config "
+                        "refuses enable_moe_block=True (validate_architecture), so it never has an MoE layer",
     "vitpose_backbone": "a vision backbone (pose estimation) whose 'experts' are dataset-indexed MLP heads chosen "
                         "by an input index, not a learned router; not a language model",
 }
 
 #: MoE packages not supported yet, with what they need (issue #14's groups).
 NOT_YET: dict[str, str] = {
-    "axk1": "post-processed routed sum (block-level routed scale / post-MoE norm): needs a hook-contract extension",
-    "beam": "post-processed routed sum: needs a hook-contract extension",
-    "laguna": "post-processed routed sum: needs a hook-contract extension",
-    "minimax_m3_vl": "post-processed routed sum: needs a hook-contract extension",
-    "step3p7": "post-processed routed sum (and its own experts module): needs a hook-contract extension",
-    "muse_spark": "post-processed routed sum: needs a hook-contract extension",
-    "granitemoeshared": "the shared MLP is a sibling of the MoE block on the decoder layer: hook_shared_* and "
-                        "shared ablation need a layer-level shared-expert path",
-    "granitemoehybrid": "shared MLP on the decoder layer (as granitemoeshared); hybrid Mamba stack",
-    "llama4": "dense sigmoid router scores that scale the expert input (not the output), not fused top-k gating",
-    "dbrx": "routing inside the block and 2-D (per-expert concatenated) expert weights",
-    "jetmoe": "dispatch router and ParallelExperts (also mixture-of-attention experts)",
     "inkling": "the router also returns shared-expert gammas: a fourth router output the contract lacks",
     "zaya": "a skip expert and cross-layer router state",
-    "gemma4": "no MoE block module: router and experts live on the decoder layer beside a dense MLP",
-    "diffusion_gemma": "no MoE block module (as gemma4)",
-    "longcat_flash": "zero-compute identity experts mixed with real experts",
+    "diffusion_gemma": "Gemma-4's MoE decoder layers in two stacks (a bidirectional encoder and a block-diffusion "
+                       "decoder): the layout indexes one stack of layers",
     "ernie4_5_vl_moe": "modality-isolated expert groups (text / vision experts chosen by token type)",
     "inkling2_loop": "layers run several times per forward: hooks need a per-pass key",
     "qwen3_omni_moe": "two MoE decoder stacks (thinker and talker) in one model",
-    "deepseek_v4": "hash-routed first layers (indices from token ids) and sqrtsoftplus scoring",
-    "gemma4_assistant": "its text model is gemma4's (no MoE block module; see gemma4)",
 }
 
 _MOE_CLASS = re.compile(r"^class (\w*(?:Experts|MoE|Moe)\w*)\(", re.M)
@@ -154,10 +141,10 @@ def coverage() -> list[tuple[str, str, str]]:
     rows = []
     for package, why in moe_packages().items():
         family = _served_by(package, why)
-        if family is not None:
-            rows.append((package, "supported", family))
-        elif package in EXCLUDED:
+        if package in EXCLUDED:  # first: a dense package whose text model type has an adapter (gemma4_assistant)
             rows.append((package, "excluded", EXCLUDED[package]))
+        elif family is not None:
+            rows.append((package, "supported", family))
         elif package in NOT_YET:
             rows.append((package, "not yet", NOT_YET[package]))
         else:

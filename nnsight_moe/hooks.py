@@ -32,9 +32,10 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
+from transformers.integrations.moe import _grouped_linear as _hf_grouped_linear
 
 from nnsight_moe.layout import LayerLayout
-from nnsight_moe.routing import keep_top_weights, zero_weights
+from nnsight_moe.routing import expert_order_sum, keep_top_weights, zero_weights
 
 EXPERTS_IMPLEMENTATION = "nnsight_moe"
 _STATE = "_nnsight_moe"
@@ -65,21 +66,31 @@ class BlockState:
     * ``zero``: bool [E] (or [batch, E], one row per batch row), experts whose gate weight is set to 0;
     * ``renorm``: after zeroing, rescale the remaining weights to the original per-token sum;
     * ``exclude``: bool [E] or [batch, E], experts removed before selection (``reroute``);
-    * ``keep_top``: keep only the n largest routed gate weights per token (0 = routed experts off);
-    * ``shared_scale``: multiplies the shared expert gate (0 = shared expert ablated).
+    * ``keep_top``: keep only the n largest routed gate weights per token (0 = routed experts off;
+      ``keep_top_renorm``: rescale the kept ones to the original per-token sum);
+    * ``shared_scale``: multiplies the shared expert gate (0 = shared expert ablated);
+    * ``steer``: active :mod:`nnsight_moe.steering` plans: router-logit edits before ``hook_router_logits``
+      fires, gate scaling after blocking.
     """
 
-    def __init__(self, block: nn.Module, layer: LayerLayout, adapter: Any, config: Any):
+    def __init__(self, block: nn.Module, layer: LayerLayout, adapter: Any, config: Any, shared: nn.Module | None = None):
         self.block, self.layer, self.adapter, self.config = block, layer, adapter, config
         self.router = unwrap(block.get_submodule(adapter.router))
         self.experts = unwrap(block.get_submodule(adapter.experts))
+        #: the shared expert MLP (given for one outside the block, a sibling on the decoder layer), and the
+        #: module its caller calls (a TransformerBridge wrapper of it may recompute it from its linears)
+        self.shared_called = (shared if shared is not None else block.get_submodule(adapter.shared)) if layer.has_shared else None
+        self.shared = unwrap(self.shared_called) if layer.has_shared else None
+        self.block_out: Tensor | None = None  # the block's output, while a sibling shared expert is pending
         self.shape: tuple[int, int] = (1, 0)
         self.input_dtype: torch.dtype | None = None  # the block input's dtype (for routers called by keyword)
         self.zero: Tensor | None = None
         self.renorm = False
         self.exclude: Tensor | None = None
         self.keep_top: int | None = None
+        self.keep_top_renorm = False  # keep_top: rescale the kept weights to the original sum
         self.shared_scale: float | None = None
+        self.steer: list = []  # active nnsight_moe.steering plans: .logits(state, logits), .weights(state, i, w)
         self._lock = threading.Lock()
         self._thread: int | None = None  # the thread inside a forward of this block, if any
         self._depth = 0
@@ -115,8 +126,10 @@ class BlockState:
         if self.zero is not None:
             mask = self.row_mask(self.zero, indices.shape[0], indices.device)[:, 0, :]
             weights = zero_weights(weights, indices, mask, self.renorm)
+        for steering in self.steer:
+            weights = steering.weights(self, indices, weights)
         if self.keep_top is not None:
-            weights = keep_top_weights(weights, self.keep_top)
+            weights = keep_top_weights(weights, self.keep_top, self.keep_top_renorm)
         return weights
 
 
@@ -128,19 +141,56 @@ def install(block: nn.Module, state: BlockState) -> list:
         block.add_module(name, hook_point)
     for module in (block, state.router, state.experts):
         module.__dict__[_STATE] = state
+    moe_out = unwrap(block.get_submodule(state.adapter.moe_out)) if state.adapter.moe_out else block
     handles = [
         block.register_forward_pre_hook(_record_shape, with_kwargs=True),
-        state.router.register_forward_hook(_route),
-        block.register_forward_hook(_moe_out),
+        moe_out.register_forward_hook(_moe_out),
         block.register_forward_hook(_end_forward, always_call=True),  # also when the forward raises
     ]
+    if state.adapter.own_experts:  # an experts forward outside transformers' ExpertsInterface (Step-3.7)
+        handles.append(state.experts.register_forward_pre_hook(_own_experts_in))
+        handles.append(state.experts.register_forward_hook(_own_experts_out))
+    if state.layer.d_latent:
+        latent_out = unwrap(block.get_submodule(state.adapter.latent_out))
+        latent_out.__dict__[_STATE] = state
+        handles.append(latent_out.register_forward_hook(_latent_out))
+    if state.layer.post:
+        post = unwrap(block.get_submodule(state.adapter.post))
+        post.__dict__[_STATE] = state
+        handles.append(post.register_forward_pre_hook(_moe_sum, with_kwargs=True))
+    if state.adapter.routing_in_block:  # DBRX: the router gives logits only (nnsight_moe.block_routed)
+        from nnsight_moe import block_routed
+
+        handles += block_routed.install(state)
+    elif state.adapter.dispatch_router:  # JetMoE: a dispatch plan and parallel experts
+        from nnsight_moe import dispatch_experts
+
+        handles += dispatch_experts.install(state)
+    else:
+        handles.append(state.router.register_forward_hook(_route))
+    if state.adapter.identity_experts:  # LongCat-Flash: its own experts loop, zero-compute identity experts
+        from nnsight_moe import identity_experts
+
+        handles += identity_experts.install(state)
+    if state.adapter.gate_on_input:  # Llama 4: weights scale the experts' inputs (nnsight_moe.input_gated)
+        from nnsight_moe import input_gated
+
+        handles += input_gated.install(state)
+    if state.adapter.router_logits:  # the router's first output is not its logits: read them where computed
+        logits = unwrap(state.router.get_submodule(state.adapter.router_logits))
+        logits.__dict__[_STATE] = state
+        handles.append(logits.register_forward_hook(_stash_logits))
     if state.layer.has_shared:
-        shared = unwrap(block.get_submodule(state.adapter.shared))
-        down_proj = unwrap(shared.down_proj)
+        shared = state.shared
+        down_proj = unwrap(shared.get_submodule(state.adapter.shared_down))
         handles.append(down_proj.register_forward_pre_hook(_shared_acts))
-        handles.append(shared.register_forward_hook(_shared_out))
+        # beside the block, the shared output is hooked where the decoder layer calls it: TransformerLens'
+        # JointGateUpMLPBridge (Granite-MoE-Hybrid) runs the shared MLP's linears, not its forward
+        out_module = state.shared_called if state.layer.shared_outside else shared
+        handles.append(out_module.register_forward_hook(_shared_out))
         down_proj.__dict__[_STATE] = state
         shared.__dict__[_STATE] = state
+        out_module.__dict__[_STATE] = state
         if state.adapter.shared_gate is not None:
             gate = unwrap(block.get_submodule(state.adapter.shared_gate))
             gate.__dict__[_STATE] = state
@@ -154,8 +204,10 @@ def uninstall(block: nn.Module, state: BlockState, handles: list) -> None:
         handle.remove()
     for name in state.layer.hook_names:
         del block._modules[name]
-    for module in block.modules():
+    for module in [*block.modules(), *(state.shared_called.modules() if state.shared is not None else ()),
+                   *(state.shared.modules() if state.shared is not None else ())]:
         module.__dict__.pop(_STATE, None)
+    state.block_out = None
 
 
 # ---------------------------------------------------------------- torch hooks
@@ -187,22 +239,38 @@ def _end_forward(block, args, output):
                 state._thread, state._depth = None, 0
 
 
+def _stash_logits(module, args, output):
+    """Keep the raw router logits computed inside the router (``Adapter.router_logits``) for :func:`_route`."""
+    module.__dict__[_STATE].logits = output
+
+
 def _route(router, args, output):
     state: BlockState = router.__dict__[_STATE]
-    logits = output[0]
+    gate_on_input = state.adapter.gate_on_input  # Llama 4's router returns (dense scores, logits)
+    logits = state.__dict__.pop("logits") if state.adapter.router_logits else output[1 if gate_on_input else 0]
     b, p = state.bp(logits.shape[:-1].numel())
     rule = state.rule()
     n_experts, k = state.layer.n_experts, state.layer.top_k
-    logits = _checked(state, "hook_router_logits", state.hook("hook_router_logits", logits.reshape(b, p, -1)),
+    logits = logits.reshape(b, p, -1)
+    for steering in state.steer:  # steering edits the logits before the hook, so hooks see what is routed
+        logits = steering.logits(state, logits)
+    logits = _checked(state, "hook_router_logits", state.hook("hook_router_logits", logits),
                       (b, p, n_experts))
     raw = rule.scores(logits)
     version = raw._version  # bumped by an in-place edit
     scores = _checked(state, "hook_router_scores", state.hook("hook_router_scores", raw), (b, p, n_experts))
     unedited = scores is raw and raw._version == version
     exclude = state.row_mask(state.exclude, b, scores.device)
-    indices = state.hook("hook_topk_indices", rule.select(scores, exclude))
+    if rule._kind == "hash":  # chosen by token id: the model's own indices (block_experts refuses reroute)
+        selected = output[2].reshape(b, p, k)
+    else:
+        selected = rule.select(scores, exclude)
+    version = selected._version
+    indices = state.hook("hook_topk_indices", selected)
     _checked(state, "hook_topk_indices", indices, (b, p, k))
-    if indices.is_floating_point() or (indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_experts)):
+    edited = indices is not selected or selected._version != version  # unedited ids are valid: no host sync
+    if edited and (indices.is_floating_point() or (
+            indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n_experts))):
         raise ValueError(f"layer {state.layer.index}: hook_topk_indices must hold integer expert ids in "
                          f"0..{n_experts - 1}, got {indices.dtype} values in [{indices.min()}, {indices.max()}]")
     x = args[0] if args and isinstance(args[0], Tensor) else None  # the router's input (hidden states)
@@ -212,7 +280,14 @@ def _route(router, args, output):
     weights = _checked(state, "hook_topk_weights", state.hook("hook_topk_weights", state.edit_weights(indices, weights)),
                        (b, p, k))
     state.experts_pending = True  # cleared by the "nnsight_moe" experts implementation
-    return (logits.reshape(b * p, -1), weights.reshape(b * p, k), indices.reshape(b * p, k), *output[3:])
+    if gate_on_input:
+        from nnsight_moe.input_gated import dense_scores
+
+        state.indices = indices.reshape(b * p, k)
+        scores_dense = dense_scores(weights.reshape(b * p, k), state.indices, n_experts, output[0].dtype)
+        return scores_dense, logits.reshape(b * p, -1)
+    first = scores.to(output[0].dtype) if state.adapter.router_logits else logits  # the router's own format
+    return (first.reshape(b * p, -1), weights.reshape(b * p, k), indices.reshape(b * p, k), *output[3:])
 
 
 def _checked(state: "BlockState", name: str, value: Any, shape: tuple) -> Tensor:
@@ -234,9 +309,58 @@ def _moe_out(block, args, output):
             f"implementation (now {current!r}: was it switched with set_experts_implementation while attached?), so "
             "hook_expert_acts / hook_expert_out / hook_routed_out did not fire. Switch back with "
             f"model.set_experts_implementation({EXPERTS_IMPLEMENTATION!r}), or detach and attach again")
+    if state.layer.shared_outside:  # the decoder layer adds the shared expert after: hook_moe_out fires there
+        state.block_out = output[0] if isinstance(output, tuple) else output
+        return None
     if isinstance(output, tuple):
-        return (state.hook("hook_moe_out", output[0]), *output[1:])
-    return state.hook("hook_moe_out", output)
+        return (_moe_out_of(state, output[0]), *output[1:])
+    return _moe_out_of(state, output)
+
+
+def _moe_out_of(state: "BlockState", out: Tensor) -> Tensor:
+    """``out`` through ``hook_moe_out`` as [b, p, d] (flattened [tokens, d] outputs, Llama 4's or Gemma-4's
+    experts', are viewed as such and handed back flat)."""
+    if out.dim() == 2:
+        b, p = state.bp(out.shape[0])
+        return state.hook("hook_moe_out", out.reshape(b, p, -1)).reshape(out.shape)
+    return state.hook("hook_moe_out", out)
+
+
+def _own_experts_in(experts, args):
+    """Keep the experts' arguments and hand their own forward only the "no expert" id ``num_experts``.
+
+    Step-3.7's experts loop skips that id (it is how transformers masks tokens routed elsewhere), so its
+    own forward returns zeros without computing; :func:`_own_experts_out` replaces them by the
+    ``"nnsight_moe"`` computation on the kept arguments.
+    """
+    state: BlockState = experts.__dict__[_STATE]
+    if len(args) != 3:
+        raise RuntimeError(f"layer {state.layer.index}: expected the experts to be called as experts(hidden_states, "
+                           f"top_k_index, top_k_weights), got {len(args)} positional arguments")
+    state.experts_args = args
+    return (args[0], torch.full_like(args[1], experts.num_experts), args[2])
+
+
+def _own_experts_out(experts, args, output):
+    state: BlockState = experts.__dict__[_STATE]
+    kept, state.experts_args = state.experts_args, None
+    return hooked_experts_forward(experts, *kept)
+
+
+def _latent_out(projection, args, output):
+    """A latent MoE's output projection of the routed sum: ``hook_latent_out`` [b, p, d_model]."""
+    state: BlockState = projection.__dict__[_STATE]
+    b, p = state.bp(output.numel() // output.shape[-1])
+    return state.hook("hook_latent_out", output.reshape(b, p, -1)).reshape(output.shape)
+
+
+def _moe_sum(post, args, kwargs):
+    """The input of the block's post-processing module (A.X-K1's post-MoE norm): ``hook_moe_sum``."""
+    state: BlockState = post.__dict__[_STATE]
+    x = args[0] if args else kwargs["hidden_states"]
+    b, p = state.bp(x.numel() // x.shape[-1])
+    edited = state.hook("hook_moe_sum", x.reshape(b, p, -1)).reshape(x.shape)
+    return ((edited, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": edited})
 
 
 def _shared_acts(down_proj, args):
@@ -253,7 +377,28 @@ def _shared_out(shared, args, output):
     if state.adapter.shared_gate is None:  # ungated: the gate is ones, applied here so edits take effect
         gate = state.hook("hook_shared_gate", _scaled(out.new_ones(b, p, 1), state.shared_scale))
         out = gate * out
-    return out.reshape(output.shape)
+    out = out.reshape(output.shape)
+    return _layer_moe_out(state, out) if state.layer.shared_outside else out
+
+
+def _layer_moe_out(state: "BlockState", shared: Tensor) -> Tensor:
+    """A shared expert beside the block (Granite): the decoder layer computes ``block_out + shared``.
+
+    ``hook_moe_out`` fires on exactly that sum (the same operation on the same operands, so unedited it
+    is bit-identical to what the layer adds to the residual stream); the shared output is handed back
+    unchanged, or, when ``hook_moe_out`` was edited to m, as ``m - block_out``, which the layer adds back
+    to ``block_out`` (= m up to one rounding of the addition).
+    """
+    block_out, state.block_out = state.block_out, None
+    if block_out is None:  # the shared MLP was called on its own, not after the block
+        return shared
+    b, p = state.bp(shared.numel() // shared.shape[-1])
+    moe = (block_out + shared).reshape(b, p, -1)
+    version = moe._version  # bumped by an in-place edit
+    edited = state.hook("hook_moe_out", moe)
+    if edited is moe and moe._version == version:
+        return shared
+    return (edited.reshape(shared.shape) - block_out).to(shared.dtype)
 
 
 def _shared_gate(gate_linear, args, output):
@@ -290,27 +435,57 @@ def hooked_experts_forward(
     n, d = hidden_states.shape
     b, p = state.bp(n)
     k = top_k_index.shape[-1]
+    if state.layer.d_latent:  # a latent MoE: the experts' input, the block input projected (and normed)
+        hidden_states = state.hook("hook_latent_in", hidden_states.view(b, p, d)).reshape(n, d)
     slots = _sort_slots(top_k_index, experts.num_experts)
-    acts = state.hook("hook_expert_acts", expert_acts(experts, hidden_states, top_k_index, slots).view(b, p, k, -1))
+    fp32 = getattr(state.adapter, "experts_float32", False)
+    x = hidden_states.float() if fp32 else hidden_states
+    acts = state.hook("hook_expert_acts", expert_acts(experts, x, top_k_index, slots).view(b, p, k, -1))
     out = state.hook("hook_expert_out", expert_down(experts, acts.reshape(n * k, -1), top_k_index, slots).view(b, p, k, d))
-    routed = (out * top_k_weights.view(b, p, k, 1)).sum(dim=-2).to(hidden_states.dtype)
-    return state.hook("hook_routed_out", routed).reshape(n, d)
+    if state.adapter.own_experts:
+        routed = _eager_sum(out, top_k_weights.view(b, p, k), top_k_index.view(b, p, k), hidden_states.dtype)
+    elif fp32:
+        routed = expert_order_sum(out, top_k_weights.view(b, p, k), top_k_index.view(b, p, k)).to(hidden_states.dtype)
+    else:
+        routed = (out * top_k_weights.view(b, p, k, 1)).sum(dim=-2).to(hidden_states.dtype)
+    return state.hook("hook_routed_out", routed).reshape(n, -1)
 
 
-def _sort_slots(indices: Tensor, n_experts: int) -> tuple[Tensor, Tensor, list[int]]:
-    """Slots grouped by expert: (order, its inverse permutation, slots per expert)."""
+def _eager_sum(out: Tensor, weights: Tensor, indices: Tensor, dtype: torch.dtype) -> Tensor:
+    """The routed sum as an eager experts loop computes it (Step-3.7's own forward): each slot's
+    ``weight * out`` cast to ``dtype``, accumulated in ``dtype`` in increasing expert order."""
+    terms = (out * weights[..., None]).to(dtype)
+    order = indices.argsort(dim=-1, stable=True)
+    terms = terms.gather(-2, order[..., None].expand_as(terms))
+    routed = torch.zeros_like(terms[..., 0, :])
+    for j in range(terms.shape[-2]):
+        routed = routed + terms[..., j, :]
+    return routed
+
+
+
+def _sort_slots(indices: Tensor, n_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Slots grouped by expert: (order, its inverse permutation, slots per expert [E] on the device)."""
     flat = indices.reshape(-1)
     order = flat.argsort(stable=True)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    counts = torch.bincount(flat, minlength=n_experts).tolist()
+    counts = torch.bincount(flat, minlength=n_experts)
     return order, inverse, counts
 
 
-def _grouped_linear(x: Tensor, weight: Tensor, counts: list[int], transposed: bool) -> Tensor:
-    """Rows of ``x`` sorted by expert, times each expert's matrix ([E, out, in], or [E, in, out] if transposed)."""
+def _grouped_linear(x: Tensor, weight: Tensor, counts: Tensor, transposed: bool) -> Tensor:
+    """Rows of ``x`` sorted by expert, times each expert's matrix ([E, out, in], or [E, in, out] if transposed).
+
+    When ``x`` has the weights' dtype this is transformers' own grouped matmul (the kernel its default
+    ``grouped_mm`` experts implementation runs: one call for all experts, no host sync, the same bits);
+    otherwise (weights cast to the input's dtype, e.g. lara_mini) one matmul per expert.
+    """
+    if x.dtype == weight.dtype and x.shape[0]:
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        return _hf_grouped_linear(x, weight, offsets, is_transposed=transposed)
     chunks, start = [], 0
-    for e, c in enumerate(counts):
+    for e, c in enumerate(counts.tolist()):
         if c:
             w = weight[e] if transposed else weight[e].T
             chunks.append(x[start : start + c] @ w.to(x.dtype))

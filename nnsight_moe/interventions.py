@@ -77,6 +77,10 @@ def block_experts(
         info = layout.moe_layer(layer)
         scalar = isinstance(ids, int) or (hasattr(ids, "__index__") and getattr(ids, "ndim", 0) == 0)
         ids = layout.check_experts(layer, [ids] if scalar else ids)
+        if mode == "reroute" and getattr(info.routing, "_kind", "") == "hash":
+            raise ValueError(
+                f"layer {layer} is hash-routed (its experts are a fixed lookup of the token ids), so mode='reroute' "
+                "has no meaning there: use mode='zero' or 'renorm'")
         if mode == "reroute" and len(ids) > info.n_experts - info.top_k:
             raise ValueError(
                 f"cannot reroute around {len(ids)} of {info.n_experts} experts in layer {layer}: "
@@ -98,7 +102,7 @@ def block_experts(
                     f"cannot reroute around {int(combined.reshape(-1, combined.shape[-1]).sum(-1).max())} of "
                     f"{state.layer.n_experts} experts in layer {index} (this block and the enclosing ones together): "
                     f"at most {cap} can be blocked with top-{state.layer.top_k} routing")
-            edits[index] = {field: combined.to(state.experts.down_proj.device)}
+            edits[index] = {field: combined.to(next(state.experts.parameters()).device)}
             if mode != "reroute":
                 edits[index]["renorm"] = mode == "renorm"
         with _edited(model, edits) as edited:
@@ -107,11 +111,13 @@ def block_experts(
 
 @contextmanager
 def restrict_experts(
-    model: Any, top: int | None = None, *, shared: bool = True, layers: Iterable[int] | None = None
+    model: Any, top: int | None = None, *, shared: bool = True, layers: Iterable[int] | None = None,
+    renorm: bool = False,
 ) -> Iterator[AttachHandle]:
     """Keep only the ``top`` largest routed gate weights per token and/or switch shared experts off.
 
-    The kept weights are used as the model computed them (no renormalisation). Examples:
+    The kept weights are used as the model computed them (no renormalisation), or with ``renorm=True``
+    rescaled to the token's original sum of all k weights. Examples:
     ``restrict_experts(m, 0)`` = shared only; ``restrict_experts(m, 1)`` = shared + top-1;
     ``restrict_experts(m, 2, shared=False)`` = routed top-2 only; ``restrict_experts(m, shared=False)``
     = shared expert ablated, routing unchanged.
@@ -131,6 +137,7 @@ def restrict_experts(
             if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= info.top_k:
                 raise ValueError(f"top must be an integer in 0..{info.top_k} (the model's k), got {top!r}")
             fields["keep_top"] = top
+            fields["keep_top_renorm"] = bool(renorm)
         if not shared:
             if not info.has_shared:
                 raise ValueError(

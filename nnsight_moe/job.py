@@ -3,7 +3,9 @@
 Sections, each skipped with a note when it does not apply (e.g. a dense model has no experts):
 
 * ``baseline``: MRR / HIT@10 of the target per relation, and the expert load per MoE layer;
-* the recipes in :data:`RECIPE_SECTIONS` (attribution, blocking, head-expert correlation).
+* the recipes in :data:`RECIPE_SECTIONS` (attribution, blocking, head-expert correlation, recovery on
+  the planted model);
+* ``claims``: which of the study's qualitative claims this run reproduces (:mod:`nnsight_moe.recipes.claims`).
 
 Resume: the job keeps its finished work under ``<out>/.nnsight-moe-resume/``: each finished section,
 the stages a section marks with :meth:`Job.stage` (the expert ranking of the blocking sweep, the
@@ -52,7 +54,8 @@ class Job:
     """
 
     def __init__(self, name, model, tokenizer, relations, encoded, *, remote=None, batch_size=16, quick=False,
-                 max_per_relation: int | None = 24, target: str = "gold", only_correct: bool = False):
+                 max_per_relation: int | None = 24, target: str = "gold", only_correct: bool = False,
+                 split: bool = True, dense: str | None = None):
         import nnsight_moe
 
         if target not in TARGETS:
@@ -61,6 +64,10 @@ class Job:
         self.relations, self.gold = relations, encoded
         self.remote, self.batch_size, self.quick = remote, batch_size, quick
         self.target, self.only_correct = target, bool(only_correct)
+        #: blocking ranks experts on one half of each relation's subjects and evaluates on the other
+        self.split = bool(split)
+        #: dense model compared with this one in the attribution section (demo-moe: demo-dense by default)
+        self.dense = dense if dense is not None else ("demo-dense" if name == "demo-moe" else None)
         #: prompts per relation the recipes use (None: all); the baseline always uses every fact
         self.max_per_relation = 8 if quick else max_per_relation
         self._predictions = None
@@ -288,6 +295,12 @@ RECIPE_SECTIONS: list[tuple[str, str, str]] = [
     ("attribution", "nnsight_moe.recipes.attribution", "section"),
     ("blocking", "nnsight_moe.recipes.blocking", "section"),
     ("head_expert", "nnsight_moe.recipes.head_expert", "section"),
+    ("steering", "nnsight_moe.recipes.steering", "section"),
+    ("routing", "nnsight_moe.recipes.routing_stats", "section"),
+    ("fidelity", "nnsight_moe.recipes.fidelity", "section"),
+    ("lenses", "nnsight_moe.recipes.lenses", "section"),
+    ("super_experts", "nnsight_moe.recipes.super_experts", "section"),
+    ("recovery", "nnsight_moe.recipes.recovery", "section"),
 ]
 
 
@@ -297,6 +310,12 @@ _STEP_TEXT = {
     "attribution": "LPI of every layer, head, expert and neuron on the sampled facts",
     "blocking": "rank experts, block the top ones vs random baselines per relation, then shared/routed configurations",
     "head_expert": "head-expert correlation, then suppressing the top heads vs random heads",
+    "steering": "experts linked to one relation vs another, forced on / off on held-out prompts vs random experts",
+    "routing": "routing statistics, co-activation, transitions, specialisation per relation, generation-time routing",
+    "fidelity": "share of tokens whose top-k set changes between dtypes / experts implementations",
+    "lenses": "tokens each expert promotes / suppresses through the frozen final readout",
+    "super_experts": "max |down_proj input / output| per expert, outliers blocked vs random experts",
+    "recovery": "validation on the planted model: do attribution and blocking find its planted experts?",
 }
 
 
@@ -370,7 +389,7 @@ def _section_to_json(section: Section | None) -> Any:
             plt.close(figure)
     return {"name": section.name, "title": section.title, "text": section.text, "data": section.data,
             "tables": {caption: render_table(frame) for caption, frame in section.tables.items()},
-            "figures": figures}
+            "figures": figures, "html": section.html}
 
 
 def _section_from_json(value: Any) -> Section | None:
@@ -378,7 +397,8 @@ def _section_from_json(value: Any) -> Section | None:
         return None
     try:
         return Section(value["name"], value["title"], value["text"], data=value["data"], tables=dict(value["tables"]),
-                       figures={n: (t, base64.b64decode(png)) for n, (t, png) in value["figures"].items()})
+                       figures={n: (t, base64.b64decode(png)) for n, (t, png) in value["figures"].items()},
+                       html=dict(value.get("html", {})))
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"a section checkpoint is malformed ({error}); rerun with --fresh") from None
 
@@ -438,11 +458,28 @@ def check_out_dir(out: str | Path) -> Path:
     return out
 
 
+def _job_batch_size(model, tokenizer, prompts, batch_size, remote, max_memory) -> int:
+    """The job's prompts per forward: ``batch_size`` as given, or planned for ``"auto"`` (16 remotely)."""
+    from nnsight_moe import memory
+
+    if batch_size != "auto":
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+        return batch_size
+    if remote is not None:
+        return 16  # the server's memory is not known here
+    chosen = memory.plan(model, "attribution", len(prompts), memory.max_length(prompts, tokenizer), max_memory,
+                         neurons="fast", fast_top=20)
+    print(f"memory plan: {chosen}")
+    return chosen.batch_size
+
+
 def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = "results", *,
             remote: Any = None, device: str | None = None, dtype: str | None = None,
-            batch_size: int = 16, quick: bool = False, max_per_relation: int | None = 24,
+            batch_size: int | str = "auto", quick: bool = False, max_per_relation: int | None = 24,
             target: str = "gold", only_correct: bool = False, fresh: bool = False,
-            threads: int | None = None) -> dict:
+            threads: int | None = None, split: bool = True, dense: str | None = None,
+            max_memory: Any = None) -> dict:
     """Run the main job and write ``out/results.json`` and ``out/report.html``; returns the results dict.
 
     ``target``: what the recipes score, ``"gold"`` (the object's first token) or ``"prediction"`` (the
@@ -452,6 +489,13 @@ def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = 
     rerun after an interrupt resumes (module docstring); ``fresh=True`` starts over.
     ``threads``: torch CPU threads (default: ``$NNSIGHT_MOE_THREADS``, else 1 for small models such as the
     demos, else torch's default; see :mod:`nnsight_moe.threads`).
+    ``split``: blocking ranks experts on half of each relation's subjects and blocks on the other half
+    (False: both on the same facts, in-sample). ``dense``: a dense model (name or path, as ``model``)
+    run through the attribution recipe on the same prompts for the MoE-vs-dense comparison (default:
+    demo-dense when ``model`` is demo-moe, else none).
+    ``batch_size``: prompts per forward, or ``"auto"``: the largest batch whose estimated peak for the
+    heaviest section (attribution with the fast neuron screen) fits ``max_memory`` (bytes or ``"8GiB"``;
+    None: the device's free memory minus a margin; :mod:`nnsight_moe.memory`), checked before any compute.
     """
     from nnsight_moe import threads as cpu_threads
 
@@ -495,13 +539,20 @@ def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = 
     check_vocab([i for ids in tokenizer(encoded.prompts)["input_ids"] for i in ids], vocab,
                 "the tokenized prompts", tokenizer)
     check_vocab(encoded.targets, vocab, "the target tokens", tokenizer)
+    if dense is not None:
+        from nnsight_moe.models import check_model_name
+
+        check_model_name(dense)  # a bad --dense name fails before any compute
+    requested, batch_size = batch_size, _job_batch_size(lm, tokenizer, encoded.prompts, batch_size, remote, max_memory)
     job = Job(model, lm, tokenizer, relations, encoded, remote=remote, batch_size=batch_size, quick=quick,
-              max_per_relation=max_per_relation or None, target=target, only_correct=only_correct)
+              max_per_relation=max_per_relation or None, target=target, only_correct=only_correct,
+              split=split, dense=dense)
     from nnsight_moe import __version__
     from nnsight_moe.files import digest, model_identity
 
     identity = {**model_identity(lm), "function": "nnsight_moe.job.run_job",
-                "settings": digest([remote, batch_size, quick, max_per_relation or None, target, only_correct]),
+                "settings": digest([remote, requested, quick, max_per_relation or None, target, only_correct,
+                                    split, dense]),
                 "job.model": model, "job.data": digest([(r.name, r.prompt_templates, r.samples) for r in relations]),
                 "job.version": __version__}
     job.checkpoint = _open_checkpoint(out, identity, fresh)
@@ -530,8 +581,14 @@ def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = 
         },
     }
     n_steps = 1 + len(RECIPE_SECTIONS)
-    sections = [_step(1, n_steps, "baseline", job, lambda j: _checkpointed(j, "baseline", lambda: baseline_section(j))),
-                *_recipe_sections(job)]
+    from nnsight_moe import memory
+
+    with memory.limit(max_memory):  # recipes planned with batch_size="auto" inside use the same budget
+        sections = [_step(1, n_steps, "baseline", job,
+                          lambda j: _checkpointed(j, "baseline", lambda: baseline_section(j))), *_recipe_sections(job)]
+    from nnsight_moe.recipes import claims
+
+    sections.append(claims.section(sections))  # what this run reproduces of the study's claims, from the above
     job.predictions()  # cached; recomputed once when every section using it was resumed
     header["data"]["selection"] = job.selection()
     header["data"]["skipped_per_relation"] = encoded.skipped_per_relation()

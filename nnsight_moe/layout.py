@@ -27,8 +27,13 @@ ROUTED_HOOK_NAMES = (
 )
 #: Hook points of blocks with shared expert(s).
 SHARED_HOOK_NAMES = ("hook_shared_acts", "hook_shared_out", "hook_shared_gate")
+#: Hook points of the contract's extension for post-processed routed sums (ARCHITECTURE.md): the experts'
+#: input and the routed sum's output projection of a latent MoE (Muse-Spark, Nemotron-H ``moe_latent_size``),
+#: and the sum a block post-processes (A.X-K1's post-MoE norm).
+LATENT_HOOK_NAMES = ("hook_latent_in", "hook_latent_out")
+POST_HOOK_NAMES = ("hook_moe_sum",)
 #: All hook point names of the contract.
-HOOK_NAMES = ROUTED_HOOK_NAMES + SHARED_HOOK_NAMES + ("hook_moe_out",)
+HOOK_NAMES = ROUTED_HOOK_NAMES + SHARED_HOOK_NAMES + ("hook_moe_out",) + LATENT_HOOK_NAMES + POST_HOOK_NAMES
 
 
 class UnsupportedModelError(ValueError):
@@ -55,6 +60,31 @@ class LayerLayout:
     #: The block multiplies its routed sum by this constant (OpenAI-Privacy-Filter: by top_k, undoing its
     #: router's / top_k): ``hook_moe_out = routed_scale * hook_routed_out (+ gate * shared)``.
     routed_scale: float = 1.0
+    #: Path of the shared expert's down projection (an ``nn.Linear``; its input is ``hook_shared_acts``).
+    shared_down: str | None = None
+    #: The shared expert is a sibling of the block on the decoder layer, which adds the two outputs
+    #: (Granite-MoE-Shared / -Hybrid): ``hook_moe_out`` is that sum, fired when the shared expert has run.
+    shared_outside: bool = False
+    #: Latent MoE: the experts run in a space of this width (0: they run on d_model). The block projects
+    #: its input into it (``hook_latent_in`` is the experts' input) and the routed sum back through
+    #: ``latent_out`` (its output is ``hook_latent_out``, which replaces ``routed_scale * hook_routed_out``
+    #: in the block's sum).
+    d_latent: int = 0
+    latent_out: str | None = None
+    #: The block post-processes its sum with this module (A.X-K1's post-MoE RMSNorm):
+    #: ``hook_moe_out = post(hook_moe_sum)``.
+    post: str | None = None
+    #: Module whose output are the raw router logits when the router's first output is not them (Gemma-4's
+    #: ``router.proj``); None: the router's first output.
+    router_logits: str | None = None
+    #: Module whose output is ``hook_moe_out`` when that is not the block (Gemma-4, whose block is the decoder
+    #: layer: its experts); None: the block at ``path``.
+    moe_out: str | None = None
+    #: The gate weights scale the selected experts' INPUTS (Llama 4): ``hook_expert_out`` is the expert's
+    #: output on ``weight * x`` and ``hook_routed_out = sum over slots of hook_expert_out``.
+    gate_on_input: bool = False
+    #: A bias the block adds to the routed sum (JetMoE): ``hook_moe_out = hook_routed_out + <moe_bias>``.
+    moe_bias: str | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -69,7 +99,9 @@ class LayerLayout:
         """The hook points this layer has (empty for dense layers)."""
         if not self.is_moe:
             return ()
-        return ROUTED_HOOK_NAMES + (SHARED_HOOK_NAMES if self.has_shared else ()) + ("hook_moe_out",)
+        latent = self.d_latent > 0
+        return (ROUTED_HOOK_NAMES[:4] + LATENT_HOOK_NAMES[:latent] + ROUTED_HOOK_NAMES[4:] + LATENT_HOOK_NAMES[1:2 * latent]
+                + (SHARED_HOOK_NAMES if self.has_shared else ()) + (POST_HOOK_NAMES if self.post else ()) + ("hook_moe_out",))
 
 
 @dataclass(frozen=True)
@@ -152,6 +184,9 @@ class MoELayout:
                 lines.append(f"  {layer.index:>3} dense  {layer.path}")
                 continue
             shared = f", shared d={layer.d_shared}" if layer.has_shared else ""
+            shared += " (beside the block)" if layer.shared_outside else ""
+            shared += f", latent d={layer.d_latent}" if layer.d_latent else ""
+            shared += f", post-processed by {layer.post.rsplit('.', 1)[-1]}" if layer.post else ""
             shared += f", routed sum x{layer.routed_scale:g}" if layer.routed_scale != 1.0 else ""
             rule = layer.routing.describe() if layer.routing is not None else ""
             lines.append(

@@ -13,7 +13,7 @@ import contextvars
 import sys
 from collections.abc import Iterable, Iterator
 
-__all__ = ["bar", "label", "labels"]
+__all__ = ["bar", "batches", "label", "labels"]
 
 _LABELS: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("nnsight_moe_progress", default=())
 
@@ -44,3 +44,15 @@ def bar(iterable: Iterable, desc: str, *, disable: bool = False, **kwargs):
 
     text = " | ".join((*_LABELS.get(), desc))
     return tqdm(iterable, desc=text, disable=disable or not _interactive(), leave=False, **kwargs)
+
+
+def batches(n_items: int, batch_size: int, desc: str, *, disable: bool = False, unit: str = "prompt") -> Iterator[int]:
+    """Start index of each batch of ``batch_size`` over ``n_items``, with a bar counting items (``prompt/s``).
+
+    The bar advances by the batch's items once the batch is done, so its rate is items (prompts) per
+    second, not batches per second.
+    """
+    with bar(None, desc, disable=disable, total=n_items, unit=unit) as progress:
+        for start in range(0, n_items, batch_size):
+            yield start
+            progress.update(min(batch_size, n_items - start))

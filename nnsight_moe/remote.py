@@ -44,8 +44,12 @@ import torch
 
 from nnsight_moe.attach import hf_model
 from nnsight_moe.files import ResultsFileError, call_identity, digest, identity_changes, load_results, model_identity, save_results
+from nnsight_moe.block_routed import dbrx_slots
+from nnsight_moe.dispatch_experts import dispatch_plan, parallel_slots
+from nnsight_moe.identity_experts import identity_slots
+from nnsight_moe.input_gated import dense_experts, dense_scores
 from nnsight_moe.layout import MoELayout
-from nnsight_moe.routing import Routing, keep_top_weights, rule_scores, rule_select, rule_weights, zero_weights
+from nnsight_moe.routing import Routing, expert_order_sum, keep_top_weights, rule_scores, rule_select, rule_weights, zero_weights
 
 __all__ = ["MoEView", "RemoteBatchError", "VIEW_QUANTITIES", "moe_spec", "read_layer", "run_batches"]
 
@@ -62,6 +66,9 @@ VIEW_QUANTITIES = (
     "shared_out",
     "shared_gate",
     "moe_out",
+    "latent_in",
+    "latent_out",
+    "moe_sum",
 )
 _MODES = ("zero", "renorm", "reroute")
 
@@ -76,14 +83,16 @@ def _routing_spec(routing: Routing, block: torch.nn.Module, family: str) -> dict
     """
     if "_kind" not in type(routing).__dict__:  # a subclass of its own: its maths are not the rule_* functions'
         raise ValueError(f"{family}: the remote view does not implement the routing rule {type(routing).__name__}")
-    bias = None
-    if routing.bias is not None:
-        named = dict(block.named_parameters()) | dict(block.named_buffers())
-        bias = next((name for name, t in named.items() if routing.bias is t or routing.bias._base is t), None)
-        if bias is None:
-            raise ValueError(f"{family}: the routing bias is not a parameter or buffer of the MoE block; "
-                             "the remote view needs one")
-    return {**routing.rule(), "bias": bias}
+    named = dict(block.named_parameters()) | dict(block.named_buffers())
+    paths = {}
+    for what, tensor in (("bias", routing.bias), ("expert_scale", getattr(routing, "expert_scale", None))):
+        paths[what] = None
+        if tensor is not None:
+            paths[what] = next((name for name, t in named.items() if tensor is t or tensor._base is t), None)
+            if paths[what] is None:
+                raise ValueError(f"{family}: the routing {what} is not a parameter or buffer of the MoE block; "
+                                 "the remote view needs one")
+    return {**routing.rule(), **paths}
 
 
 def moe_spec(model: Any) -> dict:
@@ -92,44 +101,102 @@ def moe_spec(model: Any) -> dict:
     ``model`` is an nnsight model (or the HF model / TransformerBridge behind one); its weights may be
     on the meta device (a remote model that was never dispatched). Returns
     ``{"family": str, "layers": {index: {paths, sizes, routing}}}`` (str, int, float, bool, None only).
+    ``router_logits`` / ``moe_out``: the modules whose outputs are the router logits and the MoE output when
+    they are not the router's first output and the block's (Gemma-4); there the experts' input is read
+    from the experts (``experts_input``), not from the block.
     """
     from nnsight_moe import layout as layout_of
+    from nnsight_moe.adapters import adapter_for
 
     hf = hf_model(model)
     layout: MoELayout = layout_of(hf)
+    adapter = adapter_for(hf)
+    experts_float32 = bool(adapter.experts_float32)
     layers = {}
     for index in layout.moe_layers:
         info = layout.layer(index)
+        shared = hf.get_submodule(info.shared) if info.shared else None
         layers[index] = {
             "block": info.path,
-            "shared_first": _shared_runs_first(hf.get_submodule(info.path), info) if info.shared else False,
-            "shared_gated": info.shared is not None and hasattr(hf.get_submodule(info.shared), "gate_proj"),
+            "shared_first": _shared_runs_first(hf, info) if info.shared else False,
+            "shared_gated": shared is not None and hasattr(shared, "gate_proj"),
+            # a shared MLP that is not gate/up/down_proj, or lives beside the block: read from the forward
+            "shared_read": shared is not None and (info.shared_outside or not _standard_mlp(shared)),
+            "shared_down": info.shared_down,
+            "shared_outside": info.shared_outside,
+            "d_latent": info.d_latent,
+            "latent_out": info.latent_out,
+            "post": info.post,
             "router": info.router,
             "experts": info.experts,
             "shared": info.shared,
             "shared_gate": info.shared_gate,
             "n_experts": info.n_experts,
             "top_k": info.top_k,
+            "experts_float32": experts_float32,
+            "router_logits": info.router_logits,
+            "moe_out": info.moe_out,
+            "experts_input": info.moe_out is not None,
+            "gate_on_input": info.gate_on_input,
+            "routing_in_block": bool(adapter.routing_in_block),
+            "dispatch_router": bool(adapter.dispatch_router),
+            # LongCat-Flash: experts from this id on are zero-compute identities
+            "identity_experts": (int(hf.get_submodule(info.experts).num_routed_experts)
+                                 if adapter.identity_experts else None),
+            "shared_act": _shared_act(hf.get_submodule(info.shared)) if info.shared else None,
             "routing": _routing_spec(info.routing, hf.get_submodule(info.path), layout.family),
         }
     return {"family": layout.family, "layers": layers}
 
 
-def _shared_runs_first(block: torch.nn.Module, info: Any) -> bool:
-    """Whether ``block``'s forward calls the shared expert before the router (from its source).
+#: The forwards the view recomputes a shared expert by (``down(act(gate(x)) * up(x))``, ``down(act(up(x)))``),
+#: whitespace removed; any other shared MLP (clamped, fused, float32 SwiGLU, ...) is read from the forward.
+_STANDARD_MLPS = ("self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))",
+                  "self.down_proj(self.act_fn(self.up_proj(x)))")
+#: Whole standard forward bodies, whitespace removed. Llama 4's shared MLP (``activation_fn``, see
+#: :func:`_shared_act`) must be recomputed: its block adds the routed sum into the shared output in
+#: place, so the output read from the forward would include it.
+_STANDARD_BODIES = ("down_proj=self.activation_fn(self.gate_proj(x))*self.up_proj(x)returnself.down_proj(down_proj)",)
+
+
+def _standard_mlp(shared: torch.nn.Module) -> bool:
+    """Whether ``shared``'s forward is one of :data:`_STANDARD_MLPS` (read from its source)."""
+    import inspect
+
+    try:
+        source = "".join(inspect.getsource(type(shared).forward).split())
+    except (OSError, TypeError):
+        return False
+    return (any(f"return{expr}" in source or f"={expr}" in source for expr in _STANDARD_MLPS)
+            or any(body in source for body in _STANDARD_BODIES))
+
+
+def _shared_act(shared: torch.nn.Module) -> str:
+    """The shared expert MLP's activation attribute (``act_fn``; Llama 4's is ``activation_fn``)."""
+    return "act_fn" if hasattr(shared, "act_fn") else "activation_fn"
+
+
+def _shared_runs_first(hf: torch.nn.Module, info: Any) -> bool:
+    """Whether the shared expert runs before the router (from the source of the module calling both).
 
     nnsight serves a module's output in execution order, so an edit of the shared expert's output
     must be requested before or after the router's depending on the family (Qwen2-MoE, ERNIE and
-    Hunyuan call the shared expert first; DeepSeek, GLM and most others call the router first).
+    Hunyuan call the shared expert first; DeepSeek, GLM and most others call the router first). The
+    caller is the MoE block, or for a shared expert beside the block (Granite) the decoder layer,
+    which calls the block (holding the router) and the shared MLP.
     """
     import inspect
 
-    source = inspect.getsource(type(block).forward)
-    shared = source.find(f"self.{info.shared[len(info.path) + 1:]}(")
-    router = source.find(f"self.{info.router[len(info.path) + 1:]}(")
+    parent = info.shared.rsplit(".", 1)[0]
+    if not info.router.startswith(parent + "."):
+        raise ValueError(f"the router {info.router} is not below {parent}, the module calling the shared expert")
+    caller = type(hf.get_submodule(parent))
+    source = inspect.getsource(caller.forward)
+    shared = source.find(f"self.{info.shared[len(parent) + 1:]}(")
+    router = source.find(f"self.{info.router[len(parent) + 1:].split('.')[0]}(")
     if shared < 0 or router < 0:
         raise ValueError(
-            f"cannot tell from {type(block).__name__}.forward whether the shared expert runs before the router; "
+            f"cannot tell from {caller.__name__}.forward whether the shared expert runs before the router; "
             "the remote view needs to know to ablate it"
         )
     return shared < router
@@ -411,6 +478,7 @@ def read_layer(
     edit_weights: Any = None,
     keep_top: int | None = None,
     shared: bool = True,
+    keep_top_renorm: bool = False,
 ) -> dict:
     """Read (and optionally edit) MoE layer ``layer`` inside a trace; returns ``{quantity: tensor}``.
 
@@ -429,7 +497,7 @@ def read_layer(
         edit_weights: ``fn(indices [b, p, k], weights [b, p, k]) -> weights``, applied after blocking
             (as setting ``hook_topk_weights``).
         keep_top: keep only the n largest gate weights per token (0 = routed experts off), applied last;
-            as ``restrict_experts`` does locally.
+            as ``restrict_experts`` does locally (``keep_top_renorm``: its ``renorm=True``).
         shared: ``False`` switches the shared expert off (its output is set to zero; the reported
             ``shared_gate`` is 0), as ``ablate_shared`` does locally.
     """
@@ -454,17 +522,46 @@ def read_layer(
     x = _envoy(model, info["block"]).input
     b, p = (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, x.shape[0])
     mask = _expert_mask(block, n_experts, b, x.device)
-    if ablate_shared and info["shared_first"]:
+    shared_read = info.get("shared_read", False) and (
+        ablate_shared or any(name in want for name in ("shared_acts", "shared_out", "shared_gate"))
+        or (info.get("shared_outside", False) and "moe_out" in want))
+    read = {}
+    if shared_read and info["shared_first"]:
+        read = _read_shared(model, info, x, b, p, ablate_shared)
+    elif ablate_shared and info["shared_first"]:
         _zero_output(_envoy(model, info["shared"]))
 
+    proj_logits = _envoy(model, info["router_logits"]).output if info.get("router_logits") else None
     output = router.output
-    raw_logits, raw_weights, raw_indices = output[0], output[1], output[2]
+    gate_on_input = info.get("gate_on_input", False)  # Llama 4: the router returns (dense scores, logits)
+    in_block = info.get("routing_in_block", False)  # DBRX: logits only; the block hands the experts the rest
+    dispatch = info.get("dispatch_router", False)  # JetMoE: the router returns a dispatch plan, logits last
+    if in_block:
+        experts_args, experts_kwargs = _envoy(model, info["experts"]).inputs
+        raw_logits, raw_indices, raw_weights = output, experts_args[1], experts_args[2]
+    elif dispatch:
+        raw_logits, raw_weights, raw_indices = output[4], None, None
+    elif gate_on_input:
+        raw_first, raw_logits, raw_weights, raw_indices = output[0], output[1], None, None
+    else:
+        raw_logits, raw_weights, raw_indices = output[0], output[1], output[2]
+    if proj_logits is not None:  # the router's first output is its scores, not its logits (Gemma-4)
+        raw_first, raw_logits = raw_logits, proj_logits
     # HF routers return flattened [tokens, ...] tensors, which nnsight cannot narrow to an invoke's
     # rows: take this invoke's rows [start, start + b) of the combined batch ourselves.
     start, total = _invoke_rows(b, raw_logits.numel() // (p * n_experts))
     logits = raw_logits.reshape(total, p, n_experts)[start : start + b]
-    indices = raw_indices.reshape(total, p, k)[start : start + b]
-    weights = raw_weights.reshape(total, p, k)[start : start + b]
+    if (gate_on_input or dispatch) and total != b:
+        raise ValueError(f"layer {layer}: the remote view of {spec['family']} reads one invoke per trace")
+    if gate_on_input:  # the router's own top-k of its logits, its weights read off its dense scores
+        indices = rule_select(rule, rule_scores(rule, logits), None, None, k)
+        weights = raw_first.reshape(b, p, n_experts).gather(-1, indices)
+    elif dispatch:  # the router's own top-k and softmax over it, from its logits
+        indices = rule_select(rule, rule_scores(rule, logits), None, None, k)
+        weights = rule_weights(rule, rule_scores(rule, logits), indices, raw_logits.dtype, x.dtype, logits)
+    else:
+        indices = raw_indices.reshape(total, p, k)[start : start + b]
+        weights = raw_weights.reshape(total, p, k)[start : start + b]
     rederive = edit_logits is not None or (mask is not None and mode == "reroute")
     if rederive and rule["kind"] == "sparsemixer":
         raise ValueError(f"layer {layer}: the remote view cannot re-derive sparsemixer routing (phimoe); use mode='zero' or 'renorm'")
@@ -474,8 +571,14 @@ def read_layer(
     if rederive:
         exclude = mask[:, None, :] if mask is not None and mode == "reroute" else None
         bias = _envoy(model, f"{info['block']}.{rule['bias']}").reshape(-1) if rule["bias"] else None
-        indices = rule_select(rule, scores, exclude, bias, k)
-        weights = rule_weights(rule, scores, indices, raw_logits.dtype, x.dtype, logits)
+        scale = _envoy(model, f"{info['block']}.{rule['expert_scale']}") if rule.get("expert_scale") else None
+        if rule["kind"] == "hash":  # experts chosen by token id: the model's own indices, weights re-derived
+            if exclude is not None:
+                raise ValueError(f"layer {layer} is hash-routed (its experts are a fixed lookup of the token ids), so "
+                                 "mode='reroute' has no meaning there: use mode='zero' or 'renorm'")
+        else:
+            indices = rule_select(rule, scores, exclude, bias, k)
+        weights = rule_weights(rule, scores, indices, raw_logits.dtype, x.dtype, logits, scale)
     edited = rederive
     if mask is not None and mode != "reroute":
         weights = zero_weights(weights, indices, mask, mode == "renorm")
@@ -484,11 +587,23 @@ def read_layer(
         weights = edit_weights(indices, weights)
         edited = True
     if keep_top is not None:
-        weights = keep_top_weights(weights, keep_top)
+        weights = keep_top_weights(weights, keep_top, keep_top_renorm)
         edited = True
-    if edited:
+    if edited and in_block:  # the experts' (top_k_index, top_k_weights) arguments
+        _envoy(model, info["experts"]).inputs = (
+            (experts_args[0], _splice(raw_indices, indices, start, total), _splice(raw_weights, weights, start, total)),
+            experts_kwargs)
+    elif edited and dispatch:
+        plan = dispatch_plan(indices.reshape(b * p, k), weights.reshape(b * p, k), n_experts)
+        router.output = (*plan, logits.reshape(b * p, n_experts))
+    elif edited and gate_on_input:
+        dense = dense_scores(weights.reshape(b * p, k), indices.reshape(b * p, k), n_experts, raw_first.dtype)
+        router.output = (dense, _splice(raw_logits, logits, start, total))
+    elif edited:
+        first = (_splice(raw_first, scores, start, total) if proj_logits is not None
+                 else _splice(raw_logits, logits, start, total))
         router.output = (
-            _splice(raw_logits, logits, start, total),
+            first,
             _splice(raw_weights, weights, start, total),
             _splice(raw_indices, indices, start, total),
             *output[3:],
@@ -496,17 +611,56 @@ def read_layer(
 
     values = {"router_logits": logits, "router_scores": scores, "topk_indices": indices, "topk_weights": weights}
     flat = x.reshape(b * p, x.shape[-1])
-    if any(name in want for name in ("expert_acts", "expert_out", "routed_out")):
-        acts, out = _expert_slots(_envoy(model, info["experts"]), flat, indices.reshape(b * p, k))
+    per_expert = any(name in want for name in ("expert_acts", "expert_out", "routed_out"))
+    latent = info.get("d_latent", 0) > 0
+    if info.get("experts_input") and per_expert:
+        flat = _envoy(model, info["experts"]).input.reshape(b * p, x.shape[-1])  # a normalised copy (Gemma-4)
+    experts_in = flat
+    if latent and (per_expert or "latent_in" in want):  # a latent MoE: the experts run on the projected input
+        values["latent_in"] = _rows(_envoy(model, info["experts"]).input, b, p)
+        experts_in = values["latent_in"].reshape(b * p, -1)
+    if gate_on_input and per_expert:
+        experts = _envoy(model, info["experts"])  # the model's dense computation on its own (scaled) input
+        acts_dense, out_dense = dense_experts(experts, experts.input.reshape(n_experts, b * p, -1))
+        slots = indices.reshape(b * p, k)
+        tokens = torch.arange(b * p, device=slots.device)[:, None].expand(b * p, k)
+        values["expert_acts"] = acts_dense[slots, tokens].reshape(b, p, k, -1)
+        values["expert_out"] = out_dense[slots, tokens].reshape(b, p, k, -1)
+        values["routed_out"] = out_dense.sum(dim=0).reshape(b, p, -1)
+    elif info.get("identity_experts") is not None and per_expert:
+        acts, out = identity_slots(_envoy(model, info["experts"]), flat, indices.reshape(b * p, k), info["identity_experts"])
         values["expert_acts"] = acts.reshape(b, p, k, -1)
         values["expert_out"] = out.reshape(b, p, k, -1)
         values["routed_out"] = (values["expert_out"] * weights[..., None]).sum(dim=-2).to(x.dtype)
-    if info["shared"] and any(name in want for name in ("shared_acts", "shared_out", "shared_gate")):
+    elif dispatch and per_expert:
+        acts, out = parallel_slots(_envoy(model, info["block"]), flat, indices.reshape(b * p, k))
+        values["expert_acts"] = acts.reshape(b, p, k, -1)
+        values["expert_out"] = out.reshape(b, p, k, -1)
+        values["routed_out"] = (values["expert_out"] * weights[..., None]).sum(dim=-2).to(x.dtype)
+    elif in_block and per_expert:
+        acts, out = dbrx_slots(_envoy(model, info["experts"]), flat, indices.reshape(b * p, k))
+        values["expert_acts"] = acts.reshape(b, p, k, -1)
+        values["expert_out"] = out.reshape(b, p, k, -1)
+        values["routed_out"] = (values["expert_out"] * weights[..., None]).sum(dim=-2).to(x.dtype)
+    elif per_expert:
+        fp32 = info.get("experts_float32", False)  # the experts compute and sum in float32 (see Adapter)
+        acts, out = _expert_slots(_envoy(model, info["experts"]), experts_in.float() if fp32 else experts_in,
+                                  indices.reshape(b * p, k))
+        values["expert_acts"] = acts.reshape(b, p, k, -1)
+        values["expert_out"] = out.reshape(b, p, k, -1)
+        if fp32:
+            values["routed_out"] = expert_order_sum(values["expert_out"], weights, indices).to(experts_in.dtype)
+        else:
+            values["routed_out"] = (values["expert_out"] * weights[..., None]).sum(dim=-2).to(experts_in.dtype)
+    if latent and "latent_out" in want:  # the routed sum projected back to d_model, as the forward ran it
+        values["latent_out"] = _rows(_envoy(model, info["latent_out"]).output, b, p)
+    if info["shared"] and not info.get("shared_read", False) and any(
+            name in want for name in ("shared_acts", "shared_out", "shared_gate")):
         shared = _envoy(model, info["shared"])
         if info["shared_gated"]:
-            shared_acts = shared.act_fn(shared.gate_proj(flat)) * shared.up_proj(flat)
+            shared_acts = getattr(shared, info["shared_act"])(shared.gate_proj(flat)) * shared.up_proj(flat)
         else:
-            shared_acts = shared.act_fn(shared.up_proj(flat))
+            shared_acts = getattr(shared, info["shared_act"])(shared.up_proj(flat))
         values["shared_acts"] = shared_acts.reshape(b, p, -1)
         values["shared_out"] = shared.down_proj(shared_acts).reshape(b, p, -1)
         if info["shared_gate"]:
@@ -515,12 +669,54 @@ def read_layer(
             values["shared_gate"] = torch.ones(b, p, 1, dtype=x.dtype, device=x.device)
         if ablate_shared:
             values["shared_gate"] = values["shared_gate"] * 0
-    if ablate_shared and not info["shared_first"]:
+    block_out = None
+    if info.get("shared_outside", False) and "moe_out" in want:  # the block runs before the shared MLP beside it
+        block_out = _envoy(model, info["block"]).output
+    if shared_read and not info["shared_first"]:
+        read = _read_shared(model, info, x, b, p, ablate_shared)
+    elif ablate_shared and not info["shared_first"]:
         _zero_output(_envoy(model, info["shared"]))
+    values.update({name: value for name, value in read.items() if name != "ran"})
+    if info.get("post") and "moe_sum" in want:  # the input of the block's post-processing (post-MoE norm)
+        values["moe_sum"] = _rows(_envoy(model, info["post"]).input, b, p)
     if "moe_out" in want:
-        moe_out = _envoy(model, info["block"]).output
+        moe_out = block_out if block_out is not None else _envoy(model, info.get("moe_out") or info["block"]).output
         values["moe_out"] = (moe_out[0] if isinstance(moe_out, tuple) else moe_out).reshape(b, p, -1)
+        if block_out is not None:  # the decoder layer adds the shared expert's output (as it ran) to the block's
+            values["moe_out"] = values["moe_out"] + read["ran"]
     return {name: values[name] for name in want}
+
+
+def _read_shared(model: Any, info: dict, x: torch.Tensor, b: int, p: int, ablate: bool) -> dict:
+    """Shared-expert quantities read from the forward (its down projection's input, its output), for a
+    shared MLP the view does not recompute (clamped or fused: Step-3.7, MiniMax-M3, GLM-5-Next; one
+    beside the block: Granite). ``x`` is the block input (for a sigmoid shared gate). With ``ablate`` its
+    output is set to zero. ``"ran"``: the output as the forward uses it."""
+    shared = _envoy(model, info["shared"])
+    acts = _rows(_envoy(model, info["shared_down"]).input, b, p)
+    out = shared.output
+    rows = _rows(out, b, p)
+    ran = rows
+    if ablate:
+        ran = torch.zeros_like(rows)
+        if out.dim() == 3:
+            shared.output = torch.zeros_like(out)
+        else:
+            start, total = _invoke_rows(b, out.numel() // (p * out.shape[-1]))
+            shared.output = _splice(out, ran, start, total)
+    if info["shared_gate"]:
+        gate = torch.sigmoid(_envoy(model, info["shared_gate"])(x.reshape(b * p, x.shape[-1]))).reshape(b, p, 1)
+    else:
+        gate = torch.ones(b, p, 1, dtype=rows.dtype, device=rows.device)
+    return {"shared_acts": acts, "shared_out": rows, "shared_gate": gate * 0 if ablate else gate, "ran": ran}
+
+
+def _rows(value: torch.Tensor, b: int, p: int) -> torch.Tensor:
+    """A module's input / output as this invoke's [b, p, d] (a flattened [tokens, d] tensor is sliced)."""
+    if value.dim() == 3:
+        return value
+    start, total = _invoke_rows(b, value.numel() // (p * value.shape[-1]))
+    return value.reshape(total, p, -1)[start : start + b]
 
 
 def _zero_output(envoy: Any) -> None:
@@ -531,7 +727,9 @@ def _zero_output(envoy: Any) -> None:
 def _all_quantities(info: dict) -> tuple:
     """The quantities a layer has (shared ones only with a shared expert)."""
     shared = ("shared_acts", "shared_out", "shared_gate")
-    return tuple(name for name in VIEW_QUANTITIES if info["shared"] or name not in shared)
+    return tuple(name for name in VIEW_QUANTITIES if (info["shared"] or name not in shared)
+                 and (info.get("d_latent", 0) or name not in ("latent_in", "latent_out"))
+                 and (info.get("post") or name != "moe_sum"))
 
 
 def _invoke_rows(b: int, rows: int) -> tuple:

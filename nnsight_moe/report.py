@@ -60,6 +60,7 @@ class Section:
     data: dict[str, Any] = field(default_factory=dict)
     tables: dict[str, Any] = field(default_factory=dict)  # caption -> pandas DataFrame
     figures: dict[str, Any] = field(default_factory=dict)  # name -> (title, matplotlib Figure)
+    html: dict[str, str] = field(default_factory=dict)  # name -> self-contained HTML fragment (inline JS, no network)
 
 
 def validate(results: dict) -> None:
@@ -140,6 +141,7 @@ def write(out: Path, header: dict[str, Any], sections: list[Section], started: f
                 f"alt='{html.escape(title)}' src='data:image/png;base64,{encoded}'>"
                 f"<figcaption>{html.escape(title)}</figcaption></figure>"
             )
+        body.extend(section.html.values())
         body.append("</section>")
     results["runtime_s"] = round(time.time() - started, 2)
     for file in stale - {plot["file"] for plot in results["plots"]}:  # plots of an earlier run into this --out

@@ -31,8 +31,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-__all__ = ["ClampNormRouting", "Routing", "SigmoidOfLogits", "SoftmaxTopK", "SparseMixer", "keep_top_weights",
-           "rule_scores", "rule_select", "rule_weights", "weights_dtypes", "zero_weights"]
+__all__ = ["ClampNormRouting", "HashRouting", "Routing", "SigmoidOfLogits", "SoftmaxTopK", "SparseMixer", "keep_top_weights",
+           "expert_order_sum", "rule_scores", "rule_select", "rule_weights", "weights_dtypes", "zero_weights"]
 
 
 @dataclass
@@ -42,7 +42,8 @@ class Routing:
     Args:
         n_experts: number of routed experts E.
         top_k: experts selected per token k.
-        scoring: ``"softmax"`` (softmax over all E logits) or ``"sigmoid"``.
+        scoring: ``"softmax"`` (softmax over all E logits), ``"sigmoid"`` or ``"sqrtsoftplus"``
+            (``sqrt(softplus(logits))``, DeepSeek-V4).
         normalize: renormalise the k selected weights to sum to one (``norm_topk_prob``).
         scale: multiply the weights by this factor (``routed_scaling_factor``).
         norm_eps: added to the renormalisation denominator (DeepSeek-V3 uses 1e-20).
@@ -67,6 +68,10 @@ class Routing:
             dtype, for routers that also CHOOSE on low-precision scores (LFM2-MoE's bf16 sigmoid plus bias,
             Mistral-4's bf16 softmax), whose near-ties only exist after that rounding. (Not for a router
             that chooses on the logits, like Cohere2-MoE: rounding would create ties it does not have.)
+        norm_p: renormalise the k selected weights by their p-norm, ``w / torch.norm(w, p)`` (DBRX's
+            ``moe_normalize_expert_weights``; 1 is an L1 norm, computed as torch computes it); None: not.
+        expert_scale: a learned per-expert factor [E] the weights are multiplied by last (after
+            renormalisation and ``scale``), at the chosen experts (Gemma-4 ``per_expert_scale``); None when absent.
     """
 
     n_experts: int
@@ -82,6 +87,8 @@ class Routing:
     sorted: bool = True
     cast_weights: bool | str = False
     precision: str = "float32"
+    expert_scale: Tensor | None = None
+    norm_p: float | None = None
 
     def __post_init__(self):
         cast = {False: "none", True: "logits"}.get(self.cast_weights, self.cast_weights)
@@ -90,8 +97,8 @@ class Routing:
         self.cast_weights = cast
         if self.precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {_PRECISIONS}, got {self.precision!r}")
-        if self.scoring not in ("softmax", "sigmoid"):
-            raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {self.scoring!r}")
+        if self.scoring not in _SCORINGS:
+            raise ValueError(f"scoring must be one of {_SCORINGS}, got {self.scoring!r}")
         if self.n_experts % max(self.n_group, 1):
             raise ValueError(f"n_experts={self.n_experts} is not divisible by n_group={self.n_group}")
 
@@ -112,6 +119,7 @@ class Routing:
             "sorted": bool(self.sorted),
             "cast_weights": self.cast_weights,
             "precision": self.precision,
+            "norm_p": None if self.norm_p is None else float(self.norm_p),
         }
 
     def scores(self, logits: Float[Tensor, "... E"]) -> Float[Tensor, "... E"]:
@@ -139,7 +147,7 @@ class Routing:
         (hidden states); they set the weights' dtype by the family's rule (None: float32). ``logits``
         are the router logits when ``scores`` are exactly ``scores(logits)`` (not edited), else None.
         """
-        return rule_weights(self.rule(), scores, indices, logits_dtype, input_dtype, logits)
+        return rule_weights(self.rule(), scores, indices, logits_dtype, input_dtype, logits, self.expert_scale)
 
     def describe(self) -> str:
         """One line for layout tables, e.g. ``softmax top-2 of 8, renorm``."""
@@ -150,12 +158,17 @@ class Routing:
             parts.append(f"groups {self.topk_group}/{self.n_group} ({self.group_score})")
         if self.normalize:
             parts.append("renorm")
+        if self.norm_p is not None:
+            parts.append(f"renorm by {self.norm_p:g}-norm")
         if self.scale != 1.0:
             parts.append(f"x{self.scale:g}")
+        if self.expert_scale is not None:
+            parts.append("x per-expert scale")
         return ", ".join(parts)
 
 
 _CASTS = ("none", "logits", "input")
+_SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
 _PRECISIONS = ("float32", "logits", "scores")
 
 
@@ -179,6 +192,9 @@ def rule_scores(rule: dict, logits: torch.Tensor) -> torch.Tensor:
     rounded to that dtype, so that selection sees the values (and near-ties) the family's own router sees.
     """
     dtype = logits.dtype
+    if rule["scoring"] == "sqrtsoftplus":  # two operations: in a low-precision family each rounds, as in the model
+        low = rule.get("precision", "float32") == "scores"
+        return torch.nn.functional.softplus(logits if low else logits.float()).sqrt().float()
     logits = logits.float()
     if rule["kind"] in ("sparsemixer", "sigmoid_of_logits"):
         return logits
@@ -193,6 +209,9 @@ def rule_select(rule: dict, scores: torch.Tensor, exclude: Any, bias: Any, k: in
     experts in the bool mask ``exclude`` (or None) are never chosen, group-limited choice if ``n_group > 1``."""
     if rule["kind"] == "sparsemixer":
         raise ValueError("rule_select does not implement sparsemixer (phimoe): use SparseMixer.select")
+    if rule["kind"] == "hash":
+        raise ValueError("a hash-routed layer chooses its experts by token id (a fixed table), not from scores: "
+                         "there is no selection to re-derive (its indices are the model's own)")
     choice = scores if bias is None else scores + bias.to(scores.device, scores.dtype)
     if exclude is not None:
         choice = choice.masked_fill(exclude.to(choice.device), float("-inf"))
@@ -202,13 +221,19 @@ def rule_select(rule: dict, scores: torch.Tensor, exclude: Any, bias: Any, k: in
 
 
 def rule_weights(rule: dict, scores: torch.Tensor, indices: torch.Tensor, logits_dtype: Any = None,
-                 input_dtype: Any = None, logits: Any = None) -> torch.Tensor:
+                 input_dtype: Any = None, logits: Any = None, expert_scale: Any = None) -> torch.Tensor:
     """Gate weights [..., k] of the selected experts ``indices`` by ``rule``, in the dtype the family
     multiplies them with (:func:`weights_dtypes` of the router's ``logits_dtype`` / ``input_dtype``).
 
     ``logits``: the router logits the (unedited) ``scores`` came from, or None. Only a softmax over the
     selected k (:class:`SoftmaxTopK`) uses them, to compute that softmax as the router does.
+    ``expert_scale``: the rule's per-expert factor [E] (:attr:`Routing.expert_scale`), or None; the weights
+    are multiplied by it at ``indices`` last, with torch's type promotion (a float32 weight times a bf16
+    factor stays float32, as in Gemma-4's router).
     """
+    if expert_scale is not None:
+        w = rule_weights(rule, scores, indices, logits_dtype, input_dtype, logits)
+        return w * expert_scale.to(w.device)[indices]
     compute, out = weights_dtypes(rule, logits_dtype, input_dtype)
     if rule["kind"] == "softmax_topk" and logits is not None:
         w = logits.float().gather(-1, indices).to(compute).softmax(dim=-1)
@@ -232,6 +257,8 @@ def _rule_weights(rule: dict, w: torch.Tensor) -> torch.Tensor:
         w = w / w.sum(dim=-1, keepdim=True).clamp(min=rule["norm_min"])
     elif rule["normalize"]:
         w = w / (w.sum(dim=-1, keepdim=True) + rule["norm_eps"])
+    elif rule.get("norm_p") is not None:
+        w = w / torch.norm(w, p=rule["norm_p"], dim=-1, keepdim=True)
     if rule["scale"] != 1.0:
         w = w * rule["scale"]
     return w
@@ -249,10 +276,32 @@ def zero_weights(weights: torch.Tensor, indices: torch.Tensor, mask: torch.Tenso
     return edited
 
 
-def keep_top_weights(weights: torch.Tensor, n: int) -> torch.Tensor:
-    """Gate weights [..., k] with all but the ``n`` largest per token set to 0 (ties: first slot wins)."""
+def expert_order_sum(out: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``sum over slots of weight * out`` ([b, p, k, d] outputs, [b, p, k] weights and expert ids -> [b, p, d]),
+    in float32, added in increasing expert order onto 0: what an eager experts loop over the experts with
+    ``index_add_`` into a float32 zero tensor computes (float32 addition is not associative, so the order
+    is what makes the sum bit-identical to the family's)."""
+    contrib = out.float() * weights.float()[..., None]
+    order = indices.argsort(dim=-1, stable=True)
+    contrib = contrib.gather(-2, order[..., None].expand_as(contrib))
+    routed = torch.zeros_like(contrib[..., 0, :])
+    for j in range(contrib.shape[-2]):
+        routed = routed + contrib[..., j, :]
+    return routed
+
+
+def keep_top_weights(weights: torch.Tensor, n: int, renorm: bool = False) -> torch.Tensor:
+    """Gate weights [..., k] with all but the ``n`` largest per token set to 0 (ties: first slot wins).
+
+    ``renorm=True`` rescales the kept weights to the token's original sum of all k weights (tokens whose
+    kept weights sum to 0 keep zeros), as blocking's ``renorm`` mode does.
+    """
     rank = weights.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
-    return weights.masked_fill(rank >= n, 0.0)
+    kept = weights.masked_fill(rank >= n, 0.0)
+    if not renorm:
+        return kept
+    total, kept_sum = weights.sum(dim=-1, keepdim=True), kept.sum(dim=-1, keepdim=True)
+    return torch.where(kept_sum != 0, kept * (total / torch.where(kept_sum != 0, kept_sum, 1)), kept)
 
 
 def _mask_groups(choice: torch.Tensor, n_group: int, topk_group: int, how: str) -> torch.Tensor:
@@ -339,6 +388,23 @@ class SigmoidOfLogits(Routing):
         bias = " + selection bias" if self.bias is not None else ""
         renorm = ", renorm" if self.normalize else ""
         return f"top-{self.top_k} of {self.n_experts} logits{bias}, sigmoid weights{renorm}"
+
+
+@dataclass
+class HashRouting(Routing):
+    """Hash routing (DeepSeek-V4's first layers): the experts are a fixed table lookup of the token ids
+    (``tid2eid[input_ids]``); the learned scores only weight them (renormalised, scaled, as :class:`Routing`).
+
+    The indices are the model's own (the router's output; ``hook_topk_indices`` may still replace them, the
+    weights are then re-derived); :meth:`select` raises, and so does ``reroute`` blocking, which has no
+    meaning for a selection that does not depend on scores.
+    """
+
+    _kind: ClassVar[str] = "hash"
+
+    def describe(self) -> str:
+        return super().describe().replace(f"{self.scoring} top-{self.top_k}", f"hash top-{self.top_k} (token ids), "
+                                          f"{self.scoring} weights", 1)
 
 
 @dataclass

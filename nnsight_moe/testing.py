@@ -82,6 +82,33 @@ FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
     "dots3_note": {"num_key_value_heads": 4, "per_layer_config": {}, "shared_experts_intermediate_size": 48},
     "nemo_speechlm": {"moe_shared_expert_intermediate_size": 48},
     "nemotron_h_omni": {"moe_shared_expert_intermediate_size": 48, "projector_hidden_size": 64, "vision_hidden_size": 32},
+    "laguna": {"moe_routed_scaling_factor": 2.5, "moe_router_logit_softcapping": 5.0},
+    "minimax_m3_vl": {"shared_intermediate_size": 48},
+    "step3p7": {"sliding_window": 16, "moe_router_scaling_factor": 2.0, "share_expert_dim": 48,
+                "mlp_layer_types": ["dense", "sparse", "sparse"], "swiglu_limits": [0.0, 0.0, 0.5],
+                "swiglu_limits_shared": [0.0, 0.0, 0.5]},
+    "axk1": {"routed_scaling_factor": 2.5, "head_dim": 8, "num_key_value_heads": 4},
+    "muse_spark": {"moe_hidden_size": 32, "routed_scaling_factor": 2.0},
+    "beam": {"routed_scaling_factor": 2.5, "mlp_layer_types": ["dense", "sparse", "sparse"]},
+    "granitemoeshared": {"shared_intermediate_size": 48},
+    "granitemoehybrid": {"shared_intermediate_size": 48, "position_embedding_type": "rope", "layer_types": ["linear_attention", "full_attention", "full_attention"],
+                         "mamba_n_heads": 4, "mamba_d_head": 32, "mamba_d_state": 16, "mamba_chunk_size": 16},
+    # DeepSeek-V4: one hash-routed layer first (as the real model), a small indexer
+    "deepseek_v4": {"mlp_layer_types": ["hash_moe", "moe", "moe"], "index_n_heads": 2, "index_head_dim": 16,
+                    "index_topk": 4},
+    # DBRX keeps its MoE sizes in ffn_config (top-2 of 8 as the other families; DBRX's default is top-1 of 4).
+    # transformers 5.24 quirks: d_model by name (hidden_size reaches ffn_config only so), and its attention reads
+    # attn_config.rope_theta (not a DbrxAttentionConfig field) and clamps with clip_qkv (None fails): real
+    # checkpoints set both (DBRX-Instruct: 500000, 8)
+    "dbrx": {"d_model": 64, "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 2},
+             "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}},
+    # LongCat-Flash: 8 real + 2 zero-compute identity experts, MLA sizes as DeepSeek's
+    "longcat_flash": {"zero_expert_num": 2, "expert_ffn_hidden_size": 32, "head_dim": 8, "num_key_value_heads": 4,
+                      "num_hidden_layers": 4},  # 2 decoder layers (each holds two attention + MLP sub-layers)
+    # Llama 4: layer 0 dense (its own MLP width), 1 and 2 MoE; no chunked attention
+    "llama4_text": {"moe_layers": [1, 2], "intermediate_size_mlp": 64, "attention_chunk_size": None},
+    # Gemma-4: MoE on every decoder layer (router + experts beside the dense MLP), small per-layer inputs
+    "gemma4_text": {"enable_moe_block": True, "top_k_experts": 2, "hidden_size_per_layer_input": 16},
     "qwen4_exp_text": {
         "layer_types": ["linear_attention", "indexed_attention", "linear_attention"],
         "indexer_n_heads": 2,
@@ -117,6 +144,12 @@ TOWER: dict[str, Any] = {
 }
 
 
+#: Per-sub-config extras on top of TOWER, keyed by the sub-config's model type (towers with per-stage lists).
+TOWER_EXTRAS: dict[str, dict[str, Any]] = {
+    "muse_spark_audio": {"patch_sizes": [16], "hidden_sizes": [32], "depths": [1]},
+}
+
+
 def tiny_config(model_type: str, **overrides: Any):
     """A small config of ``model_type`` (HF ``model_type`` string), with ``overrides`` applied last.
 
@@ -129,15 +162,25 @@ def tiny_config(model_type: str, **overrides: Any):
     values = {**TINY, **FAMILY_EXTRAS.get(model_type, {}), **overrides}
     sub_configs = getattr(default, "sub_configs", None) or {}
     if "text_config" not in sub_configs:
-        return AutoConfig.for_model(model_type, **{k: v for k, v in values.items() if hasattr(default, k)})
+        return AutoConfig.for_model(model_type, **{k: v for k, v in values.items() if _has(default, k)})
     text_type = getattr(default.text_config, "model_type", "")
     text = {**TINY, **FAMILY_EXTRAS.get(text_type, {}), **FAMILY_EXTRAS.get(model_type, {}), **overrides}
-    subs = {name: _shrunk(getattr(default, name), text if name == "text_config" else TOWER)
+    subs = {name: _shrunk(getattr(default, name), text if name == "text_config" else
+                          {**TOWER, **TOWER_EXTRAS.get(getattr(getattr(default, name), "model_type", ""), {})})
             for name in sub_configs if getattr(default, name, None) is not None}
     text_fields = default.text_config.to_dict()
     extras = {k: v for k, v in FAMILY_EXTRAS.get(model_type, {}).items() if k not in text_fields}
-    top = {k: v for k, v in {**TINY, **extras, **overrides}.items() if hasattr(default, k) and k not in sub_configs}
+    top = {k: v for k, v in {**TINY, **extras, **overrides}.items() if _has(default, k) and k not in sub_configs}
     return AutoConfig.for_model(model_type, **subs, **top)
+
+
+def _has(config, name: str) -> bool:
+    """Whether ``config`` has the attribute ``name`` (a per-layer attribute of a heterogeneous config, which
+    refuses a global read, counts as present: Gemma-4's ``head_dim``)."""
+    try:
+        return hasattr(config, name)
+    except Exception:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        return True
 
 
 def _shrunk(config, sizes: dict[str, Any]):
@@ -176,12 +219,19 @@ def _model_class(config):
 def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
     """Re-draw every floating parameter and buffer of ``model`` from N(0, std^2/fan) (in place).
 
-    Norm weights are drawn around 1. Returns the model.
+    Norm weights are drawn around 1; a hash router's ``tid2eid`` table gets k distinct random experts per
+    token id; 0-d tensors (constants such as an embedding scale) are kept. Returns
+    the model.
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            if not tensor.is_floating_point() or "inv_freq" in name or "rotary" in name:
+            if name.endswith("tid2eid"):  # a hash router's token -> experts table: k distinct experts per token
+                n_experts = int(getattr(model.get_submodule(name.rsplit(".", 1)[0]), "num_experts", tensor.max() + 1))
+                table = torch.rand(tensor.shape[0], n_experts, generator=gen).argsort(dim=-1)[:, : tensor.shape[1]]
+                tensor.copy_(table)
+                continue
+            if not tensor.is_floating_point() or tensor.ndim == 0 or "inv_freq" in name or "rotary" in name:
                 continue
             noise = torch.randn(tensor.shape, generator=gen, dtype=torch.float32)
             if tensor.ndim == 1 and "norm" in name:

@@ -177,8 +177,10 @@ def _parts(hf: nn.Module) -> Parts:
     if all(m is None for m in mixers) and all(m is None for m in mlps):
         raise ValueError(f"{type(hf).__name__}: its decoder layers have none of {MIXER_NAMES + MLP_NAMES}")
     base = hf.base_model
-    norm = next((getattr(base, n) for n in ("norm", "final_layernorm", "norm_f", "ln_f")
-                 if isinstance(getattr(base, n, None), nn.Module)), None)
+    # a multimodal model's text stack keeps the norm; Llama 4's prefix is not `model`
+    owners = (base, getattr(base, "language_model", None), getattr(hf, "model", None) if base is hf else None)
+    norm = next((getattr(owner, n) for owner in owners for n in ("norm", "final_layernorm", "norm_f", "ln_f")
+                 if isinstance(getattr(owner, n, None), nn.Module)), None)
     if norm is None:
         raise ValueError(f"{type(hf).__name__}: no final norm (base_model.norm / final_layernorm / norm_f) found")
     return Parts(list(stack), mixers, kinds, o_projs, mlps, norm, hf.get_output_embeddings(), n_heads,
@@ -222,10 +224,15 @@ def capture(hf: nn.Module, batch: dict[str, Tensor], parts: Parts, handle=None) 
             handles.append(parts.o_proj[i].register_forward_pre_hook(lambda m, a, i=i: got["z"].__setitem__(i, pick(a[0]))))
         mlp = parts.mlp[i]
         if mlp is not None:
-            handles.append(mlp.register_forward_hook(lambda m, a, o, i=i: got["mlp_out"].__setitem__(i, pick(_out(o)))))
+            handles.append(mlp.register_forward_hook(  # Llama 4's MoE returns flattened tokens: view them as its input
+                lambda m, a, o, i=i: got["mlp_out"].__setitem__(i, pick(_out(o).view(a[0].shape)))))
             down = getattr(unwrap(mlp), "down_proj", None)
             if i not in moe_layers and _linear(down) is not None:
                 handles.append(down.register_forward_pre_hook(lambda m, a, i=i: got["mlp_acts"].__setitem__(i, pick(a[0]))))
+    for i in moe_layers:  # a shared expert beside the block (Granite): the layer's MLP output is the sum of both
+        if handle.layout.layer(i).shared_outside:
+            handles.append(hf.get_submodule(handle.layout.layer(i).shared).register_forward_hook(
+                lambda m, a, o, i=i: got["mlp_out"].__setitem__(i, got["mlp_out"][i] + pick(_out(o)))))
     handles.append(parts.norm.register_forward_pre_hook(
         lambda m, a, k: got.__setitem__("final", pick(a[0] if a else k["hidden_states"])), with_kwargs=True))
     added = TemporaryHooks()
@@ -260,6 +267,7 @@ def _keeps_logits(hf: nn.Module) -> bool:
         return False
 
 
+@torch.no_grad()
 def readout(parts: Parts, captured: dict, targets: Tensor, atol: float = 1e-3) -> Readout:
     """The frozen final projection for a batch, checked against the model's own log-probabilities.
 
@@ -315,18 +323,51 @@ def _rows(**cols) -> pd.DataFrame:
     return pd.DataFrame({k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in cols.items()})
 
 
+def _block_maps(hf: nn.Module, info: Any, moe: dict) -> tuple[Any, Any]:
+    """(routed, shared): the linear maps from a contribution inside the block ([N, ..., d] vectors whose
+    rows are prompts ``rows``) to the block's output, by the hook contract's extension: the block-level
+    ``routed_scale``, a latent MoE's output projection (its bias is per token, no expert's), and a
+    post-MoE RMSNorm with its per-token scale frozen at the actual sum (A.X-K1)."""
+    w_out = _linear(hf.get_submodule(info.latent_out)).weight.float() if info.d_latent else None
+    factor = None
+    if info.post:
+        norm = unwrap(hf.get_submodule(info.post))
+        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+        total = moe["moe_sum"].float()  # [P, D]
+        factor = rms_gamma(norm, eps) * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + eps)
+
+    def post(v: Tensor, rows: Tensor) -> Tensor:
+        if factor is None:
+            return v
+        f = factor[rows.to(factor.device)]
+        return v * f.reshape(f.shape[0], *([1] * (v.dim() - 2)), f.shape[-1])
+
+    def routed(v: Tensor, rows: Tensor) -> Tensor:
+        v = v * info.routed_scale if info.routed_scale != 1.0 else v
+        return post(v @ w_out.T if w_out is not None else v, rows)
+
+    return routed, post
+
+
 def _down_columns(experts: nn.Module, expert_ids: Tensor) -> Tensor:
     """W_down of each expert in ``expert_ids`` [N] as [N, d_expert, d_model] (row k = column k of W_down)."""
     w = experts.down_proj[expert_ids].float()
-    return w if getattr(experts, "is_transposed", False) else w.transpose(-1, -2)
+    transposed = getattr(experts, "is_transposed", type(experts).__name__ == "Llama4TextExperts")  # [E, in, out]
+    return w if transposed else w.transpose(-1, -2)
 
 
+@torch.no_grad()  # the weights require grad: without this every chunk's [rows, V] log-softmax stays saved
 def score_batch(hf: nn.Module, parts: Parts, captured: dict, ro: Readout, levels: Sequence[str],
                 handle=None, budget_bytes: int = 2 << 30, neurons: str = "exact", fast_top: int = 100) -> pd.DataFrame:
     """All requested levels for one captured batch, as rows (prompt index local to the batch)."""
     n_layers, n_prompts = captured["resid_pre"].shape[:2]
     ar = torch.arange(n_prompts)
     h_prev, attn_out, mlp_out = captured["resid_pre"], captured["attn_out"], captured["mlp_out"]
+    if h_prev.shape[1:] != captured["final"].shape:
+        raise ValueError(
+            f"this model's residual stream is not one d_model vector per position (decoder layers see "
+            f"{tuple(h_prev.shape[2:])}, the final norm {tuple(captured['final'].shape[1:])}: parallel residual "
+            "streams, e.g. DeepSeek-V4's hyper-connections); attribution needs h + attn + mlp per layer")
     u = h_prev + attn_out
     _check_residual(captured, u, dtype=activation_dtype(*parts.layers))
     frames = []
@@ -355,22 +396,26 @@ def score_batch(hf: nn.Module, parts: Parts, captured: dict, ro: Readout, levels
             rows = ar.repeat_interleave(k)
             ids = moe["topk_indices"].reshape(-1)
             gate = moe["topk_weights"].float().reshape(-1)
+            info = handle.layout.layer(layer)
+            to_block, shared_to_block = _block_maps(hf, info, moe)
+            if handle.layout.layer(layer).gate_on_input:  # Llama 4: the weight scales the input, already inside
+                gate = torch.ones_like(gate)
             if "expert" in levels:
-                contrib = gate[:, None] * moe["expert_out"].float().reshape(-1, u.shape[-1])
-                add(layer, "expert", rows, lpi(ro, u[layer], contrib, rows, budget_bytes), expert=ids)
+                contrib = gate[:, None] * moe["expert_out"].float().reshape(len(ids), -1)
+                add(layer, "expert", rows, lpi(ro, u[layer], to_block(contrib, rows), rows, budget_bytes), expert=ids)
             if "shared" in levels and "shared_out" in moe:
                 contrib = moe["shared_gate"].float() * moe["shared_out"].float()
-                add(layer, "shared", ar, lpi(ro, u[layer], contrib, ar, budget_bytes))
+                add(layer, "shared", ar, lpi(ro, u[layer], shared_to_block(contrib, ar), ar, budget_bytes))
             if "neuron" in levels:
                 experts = unwrap(handle.states[layer].experts)
                 acts = moe["expert_acts"].float().reshape(len(ids), -1)  # [P*k, I]
-                w_down = _down_columns(experts, ids)  # [P*k, I, D]
+                w_down = to_block(_down_columns(experts, ids), rows)  # [P*k, I, D]
                 frames.append(_neurons(ro, u[layer], rows, gate[:, None] * acts, w_down, layer, ids,
                                        budget_bytes, neurons, fast_top))
                 if "shared_acts" in moe:
-                    shared = unwrap(hf.get_submodule(handle.layout.layer(layer).shared))
                     acts = moe["shared_gate"].float() * moe["shared_acts"].float()
-                    w_down = _linear(shared.down_proj).weight.float().T.expand(n_prompts, -1, -1)
+                    w_down = _linear(hf.get_submodule(info.shared_down)).weight.float().T.expand(n_prompts, -1, -1)
+                    w_down = shared_to_block(w_down, ar)
                     frames.append(_neurons(ro, u[layer], ar, acts, w_down, layer, torch.full((n_prompts,), -1),
                                            budget_bytes, neurons, fast_top))
         elif "neuron" in levels and layer in captured["mlp_acts"]:
@@ -483,9 +528,10 @@ def _select(got: dict, keep: Tensor) -> dict:
 
 
 def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = None, *, tokenizer=None,
-              levels: Sequence[str] = LEVELS, remote: Any = None, batch_size: int = 16,
+              levels: Sequence[str] = LEVELS, remote: Any = None, batch_size: int | str = "auto",
               budget_bytes: int = 2 << 30, neurons: str = "exact", fast_top: int = 100,
-              progress: bool = True, results_path: Any = None, only_correct: bool = False) -> "AttributionResult":
+              progress: bool = True, results_path: Any = None, only_correct: bool = False,
+              max_memory: Any = None) -> "AttributionResult":
     """LPI attribution of every component at the last prompt position.
 
     Args:
@@ -509,6 +555,12 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
             are computed on the server and only they come back (:mod:`nnsight_moe.recipes.attribution_remote`).
         results_path: remote only: partial results file; a failed run resumes from it when rerun.
         budget_bytes: memory budget for the [chunk, vocab] logits of a chunk of contributions.
+        batch_size: prompts per forward, or ``"auto"`` (default): the largest batch (at most 16 on CPU, 64 on
+            CUDA) whose estimated peak fits ``max_memory`` (:mod:`nnsight_moe.memory`; the chunk budget then
+            shrinks to fit too). Remote runs use 16 for ``"auto"`` (the server's memory is not known here).
+        max_memory: working-memory budget on top of the loaded model for ``"auto"`` (bytes or ``"8GiB"``);
+            None: the device's free memory minus a margin. If even one prompt does not fit,
+            :class:`nnsight_moe.memory.MemoryBudgetError` is raised before any forward.
         neurons: ``"exact"`` (every neuron) or ``"fast"``: a first-order (linearised log-sum-exp) screen
             of every neuron, then exact LPI for the ``fast_top`` neurons with the largest |screen score|
             per prompt and layer (routed and shared/dense neurons screened separately); others omitted.
@@ -530,6 +582,8 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
     vocab = vocab_size(model)
     if wanted is not None:
         check_vocab(wanted, vocab, "the targets", tokenizer)
+    if remote is not None and batch_size == "auto":
+        batch_size = 16  # the server's memory is not known here
     if remote is not None:
         from nnsight_moe.recipes.attribution_remote import attribute_remote
 
@@ -544,6 +598,8 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
         layout = nnsight_moe.layout(hf)
     except nnsight_moe.UnsupportedModelError:
         layout = None
+    batch_size, budget_bytes = _planned(hf, prompts, tokenizer, levels, batch_size, budget_bytes, max_memory,
+                                        neurons, fast_top)
     device = runner.model_device(hf)
 
     def locate(row: int, start: int = 0):  # the first module with a non-finite output, for NonFiniteError
@@ -592,6 +648,19 @@ def _attribute_batch(parts, handle, levels, budget_bytes, neurons, fast_top, onl
         frame = score_batch(hf, parts, got, ro, levels, handle, budget_bytes, neurons, fast_top)
     del got  # the batch's logits [b, V] and captured states go here: nothing of size V is kept
     return {"frame": frame, "kept": (keep + start).tolist(), "targets": tgt, "ranks": ranks}
+
+
+def _planned(hf, prompts, tokenizer, levels, batch_size, budget_bytes, max_memory, neurons, fast_top):
+    """(batch size, chunk budget): as given, or chosen by the memory planner for ``batch_size="auto"``."""
+    from nnsight_moe import memory
+
+    if batch_size != "auto":
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+        return batch_size, budget_bytes
+    chosen = memory.plan(hf, tuple(levels), len(prompts), memory.max_length(prompts, tokenizer), max_memory,
+                         neurons=neurons, fast_top=fast_top)
+    return chosen.batch_size, min(budget_bytes, chosen.chunk_bytes)
 
 
 class _null:
@@ -681,8 +750,10 @@ def compare(results: Sequence[AttributionResult]) -> tuple[pd.DataFrame, float |
 def section(job: Any):
     """The ``attribution`` section of the main job: all levels on the job's sample of facts.
 
-    Neurons use the fast screen (exact LPI of the top 20 per prompt and layer). On ``demo-moe`` the
-    same prompts also run on ``demo-dense`` for the Table-1 comparison and the efficiency ratio.
+    Neurons use the fast screen (exact LPI of the top 20 per prompt and layer). With a dense model
+    (``job.dense``: ``--dense``, demo-dense for demo-moe by default) the same prompts also run on it for
+    the Table-1-layout comparison and the efficiency ratio, in the three forms of
+    :mod:`nnsight_moe.recipes.efficiency` (locally also the measured telescoping identity).
     """
     from nnsight_moe.report import Section
 
@@ -691,26 +762,21 @@ def section(job: Any):
     sample = job.sample()
     options = dict(tokenizer=job.tokenizer, batch_size=job.batch_size, neurons="fast", fast_top=20, remote=remote)
     path = getattr(job, "results_path", lambda stage: None)  # remote batches kept for a resume
-    with label(f"model 1/{2 if job.name == 'demo-moe' else 1} {job.name}"):
+    dense_name = getattr(job, "dense", "demo-dense" if job.name == "demo-moe" else None)
+    with label(f"model 1/{2 if dense_name else 1} {job.name}"):
         result = attribute(model, sample.prompts, sample.targets, levels=levels, results_path=path("attribution"),
                            **options)
     result.name, result.relations = job.name, [f.relation for f in sample.facts]
     # the job chose the targets (gold or the model's own top-1) and the facts (all or only correct ones)
     result.target, result.only_correct = getattr(job, "target", "gold"), getattr(job, "only_correct", False)
     results = [result]
-    if job.name == "demo-moe":
-        from nnsight_moe import demo
-
-        dense_model, _ = demo.load("demo-dense")
-        if remote is not None:
-            from nnsight import LanguageModel
-
-            dense_model = LanguageModel(dense_model, tokenizer=job.tokenizer)
+    if dense_name:
+        dense_model, dense_tok = _dense_model(dense_name, remote, job.tokenizer, sample)
         dense_levels = [level for level in ("layer", "head", "neuron") if level in levels]
-        with label("model 2/2 demo-dense (the Table-1 comparison)"):
+        with label(f"model 2/2 {dense_name} (the Table-1 comparison)"):
             dense = attribute(dense_model, sample.prompts, sample.targets, levels=dense_levels,
-                              results_path=path("attribution-dense"), **options)
-        dense.name, dense.family = "demo-dense", "dense"
+                              results_path=path("attribution-dense"), **dict(options, tokenizer=dense_tok))
+        dense.name, dense.family = dense_name, "dense"
         dense.target, dense.only_correct = result.target, result.only_correct
         results.append(dense)
     table, ratio = compare(results)
@@ -727,8 +793,36 @@ def section(job: Any):
             f"({job.max_per_relation or 'all'} per relation)"
             + (f", computed through nnsight with remote={remote!r}." if remote else "."))
     if ratio is not None:
-        text += f" MoE-vs-dense per-layer efficiency ratio: {ratio:.3f}."
+        text += f" MoE-vs-dense per-layer efficiency ratio (FFN gain / L, the study's form): {ratio:.3f}."
+    from nnsight_moe.recipes import efficiency
+
+    telescope = None if remote is not None else efficiency.telescoping(
+        model, sample.prompts, result.targets, tokenizer=job.tokenizer, batch_size=job.batch_size, result=result)
+    honest, honest_tables, honest_text = efficiency.section_parts(results, telescope)
     data = {"table1": table.reset_index().to_dict(orient="records"), "efficiency_ratio": ratio,
-            "models": [r.to_json() for r in results]}
-    return Section("attribution", "Cross-level knowledge attribution (LPI)", text, data=data,
-                   tables={"Table 1 (study layout)": table}, figures=figures)
+            "models": [r.to_json() for r in results], "efficiency": honest}
+    return Section("attribution", "Cross-level knowledge attribution (LPI)", text + honest_text, data=data,
+                   tables={"Table-1 layout (our reconstruction of the study's aggregates)": table, **honest_tables},
+                   figures=figures)
+
+
+def _dense_model(name: str, remote: Any, tokenizer, sample):
+    """The dense comparison model and its tokenizer; its tokenizer must encode the prompts as the MoE's does."""
+    from nnsight_moe import demo
+    from nnsight_moe.models import load_model, load_traced
+
+    if name in demo.names():
+        model, tok = demo.load(name)
+        if remote is not None:
+            from nnsight import LanguageModel
+
+            model = LanguageModel(model, tokenizer=tok)
+    else:
+        model, tok = load_model(name) if remote is None else load_traced(name, remote)
+    mine, theirs = tokenizer(list(sample.prompts))["input_ids"], tok(list(sample.prompts))["input_ids"]
+    if mine != theirs:
+        bad = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
+        raise ValueError(f"--dense {name!r}: its tokenizer encodes the prompts differently from the MoE model's "
+                         f"(first: prompt {bad}, {sample.prompts[bad]!r}); the comparison needs the same tokens "
+                         "and target ids (e.g. Qwen1.5-MoE-A2.7B with Qwen1.5-7B)")
+    return model, tok

@@ -117,6 +117,13 @@ def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *
     except nnsight_moe.UnsupportedModelError:
         layout = None
     moe_layers = layout.moe_layers if layout is not None else []
+    extended = [i for i in moe_layers if layout.layer(i).d_latent or layout.layer(i).post or layout.layer(i).shared_outside
+                or layout.layer(i).routed_scale != 1.0]
+    if extended:  # the local path maps these blocks' parts to their output (recipes.attribution._block_maps)
+        raise ValueError(
+            f"remote attribution does not yet map the parts of {layout.family}'s MoE layers {extended} to the block "
+            "output (a block-level routed scale, a latent projection, a post-MoE norm or a shared expert beside "
+            "the block: the hook contract's extension); run attribute() without remote= on this family")
     want_experts = "expert" in levels and layout is not None
     want_shared = "shared" in levels and layout is not None and layout.has_shared
     view = MoEView(model) if layout is not None else None

@@ -3,9 +3,9 @@
     from nnsight_moe.recipes import blocking
     ranking = blocking.rank_experts(model, relations, tokenizer=tok, by="frequency")
     result = blocking.sweep(model, relations, tokenizer=tok, ranking=ranking, top_n=(1, 5, 10))
-    result.table()          # relation: original -> top-1 / top-5 / top-10 (the study's Table 5)
+    result.table()          # relation: original -> top-1 / top-5 / top-10 (Table-5 layout, our reconstruction)
     result.plot()           # MRR vs N, top-ranked vs random baselines (mean +- std over seeds)
-    configs = blocking.configurations(model, relations, tokenizer=tok)   # the study's Table 2
+    configs = blocking.configurations(model, relations, tokenizer=tok)   # Table-2 layout (our reconstruction)
 
 **Datasets.** Every entry point takes ``dataset`` as one of
 
@@ -146,9 +146,11 @@ def _subsample(data: _Data, n: int) -> _Data:
     return _Data([data.prompts[i] for i in keep], data.targets[keep], [data.relations[i] for i in keep])
 
 
-def _chunks(hf, data: _Data, indices: list[int], tokenizer, batch_size: int, padding_side: str) -> list[dict]:
+def _chunks(hf, data: _Data, indices: list[int], tokenizer, batch_size: int | str, padding_side: str) -> list[dict]:
     """Tokenize ``data.prompts[indices]`` once, in runner batches of ``batch_size`` prompts (``rows``: dataset
-    indices; ``last``: last non-pad positions), on the model's device (the CPU for a remote model)."""
+    indices; ``last``: last non-pad positions), on the model's device (the CPU for a remote model).
+    ``batch_size="auto"``: :func:`nnsight_moe.recipes.runner.choose_batch_size` for a blocking sweep (the
+    memory planner, :mod:`nnsight_moe.memory`; 16 for a remote model)."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     strings = isinstance(data.prompts[indices[0]], str) if indices else False
@@ -207,7 +209,7 @@ def rank_experts(
     *,
     tokenizer: Any = None,
     by: str = "attribution",
-    batch_size: int = 16,
+    batch_size: int | str = "auto",
     padding_side: str = "left",
     max_per_relation: int | None = None,
     remote: Any = None,
@@ -473,7 +475,7 @@ def evaluate(
     *,
     mode: str = "zero",
     tokenizer: Any = None,
-    batch_size: int = 16,
+    batch_size: int | str = "auto",
     max_rows: int = 64,
     stacked: bool = True,
     padding_side: str = "left",
@@ -489,7 +491,7 @@ def evaluate(
             prompts are returned in dataset order.
         conditions: each a list of ``(layer, expert)`` pairs blocked together (``[]`` = no blocking).
         mode: ``"zero"``, ``"renorm"`` or ``"reroute"`` (:func:`nnsight_moe.block_experts`).
-        batch_size: prompts per tokenized batch; max_rows: most batch rows (conditions x prompts) per
+        batch_size: prompts per tokenized batch (``"auto"``: planned, :mod:`nnsight_moe.memory`); max_rows: most batch rows (conditions x prompts) per
             forward when ``stacked`` (64 suits a CPU; raise it to 512-2048 on a GPU); ``stacked=False``
             runs one condition at a time instead (with :func:`nnsight_moe.block_experts`).
         remote: run inside ``model.trace(..., remote=remote)`` on the unmodified model (``True`` for NDIF,
@@ -605,7 +607,7 @@ def sweep(
     per_relation: bool = True,
     max_per_relation: int | None = None,
     k: int = 10,
-    batch_size: int = 16,
+    batch_size: int | str = "auto",
     max_rows: int = 64,
     stacked: bool = True,
     padding_side: str = "left",
@@ -698,11 +700,12 @@ def sweep(
                               results_path, progress)
     for (name, idx, labels, conditions, j, (_, _, mode)), ranks in zip(tasks, results):
         if j == 0:
-            original[name] = {"n_prompts": len(idx), **_metrics(ranks[0], k)}
+            original[name] = {"n_prompts": len(idx), **_metrics(ranks[0], k), "ranks": ranks[0].tolist()}
             ranks = ranks[1:]
         for (kind, n, s), pairs, r in zip(labels[1:], conditions[1:], ranks):
             rows.append({"relation": name, "mode": mode, "kind": kind, "n": n, "seed": s,
-                         "n_prompts": len(idx), **_metrics(r, k), "experts": [list(p) for p in pairs]})
+                         "n_prompts": len(idx), **_metrics(r, k), "experts": [list(p) for p in pairs],
+                         "ranks": r.tolist()})  # per prompt: bootstrap CIs and tests (recipes.stats)
     if per_relation and len(groups) > 1:
         original[ALL], rows = _pooled(original, rows)
     meta = {"by": ranking.by if isinstance(ranking, Ranking) else "given", "top_n": list(top_n),
@@ -720,27 +723,35 @@ def _pooled(original: dict, rows: list[dict]) -> tuple[dict, list[dict]]:
         return sum(item[key] * item["n_prompts"] for item in items) / total
 
     pooled_original = {"n_prompts": total, "mrr": weighted(original.values(), "mrr"),
-                       "hit_at_k": weighted(original.values(), "hit_at_k")}
+                       "hit_at_k": weighted(original.values(), "hit_at_k"),
+                       "ranks": [r for o in original.values() for r in o.get("ranks", [])]}
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["mode"], row["kind"], row["n"], row["seed"]), []).append(row)
     pooled = [{"relation": ALL, "mode": mode, "kind": kind, "n": n, "seed": s, "n_prompts": total,
-               "mrr": weighted(items, "mrr"), "hit_at_k": weighted(items, "hit_at_k"), "experts": None}
+               "mrr": weighted(items, "mrr"), "hit_at_k": weighted(items, "hit_at_k"), "experts": None,
+               "ranks": [r for item in items for r in item.get("ranks", [])]}
               for (mode, kind, n, s), items in groups.items()]
     return pooled_original, rows + pooled
 
 
 # ==================================================================================== configurations
-def _configurations(layout: MoELayout) -> list[tuple[str, int | None, bool]]:
-    """(name, routed experts kept per token or None for all k, shared expert on) per configuration."""
+def _configurations(layout: MoELayout, renorm: bool = False) -> list[tuple[str, int | None, bool, bool]]:
+    """(name, routed experts kept per token or None for all k, shared expert on, kept weights renormalised)
+    per configuration; with ``renorm`` every top-n row (0 < n < k) also comes renormalised."""
     k = layout.top_k
     tops = [t for t in (1, 2) if t < k]
     if not layout.has_shared:
-        return [(f"routed top-{t} only", t, True) for t in tops] + [(f"routed top-{k} (default)", None, True)]
-    return ([(f"routed top-{t} only", t, False) for t in tops]
-            + [("shared only", 0, True)]
-            + [(f"shared + top-{t}", t, True) for t in tops]
-            + [(f"shared + top-{k} (default)", None, True), (f"shared ablation (routed top-{k} only)", None, False)])
+        configs = [(f"routed top-{t} only", t, True) for t in tops] + [(f"routed top-{k} (default)", None, True)]
+    else:
+        configs = ([(f"routed top-{t} only", t, False) for t in tops]
+                   + [("shared only", 0, True)]
+                   + [(f"shared + top-{t}", t, True) for t in tops]
+                   + [(f"shared + top-{k} (default)", None, True), (f"shared ablation (routed top-{k} only)", None, False)])
+    out = [(name, top, shared, False) for name, top, shared in configs]
+    if renorm:
+        out += [(f"{name} (renormalised)", top, shared, True) for name, top, shared in configs if top]
+    return out
 
 
 @torch.no_grad()
@@ -751,19 +762,23 @@ def configurations(
     tokenizer: Any = None,
     max_per_relation: int | None = None,
     k: int = 10,
-    batch_size: int = 16,
+    batch_size: int | str = "auto",
     padding_side: str = "left",
     remote: Any = None,
     results_path: Any = None,
     progress: bool = True,
+    renorm: bool = False,
 ) -> ConfigurationResult:
-    """Shared vs routed experts (the study's Table 2): MRR / HIT@k per relation under each configuration.
+    """Shared vs routed experts (Table-2 layout; our reconstruction): MRR / HIT@k per relation per configuration.
 
     With shared experts: routed top-1 only (shared off), routed top-2 only, shared only, shared + top-1,
     shared + top-2, shared + default k (the unmodified model) and shared ablation (routing unchanged).
     Without: routed top-1 only, routed top-2 only and the default. "top-n" keeps the n largest routed
     gate weights of each token in every MoE layer as the model computed them (no renormalisation;
     :func:`nnsight_moe.restrict_experts`); top-n rows with n >= k are the default and are left out.
+    ``renorm=True`` adds every top-n row (0 < n < k) again, named ``"... (renormalised)"``, with the kept
+    weights rescaled to the token's original sum of all k weights (``restrict_experts(renorm=True)``):
+    the study does not say which it used, so both are given.
 
     Args:
         model: HF model, TransformerBridge or nnsight model of a supported MoE family.
@@ -781,25 +796,26 @@ def configurations(
     groups = data.groups()
     chunks = _chunks(hf, data, list(range(len(data.prompts))), tokenizer, batch_size, padding_side)
     rows, original = [], {}
-    configs = _configurations(layout)
+    configs = _configurations(layout, renorm)
     if remote is not None:
         from nnsight_moe.recipes.blocking_remote import ranks_remote
 
         traces = []  # per configuration and chunk: the same view options in every MoE layer ({}: unmodified)
-        for _, top, shared in configs:
-            options = {**({} if top is None else {"keep_top": top}), **({} if shared else {"shared": False})}
+        for _, top, shared, renormed in configs:
+            options = {**({} if top is None else {"keep_top": top}), **({} if shared else {"shared": False}),
+                       **({"keep_top_renorm": True} if renormed else {})}
             traces += [{**chunk, "target": data.targets[chunk["rows"]],
                         "edits": {i: options for i in layout.moe_layers} if options else {}} for chunk in chunks]
         found = [checked_ranks(r, 0) for r in
                  ranks_remote(model, traces, remote=remote, results_path=results_path, progress=progress)]
         remote_ranks = torch.cat(found).view(len(configs), -1)  # [configs, P]: chunks cover the prompts in order
-    for c, (name, top, shared) in enumerate(progress_bar(configs, "shared/routed configurations",
+    for c, (name, top, shared, renormed) in enumerate(progress_bar(configs, "shared/routed configurations",
                                                          disable=not progress or remote is not None)):
         if remote is not None:
             ranks = remote_ranks[c]
         else:
             ranks = torch.zeros(len(data.prompts), dtype=torch.long)
-            with restrict_experts(hf, top, shared=shared):
+            with restrict_experts(hf, top, shared=shared, renorm=renormed):
                 found = runner.run_batches(hf, [{**chunk, "target": data.targets[chunk["rows"]]} for chunk in chunks],
                                            _ranks, progress=False)
             for chunk, chunk_ranks in zip(chunks, found):
@@ -808,11 +824,11 @@ def configurations(
         for rel, idx in parts.items():
             metrics = _metrics(ranks[idx], k)
             rows.append({"relation": rel, "configuration": name, "keep_top": top, "shared": shared,
-                         "n_prompts": len(idx), **metrics})
+                         "renorm": renormed, "n_prompts": len(idx), **metrics})
             if top is None and shared:
                 original[rel] = {"n_prompts": len(idx), **metrics}
     meta = {"configurations": [c[0] for c in configs], "k": k, "top_k": layout.top_k,
-            "has_shared": layout.has_shared, "max_per_relation": max_per_relation}
+            "has_shared": layout.has_shared, "max_per_relation": max_per_relation, "renorm": bool(renorm)}
     return ConfigurationResult(meta, original, rows)
 
 
@@ -834,28 +850,58 @@ def section(job: Any):
                "remote": job.remote}
     path = getattr(job, "results_path", lambda stage: None)  # remote batches kept for a resume
 
+    from nnsight_moe.recipes import stats
+
+    # held out (default in the job): rank on half of each relation's subjects, block on the other half
+    split = getattr(job, "split", False)
+    rank_set, eval_set = stats.split_facts(job.encoded, seed=0) if split else (job.encoded, job.encoded)
+
     def rank():
         try:
-            return rank_experts(model, job.encoded, by="attribution", results_path=path("blocking-ranking"), **options)
+            return rank_experts(model, rank_set, by="attribution", results_path=path("blocking-ranking"), **options)
         except ImportError:
-            return rank_experts(model, job.encoded, by="frequency", results_path=path("blocking-ranking"), **options)
+            return rank_experts(model, rank_set, by="frequency", results_path=path("blocking-ranking"), **options)
 
     ranking = job.stage("blocking-ranking", rank, Ranking.to_json, Ranking.from_json) if hasattr(job, "stage") else rank()
     n_routed = len(_all_pairs(job.layout))
     top_n = tuple(n for n in (1, 5, 10) if n <= n_routed)
-    result = sweep(model, job.encoded, ranking=ranking, top_n=top_n, modes=("zero",), seeds=5,
+    result = sweep(model, eval_set, ranking=ranking, top_n=top_n, modes=("zero",), seeds=5,
                    results_path=path("blocking-sweep"), **options)
-    configs = configurations(model, job.encoded, results_path=path("blocking-configurations"), **options)
-    text = (f"Experts ranked per relation by {ranking.by}; the top-N blocked (gate weight 0) vs N random "
-            "experts (uniform, and with the same per-layer counts), 5 seeds, mean +- std."
+    configs = configurations(model, eval_set, results_path=path("blocking-configurations"), renorm=True, **options)
+    significance = stats.blocking_significance(result)
+    held = (f"ranked on {len(rank_set)} facts and evaluated on {len(eval_set)} others (disjoint subjects per "
+            "relation, stats.split_facts)" if split else "ranked and evaluated on the same facts (in-sample)")
+    text = (f"Experts ranked per relation by {ranking.by}, {held}; the top-N blocked (gate weight 0) vs N random "
+            "experts (uniform, and with the same per-layer counts), 5 seeds, mean +- std. The significance table "
+            "gives 95% bootstrap intervals over prompts for every row and a one-sided paired sign-flip p-value "
+            "of top-N vs each random baseline (recipes.stats). The configuration table is our reconstruction "
+            "of the study's Table 2; top-n rows come without and with renormalised gate weights."
             + (f" Computed through nnsight with remote={job.remote!r}." if job.remote is not None else ""))
     return Section(
         "blocking", "Expert blocking: MRR / HIT@10 after blocking top-ranked vs random experts", text,
-        data={"sweep": result.to_json(), "configurations": configs.to_json()},
-        tables={"MRR: original -> top-N blocked": result.table("mrr"),
+        data={"sweep": result.to_json(), "configurations": configs.to_json(), "split": bool(split),
+              "n_rank_facts": len(rank_set), "n_eval_facts": len(eval_set),
+              "significance": significance.to_dict(orient="records")},
+        tables={"MRR: original -> top-N blocked (Table-5 layout, our reconstruction)": result.table("mrr"),
                 "HIT@10: original -> top-N blocked": result.table("hit_at_k"),
                 "MRR with random experts blocked (matched per-layer counts, mean)": result.table("mrr", kind="matched"),
-                "MRR per configuration (shared vs routed)": configs.table("mrr")},
+                "MRR with 95% CIs and top-N vs random tests": _significance_table(significance),
+                "MRR per configuration (Table-2 layout, our reconstruction)": configs.table("mrr")},
         figures={"blocking_mrr": ("MRR vs N blocked experts", result.plot("mrr")),
                  "blocking_configurations": ("Shared vs routed configurations", configs.plot("mrr"))},
     )
+
+
+def _significance_table(frame):
+    """The report's view of :func:`nnsight_moe.recipes.stats.blocking_significance`: value [lo, hi] strings."""
+    from nnsight_moe.recipes.stats import format_ci
+
+    out = frame[["relation", "n", "n_prompts"]].copy()
+    out["original"] = [format_ci(v, c) for v, c in zip(frame["original"], frame["original_ci"])]
+    for col in ("top", "uniform", "matched"):
+        if col in frame:
+            out[col] = [format_ci(v, c) for v, c in zip(frame[col], frame[f"{col}_ci"])]
+    for col in ("uniform", "matched"):
+        if f"{col}_p_signflip" in frame:
+            out[f"p vs {col}"] = frame[f"{col}_p_signflip"].map(lambda p: f"{p:.3g}")
+    return out.set_index(["relation", "n"])

@@ -65,46 +65,48 @@ DEFAULT_BATCH_SIZE = 16
 
 # ------------------------------------------------------------------------------------ batch size
 def choose_batch_size(model: Any, n_prompts: int, seq_len: int, kind: str = "forward",
-                      max_memory: int | None = None) -> int:
+                      max_memory: int | str | None = None) -> int:
     """The batch size for ``batch_size="auto"``: prompts per forward for work ``kind`` on ``model``.
 
     Args:
         model: the model the batches run on (HF, TransformerBridge or nnsight model).
         n_prompts: how many prompts there are (the result is at most this).
         seq_len: the longest prompt in tokens (padded width).
-        kind: what each batch computes, e.g. ``"forward"``, ``"capture"``, ``"neuron"``, ``"blocking"``.
-        max_memory: bytes the batch may use, or None (unknown).
+        kind: what each batch computes: one of :data:`nnsight_moe.memory.KINDS` (``"forward"``,
+            ``"blocking"``, ``"neuron-exact"``, ...), an attribution level (``"neuron"``: exact), or any other
+            name (``"capture"``, ...), sized as a plain ``"forward"``.
+        max_memory: working memory the batch may use, bytes or a size string (``"8GiB"``); None: the
+            device's free memory minus a margin.
 
-    The default rule is deliberately simple: :data:`DEFAULT_BATCH_SIZE` (16) prompts; with
-    ``max_memory``, at most ``max_memory // (seq_len x d_model x (n_layers + 2) x 16 bytes + 8 x vocab
-    bytes)`` (float32 residual states of every layer, a few copies, and the last position's logits),
-    never below 1 nor above ``n_prompts``. ``kind`` is not used by this rule.
+    The memory planner (:func:`nnsight_moe.memory.plan`) estimates the peak from the model's shapes and
+    returns the largest batch that fits (at most 16 on CPU, 64 on CUDA, and ``n_prompts``); a budget that
+    cannot hold one prompt raises :class:`nnsight_moe.memory.MemoryBudgetError`. Models whose weights are
+    not here (meta device: NDIF) get :data:`DEFAULT_BATCH_SIZE` (the server's memory is not known).
     """
+    from nnsight_moe import memory
+
     if not isinstance(kind, str):
         raise TypeError(f"kind must be a string naming the work (e.g. 'forward'), got {type(kind).__name__}")
     for name, value in (("n_prompts", n_prompts), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    size = DEFAULT_BATCH_SIZE
-    if max_memory is not None:
-        if isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1:
-            raise ValueError(f"max_memory must be a positive number of bytes or None, got {max_memory!r}")
-        config = _text_config(model)
-        width = int(getattr(config, "hidden_size", 0) or 0)
-        layers = int(getattr(config, "num_hidden_layers", 0) or 0)
-        vocab = int(getattr(config, "vocab_size", 0) or 0)
-        per_prompt = max(1, seq_len * width * (layers + 2) * 16 + 8 * vocab)
-        size = max_memory // per_prompt
-    return max(1, min(int(size), n_prompts))
+    if max_memory is not None and not isinstance(max_memory, str) and (
+            isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1):
+        raise ValueError(f"max_memory must be a positive number of bytes, a size string or None, got {max_memory!r}")
+    if _on_meta(model):
+        return min(DEFAULT_BATCH_SIZE, n_prompts)
+    levels = ("layer", "head", "expert", "shared", "neuron")
+    planned = kind if kind in memory.KINDS or kind in levels else "forward"
+    return memory.plan(model, planned, n_prompts, seq_len, max_memory).batch_size
 
 
-def _text_config(model: Any) -> Any:
+def _on_meta(model: Any) -> bool:
     from nnsight_moe.attach import hf_model
 
     try:
-        return hf_model(model).config.get_text_config()
-    except Exception:  # noqa: BLE001 - not an HF model: no sizes known
-        return None
+        return next(hf_model(model).parameters()).device.type == "meta"
+    except Exception:  # noqa: BLE001 - no parameters to look at
+        return True
 
 
 def _batch_size(batch_size: Any, model: Any, n_prompts: int, seq_len: int, kind: str,

@@ -26,9 +26,10 @@ def brute_force(model, prompt, target):
             lambda m, a, k, i=i: seen.__setitem__(("h", i), (a[0] if a else k["hidden_states"])[0, -1]), with_kwargs=True))
         handles.append(layer.self_attn.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(("attn", i), o[0][0, -1])))
         handles.append(layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(("z", i), a[0][0, -1])))
-        handles.append(layer.mlp.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(("xt", i), a[0][0, -1])))
-        handles.append(layer.mlp.register_forward_hook(
-            lambda m, a, o, i=i: seen.__setitem__(("mlp", i), (o[0] if isinstance(o, tuple) else o)[0, -1])))
+        mlp = getattr(layer, "mlp", None) or layer.feed_forward  # Llama 4: feed_forward
+        handles.append(mlp.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(("xt", i), a[0][0, -1])))
+        handles.append(mlp.register_forward_hook(
+            lambda m, a, o, i=i: seen.__setitem__(("mlp", i), (o[0] if isinstance(o, tuple) else o).view(a[0].shape)[0, -1])))
     handles.append(model.model.norm.register_forward_pre_hook(lambda m, a: seen.__setitem__("final", a[0][0, -1])))
     logits = model(ids).logits[0, -1]
     for h in handles:
@@ -40,7 +41,8 @@ def brute_force(model, prompt, target):
         def logprob(x):
             return model.lm_head(norm.weight * (x - mu) / torch.sqrt(var + norm.eps) + norm.bias).log_softmax(-1)[target]
     else:  # frozen real RMS
-        scale = torch.rsqrt(seen["final"].pow(2).mean() + norm.variance_epsilon)
+        eps = getattr(norm, "variance_epsilon", None) or norm.eps  # Llama 4's RMSNorm names it eps
+        scale = torch.rsqrt(seen["final"].pow(2).mean() + eps)
 
         def logprob(x):
             return model.lm_head(norm.weight * x * scale).log_softmax(-1)[target]
@@ -59,8 +61,21 @@ def brute_force(model, prompt, target):
         for hd in range(n_heads):
             sl = slice(hd * d_head, (hd + 1) * d_head)
             out[("head", i, hd)] = lpi(h, w_o[:, sl] @ seen[("z", i)][sl])
-        block = layer.mlp
-        if hasattr(block, "experts"):
+        block = getattr(layer, "mlp", None) or layer.feed_forward
+        if hasattr(block, "experts") and type(block).__name__ == "Llama4TextMoe":  # the weight scales the INPUT
+            dense, logits = block.router(seen[("xt", i)][None])
+            for e in torch.topk(logits, block.top_k, dim=1).indices[0].tolist():
+                acts, y = naive_expert(block.experts, dense[0, e] * seen[("xt", i)][None], e)
+                out[("expert", i, e)] = lpi(u, y[0])
+                for k in range(acts.shape[-1]):
+                    out[("neuron", i, e, k)] = lpi(u, acts[0, k] * block.experts.down_proj[e][k])
+            shared = block.shared_expert
+            x = seen[("xt", i)]
+            out[("shared", i)] = lpi(u, shared(x[None])[0])
+            acts = shared.activation_fn(shared.gate_proj(x)) * shared.up_proj(x)
+            for k in range(acts.shape[-1]):
+                out[("neuron", i, -1, k)] = lpi(u, acts[k] * shared.down_proj.weight[:, k])
+        elif hasattr(block, "experts"):
             router = getattr(block, "gate", None) or block.router
             _, weights, indices = router(seen[("xt", i)][None])[:3]
             for g, e in zip(weights[0].tolist(), indices[0].tolist()):
@@ -80,7 +95,8 @@ def brute_force(model, prompt, target):
                     out[("neuron", i, -1, k)] = lpi(u, s * acts[k] * shared.down_proj.weight[:, k])
         else:
             mlp = block
-            acts = mlp.act_fn(mlp.gate_proj(seen[("xt", i)])) * mlp.up_proj(seen[("xt", i)])
+            act = getattr(mlp, "act_fn", None) or mlp.activation_fn  # Llama 4: activation_fn
+            acts = act(mlp.gate_proj(seen[("xt", i)])) * mlp.up_proj(seen[("xt", i)])
             for k in range(acts.shape[-1]):
                 out[("neuron", i, -1, k)] = lpi(u, acts[k] * mlp.down_proj.weight[:, k])
     return out
@@ -96,7 +112,7 @@ def _key(row):
     return ("neuron", row.layer, row.expert, row.neuron)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "llama", "phimoe"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "llama", "phimoe", "llama4"])
 def test_every_level_equals_brute_force(family):
     model = tiny_model(family)
     levels = ("layer", "head", "expert", "shared", "neuron")
@@ -384,3 +400,9 @@ def test_prediction_targets_and_only_correct():
     assert (got["score"] - expected["score"]).abs().max() < 1e-5  # batch composition differs: float noise
     with pytest.raises(ValueError, match="only_correct=True compares"):
         attribute(model, PROMPTS, None, only_correct=True)
+
+
+def test_parallel_residual_streams_are_refused():
+    """DeepSeek-V4's hyper-connections (4 residual streams per position): a clear error, not a shape crash."""
+    with pytest.raises(ValueError, match="not one d_model vector per position .* hyper-connections"):
+        attribute(tiny_model("deepseek_v4"), PROMPTS, TARGETS, levels=("layer",), progress=False)

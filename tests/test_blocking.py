@@ -313,7 +313,10 @@ def test_main_job_section(tmp_path):
     results = write(tmp_path, header, [section], time.time())
     validate(results)
     saved = json.loads((tmp_path / "results.json").read_text())["sections"]["blocking"]
-    assert set(saved) == {"title", "sweep", "configurations"}
+    assert set(saved) == {"title", "sweep", "configurations", "split", "n_rank_facts", "n_eval_facts", "significance"}
+    assert saved["split"] and saved["n_rank_facts"] + saved["n_eval_facts"] == len(encoded)  # held out by default
+    assert all(row["top_ci"][0] <= row["top"] <= row["top_ci"][1] for row in saved["significance"])
+    assert any(name.endswith("(renormalised)") for name in saved["configurations"]["meta"]["configurations"])
     assert saved["sweep"]["type"] == "blocking_sweep" and saved["sweep"]["meta"]["seeds"] == 5
     assert {r["kind"] for r in saved["sweep"]["rows"]} == {"top", "uniform", "matched"}
     assert set(saved["sweep"]["original"]) == {relations[0].name, relations[1].name, "all"}

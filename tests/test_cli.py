@@ -82,6 +82,8 @@ def test_report_renders_in_headless_chromium(job_dir, tmp_path):
     match = re.search(r'data-plots-rendered="(\d+)"', proc.stdout)
     assert match, "the report's load script did not run"
     assert int(match.group(1)) == len(results["plots"]), "every plot image decoded and has a size"
+    view = re.search(r'data-token-view-rendered="(\d+)"', proc.stdout)  # the per-token routing view drew
+    assert view and int(view.group(1)) > 0
 
 
 def test_bad_model_and_out(tmp_path):
@@ -139,3 +141,22 @@ def test_run_remote_local(tmp_path):
     blocking = results["sections"]["blocking"]
     assert blocking["sweep"]["original"]["all"]["mrr"] == 1.0 and blocking["configurations"]["rows"]
     assert nnsight_moe.handle_of(nnsight_moe.demo.load("demo-moe")[0]) is None
+
+
+def test_analysis_sections_in_the_job_and_replotted_from_results_json(job_dir):
+    """The routing, fidelity, lenses and super-expert sections are in results.json; their plots re-plot from it."""
+    from nnsight_moe.recipes.replot import replot
+
+    out, _ = job_dir
+    results = strict_loads((out / "results.json").read_text())
+    sections = results["sections"]
+    stats = sections["routing"]["stats"]
+    assert stats["n_tokens"] > 0 and len(stats["load"]) == len(results["model"]["moe_layers"])
+    assert sections["routing"]["specialisation"]["summary"]["tested"] > 0 and "generation" in sections["routing"]
+    assert {r["comparison"] for r in sections["fidelity"]["rows"]} >= {"bfloat16"}
+    assert any(r["source"] == "prompts" for r in sections["lenses"]["rows"])
+    assert sections["super_experts"]["maxima"]["rows"]
+    figures = replot(out / "results.json")
+    expected = {(p["section"], p["name"]) for p in results["plots"] if p["section"] in figures}
+    assert {(s, n) for s, f in figures.items() for n in f} == expected and expected
+    assert "class=\"token-view\"" in (out / "report.html").read_text()

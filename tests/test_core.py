@@ -8,14 +8,21 @@ import pytest
 import torch
 
 import nnsight_moe
-from nnsight_moe.testing import tiny_model
+from nnsight_moe.testing import tiny_model as _tiny_model
 
 from helpers import capture_blocks, capture_hooks, capture_routers, naive_expert, zero_expert_
 
 #: Every supported family, plus model types served by another family's adapter through their text model
 #: (Kimi-K2.5: DeepSeek-V3; Nemotron-3.5-Transcribe, Nemotron-H-Omni: Nemotron-H), built as the full
 #: multimodal model.
-FAMILIES = nnsight_moe.supported_families() + ["kimi_k25", "nemo_speechlm", "nemotron_h_omni"]
+FAMILIES = nnsight_moe.supported_families() + ["kimi_k25", "nemo_speechlm", "nemotron_h_omni", "nemotron_h-latent"]
+#: Test variants of a family: (model type, tiny-model overrides).
+VARIANTS = {"nemotron_h-latent": ("nemotron_h", {"moe_latent_size": 32, "mlp_bias": True})}
+
+
+def tiny_model(family, **kwargs):  # noqa: F811 - the variants above, else nnsight_moe.testing.tiny_model
+    model_type, overrides = VARIANTS.get(family, (family, {}))
+    return _tiny_model(model_type, **overrides, **kwargs)
 ATOL = 1e-5
 
 
@@ -61,38 +68,56 @@ def test_equivalence_and_decomposition(family):
         k, e_count, d = info.top_k, info.n_experts, info.d_model
         x, block_out = blocks[index]
         x = x.reshape(b * p, d)
+        d_out = info.d_latent or d  # a latent MoE's experts run in d_latent
+        if info.d_latent:
+            assert get("hook_latent_in").shape == (b, p, d_out)
+            x = get("hook_latent_in").reshape(b * p, d_out)  # the experts' input
         # shapes of the contract
         assert get("hook_router_logits").shape == (b, p, e_count)
         assert get("hook_router_scores").shape == (b, p, e_count)
         assert get("hook_topk_indices").shape == (b, p, k)
         assert get("hook_topk_weights").shape == (b, p, k)
         assert get("hook_expert_acts").shape == (b, p, k, info.d_expert)
-        assert get("hook_expert_out").shape == (b, p, k, d)
-        assert get("hook_routed_out").shape == (b, p, d)
+        assert get("hook_expert_out").shape == (b, p, k, d_out)
+        assert get("hook_routed_out").shape == (b, p, d_out)
         # selection equals HF's own router on the same input
         hf_weights, hf_indices = (t.reshape(b * p, k) for t in routers[index])
         assert torch.equal(get("hook_topk_indices").reshape(b * p, k), hf_indices)
         assert torch.allclose(get("hook_topk_weights").reshape(b * p, k).float(), hf_weights.float(), atol=ATOL)
-        # routed_out = sum_slots weight * expert_out
+        # routed_out = sum_slots weight * expert_out (gate_on_input, Llama 4: the weight scales the input)
         w, out = get("hook_topk_weights"), get("hook_expert_out")
-        torch.testing.assert_close(get("hook_routed_out"), (w[..., None] * out).sum(-2), atol=ATOL, rtol=0)
+        weighted = out if info.gate_on_input else w[..., None] * out
+        torch.testing.assert_close(get("hook_routed_out"), weighted.sum(-2), atol=ATOL, rtol=0)
         # moe_out = routed + gate * shared = HF block output
         moe = info.routed_scale * get("hook_routed_out")
+        if info.d_latent:  # the extension: the routed sum's output projection replaces it in the block's sum
+            projection = model.get_submodule(info.latent_out)
+            torch.testing.assert_close(get("hook_latent_out"), projection(moe), atol=ATOL, rtol=0)
+            moe = get("hook_latent_out")
+        if info.moe_bias:  # JetMoE adds a learned bias to the routed sum
+            moe = moe + model.get_parameter(info.moe_bias)
         if info.has_shared:
             assert get("hook_shared_out").shape == (b, p, d)
             assert get("hook_shared_gate").shape == (b, p, 1)
             assert get("hook_shared_acts").shape == (b, p, info.d_shared)
             moe = moe + get("hook_shared_gate") * get("hook_shared_out")
+        if info.post:  # the extension: the block post-processes its sum
+            torch.testing.assert_close(get("hook_moe_sum"), moe, atol=ATOL, rtol=0)
+            moe = model.get_submodule(info.post)(moe)
         torch.testing.assert_close(get("hook_moe_out"), moe, atol=ATOL, rtol=0)
         torch.testing.assert_close(get("hook_moe_out"), block_out.reshape(b, p, d), atol=ATOL, rtol=0)
         # each slot's expert output equals the expert MLP applied straight from its weights
         experts = model.get_submodule(info.experts)
+        if type(experts).__name__ == "JetMoeParallelExperts":  # the naive expert needs both of JetMoE's linears
+            experts = model.get_submodule(info.path)
         idx = get("hook_topk_indices").reshape(b * p, k)
         acts_all = get("hook_expert_acts").reshape(b * p, k, -1)
-        out_all = out.reshape(b * p, k, d)
+        out_all = out.reshape(b * p, k, d_out)
+        w_flat = w.reshape(b * p, k)
         for j in range(k):
             for t in range(b * p):
-                acts, direct = naive_expert(experts, x[t : t + 1], int(idx[t, j]))
+                x_in = x[t : t + 1] * w_flat[t, j].to(x.dtype) if info.gate_on_input else x[t : t + 1]
+                acts, direct = naive_expert(experts, x_in, int(idx[t, j]))
                 torch.testing.assert_close(out_all[t, j], direct[0], atol=ATOL, rtol=0)
                 torch.testing.assert_close(acts_all[t, j], acts[0], atol=ATOL, rtol=0)
 
@@ -120,8 +145,10 @@ def test_attach_twice_is_noop_and_context_manager(family):
     assert torch.equal(model(ids).logits, ref)
 
 
-def _two_experts(layout):
-    layers = layout.moe_layers
+def _two_experts(layout, reroute=False):
+    """Experts to block in the first and last MoE layers (for ``reroute``: of those layers that choose from
+    scores; a hash-routed layer, DeepSeek-V4's first, refuses rerouting)."""
+    layers = [i for i in layout.moe_layers if not (reroute and layout.layer(i).routing._kind == "hash")]
     return {layers[0]: [0, 3], layers[-1]: [1]}
 
 
@@ -144,7 +171,7 @@ def test_block_reroute_and_renorm(family):
     model = tiny_model(family)
     ids = _ids()
     handle = nnsight_moe.attach(model)
-    blocked = _two_experts(handle.layout)
+    blocked = _two_experts(handle.layout, reroute=True)
     clean = capture_hooks(handle, lambda: model(ids))
     with nnsight_moe.block_experts(model, blocked, mode="reroute"):
         rerouted = capture_hooks(handle, lambda: model(ids))
@@ -165,6 +192,50 @@ def test_block_reroute_and_renorm(family):
         full = hit.sum(-1) < hit.shape[-1]  # tokens that keep at least one expert
         torch.testing.assert_close(renorm_w.float().sum(-1)[full], clean_sum[full], atol=1e-5, rtol=1e-5)
     handle.detach()
+
+
+@torch.no_grad()
+def test_hash_routing():
+    """DeepSeek-V4's hash layer: indices are the token-id table's, weights the renormalised scores there;
+    reroute is refused with a clear error, zero blocking equals zeroed weights."""
+    model = tiny_model("deepseek_v4")
+    ids = _ids()
+    layout = nnsight_moe.layout(model)
+    info = layout.layer(0)
+    assert info.routing._kind == "hash" and layout.layer(1).routing._kind == "topk"
+    with nnsight_moe.attached(model) as handle:
+        values = capture_hooks(handle, lambda: model(ids))
+    table = model.get_submodule(info.router).tid2eid
+    assert torch.equal(values[f"{info.path}.hook_topk_indices"], table[ids])
+    with pytest.raises(ValueError, match="layer 0 is hash-routed .* mode='reroute' has no meaning"):
+        with nnsight_moe.block_experts(model, {0: [1]}, mode="reroute"):
+            pass
+    with pytest.raises(ValueError, match="hash-routed layer chooses its experts by token id"):
+        info.routing.select(values[f"{info.path}.hook_router_scores"])
+
+
+@torch.no_grad()
+def test_identity_experts():
+    """LongCat-Flash's zero-compute experts (ids 8, 9 of 10): their slots' output is the token itself and
+    their acts 0; blocking them (zero) removes exactly weight * token from the routed sum."""
+    model = tiny_model("longcat_flash")
+    ids = _ids()
+    layout = nnsight_moe.layout(model)
+    info = layout.layer(0)
+    blocks = capture_blocks(model, layout, lambda: model(ids))
+    with nnsight_moe.attached(model) as handle:
+        clean = capture_hooks(handle, lambda: model(ids))
+        with nnsight_moe.block_experts(model, {0: [8, 9]}, mode="zero"):
+            blocked = capture_hooks(handle, lambda: model(ids))
+    get = lambda values, name: values[f"{info.path}.{name}"]  # noqa: E731
+    x = blocks[0][0].reshape(*ids.shape, -1)
+    identity = get(clean, "hook_topk_indices") >= 8
+    assert identity.any() and not identity.all(), "the tiny model picks identity experts sometimes"
+    torch.testing.assert_close(get(clean, "hook_expert_out")[identity], x[..., None, :].expand(-1, -1, 2, -1)[identity])
+    assert not get(clean, "hook_expert_acts")[identity].any()
+    dropped = (get(clean, "hook_topk_weights") * identity)[..., None] * x[..., None, :]
+    torch.testing.assert_close(get(blocked, "hook_routed_out"), get(clean, "hook_routed_out") - dropped.sum(-2),
+                               atol=ATOL, rtol=0)
 
 
 @torch.no_grad()

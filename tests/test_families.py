@@ -3,6 +3,8 @@ not yet supported; families added for issue #14 are exact in bfloat16; detection
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -12,13 +14,13 @@ from nnsight_moe.adapters import adapter_for
 from nnsight_moe.testing import tiny_config, tiny_model
 
 #: Families added by issue #14 (the float32 core tests run on them through tests/test_core.py).
-ADDED = ["aria", "deepseek_ocr2", "dots3_note", "glm4v_moe", "glm5_next", "hy_v4_vl", "lara_mini", "lfm2_moe",
-         "mistral4", "mistral_large4", "openai_privacy_filter", "qwen3_vl_moe", "sarvam_mla", "sarvam_moe", "unlimited_ocr"]
+ADDED = ["aria", "axk1", "beam", "deepseek_ocr2", "dots3_note", "glm4v_moe", "glm5_next", "granitemoehybrid", "granitemoeshared",
+         "hy_v4_vl", "laguna", "lara_mini", "lfm2_moe", "minimax_m3_vl", "muse_spark",
+         "mistral4", "mistral_large4", "openai_privacy_filter", "qwen3_vl_moe", "sarvam_mla", "sarvam_moe", "step3p7",
+         "unlimited_ocr"]
 #: Families whose router keeps bf16 arithmetic (mistral4, lfm2_moe) or casts weights to the hidden states'
-#: dtype (lara_mini): the contract's float32 weights differ from the model's by bf16 rounding; and
-#: openai_privacy_filter, whose own experts forward upcasts to float32 on a bf16 model while the
-#: "nnsight_moe" experts implementation computes in the input dtype.
-BF16_ROUNDED = {"lara_mini", "lfm2_moe", "mistral4", "openai_privacy_filter"}
+#: dtype (lara_mini): the contract's float32 weights differ from the model's by bf16 rounding.
+BF16_ROUNDED = {"lara_mini", "lfm2_moe", "mistral4"}
 
 
 def test_every_moe_package_is_supported_excluded_or_listed():
@@ -77,3 +79,289 @@ def test_detection_by_structure():
     # sarvam_mla is DeepseekV3ForCausalLM: its own adapter, and the same layout as DeepSeek-V3
     sarvam = tiny_model("sarvam_mla")
     assert type(sarvam).__name__ == "DeepseekV3ForCausalLM" and adapter_for(sarvam).name == "sarvam_mla"
+
+
+# ------------------------------------------------------------------ group 3: shared expert beside the block
+GRANITE_SHARED = ["granitemoeshared", "granitemoehybrid"]
+
+
+def _ids(batch=2, pos=7, seed=0):
+    return torch.randint(3, 128, (batch, pos), generator=torch.Generator().manual_seed(seed))
+
+
+def _zeroed(model, layout, routed=False, shared=False):
+    """A copy of ``model`` with every routed expert's and/or every shared expert's down projection zeroed."""
+    import copy
+
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for index in layout.moe_layers:
+            info = layout.layer(index)
+            if routed:
+                model.get_submodule(info.experts).down_proj.zero_()
+            if shared:
+                model.get_submodule(info.shared_down).weight.zero_()
+    return model
+
+
+@pytest.mark.parametrize("family", GRANITE_SHARED)
+@torch.no_grad()
+def test_shared_beside_the_block(family):
+    """Granite's shared_mlp is a sibling of the block: hook_shared_* fire on it, hook_moe_out is the layer's
+    sum, and restricting / ablating / editing hook_moe_out equal zeroed weights."""
+    from nnsight_moe.remote import moe_spec
+
+    from helpers import capture_hooks
+
+    model = tiny_model(family)
+    ids = _ids()
+    layout = nnsight_moe.layout(model)
+    info = layout.layer(layout.moe_layers[0])
+    assert info.shared_outside and info.shared == info.path.rsplit(".", 1)[0] + ".shared_mlp"
+    assert info.shared_down == info.shared + ".output_linear" and info.d_shared == 48
+    assert not moe_spec(model)["layers"][info.index]["shared_first"], "the layer calls the block, then shared_mlp"
+    shared_ref = {}
+    handle = model.get_submodule(info.shared).register_forward_hook(lambda m, a, o: shared_ref.setdefault("out", o))
+    ref = model(ids).logits
+    handle.remove()
+    with nnsight_moe.attached(model) as attached:
+        values = capture_hooks(attached, lambda: model(ids))
+        torch.testing.assert_close(values[f"{info.path}.hook_shared_out"], shared_ref["out"], atol=0, rtol=0)
+        with nnsight_moe.restrict_experts(model, 0):
+            shared_only = model(ids).logits
+        with nnsight_moe.ablate_shared(model):
+            routed_only = model(ids).logits
+        point = attached.block(info.index).hook_moe_out
+        point.add_hook(lambda moe, hook: torch.zeros_like(moe))
+        try:
+            moe_zeroed = model(ids).logits
+        finally:
+            point.remove_hooks()
+        assert torch.equal(model(ids).logits, ref)
+    torch.testing.assert_close(shared_only, _zeroed(model, layout, routed=True)(ids).logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(routed_only, _zeroed(model, layout, shared=True)(ids).logits, atol=1e-5, rtol=0)
+    # zeroing hook_moe_out of one layer = zeroing that layer's routed and shared experts
+    first_only = replace(layout, layers=tuple(l if l.index == info.index else replace(l, kind="dense") for l in layout.layers))
+    partial = _zeroed(model, first_only, routed=True, shared=True)
+    torch.testing.assert_close(moe_zeroed, partial(ids).logits, atol=1e-5, rtol=0)
+    for out in (shared_only, routed_only, moe_zeroed):
+        assert (out - ref).abs().max() > 1e-3, "the edit changed the output"
+
+
+
+@torch.no_grad()
+def test_granitemoehybrid_bridge_hooks(tmp_path):
+    """TransformerLens' GraniteMoeHybrid adapter recomputes shared_mlp from its linears (JointGateUpMLPBridge):
+    the shared hooks and hook_moe_out still fire under blocks.{L}.mlp, and shared ablation reaches the bridge."""
+    from nnsight_moe import tl
+
+    from helpers import word_tokenizer
+
+    word_tokenizer().save_pretrained(tmp_path)
+    model = tiny_model("granitemoehybrid")
+    ids = _ids(pos=6)
+    ref = model(ids).logits
+    layout = nnsight_moe.layout(model)
+    routed_only = _zeroed(model, layout, shared=True)(ids).logits
+    bridge = tl.boot(model, tokenizer=str(tmp_path))
+    try:
+        logits, cache = bridge.run_with_cache(ids)
+        torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+        for index in layout.moe_layers:
+            info = layout.layer(index)
+            for name in info.hook_names:
+                assert tl.tl_hook_name(index, name) in cache, name
+            get = lambda name: cache[tl.tl_hook_name(index, name)]  # noqa: E731
+            torch.testing.assert_close(get("hook_moe_out"), get("hook_routed_out") + get("hook_shared_out"),
+                                       atol=1e-6, rtol=0)
+            torch.testing.assert_close(get("hook_shared_out"), cache[f"blocks.{index}.shared_mlp.hook_out"],
+                                       atol=0, rtol=0)
+        with nnsight_moe.ablate_shared(bridge):
+            torch.testing.assert_close(bridge(ids), routed_only, atol=1e-5, rtol=0)
+    finally:
+        nnsight_moe.detach(bridge)
+
+
+# ------------------------------------------------------------------ group 2: post-processed routed sums
+@pytest.mark.parametrize("family, overrides", [("nemotron_h", {"moe_latent_size": 32}), ("muse_spark", {}), ("axk1", {})],
+                         ids=["nemotron_h-latent", "muse_spark", "axk1"])
+def test_post_processed_remote_view_equals_hooks(family, overrides):
+    """The extension's hook points (latent_in / latent_out, moe_sum) in the remote view = the hooks', also with
+    rerouted experts and the shared expert ablated (which runs after the latent projection / before the norm)."""
+    import nnsight
+
+    from helpers import language_model
+    from nnsight_moe.remote import MoEView
+    from test_remote import _assert_view_equals_hooks, _oracle
+
+    hf = tiny_model(family, **overrides)
+    layout = nnsight_moe.layout(hf)
+    assert any(layout.layer(i).d_latent or layout.layer(i).post for i in layout.moe_layers)
+    ids = _ids(pos=5)
+    blocked = {index: [0, 3] for index in layout.moe_layers}
+    lm = language_model(hf) if hf.can_generate() else nnsight.NNsight(hf)
+    view = MoEView(lm)
+    shared = layout.has_shared
+    edits = [(None, {}), (lambda m: nnsight_moe.block_experts(m, blocked, mode="reroute"), "reroute")]
+    if shared:
+        edits.append((lambda m: nnsight_moe.ablate_shared(m), "shared"))
+    for edit, kind in edits:
+        _, values, logits = _oracle(hf, ids, edit)
+        options = (lambda i: {"block": blocked[i], "mode": "reroute"}) if kind == "reroute" else (
+            (lambda i: {"shared": False}) if kind == "shared" else (lambda i: {}))
+        with torch.no_grad(), lm.trace(ids, remote="local"):
+            views = nnsight.save({i: view.layer(i, **options(i)) for i in view.moe_layers})
+            out = lm.output.logits.save()
+        _assert_view_equals_hooks(layout, views, values)
+        torch.testing.assert_close(out, logits, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_post_norm_sum_edits_and_frozen_scale_decomposition():
+    """A.X-K1: hook_moe_out = post_mlp_layernorm(hook_moe_sum); with the norm's per-token scale frozen the
+    output splits exactly into routed and shared parts, and an edit of hook_moe_sum reaches the norm."""
+    model = tiny_model("axk1")
+    ids = _ids()
+    layout = nnsight_moe.layout(model)
+    from helpers import capture_hooks
+
+    with nnsight_moe.attached(model) as handle:
+        values = capture_hooks(handle, lambda: model(ids))
+        for index in layout.moe_layers:
+            info = layout.layer(index)
+            get = lambda name: values[f"{info.path}.{name}"]  # noqa: E731
+            norm = model.get_submodule(info.post)
+            total = get("hook_moe_sum")
+            scale = torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+            parts = norm.weight * (get("hook_routed_out") * scale) + norm.weight * (get("hook_shared_out") * scale)
+            torch.testing.assert_close(get("hook_moe_out"), parts, atol=1e-5, rtol=0)
+        with nnsight_moe.ablate_shared(model):
+            ablated = model(ids).logits
+        # dropping the shared part from hook_moe_sum = ablating the shared expert
+        names = {f"{layout.layer(i).path}.hook_routed_out": i for i in layout.moe_layers}
+        routed = {}
+        points = handle.hook_points()
+        for name in names:
+            points[name].add_hook(lambda v, hook: routed.__setitem__(hook.name, v) or v)
+            points[name.replace("hook_routed_out", "hook_moe_sum")].add_hook(
+                lambda v, hook: routed[hook.name.replace("hook_moe_sum", "hook_routed_out")])
+        try:
+            edited = model(ids).logits
+        finally:
+            for point in points.values():
+                point.remove_hooks()
+    torch.testing.assert_close(edited, ablated, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family, overrides", [("granitemoeshared", {}), ("axk1", {}), ("muse_spark", {}),
+                                               ("step3p7", {}), ("nemotron_h", {"moe_latent_size": 32})],
+                         ids=["granitemoeshared", "axk1", "muse_spark", "step3p7", "nemotron_h-latent"])
+def test_routing_check_passes_with_the_extension(family, overrides):
+    """``nnsight-moe check`` knows the extended identities (and the shared expert beside the block)."""
+    model = tiny_model(family, dtype=torch.bfloat16, **overrides)
+    report = nnsight_moe.check_routing(model, input_ids=_ids(), compare_float32=False, implementations=())
+    assert report.ok, report.format()
+
+
+@pytest.mark.parametrize("family, overrides", [("axk1", {}), ("nemotron_h", {"moe_latent_size": 32, "mlp_bias": True}),
+                                               ("laguna", {})], ids=["axk1", "nemotron_h-latent-bias", "laguna"])
+@torch.no_grad()
+def test_attribution_maps_parts_to_the_block_output(family, overrides):
+    """Attribution's per-expert / shared contributions, mapped through the extension (routed_scale, latent
+    projection, frozen post-norm scale), add up to the block output; and every recipe runs."""
+    from nnsight_moe.recipes import blocking
+    from nnsight_moe.recipes.attribution import _block_maps, attribute
+
+    from helpers import capture_hooks
+
+    model = tiny_model(family, **overrides)
+    ids = _ids()
+    layout = nnsight_moe.layout(model)
+    with nnsight_moe.attached(model) as handle:
+        values = capture_hooks(handle, lambda: model(ids))
+    for index in layout.moe_layers:
+        info = layout.layer(index)
+        moe = {name[5:]: values[f"{info.path}.{name}"].reshape(-1, *values[f"{info.path}.{name}"].shape[2:])
+               for name in info.hook_names}
+        routed, shared = _block_maps(model, info, moe)
+        n, k = moe["topk_indices"].shape
+        rows = torch.arange(n).repeat_interleave(k)
+        parts = routed((moe["topk_weights"][..., None] * moe["expert_out"]).reshape(n * k, -1), rows)
+        total = parts.reshape(n, k, -1).sum(1)
+        if info.has_shared:
+            total = total + shared(moe["shared_gate"] * moe["shared_out"], torch.arange(n))
+        if info.d_latent and model.get_submodule(info.latent_out).bias is not None:
+            total = total + model.get_submodule(info.latent_out).bias
+        torch.testing.assert_close(total, moe["moe_out"], atol=1e-5, rtol=0)
+    prompts, targets = [[5, 9, 17, 33], [7, 8, 9], [11, 12, 13, 14]], [3, 40, 77]
+    frame = attribute(model, prompts, targets, levels=("layer", "expert", "shared", "neuron"), progress=False).to_frame()
+    assert {"moe", "expert", "neuron"} <= set(frame["level"])
+    ranking = blocking.rank_experts(model, (prompts, targets), by="frequency", progress=False)
+    assert len(blocking.sweep(model, (prompts, targets), ranking=ranking, top_n=(1,), seeds=1, baselines=("uniform",),
+                              progress=False).to_frame())
+
+
+def test_remote_attribution_refuses_extended_blocks():
+    from nnsight_moe.recipes.attribution import attribute
+
+    from helpers import language_model
+
+    lm = language_model(tiny_model("granitemoeshared"))
+    with pytest.raises(ValueError, match=r"remote attribution does not yet map the parts of granitemoeshared"):
+        attribute(lm, [[5, 9, 17]], [3], levels=("layer", "expert"), remote="local", progress=False)
+
+
+@torch.no_grad()
+def test_latent_nemotron_h_bridge_hooks(tmp_path):
+    """TransformerLens' NemotronH adapter on a LatentMoE: the extension's hook points under blocks.{L}.mlp."""
+    from nnsight_moe import tl
+
+    from helpers import word_tokenizer
+
+    word_tokenizer().save_pretrained(tmp_path)
+    model = tiny_model("nemotron_h", moe_latent_size=32)
+    ids = _ids(pos=6)
+    ref = model(ids).logits
+    layout = nnsight_moe.layout(model)
+    bridge = tl.boot(model, tokenizer=str(tmp_path))
+    try:
+        logits, cache = bridge.run_with_cache(ids)
+        torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+        for index in layout.moe_layers:
+            get = lambda name: cache[tl.tl_hook_name(index, name)]  # noqa: E731
+            assert set(layout.layer(index).hook_names) <= {k.split(".")[-1] for k in cache if k.startswith(f"blocks.{index}.mlp.")}
+            assert get("hook_latent_in").shape[-1] == get("hook_routed_out").shape[-1] == 32
+            torch.testing.assert_close(get("hook_moe_out"), get("hook_latent_out") + get("hook_shared_out"), atol=1e-6, rtol=0)
+    finally:
+        nnsight_moe.detach(bridge)
+
+
+@torch.no_grad()
+def test_granite_shared_hooks_in_nnsight():
+    """nnsight envoys of the hook points (execution order: routed, shared, then moe_out on the layer's sum);
+    setting hook_moe_out to zero = zeroing that layer's routed and shared experts."""
+    from helpers import language_model
+
+    hf = tiny_model("granitemoeshared")
+    ids = _ids(pos=6)
+    ref = hf(ids).logits
+    layout = nnsight_moe.layout(hf)
+    info = layout.layer(layout.moe_layers[0])
+    first_only = replace(layout, layers=tuple(l if l.index == info.index else replace(l, kind="dense") for l in layout.layers))
+    zeroed = _zeroed(hf, first_only, routed=True, shared=True)(ids).logits
+    lm = language_model(hf)
+    nnsight_moe.attach(lm)
+    with lm.trace(ids):
+        block = lm.model.layers[info.index].block_sparse_moe
+        routed = block.hook_routed_out.output.save()
+        shared = block.hook_shared_out.output.save()
+        moe = block.hook_moe_out.output.save()
+        out = lm.output.logits.save()
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(moe, routed + shared, atol=1e-6, rtol=0)
+    with lm.trace(ids):
+        block = lm.model.layers[info.index].block_sparse_moe
+        block.hook_moe_out.output = torch.zeros_like(block.hook_moe_out.output)
+        edited = lm.output.logits.save()
+    torch.testing.assert_close(edited, zeroed, atol=1e-5, rtol=0)
+    nnsight_moe.detach(lm)

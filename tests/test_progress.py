@@ -30,7 +30,10 @@ def test_job_prints_numbered_steps_and_notes_skipped_sections(tmp_path, capsys):
     results = run_job("demo-dense", out=tmp_path, quick=True)
     validate(results)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
-    assert [line.split("]")[0] + "]" for line in lines] == [f"[{i}/4]" for i in (1, 1, 2, 2, 3, 3, 4, 4)]
+    from nnsight_moe.job import RECIPE_SECTIONS
+
+    n = 1 + len(RECIPE_SECTIONS)  # the baseline, then every recipe section (a start and an end line each)
+    assert [line.split("]")[0] + "]" for line in lines] == [f"[{i}/{n}]" for i in range(1, n + 1) for _ in (0, 1)]
     for name in ("blocking", "head_expert"):
         assert "dense" in results["sections"][name]["skipped"]
     assert "(skipped)" in (tmp_path / "report.html").read_text()

@@ -641,6 +641,10 @@ def test_router_edit_of_the_wrong_width_is_refused():
     handle.block(layer).hook_topk_indices.add_hook(lambda idx, hook: idx + 100)
     with torch.no_grad(), pytest.raises(ValueError, match="hook_topk_indices must hold integer expert ids in 0..7"):
         hf(torch.tensor([PROMPTS[0]]))
+    handle.block(layer).hook_topk_indices.remove_hooks()
+    handle.block(layer).hook_topk_indices.add_hook(lambda idx, hook: idx.add_(100))  # in place: checked too
+    with torch.no_grad(), pytest.raises(ValueError, match="hook_topk_indices must hold integer expert ids in 0..7"):
+        hf(torch.tensor([PROMPTS[0]]))
 
 
 def test_switching_the_experts_implementation_while_attached_is_detected():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import sys
 
 import nnsight
@@ -106,29 +107,67 @@ def test_view_equals_hooks_on_every_family(family):
     layout = nnsight_moe.layout(hf)
     ids = _ids(pos=4)
     mode = "zero" if family == "phimoe" else "reroute"  # the view cannot re-derive phimoe's sparsemixer
-    blocked = {index: [0] for index in layout.moe_layers}
+    # a hash-routed layer (DeepSeek-V4's first) refuses reroute: it is read unedited
+    blocked = {index: [0] for index in layout.moe_layers if mode != "reroute" or layout.layer(index).routing._kind != "hash"}
     # a token classifier (openai_privacy_filter) is no LanguageModel: wrap it as a plain nnsight model
     lm = language_model(hf) if hf.can_generate() else nnsight.NNsight(hf)
     view = MoEView(lm)
     for edit in (None, blocked):
         _, values, logits = _oracle(hf, ids, edit and (lambda m: nnsight_moe.block_experts(m, blocked, mode=mode)))
         with torch.no_grad(), lm.trace(ids, remote="local"):
-            views = nnsight.save({i: view.layer(i, block=edit and edit[i], mode=mode) for i in view.moe_layers})
+            views = nnsight.save({i: view.layer(i, block=edit and edit.get(i), mode=mode) for i in view.moe_layers})
             out = lm.output.logits.save()
         _assert_view_equals_hooks(layout, views, values)
         torch.testing.assert_close(out, logits, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "ernie4_5_moe", "hunyuan_v1_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "ernie4_5_moe", "hunyuan_v1_moe", "olmoe",
+                                    "granitemoeshared", "granitemoehybrid", "minimax_m3_vl"])
 @pytest.mark.parametrize("top, shared", [(0, True), (1, True), (1, False), (None, False)])
 def test_view_keep_top_and_shared_ablation_equal_restrict_experts(family, top, shared):
-    """Table-2 configurations; the shared expert runs before the router in qwen2_moe / ernie / hunyuan."""
+    """Table-2 configurations; the shared expert runs before the router in qwen2_moe / ernie / hunyuan, and
+    beside the block, after it, in the Granite families; minimax_m3_vl's fused shared MLP is read from the forward."""
     hf = tiny_model(family)
     layout = nnsight_moe.layout(hf)
     if not shared and not layout.has_shared:
         pytest.skip("no shared expert")
     _assert_view_edit_equals_hook_edit(hf, _ids(), lambda m: nnsight_moe.restrict_experts(m, top, shared=shared),
                                        lambda i: {"keep_top": top, "shared": shared}, min_change=1e-4)
+
+
+def test_view_hash_layer_edits():
+    """DeepSeek-V4's hash layer in the view: its own indices; an edited logit re-derives the weights at them;
+    reroute is refused, as block_experts refuses it."""
+    hf = tiny_model("deepseek_v4")
+    ids = _ids()
+    lm = language_model(hf)
+    view = MoEView(lm)
+    double = lambda logits: logits * 2  # noqa: E731
+    layout, values, logits = _oracle(hf, ids, lambda m: _edit_logits(m, 0, double))
+    with torch.no_grad(), lm.trace(ids, remote="local"):
+        views = nnsight.save({0: view.layer(0, edit_logits=double)})
+        out = lm.output.logits.save()
+    assert torch.equal(views[0]["topk_indices"], hf.get_submodule(layout.layer(0).router).tid2eid[ids])
+    _assert_view_equals_hooks(layout, views, values)
+    torch.testing.assert_close(out, logits, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="hash-routed"), torch.no_grad(), lm.trace(ids):
+        view.layer(0, block=[1], mode="reroute")
+
+
+def _edit_logits(model, layer, fn):
+    """A context that applies ``fn`` to ``hook_router_logits`` of ``layer`` on an attached ``model``."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def edit():
+        point = nnsight_moe.handle_of(model).block(layer).hook_router_logits
+        point.add_hook(lambda logits, hook: fn(logits))
+        try:
+            yield
+        finally:
+            point.remove_hooks()
+
+    return edit()
 
 
 def test_view_keep_top_and_shared_errors():
@@ -287,7 +326,9 @@ def test_serialised_request_carries_no_hooks_or_custom_classes():
     # the model, its modules, tokenizer and interleaver are references resolved by the server
     assert all(pid in ("Interleaver", "Pipeline", "Tokenizer") or pid.startswith("Module:") for pid in seen.persistent)
     assert not any("hook_" in pid for pid in seen.persistent)
-    assert b"nnsight_moe" not in backend.blob.replace(b"nnsight_moe/remote.py", b"").replace(b"nnsight_moe/routing.py", b"")  # no reference to our package
+    # no reference to our package: only the file names of the modules shipped by value (as source)
+    by_value = re.sub(rb"nnsight_moe/(remote|routing|input_gated|block_routed|dispatch_experts|identity_experts)\.py", b"", backend.blob)
+    assert b"nnsight_moe" not in by_value
     assert b"def read_layer" in backend.blob, "the view's functions travel as source"
     # and the model it ran on carries no hooks of ours
     assert nnsight_moe.handle_of(hf) is None

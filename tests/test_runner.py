@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import nnsight_moe
+from nnsight_moe import memory
 from nnsight_moe.recipes import runner
 from nnsight_moe.remote import MoEView, RemoteBatchError
 from nnsight_moe.testing import tiny_model
@@ -233,10 +234,12 @@ def test_batch_size_auto_and_choose_batch_size():
     hf = tiny_model("olmoe")
     assert runner.choose_batch_size(hf, 100, 12) == runner.DEFAULT_BATCH_SIZE
     assert runner.choose_batch_size(hf, 3, 12) == 3
-    config = hf.config.get_text_config()
-    per_prompt = 12 * config.hidden_size * (config.num_hidden_layers + 2) * 16 + 8 * config.vocab_size
-    assert runner.choose_batch_size(hf, 100, 12, "capture", max_memory=5 * per_prompt) == 5
-    assert runner.choose_batch_size(hf, 100, 12, max_memory=1) == 1
+    forward = memory.estimate(memory.ModelShapes.of(hf), "forward", 12)  # the memory planner's estimate
+    assert runner.choose_batch_size(hf, 100, 12, "capture", max_memory=forward.peak(5)) == 5
+    neurons = memory.estimate(memory.ModelShapes.of(hf), "neuron-exact", 12, chunk_bytes=16 * 128)
+    assert runner.choose_batch_size(hf, 100, 12, "neuron", max_memory=neurons.peak(3)) == 3
+    with pytest.raises(memory.MemoryBudgetError, match="forward: one prompt of 12 tokens needs"):
+        runner.choose_batch_size(hf, 100, 12, max_memory=1)
     batches = runner.make_batches(PROMPTS, batch_size="auto", model=hf)
     assert [b["rows"] for b in batches] == [list(range(6))]
     got = torch.cat(runner.run(hf, PROMPTS, _last_logits, batch_size="auto", progress=False))

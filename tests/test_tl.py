@@ -15,15 +15,17 @@ from transformers import PreTrainedTokenizerFast
 import nnsight_moe
 from nnsight_moe import tl
 from nnsight_moe.testing import tiny_model
-from tests.helpers import naive_expert
+from tests.helpers import down_weights, naive_expert
 
-ARCHS = ["qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "lfm2_moe", "sarvam_mla", "sarvam_moe"]
+ARCHS = ["qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "lfm2_moe", "sarvam_mla", "sarvam_moe", "laguna", "llama4",
+         "deepseek_v4", "jetmoe"]
 #: Tiny models whose layer 0 is dense (DeepSeek-V3's first_k_dense_replace, LFM2-MoE's num_dense_layers).
-DENSE_FIRST = {"deepseek_v3", "lfm2_moe", "sarvam_mla", "sarvam_moe"}
+DENSE_FIRST = {"deepseek_v3", "lfm2_moe", "sarvam_mla", "sarvam_moe", "laguna", "llama4"}
 #: TransformerLens does not split these routers' tuple into gate.hook_expert_indices / _weights.
-NO_NATIVE_ROUTER_HOOKS = {"deepseek_v3", "sarvam_mla"}
+NO_NATIVE_ROUTER_HOOKS = {"deepseek_v3", "sarvam_mla", "laguna", "llama4", "deepseek_v4", "jetmoe"}
 #: TransformerLens' own name of the shared expert's output, per family with one.
 NATIVE_SHARED_OUT = {"qwen2_moe": "shared_expert.hook_out", "deepseek_v3": "shared_experts.hook_out",
+                     "llama4": "shared_expert.hook_out", "deepseek_v4": "shared_experts.hook_out",
                      "sarvam_mla": "shared_experts.hook_out"}  # TL's Glm4Moe adapter (sarvam_moe) maps none
 
 
@@ -130,7 +132,9 @@ def test_moe_out_equals_tl_mlp_out(bridged):
     _, bridge, handle, _, ids = bridged
     _, cache = bridge.run_with_cache(ids)
     for index in handle.layout.moe_layers:
-        assert torch.equal(cache[f"blocks.{index}.mlp.hook_moe_out"], cache[f"blocks.{index}.hook_mlp_out"])
+        native = f"blocks.{index}.hook_mlp_out"  # DeepSeek-V4's hyper-connection blocks have only mlp.hook_out
+        native = native if native in cache else f"blocks.{index}.mlp.hook_out"
+        assert torch.equal(cache[f"blocks.{index}.mlp.hook_moe_out"], cache[native])
 
 
 def test_tl_native_router_hooks_agree_with_ours(bridged):
@@ -188,11 +192,12 @@ def test_block_experts_composes_with_a_tl_hook(bridged):
     _, bridge, handle, _, ids = bridged
     layer = handle.layout.moe_layers[-1]
     expert = _most_used_expert(bridge, layer, ids)
-    tl_hook = [("blocks.0.hook_resid_post", lambda resid, hook: resid * 0.5)]
+    native = "blocks.0.hook_resid_post" if "blocks.0.hook_resid_post" in bridge.hook_dict else "blocks.0.attn.hook_out"
+    tl_hook = [(native, lambda resid, hook: resid * 0.5)]  # DeepSeek-V4 (hyper-connections) has no resid hooks
     with torch.no_grad():
         with nnsight_moe.block_experts(bridge, {layer: [expert]}, mode="zero"):
             blocked = bridge.run_with_hooks(ids, fwd_hooks=tl_hook)
-        down_proj = handle.states[layer].experts.down_proj
+        down_proj = down_weights(handle.states[layer].experts)
         saved = down_proj[expert].clone()
         down_proj[expert].zero_()
         try:
@@ -221,7 +226,8 @@ def test_restrict_shared_equals_zeroing_tl_shared_expert_hook(bridged):
         (f"blocks.{i}.mlp.{NATIVE_SHARED_OUT[arch]}", lambda out, hook: torch.zeros_like(out))
         for i in handle.layout.moe_layers
     ]
-    extra = [("blocks.1.attn.hook_z", lambda z, hook: z * 0.9)]  # a TL hook in the same forward
+    extra_name = "blocks.1.attn.hook_z" if "blocks.1.attn.hook_z" in bridge.hook_dict else "blocks.1.attn.hook_out"
+    extra = [(extra_name, lambda z, hook: z * 0.9)]  # a TL hook in the same forward
     with torch.no_grad():
         oracle = bridge.run_with_hooks(ids, fwd_hooks=native + extra)
         with nnsight_moe.restrict_experts(bridge, shared=False):
@@ -350,11 +356,16 @@ def test_dense_experts_against_weights(bridged):
     assert torch.equal(out.abs().sum(-1) > 0, selected)  # zeros exactly where not selected
     x = cache[f"blocks.{index}.mlp.hook_in"].reshape(-1, layer.d_model)
     experts = handle.states[index].experts
+    if type(experts).__name__ == "JetMoeParallelExperts":  # the naive expert needs both of JetMoE's linears
+        experts = handle.states[index].block
     for e in indices.unique().tolist():
         rows = selected.reshape(-1, layer.n_experts)[:, e]
-        _, naive = naive_expert(experts, x[rows], e)
+        x_in = x[rows]
+        if layer.gate_on_input:  # Llama 4: the expert's input is scaled by its weight
+            x_in = x_in * weights.reshape(-1, layer.n_experts)[rows, e, None]
+        _, naive = naive_expert(experts, x_in, e)
         torch.testing.assert_close(out.reshape(-1, layer.n_experts, layer.d_model)[rows, e], naive, rtol=1e-4, atol=1e-5)
-    routed = (weights[..., None] * out).sum(dim=2)
+    routed = out.sum(dim=2) if layer.gate_on_input else (weights[..., None] * out).sum(dim=2)
     torch.testing.assert_close(routed, cache[f"blocks.{index}.mlp.hook_routed_out"], rtol=1e-5, atol=1e-5)
 
 
@@ -407,3 +418,35 @@ def test_attach_again_after_compatibility_mode():
     finally:
         nnsight_moe.detach(bridge)
     assert not any(".mlp.hook_topk" in name for name in bridge.hook_dict)
+
+
+def test_gemma4_bridge(tokenizer_dir):
+    """Gemma-4 under TransformerLens' own gemma4_text adapter: the decoder layer is the block, its hook points
+    are blocks.L.mlp.hook_* with the contract's shapes, attaching leaves the bridge's logits bit-identical,
+    and zero blocking equals zeroing the expert's down_proj. (The bridge itself differs from HF by ~4e-5 on
+    logits of ~4: TransformerLens' processing, with or without us.)"""
+    ids = _ids()
+    bridge = tl.boot(tiny_model("gemma4_text"), tokenizer=tokenizer_dir)
+    handle = nnsight_moe.handle_of(bridge)
+    try:
+        with torch.no_grad():
+            attached, cache = bridge.run_with_cache(ids)
+            for index in handle.layout.moe_layers:
+                for name, shape in contract_shapes(handle.layout.layer(index), *ids.shape).items():
+                    assert tuple(cache[f"blocks.{index}.mlp.{name}"].shape) == shape, (index, name)
+            layer, expert = 1, _most_used_expert(bridge, 1, ids)
+            with nnsight_moe.block_experts(bridge, {layer: [expert]}, mode="zero"):
+                blocked = bridge(ids)
+            down = handle.states[layer].experts.down_proj
+            saved = down[expert].clone()
+            down[expert].zero_()
+            try:
+                oracle = bridge(ids)
+            finally:
+                down[expert].copy_(saved)
+        torch.testing.assert_close(blocked, oracle, rtol=1e-5, atol=1e-5)
+        assert (blocked - attached).abs().max() > 1e-4
+    finally:
+        nnsight_moe.detach(bridge)
+    with torch.no_grad():
+        assert torch.equal(bridge(ids), attached), "attaching left the bridge's logits bit-identical"

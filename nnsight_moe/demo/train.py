@@ -273,9 +273,12 @@ def train_model(model, seqs, positions, pad_id, cfg: dict, log_every: int = 250)
         )
         logits = out.logits.float()
         labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        lm_loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100)
+        smooth = cfg.get("label_smoothing", 0.0)  # 0 for the bundled demos (nnsight_moe.demo.faithful sets it)
+        lm_loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                                    label_smoothing=smooth)
         rows = torch.arange(len(index))
-        target_loss = torch.nn.functional.cross_entropy(logits[rows, target_pos], ids[rows, target_pos + 1])
+        target_loss = torch.nn.functional.cross_entropy(logits[rows, target_pos], ids[rows, target_pos + 1],
+                                                        label_smoothing=smooth)
         loss = lm_loss + cfg["target_loss_weight"] * target_loss
         aux = out.aux_loss if is_moe else None
         if aux is not None:
