@@ -631,17 +631,6 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
     return result
 
 
-def _planned(hf, prompts, tokenizer, levels, batch_size, budget_bytes, max_memory, neurons, fast_top):
-    """(batch size, chunk budget): as given, or chosen by the memory planner for ``batch_size="auto"``."""
-    from nnsight_moe import memory
-
-    if batch_size != "auto":
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
-        return batch_size, budget_bytes
-    chosen = memory.plan(hf, tuple(levels), len(prompts), memory.max_length(prompts, tokenizer), max_memory,
-                         neurons=neurons, fast_top=fast_top)
-    return chosen.batch_size, min(budget_bytes, chosen.chunk_bytes)
 def _attribute_batch(parts, handle, levels, budget_bytes, neurons, fast_top, only_correct, locate, hf, batch) -> dict:
     """One batch of local attribution (runner function): its score rows (prompt index local to the prompts
     kept in the batch), the kept prompts' input indices, targets and ranks. Nothing of size V is returned."""
@@ -659,6 +648,19 @@ def _attribute_batch(parts, handle, levels, budget_bytes, neurons, fast_top, onl
         frame = score_batch(hf, parts, got, ro, levels, handle, budget_bytes, neurons, fast_top)
     del got  # the batch's logits [b, V] and captured states go here: nothing of size V is kept
     return {"frame": frame, "kept": (keep + start).tolist(), "targets": tgt, "ranks": ranks}
+
+
+def _planned(hf, prompts, tokenizer, levels, batch_size, budget_bytes, max_memory, neurons, fast_top):
+    """(batch size, chunk budget): as given, or chosen by the memory planner for ``batch_size="auto"``."""
+    from nnsight_moe import memory
+
+    if batch_size != "auto":
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+        return batch_size, budget_bytes
+    chosen = memory.plan(hf, tuple(levels), len(prompts), memory.max_length(prompts, tokenizer), max_memory,
+                         neurons=neurons, fast_top=fast_top)
+    return chosen.batch_size, min(budget_bytes, chosen.chunk_bytes)
 
 
 class _null:

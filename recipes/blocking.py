@@ -146,9 +146,11 @@ def _subsample(data: _Data, n: int) -> _Data:
     return _Data([data.prompts[i] for i in keep], data.targets[keep], [data.relations[i] for i in keep])
 
 
-def _chunks(hf, data: _Data, indices: list[int], tokenizer, batch_size: int, padding_side: str) -> list[dict]:
+def _chunks(hf, data: _Data, indices: list[int], tokenizer, batch_size: int | str, padding_side: str) -> list[dict]:
     """Tokenize ``data.prompts[indices]`` once, in runner batches of ``batch_size`` prompts (``rows``: dataset
-    indices; ``last``: last non-pad positions), on the model's device (the CPU for a remote model)."""
+    indices; ``last``: last non-pad positions), on the model's device (the CPU for a remote model).
+    ``batch_size="auto"``: :func:`nnsight_moe.recipes.runner.choose_batch_size` for a blocking sweep (the
+    memory planner, :mod:`nnsight_moe.memory`; 16 for a remote model)."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     strings = isinstance(data.prompts[indices[0]], str) if indices else False
