@@ -35,7 +35,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_expe
 from transformers.integrations.moe import _grouped_linear as _hf_grouped_linear
 
 from nnsight_moe.layout import LayerLayout
-from nnsight_moe.routing import expert_order_sum, keep_top_weights, zero_weights
+from nnsight_moe.routing import expert_order_sum, keep_top_weights, ordered_sum, zero_weights
 
 EXPERTS_IMPLEMENTATION = "nnsight_moe"
 _STATE = "_nnsight_moe"
@@ -454,13 +454,7 @@ def hooked_experts_forward(
 def _eager_sum(out: Tensor, weights: Tensor, indices: Tensor, dtype: torch.dtype) -> Tensor:
     """The routed sum as an eager experts loop computes it (Step-3.7's own forward): each slot's
     ``weight * out`` cast to ``dtype``, accumulated in ``dtype`` in increasing expert order."""
-    terms = (out * weights[..., None]).to(dtype)
-    order = indices.argsort(dim=-1, stable=True)
-    terms = terms.gather(-2, order[..., None].expand_as(terms))
-    routed = torch.zeros_like(terms[..., 0, :])
-    for j in range(terms.shape[-2]):
-        routed = routed + terms[..., j, :]
-    return routed
+    return ordered_sum((out * weights[..., None]).to(dtype), indices)
 
 
 

@@ -32,7 +32,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 __all__ = ["ClampNormRouting", "HashRouting", "Routing", "SigmoidOfLogits", "SoftmaxTopK", "SparseMixer", "keep_top_weights",
-           "expert_order_sum", "rule_scores", "rule_select", "rule_weights", "weights_dtypes", "zero_weights"]
+           "expert_order_sum", "ordered_sum", "rule_scores", "rule_select", "rule_weights", "weights_dtypes", "zero_weights"]
 
 
 @dataclass
@@ -281,13 +281,18 @@ def expert_order_sum(out: torch.Tensor, weights: torch.Tensor, indices: torch.Te
     in float32, added in increasing expert order onto 0: what an eager experts loop over the experts with
     ``index_add_`` into a float32 zero tensor computes (float32 addition is not associative, so the order
     is what makes the sum bit-identical to the family's)."""
-    contrib = out.float() * weights.float()[..., None]
+    return ordered_sum(out.float() * weights.float()[..., None], indices)
+
+
+def ordered_sum(terms: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The slots' ``terms`` [..., k, d] added onto 0 in increasing expert id (``indices`` [..., k]; stable
+    for equal ids), in the terms' dtype: the summation order of an eager loop over the experts."""
     order = indices.argsort(dim=-1, stable=True)
-    contrib = contrib.gather(-2, order[..., None].expand_as(contrib))
-    routed = torch.zeros_like(contrib[..., 0, :])
-    for j in range(contrib.shape[-2]):
-        routed = routed + contrib[..., j, :]
-    return routed
+    terms = terms.gather(-2, order[..., None].expand_as(terms))
+    total = torch.zeros_like(terms[..., 0, :])
+    for j in range(terms.shape[-2]):
+        total = total + terms[..., j, :]
+    return total
 
 
 def keep_top_weights(weights: torch.Tensor, n: int, renorm: bool = False) -> torch.Tensor:
