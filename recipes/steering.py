@@ -213,8 +213,25 @@ def permutation_p(a: Tensor, b: Tensor, n: int, seed: int) -> np.ndarray:
 
 
 # ============================================================================ discovery
+class _JSONFile:
+    """``save`` / ``load`` of a result through its ``to_json`` / ``from_json`` (strict JSON: no NaN)."""
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`to_json` to ``path``; returns the path."""
+        from nnsight_moe.report import json_value
+
+        path = Path(path)
+        path.write_text(json.dumps(json_value(self.to_json()), indent=1, allow_nan=False))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path):
+        """Read a result written by :meth:`save`."""
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
 @dataclass
-class Discovery:
+class Discovery(_JSONFile):
     """Per-expert contrast of a behaviour and a control prompt set (:func:`discover`)."""
 
     meta: dict
@@ -250,17 +267,6 @@ class Discovery:
     @classmethod
     def from_json(cls, data: dict) -> "Discovery":
         return cls(data["meta"], data["rows"])
-
-    def save(self, path: str | Path) -> Path:
-        from nnsight_moe.report import json_value
-
-        path = Path(path)
-        path.write_text(json.dumps(json_value(self.to_json()), indent=1, allow_nan=False))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Discovery":
-        return cls.from_json(json.loads(Path(path).read_text()))
 
 
 def discover(model: Any, behaviour: Any, control: Any, *, tokenizer: Any = None, positions: str = "last",
@@ -632,7 +638,7 @@ def _evaluate(model, sets, steered, baselines, baseline_info, meta, *, k, n_boot
 
 
 @dataclass
-class SteeringResult:
+class SteeringResult(_JSONFile):
     """What :func:`evaluate` measured: per-condition summary, steered - random, the random draws."""
 
     meta: dict
@@ -680,17 +686,6 @@ class SteeringResult:
     @classmethod
     def from_json(cls, data: dict) -> "SteeringResult":
         return cls(data["meta"], data["summary"], data["versus_random"], data["random_seeds"])
-
-    def save(self, path: str | Path) -> Path:
-        from nnsight_moe.report import json_value
-
-        path = Path(path)
-        path.write_text(json.dumps(json_value(self.to_json()), indent=1, allow_nan=False))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "SteeringResult":
-        return cls.from_json(json.loads(Path(path).read_text()))
 
     def plot(self):
         """Change of the held-out target log-prob: steered vs random (mean) vs each random draw, with CIs."""
@@ -742,7 +737,7 @@ def paired_targets(tokenizer: Any, facts: Sequence, answers: Any) -> tuple[list[
 
 
 @dataclass
-class RelationSteering:
+class RelationSteering(_JSONFile):
     """What :func:`relation_steering` found: the discovery and one :class:`SteeringResult` per goal."""
 
     meta: dict
@@ -757,13 +752,6 @@ class RelationSteering:
     def from_json(cls, data: dict) -> "RelationSteering":
         return cls(data["meta"], Discovery.from_json(data["discovery"]),
                    {goal: SteeringResult.from_json(r) for goal, r in data["results"].items()})
-
-    def save(self, path: str | Path) -> Path:
-        from nnsight_moe.report import json_value
-
-        path = Path(path)
-        path.write_text(json.dumps(json_value(self.to_json()), indent=1, allow_nan=False))
-        return path
 
     def text(self) -> str:
         m = self.meta
