@@ -326,19 +326,11 @@ def run_batches(
                 index, results_path, sorted(done),
             ) from error
         done[index] = _to_cpu(result)
-        try:
-            _save_results(results_path, fingerprints, done, identity)
-            unsaved = False
-        except OSError as error:  # e.g. a full disk: keep going, the results are in memory; retried next batch
-            unsaved = True
-            warnings.warn(f"{error}; batch {index + 1}/{n} is kept in memory and the file is rewritten after the "
-                          "next batch", RuntimeWarning, stacklevel=2)
+        unsaved = _keep_results(results_path, fingerprints, done, identity, index)
         if progress:
             print(f"[nnsight_moe] batch {index + 1}/{n} done in {time.perf_counter() - start:.1f}s", flush=True)
     if unsaved:
-        warnings.warn(f"{results_path} could not be updated after the last batch: the results returned are "
-                      "complete, but a rerun would recompute the batches missing from the file",
-                      RuntimeWarning, stacklevel=2)
+        _warn_unsaved(results_path)
     return [done[index] for index in range(n)]
 
 
@@ -433,6 +425,26 @@ def _load_results(path: Any, fingerprints: list[str], identity: dict | None = No
             "pass the same batches to resume, or a new results_path"
         )
     return dict(results)
+
+
+def _keep_results(path: Any, fingerprints: list[str], done: dict, identity: dict | None, index: int) -> bool:
+    """After batch ``index``: write the results so far (:func:`_save_results`); True when writing failed.
+
+    A failed write (e.g. a full disk) warns and the run goes on: the results are in memory and the file
+    is rewritten after the next batch. (Shared by :func:`run_batches` and the recipe runner.)"""
+    try:
+        _save_results(path, fingerprints, done, identity)
+        return False
+    except OSError as error:
+        warnings.warn(f"{error}; batch {index + 1}/{len(fingerprints)} is kept in memory and the file is rewritten "
+                      "after the next batch", RuntimeWarning, stacklevel=3)
+        return True
+
+
+def _warn_unsaved(path: Any) -> None:
+    """The warning at the end of a run whose last write failed (see :func:`_keep_results`)."""
+    warnings.warn(f"{path} could not be updated after the last batch: the results returned are complete, but "
+                  "a rerun would recompute the batches missing from the file", RuntimeWarning, stacklevel=3)
 
 
 def _save_results(path: Any, fingerprints: list[str], done: dict, identity: dict | None = None) -> None:

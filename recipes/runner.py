@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import operator
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -301,8 +300,8 @@ def run_batches(model: Any, batches: Sequence[Mapping], fn: Callable[[Any, dict]
     """
     from nnsight_moe.files import call_identity, model_identity
     from nnsight_moe.progress import bar
-    from nnsight_moe.remote import (RemoteBatchError, _check_remote, _fingerprint, _load_results, _save_results,
-                                    _ship_by_value, _to_cpu)
+    from nnsight_moe.remote import (RemoteBatchError, _check_remote, _fingerprint, _keep_results, _load_results,
+                                    _ship_by_value, _to_cpu, _warn_unsaved)
 
     if not callable(fn):
         raise TypeError(f"fn must be a callable fn(model, batch), got {type(fn).__name__}")
@@ -348,22 +347,14 @@ def run_batches(model: Any, batches: Sequence[Mapping], fn: Callable[[Any, dict]
                     error.add_note(f"runner: batch {index} of {n} failed{where}")
                 raise
             done[index] = _to_cpu(result)
-            try:
-                _save_results(results_path, fingerprints, done, identity)
-                unsaved = False
-            except OSError as error:  # e.g. a full disk: keep going, the results are in memory; retried next batch
-                unsaved = True
-                warnings.warn(f"{error}; batch {index + 1}/{n} is kept in memory and the file is rewritten after "
-                              "the next batch", RuntimeWarning, stacklevel=2)
+            unsaved = _keep_results(results_path, fingerprints, done, identity, index)
             shown.update(len(batch["rows"]))
             if progress and traced:
                 print(f"[nnsight_moe] batch {index + 1}/{n} done in {time.perf_counter() - started:.1f}s", flush=True)
     finally:
         shown.close()
     if unsaved:
-        warnings.warn(f"{results_path} could not be updated after the last batch: the results returned are "
-                      "complete, but a rerun would recompute the batches missing from the file",
-                      RuntimeWarning, stacklevel=2)
+        _warn_unsaved(results_path)
     return [done[index] for index in range(n)]
 
 
