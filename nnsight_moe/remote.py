@@ -143,7 +143,6 @@ def moe_spec(model: Any) -> dict:
             # LongCat-Flash: experts from this id on are zero-compute identities
             "identity_experts": (int(hf.get_submodule(info.experts).num_routed_experts)
                                  if adapter.identity_experts else None),
-            "shared_act": _shared_act(hf.get_submodule(info.shared)) if info.shared else None,
             "routing": _routing_spec(info.routing, hf.get_submodule(info.path), layout.family),
         }
     return {"family": layout.family, "layers": layers}
@@ -153,10 +152,6 @@ def moe_spec(model: Any) -> dict:
 #: whitespace removed; any other shared MLP (clamped, fused, float32 SwiGLU, ...) is read from the forward.
 _STANDARD_MLPS = ("self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))",
                   "self.down_proj(self.act_fn(self.up_proj(x)))")
-#: Whole standard forward bodies, whitespace removed. Llama 4's shared MLP (``activation_fn``, see
-#: :func:`_shared_act`) must be recomputed: its block adds the routed sum into the shared output in
-#: place, so the output read from the forward would include it.
-_STANDARD_BODIES = ("down_proj=self.activation_fn(self.gate_proj(x))*self.up_proj(x)returnself.down_proj(down_proj)",)
 
 
 def _standard_mlp(shared: torch.nn.Module) -> bool:
@@ -167,13 +162,7 @@ def _standard_mlp(shared: torch.nn.Module) -> bool:
         source = "".join(inspect.getsource(type(shared).forward).split())
     except (OSError, TypeError):
         return False
-    return (any(f"return{expr}" in source or f"={expr}" in source for expr in _STANDARD_MLPS)
-            or any(body in source for body in _STANDARD_BODIES))
-
-
-def _shared_act(shared: torch.nn.Module) -> str:
-    """The shared expert MLP's activation attribute (``act_fn``; Llama 4's is ``activation_fn``)."""
-    return "act_fn" if hasattr(shared, "act_fn") else "activation_fn"
+    return any(f"return{expr}" in source or f"={expr}" in source for expr in _STANDARD_MLPS)
 
 
 def _shared_runs_first(hf: torch.nn.Module, info: Any) -> bool:
@@ -670,9 +659,9 @@ def read_layer(
             name in want for name in ("shared_acts", "shared_out", "shared_gate")):
         shared = _envoy(model, info["shared"])
         if info["shared_gated"]:
-            shared_acts = getattr(shared, info["shared_act"])(shared.gate_proj(flat)) * shared.up_proj(flat)
+            shared_acts = shared.act_fn(shared.gate_proj(flat)) * shared.up_proj(flat)
         else:
-            shared_acts = getattr(shared, info["shared_act"])(shared.up_proj(flat))
+            shared_acts = shared.act_fn(shared.up_proj(flat))
         values["shared_acts"] = shared_acts.reshape(b, p, -1)
         values["shared_out"] = shared.down_proj(shared_acts).reshape(b, p, -1)
         if info["shared_gate"]:
@@ -707,7 +696,7 @@ def _read_shared(model: Any, info: dict, x: torch.Tensor, b: int, p: int, ablate
     shared = _envoy(model, info["shared"])
     acts = _rows(_envoy(model, info["shared_down"]).input, b, p)
     out = shared.output
-    rows = _rows(out, b, p)
+    rows = _rows(out, b, p).clone()  # as the MLP returned it: a block may add into it in place (Llama 4)
     ran = rows
     if ablate:
         ran = torch.zeros_like(rows)
