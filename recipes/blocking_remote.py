@@ -28,8 +28,8 @@ def ranks_remote(model: Any, traces: Sequence[dict], *, remote: Any, results_pat
 
     A trace is a runner batch (:mod:`nnsight_moe.recipes.runner`) with ``target`` [rows] and ``edits``
     ``{layer: read_layer options}`` (``{}`` = unedited; a ``block`` mask may be per row): a tokenized
-    prompt batch, possibly repeated along the batch for stacked conditions (``blocking._plan``). Returns
-    the ranks [rows] of each trace (0 where the logits are not finite). All traces run in one
+    prompt batch, possibly repeated along the batch for stacked conditions (``blocking_conditions._plan``).
+    Returns the ranks [rows] of each trace (0 where the logits are not finite). All traces run in one
     :func:`nnsight_moe.recipes.runner.run_batches` call, so one ``results_path`` resumes all of them.
     """
     from nnsight_moe.recipes import runner

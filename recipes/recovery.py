@@ -40,6 +40,7 @@ def measure(seeds: int = 5, seed: int = 0, batch_size: int = 32) -> dict[str, An
     """Recovery figures on the planted model (module docstring); a dict of plain numbers and tables."""
     from nnsight_moe import data
     from nnsight_moe.demo import planted
+    from nnsight_moe.interventions import restrict_experts
     from nnsight_moe.recipes import blocking, stats
     from nnsight_moe.recipes.metrics import mrr_of_ranks
 
@@ -69,9 +70,9 @@ def measure(seeds: int = 5, seed: int = 0, batch_size: int = 32) -> dict[str, An
         draws = [sorted(rng.sample(layout_pairs, len(want))) for _ in range(seeds)]
         ranks = blocking.evaluate(model, subset, [[], want, *draws], tokenizer=tok, batch_size=batch_size,
                                   progress=False)
-        with blocking.restrict_experts(model, 0):
+        with restrict_experts(model, 0):
             floor_ranks = blocking.evaluate(model, subset, [[]], tokenizer=tok, progress=False)[0]
-        with blocking.restrict_experts(model, shared=False):
+        with restrict_experts(model, shared=False):
             shared_ranks = blocking.evaluate(model, subset, [[]], tokenizer=tok, progress=False)[0]
         original, blocked = mrr_of_ranks(ranks[0]), mrr_of_ranks(ranks[1])
         random_mrr = [mrr_of_ranks(x) for x in ranks[2:]]
