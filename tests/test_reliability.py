@@ -417,8 +417,13 @@ def _comparable(out):
 
 
 def test_cli_interrupted_with_sigint_resumes_and_matches_a_full_run(tmp_path):
+    """Ctrl-C while the blocking section runs; the rerun resumes baseline and attribution only.
+
+    The signal is sent as soon as the job prints the blocking section's start line (flushed): by then
+    the attribution checkpoint is written and "section attribution" printed, and blocking takes seconds.
+    (Polling for the checkpoint file raced with that print, which comes ~2 ms after the file appears.)
+    """
     import signal
-    import time
 
     from nnsight_moe import data as relation_data
 
@@ -434,11 +439,23 @@ def test_cli_interrupted_with_sigint_resumes_and_matches_a_full_run(tmp_path):
     out = tmp_path / "out"
     kept = out / ".nnsight-moe-resume" / "section-attribution.json"
     proc = subprocess.Popen(_job(out, data), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.time() + 600
-    while not kept.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C during the blocking section
-    first = proc.communicate(timeout=120)[0]
+    watchdog = threading.Timer(600, proc.kill)  # a hung job ends the wait for its output
+    watchdog.start()
+    lines, kept_when_interrupted = [], None
+    try:
+        for line in proc.stdout:  # every line, to the end: "section blocking" must not come
+            lines.append(line)
+            if "] blocking:" in line and kept_when_interrupted is None:
+                kept_when_interrupted = kept.exists()
+                proc.send_signal(signal.SIGINT)  # Ctrl-C during the blocking section
+        proc.wait(timeout=120)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    first = "".join(lines)
+    assert kept_when_interrupted, f"the blocking section did not start after the attribution checkpoint: {first[-3000:]}"
     assert proc.returncode != 0 and not (out / "results.json").exists(), first[-3000:]
     assert "section baseline" in first and "section attribution" in first and "section blocking" not in first
 
