@@ -5,6 +5,7 @@
 * :func:`_run`: every batched pass of the steering recipes, locally on the attached model or inside
   ``model.trace(..., remote=remote)`` (:func:`nnsight_moe.recipes.runner.run`);
 * :func:`_units`: the (row, position) units of a batch (last tokens or every non-pad token);
+* :func:`_forward_reading`: one forward of the attached model, reading some of its hook points;
 * :func:`_pairs` / :func:`_pair_offsets`: the routed (layer, expert) pairs in column order.
 """
 
@@ -15,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nnsight_moe.attach import attached, hf_model
+from nnsight_moe.attach import attached, handle_of, hf_model
+from nnsight_moe.hooks import TemporaryHooks
 from nnsight_moe.recipes import runner
 
 Pair = tuple[int, int]
@@ -67,6 +69,18 @@ def _units(batch: dict, positions: str) -> tuple[Tensor, Tensor]:
     if positions == "last":
         return torch.arange(batch["last"].shape[0]), batch["last"]
     return batch["attention_mask"].bool().nonzero(as_tuple=True)
+
+
+def _forward_reading(model: Any, batch: dict, points: list[tuple[int, str]]) -> dict[tuple[int, str], Tensor]:
+    """Run the attached ``model`` once on ``batch``; the output of each hook point ``(layer, hook name)`` of
+    its MoE blocks, keyed by the point (the hooks are removed afterwards)."""
+    handle = handle_of(model)
+    seen: dict = {}
+    with TemporaryHooks() as added:
+        for layer, name in points:
+            added.add(handle.block(layer)._modules[name], lambda t, hook, key=(layer, name): seen.__setitem__(key, t))
+        model(**runner.inputs(batch))
+    return seen
 
 
 def _pair_offsets(layout) -> dict[int, int]:

@@ -12,22 +12,14 @@ from torch import Tensor
 
 import nnsight_moe
 from nnsight_moe import steering
-from nnsight_moe.attach import handle_of
-from nnsight_moe.hooks import TemporaryHooks
-from nnsight_moe.recipes import runner
 from nnsight_moe.recipes.prompts import model_tokenizer
-from nnsight_moe.recipes.steering_data import _prompts_targets, _run, _units
+from nnsight_moe.recipes.steering_data import _forward_reading, _prompts_targets, _run, _units
 
 
 def _hook_sums_local(layers: list, hook: str, positions: str, model: Any, batch: dict) -> dict:
-    handle = handle_of(model)
-    seen: dict = {}
-    with TemporaryHooks() as added:
-        for i in layers:
-            added.add(handle.block(i)._modules[hook], lambda t, hook, i=i: seen.__setitem__(i, t))
-        model(**runner.inputs(batch))
+    seen = _forward_reading(model, batch, [(i, hook) for i in layers])
     rows, pos = _units(batch, positions)
-    return {i: _sum_units(seen[i], rows, pos) for i in layers}
+    return {i: _sum_units(seen[(i, hook)], rows, pos) for i in layers}
 
 
 def _hook_sums_traced(view: Any, hook: str, positions: str, model: Any, batch: dict) -> dict:

@@ -16,22 +16,14 @@ import torch
 from torch import Tensor
 
 import nnsight_moe
-from nnsight_moe.attach import handle_of
-from nnsight_moe.hooks import TemporaryHooks
-from nnsight_moe.recipes import runner
 from nnsight_moe.recipes.prompts import model_tokenizer
-from nnsight_moe.recipes.steering_data import _pair_offsets, _pairs, _prompts_targets, _run, _units
+from nnsight_moe.recipes.steering_data import _forward_reading, _pair_offsets, _pairs, _prompts_targets, _run, _units
 from nnsight_moe.recipes.steering_results import BY, Discovery
 
 
 def _routing_local(layers: list, positions: str, model: Any, batch: dict) -> dict:
-    handle = handle_of(model)
-    seen: dict = {}
-    with TemporaryHooks() as added:
-        for i in layers:
-            for name in ("hook_topk_indices", "hook_topk_weights"):
-                added.add(handle.block(i)._modules[name], lambda t, hook, key=(i, name): seen.__setitem__(key, t))
-        model(**runner.inputs(batch))
+    names = ("hook_topk_indices", "hook_topk_weights")
+    seen = _forward_reading(model, batch, [(i, name) for i in layers for name in names])
     rows, pos = _units(batch, positions)
     return {i: (seen[(i, "hook_topk_indices")][rows, pos].cpu(), seen[(i, "hook_topk_weights")][rows, pos].float().cpu())
             for i in layers}
