@@ -153,9 +153,7 @@ def evaluate(model: Any, heldout: Any, experts: Sequence[Pair], *, edit: str = "
     experts = [(int(l), int(e)) for l, e in experts]
     if not experts:
         raise ValueError("experts is empty: give at least one (layer, expert) pair to steer")
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
-    _check_rows(max_rows)
+    _check_counts(seeds=seeds, max_rows=max_rows)
     tokenizer = model_tokenizer(model, tokenizer)
     prompts, targets = _prompts_targets(heldout, tokenizer, True)
     sets = {"heldout": (prompts, targets)}
@@ -170,9 +168,11 @@ def evaluate(model: Any, heldout: Any, experts: Sequence[Pair], *, edit: str = "
                      tokenizer=tokenizer, batch_size=batch_size, remote=remote, max_rows=max_rows)
 
 
-def _check_rows(max_rows: Any) -> None:
-    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
-        raise ValueError(f"max_rows must be a positive integer, got {max_rows!r}")
+def _check_counts(**counts: Any) -> None:
+    """Each count (``seeds``, ``max_rows``) must be a positive integer; the first that is not is named."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _span_meta(span: Any) -> Any:
@@ -186,9 +186,7 @@ def evaluate_direction(model: Any, heldout: Any, directions: dict, *, hook: str 
     """As :func:`evaluate`, for a direction edit (:func:`nnsight_moe.steering.plan` ``directions=``), against
     random directions: per layer a Gaussian direction with the same norm (``seeds`` draws, seeded by ``seed``)."""
     tokenizer = model_tokenizer(model, tokenizer)
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
-    _check_rows(max_rows)
+    _check_counts(seeds=seeds, max_rows=max_rows)
     plan = steering.plan(model, directions=directions, hook=hook, mode=mode, alpha=alpha, span=span)
     sets = {"heldout": _prompts_targets(heldout, tokenizer, True)}
     if control is not None:
