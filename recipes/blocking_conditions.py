@@ -173,13 +173,14 @@ def evaluate(
 
     Args:
         model: HF model, TransformerBridge or nnsight model of a supported MoE family.
-        dataset: Relations, EncodedFacts or ``(prompts, targets[, relation_names])`` (module docstring);
-            prompts are returned in dataset order.
+        dataset: Relations, EncodedFacts or ``(prompts, targets[, relation_names])``
+            (:mod:`nnsight_moe.recipes.blocking`); prompts are returned in dataset order.
         conditions: each a list of ``(layer, expert)`` pairs blocked together (``[]`` = no blocking).
         mode: ``"zero"``, ``"renorm"`` or ``"reroute"`` (:func:`nnsight_moe.block_experts`).
-        batch_size: prompts per tokenized batch (``"auto"``: planned, :mod:`nnsight_moe.memory`); max_rows: most batch rows (conditions x prompts) per
-            forward when ``stacked`` (64 suits a CPU; raise it to 512-2048 on a GPU); ``stacked=False``
-            runs one condition at a time instead (with :func:`nnsight_moe.block_experts`).
+        batch_size: prompts per tokenized batch (``"auto"``: planned, :mod:`nnsight_moe.memory`);
+            max_rows: most batch rows (conditions x prompts) per forward when ``stacked`` (64 suits a CPU;
+            raise it to 512-2048 on a GPU); ``stacked=False`` runs one condition at a time instead (with
+            :func:`nnsight_moe.block_experts`).
         remote: run inside ``model.trace(..., remote=remote)`` on the unmodified model (``True`` for NDIF,
             ``"local"``, or a host URL; ``model`` must be an nnsight model); conditions are stacked
             ``max_rows`` rows per trace as locally, and only the ranks come back.

@@ -45,7 +45,7 @@ class _Data:
 
 
 def _dataset(dataset: Any, tokenizer: Any, max_per_relation: int | None = None) -> _Data:
-    """Normalise the accepted dataset forms (see the module docstring) into :class:`_Data`."""
+    """Normalise the accepted dataset forms (:mod:`nnsight_moe.recipes.blocking`) into :class:`_Data`."""
     from nnsight_moe.data import EncodedFacts, Relation, encode_facts
 
     if isinstance(dataset, Relation):

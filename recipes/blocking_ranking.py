@@ -73,7 +73,8 @@ def rank_experts(
 
     Args:
         model: HF model, TransformerBridge or nnsight model of a supported MoE family.
-        dataset: Relations, EncodedFacts or ``(prompts, targets[, relation_names])`` (module docstring).
+        dataset: Relations, EncodedFacts or ``(prompts, targets[, relation_names])``
+            (:mod:`nnsight_moe.recipes.blocking`).
         tokenizer: needed for string prompts and Relations; None uses the model's own (nnsight
             ``LanguageModel`` and TransformerBridge carry one).
         by: ``"attribution"`` -- mean gated LPI of the expert for the target over the relation's prompts
