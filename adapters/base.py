@@ -69,6 +69,8 @@ class Adapter:
         loop: ``loop(config) -> (start, end, passes)`` for a looped transformer (Inkling-2-Loop): layers
             ``start .. end - 1`` run ``passes`` times per forward, and each pass is a layout layer of its own
             (see :mod:`nnsight_moe.looped`). None: every layer runs once.
+        recipes: why the recipes refuse this family (:mod:`nnsight_moe.recipes.runner` raises
+            ``UnsupportedModelError`` with it), or None: they run on it.
     """
 
     name: str
@@ -95,6 +97,7 @@ class Adapter:
     identity_experts: bool = False
     stacks: tuple[str, ...] = ()
     loop: Callable[[Any], tuple[int, int, int]] | None = None
+    recipes: str | None = None
 
     def is_block(self, module: nn.Module) -> bool:
         """Whether ``module`` is a MoE block of this family."""

@@ -10,7 +10,8 @@ decoder's ``n .. 2n-1`` (execution order); the hook points say their stack:
 ``model.encoder.language_model.layers.L.hook_*`` and ``model.decoder.layers.L.hook_*``. The released
 checkpoints tie the two stacks' weights, so zeroing an expert's weights acts on both stacks: block layout
 layers ``L`` and ``n + L`` for that. Without ``decoder_input_ids`` the model draws a random canvas
-(``torch.randint``); pass one for reproducible forwards.
+(``torch.randint``); pass one for reproducible forwards. The recipes refuse the family (``Adapter.recipes``):
+LPI, MRR / HIT@10 and their prompt positions have no meaning for a non-causal canvas decoder.
 """
 
 from nnsight_moe.adapters.base import Adapter
@@ -24,4 +25,10 @@ DIFFUSION_GEMMA = Adapter(
     router_logits="proj",
     moe_out="experts",
     stacks=("model.encoder.language_model.layers", "model.decoder.layers"),
+    recipes=("its logits are a bidirectional block-diffusion decoder's, one per position of a canvas "
+             "(decoder_input_ids), not next-token predictions over the prompt, so the recipes' targets (the token "
+             "after each prompt's last position: LPI attribution, MRR / HIT@10 of blocked experts, steering "
+             "success) and their prompt masks and positions have no meaning for it; only the encoder stack "
+             "sees the prompt. Read and edit the hook points of both stacks directly (nnsight_moe.attach, "
+             "block_experts, nnsight_moe.steering)"),
 )
