@@ -110,6 +110,8 @@ def _on_meta(model: Any) -> bool:
 
 def _batch_size(batch_size: Any, model: Any, n_prompts: int, seq_len: int, kind: str,
                 max_memory: int | None) -> int:
+    if model is not None:
+        _refuse_family(model)  # before planning memory for a family the recipes refuse
     if batch_size == "auto":
         return choose_batch_size(model, n_prompts, max(1, seq_len), kind, max_memory)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

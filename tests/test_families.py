@@ -562,9 +562,34 @@ def test_diffusion_gemma_tied_stacks_block_both_layers_for_zeroed_weights():
     assert not torch.allclose(one, reference, atol=1e-4)
 
 
+_RECIPE_PROMPTS = [[5, 9, 17, 33], [7, 8, 9], [11, 12, 13, 14, 15]]
+_RECIPE_DATA = (_RECIPE_PROMPTS * 2, torch.tensor([3, 40, 77] * 2), ["a"] * 3 + ["b"] * 3)
+
+
 def test_diffusion_gemma_recipes_refuse_with_the_reason():
+    """Every recipe refuses DiffusionGemma up front, saying why (no next-token targets on a canvas decoder)."""
+    from nnsight_moe.recipes import attribution, blocking, head_expert
     from nnsight_moe.recipes.routing_stats import collect_routing
 
     model = tiny_model("diffusion_gemma")
-    with pytest.raises(nnsight_moe.UnsupportedModelError, match="canvas"):
-        collect_routing(model, [[5, 6, 7]], batch_size=1)
+    pairs = (_RECIPE_PROMPTS, [3, 40, 77])
+    for run in (lambda: collect_routing(model, [[5, 6, 7]], batch_size=1),
+                lambda: attribution.attribute(model, *pairs, levels=("layer",), progress=False),
+                lambda: blocking.rank_experts(model, _RECIPE_DATA, by="gate", progress=False),
+                lambda: blocking.rank_experts(model, _RECIPE_DATA, by="gate", batch_size="auto", progress=False),
+                lambda: head_expert.correlate(model, pairs, signal="router_prob", top_k=2, permutations=5)):
+        with pytest.raises(nnsight_moe.UnsupportedModelError, match="do not run on diffusion_gemma models: .*canvas"):
+            run()
+
+
+def test_inkling2_loop_blocking_recipe_ranks_the_experts_of_every_pass():
+    """The blocking recipe runs on a looped model: its ranking covers every expert of every layout layer (each
+    pass). (Attribution and head-expert correlation refuse it as they refuse inkling2_text: its final logit
+    softcap is not the frozen final projection they read out through.)"""
+    from nnsight_moe.recipes import blocking
+
+    model = tiny_model("inkling2_loop_text")
+    layout = nnsight_moe.layout(model)
+    ranking = blocking.rank_experts(model, _RECIPE_DATA, by="gate", progress=False)
+    assert {layer for layer, _ in ranking.overall} == set(layout.moe_layers)
+    assert len(ranking.overall) == len(layout.moe_layers) * layout.n_experts
