@@ -20,6 +20,7 @@ has its own cache layers), which gives p exactly, independent of any call counti
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from torch import nn
@@ -40,13 +41,14 @@ def pass_state(hf: nn.Module, layer: LayerLayout, adapter: Any, config: Any) -> 
     return state
 
 
-def pass_of(kwargs: dict, config: Any) -> int:
-    """The pass of a loop layer's call, from its ``cache_offset`` keyword (absent or 0 in pass 0)."""
+def pass_of(kwargs: dict, n_layers: int, start: int, end: int) -> int:
+    """The pass of a loop layer's call, from its ``cache_offset`` keyword (absent or 0 in pass 0; in pass p,
+    ``n_layers + (p - 1) * (end - start) - start``: the loop layers ``start .. end - 1`` of a stack of
+    ``n_layers`` keep each later pass's cache layers after the model's own)."""
     offset = int(kwargs.get("cache_offset") or 0)
     if offset == 0:
         return 0
-    start, end = int(config.loop_layer_index_start), int(config.loop_layer_index_end)
-    return (offset - int(config.num_hidden_layers) + start) // (end - start) + 1
+    return (offset - n_layers + start) // (end - start) + 1
 
 
 def install(hf: nn.Module, handle: Any) -> None:
@@ -58,13 +60,21 @@ def install(hf: nn.Module, handle: Any) -> None:
     config = hf.config.get_text_config()
     for path, passes in by_block.items():
         first = passes[0]
+        start, end, _ = first.adapter.loop(config)
+        n_layers = int(config.num_hidden_layers)
         carriers = [m for m in first.block.modules() if m.__dict__.get(hooks._STATE) is first]
         decoder_layer = hooks.unwrap(hf.get_submodule(path.rsplit(".", 1)[0]))
 
-        def bind(module, args, kwargs, passes=passes, carriers=carriers):
-            p = pass_of(kwargs, config)
+        def bind(module, args, kwargs, passes=passes, carriers=carriers, path=path, loop=(n_layers, start, end)):
+            p = pass_of(kwargs, *loop)
             if p not in passes:
                 raise RuntimeError(f"{path}: a call of pass {p}, but the layout has passes {sorted(passes)}")
+            me = threading.get_ident()
+            busy = next((s._thread for s in passes.values() if s._thread not in (None, me)), None)
+            if busy is not None:  # rebinding now would switch another thread's forward to this pass's state
+                raise hooks.ConcurrentForwardError(
+                    f"{path}: this attached model is already running a forward in another thread (id {busy}); "
+                    "use one model per thread (copy.deepcopy) or run the forwards one at a time")
             for carrier in carriers:
                 carrier.__dict__[hooks._STATE] = passes[p]
 

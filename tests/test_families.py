@@ -461,6 +461,20 @@ def test_inkling2_loop_layout_lists_every_pass_with_its_own_hook_points():
     handle.detach()
     assert torch.equal(model(ids).logits, ref)
     assert not any("hook_" in name or ".pass" in name for name, _ in model.named_modules())
+    assert not any("_nnsight_moe" in module.__dict__ for module in model.modules())
+
+
+@torch.no_grad()
+def test_inkling2_loop_refuses_a_forward_while_another_thread_runs_a_pass():
+    from nnsight_moe.hooks import ConcurrentForwardError
+
+    model = tiny_model("inkling2_loop_text")
+    with nnsight_moe.attached(model) as handle:
+        handle.states[3]._thread = -1  # another thread is inside pass 1 of layer 1
+        with pytest.raises(ConcurrentForwardError, match="model.layers.1.mlp: .*another thread"):
+            model(_ids(pos=4))
+        handle.states[3]._thread = None
+        model(_ids(pos=4))  # and runs again once it has left
 
 
 @torch.no_grad()
@@ -503,7 +517,20 @@ def test_inkling2_loop_interventions_act_per_pass():
     clean = capture_hooks(handle, lambda: model(ids))
     with steering.steer_experts(model, off={3: [expert]}, margin=0.5):
         steered = capture_hooks(handle, lambda: model(ids))
+    # reroute and renorm on pass 1 only
+    first, second = "model.layers.1.mlp", "model.layers.1.mlp.pass1"
+    with nnsight_moe.block_experts(model, {3: [expert]}, mode="reroute"):
+        rerouted = capture_hooks(handle, lambda: model(ids))
+    with nnsight_moe.block_experts(model, {3: [expert]}, mode="renorm"):
+        renormed = capture_hooks(handle, lambda: model(ids))
     handle.detach()
+    for edited in (rerouted, renormed):
+        assert torch.equal(edited[f"{first}.hook_topk_weights"], clean[f"{first}.hook_topk_weights"])
+    assert not (rerouted[f"{second}.hook_topk_indices"] == expert).any()
+    hit = clean[f"{second}.hook_topk_indices"] == expert
+    assert hit.any() and (renormed[f"{second}.hook_topk_weights"][hit] == 0).all()
+    torch.testing.assert_close(renormed[f"{second}.hook_topk_weights"].sum(-1), clean[f"{second}.hook_topk_weights"].sum(-1),
+                               atol=1e-5, rtol=1e-5)
     assert torch.equal(steered["model.layers.1.mlp.hook_topk_indices"], clean["model.layers.1.mlp.hook_topk_indices"])
     assert not (steered["model.layers.1.mlp.pass1.hook_topk_indices"] == expert).any()
     assert (clean["model.layers.1.mlp.pass1.hook_topk_indices"] == expert).any()
