@@ -104,11 +104,30 @@ def _decoder_layers(model: nn.Module, adapter: Adapter) -> tuple[str, nn.ModuleL
     )
 
 
+def _stacks(model: nn.Module, adapter: Adapter) -> list[tuple[str, nn.ModuleList]]:
+    """The adapter's layer lists (``Adapter.stacks``) that ``model`` has, as paths below it: on the base model
+    (no ``model.`` prefix) or a model holding one stack only, the ones it holds."""
+    found = []
+    for path in adapter.stacks:
+        for candidate in dict.fromkeys((path, path.removeprefix("model."))):
+            try:
+                module = model.get_submodule(candidate)
+            except AttributeError:
+                continue
+            if isinstance(module, nn.ModuleList):
+                found.append((candidate, module))
+                break
+    if not found:
+        raise UnsupportedModelError(f"{type(model).__name__} has none of the {adapter.name} layer lists "
+                                    f"{list(adapter.stacks)}; pass the model that holds them")
+    return found
+
+
 def detect(model: nn.Module) -> MoELayout:
     """Describe ``model`` (a Hugging Face model): its MoE and dense layers, paths and routing rules."""
     adapter = adapter_for(model)
     config = _text_config(model)
-    stacks = [(path, model.get_submodule(path)) for path in adapter.stacks] or [_decoder_layers(model, adapter)]
+    stacks = _stacks(model, adapter) if adapter.stacks else [_decoder_layers(model, adapter)]
     d_model = int(getattr(config, "hidden_size"))
     described = []
     for layers_path, layers in stacks:  # several stacks (DiffusionGemma): numbered on, in execution order

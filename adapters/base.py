@@ -65,7 +65,9 @@ class Adapter:
             after the real ones (LongCat-Flash; see :mod:`nnsight_moe.identity_experts`).
         stacks: paths of the decoder-layer lists to hook, in execution order, for a model with several
             MoE stacks (DiffusionGemma: the prompt encoder's, then the canvas decoder's); their layers are
-            numbered on in the layout. Empty: the first layer list holding a block of the family.
+            numbered on in the layout (paths below the task model; on the base model, or one holding a
+            single stack, the ones it has, without the ``model.`` prefix). Empty: the first layer list
+            holding a block of the family.
         loop: ``loop(config) -> (start, end, passes)`` for a looped transformer (Inkling-2-Loop): layers
             ``start .. end - 1`` run ``passes`` times per forward, and each pass is a layout layer of its own
             (see :mod:`nnsight_moe.looped`). None: every layer runs once.

@@ -565,6 +565,20 @@ def test_diffusion_gemma_hooks_both_stacks_on_a_canvas_of_its_own_length():
         got = values[layout.hook_name(i, "hook_topk_indices")]
         assert got.shape == (2, 7 if i < n else 5, 2), i
         assert torch.equal(got.reshape(own[i].shape), own[i])
+    # the remote view (nnsight's local serialisation) reads both stacks in execution order = the hooks
+    import nnsight
+
+    from helpers import language_model
+    from nnsight_moe.remote import MoEView
+    from test_remote import _assert_view_equals_hooks
+
+    lm = language_model(model)
+    view = MoEView(lm)
+    with lm.trace(input_ids=ids, decoder_input_ids=canvas, remote="local"):
+        views = nnsight.save({i: view.layer(i) for i in view.moe_layers})
+        logits = lm.output.logits.save()
+    _assert_view_equals_hooks(layout, views, values)
+    assert torch.equal(logits, ref)
 
 
 @torch.no_grad()
