@@ -104,23 +104,66 @@ def _decoder_layers(model: nn.Module, adapter: Adapter) -> tuple[str, nn.ModuleL
     )
 
 
+def _stacks(model: nn.Module, adapter: Adapter) -> list[tuple[str, nn.ModuleList]]:
+    """The adapter's layer lists (``Adapter.stacks``) that ``model`` has, as paths below it: on the base model
+    (no ``model.`` prefix) or a model holding one stack only, the ones it holds."""
+    found = []
+    for path in adapter.stacks:
+        for candidate in dict.fromkeys((path, path.removeprefix("model."))):
+            try:
+                module = model.get_submodule(candidate)
+            except AttributeError:
+                continue
+            if isinstance(module, nn.ModuleList):
+                found.append((candidate, module))
+                break
+    if not found:
+        raise UnsupportedModelError(f"{type(model).__name__} has none of the {adapter.name} layer lists "
+                                    f"{list(adapter.stacks)}; pass the model that holds them")
+    return found
+
+
 def detect(model: nn.Module) -> MoELayout:
     """Describe ``model`` (a Hugging Face model): its MoE and dense layers, paths and routing rules."""
     adapter = adapter_for(model)
     config = _text_config(model)
-    layers_path, layers = _decoder_layers(model, adapter)
+    stacks = _stacks(model, adapter) if adapter.stacks else [_decoder_layers(model, adapter)]
     d_model = int(getattr(config, "hidden_size"))
     described = []
-    for index, layer in enumerate(layers):
-        found = next(((name, m) for name, m in layer.named_modules() if adapter.is_block(m)), None)
-        if found is None:
-            mlp = next((name for name in ("mlp", "feed_forward") if hasattr(layer, name)), "")
-            described.append(LayerLayout(index, "dense", f"{layers_path}.{index}" + (f".{mlp}" if mlp else ""), d_model))
-            continue
-        name, block = found
-        path = f"{layers_path}.{index}" + (f".{name}" if name else "")  # "": the decoder layer is the block (Gemma-4)
-        described.append(_moe_layer(index, path, block, adapter, config, d_model, layer, f"{layers_path}.{index}"))
+    for layers_path, layers in stacks:  # several stacks (DiffusionGemma): numbered on, in execution order
+        for number, layer in enumerate(layers):
+            index = len(described)
+            found = next(((name, m) for name, m in layer.named_modules() if adapter.is_block(m)), None)
+            if found is None:
+                mlp = next((name for name in ("mlp", "feed_forward") if hasattr(layer, name)), "")
+                described.append(LayerLayout(index, "dense", f"{layers_path}.{number}" + (f".{mlp}" if mlp else ""), d_model))
+                continue
+            name, block = found
+            path = f"{layers_path}.{number}" + (f".{name}" if name else "")  # "": the decoder layer is the block (Gemma-4)
+            described.append(_moe_layer(index, path, block, adapter, config, d_model, layer, f"{layers_path}.{number}"))
+    if adapter.loop is not None:
+        described = _unrolled(described, *adapter.loop(config))
     return MoELayout(family=adapter.name, model_type=config.model_type, layers=tuple(described))
+
+
+def _unrolled(layers: list[LayerLayout], start: int, end: int, passes: int) -> list[LayerLayout]:
+    """A looped stack's layers in execution order: ``0 .. start - 1``, then layers ``start .. end - 1`` once per
+    pass, then ``end ..``; renumbered. Pass 0 keeps its block's path; pass p >= 1 keeps its hook points in the
+    container ``<block>.pass<p>`` (``LayerLayout.block_path`` is the block)."""
+    from dataclasses import replace
+
+    visits = [(layer, 0) for layer in layers[:start]]
+    visits += [(layer, p) for p in range(passes) for layer in layers[start:end]]
+    visits += [(layer, 0) for layer in layers[end:]]
+    out = []
+    for index, (layer, p) in enumerate(visits):
+        looped = start <= layer.index < end
+        if p and layer.is_moe:
+            out.append(replace(layer, index=index, path=f"{layer.path}.pass{p}", block_path=layer.path,
+                               loop_pass=p, loop_passes=passes))
+        else:
+            out.append(replace(layer, index=index, loop_pass=p, loop_passes=passes if looped else 1))
+    return out
 
 
 def _moe_layer(index: int, path: str, block: nn.Module, adapter: Adapter, config, d_model: int,

@@ -63,6 +63,16 @@ class Adapter:
             (``hook_moe_out = hook_routed_out + bias``; JetMoE).
         identity_experts: the experts module runs its own loop and includes zero-compute identity experts
             after the real ones (LongCat-Flash; see :mod:`nnsight_moe.identity_experts`).
+        stacks: paths of the decoder-layer lists to hook, in execution order, for a model with several
+            MoE stacks (DiffusionGemma: the prompt encoder's, then the canvas decoder's); their layers are
+            numbered on in the layout (paths below the task model; on the base model, or one holding a
+            single stack, the ones it has, without the ``model.`` prefix). Empty: the first layer list
+            holding a block of the family.
+        loop: ``loop(config) -> (start, end, passes)`` for a looped transformer (Inkling-2-Loop): layers
+            ``start .. end - 1`` run ``passes`` times per forward, and each pass is a layout layer of its own
+            (see :mod:`nnsight_moe.looped`). None: every layer runs once.
+        recipes: why the recipes refuse this family (:mod:`nnsight_moe.recipes.runner` raises
+            ``UnsupportedModelError`` with it), or None: they run on it.
     """
 
     name: str
@@ -87,6 +97,9 @@ class Adapter:
     dispatch_router: bool = False
     moe_bias: str | None = None
     identity_experts: bool = False
+    stacks: tuple[str, ...] = ()
+    loop: Callable[[Any], tuple[int, int, int]] | None = None
+    recipes: str | None = None
 
     def is_block(self, module: nn.Module) -> bool:
         """Whether ``module`` is a MoE block of this family."""

@@ -69,13 +69,14 @@ class AttachHandle:
         return self.model.__dict__.get(_HANDLE) is self
 
     def block(self, layer: int) -> nn.Module:
-        """The MoE block module of ``layer``."""
-        return self.states[self.layout.moe_layer(layer).index].block
+        """The module holding ``layer``'s hook points: its MoE block (for a later pass of a looped layer, the
+        block's pass container, :mod:`nnsight_moe.looped`)."""
+        return self.states[self.layout.moe_layer(layer).index].points
 
     def hook_points(self) -> dict[str, nn.Module]:
         """Every hook point by its full HF path, e.g. ``model.layers.0.mlp.hook_topk_weights``."""
         return {
-            f"{state.layer.path}.{name}": state.block._modules[name]
+            f"{state.layer.path}.{name}": state.points._modules[name]
             for state in self.states.values()
             for name in state.layer.hook_names
         }
@@ -87,7 +88,7 @@ class AttachHandle:
         while self._on_detach:
             self._on_detach.pop()()
         for index, state in self.states.items():
-            hooks.uninstall(state.block, state, self._handles.pop(index, []))
+            hooks.uninstall(state.points, state, self._handles.pop(index, []))
         self.model.set_experts_implementation(self._previous_impl)
         del self.model.__dict__[_HANDLE]
 
@@ -129,11 +130,20 @@ def _attach_hf(hf: nn.Module) -> AttachHandle:
     for layer in layout.layers:
         if not layer.is_moe:
             continue
+        if layer.block_path:  # a later pass of a looped layer: its hook points only (nnsight_moe.looped)
+            from nnsight_moe import looped
+
+            states[layer.index] = looped.pass_state(hf, layer, adapter, config)
+            continue
         block = hooks.unwrap(hf.get_submodule(layer.path))  # the HF block behind a bridge wrapper
         shared = hf.get_submodule(layer.shared) if layer.shared_outside else None  # a sibling of the block
         state = hooks.BlockState(block, layer, adapter, config, shared=shared)
         states[layer.index] = state
         handle._handles[layer.index] = hooks.install(block, state)
+    if adapter.loop is not None:
+        from nnsight_moe import looped
+
+        looped.install(hf, handle)
     hf.__dict__[_HANDLE] = handle
     return handle
 

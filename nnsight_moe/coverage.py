@@ -44,12 +44,6 @@ EXCLUDED: dict[str, str] = {
 NOT_YET: dict[str, str] = {
     "inkling": "the router also returns shared-expert gammas: a fourth router output the contract lacks",
     "zaya": "a skip expert and cross-layer router state",
-    "diffusion_gemma": "Gemma-4's MoE layers (router and experts on the layer) in two stacks: a prompt encoder "
-                       "(model.encoder.layers) and a block-diffusion decoder over a canvas (model.decoder.layers) "
-                       "that makes the logits; the layout indexes one stack (the encoder's, found first: the logits' "
-                       "stack would be unhooked), and its forward without decoder_input_ids draws a random canvas "
-                       "(torch.randint), so the logits = HF oracle needs a canvas input the tests and recipes do not pass",
-    "inkling2_loop": "layers run several times per forward: hooks need a per-pass key",
 }
 
 _MOE_CLASS = re.compile(r"^class (\w*(?:Experts|MoE|Moe)\w*)\(", re.M)

@@ -73,8 +73,12 @@ class BlockState:
       fires, gate scaling after blocking.
     """
 
-    def __init__(self, block: nn.Module, layer: LayerLayout, adapter: Any, config: Any, shared: nn.Module | None = None):
+    def __init__(self, block: nn.Module, layer: LayerLayout, adapter: Any, config: Any, shared: nn.Module | None = None,
+                 points: nn.Module | None = None):
         self.block, self.layer, self.adapter, self.config = block, layer, adapter, config
+        #: the module holding this layer's hook points: the block, or for a later pass of a looped layer its
+        #: pass container (nnsight_moe.looped)
+        self.points = block if points is None else points
         self.router = unwrap(block.get_submodule(adapter.router))
         self.experts = unwrap(block.get_submodule(adapter.experts))
         #: the shared expert MLP (given for one outside the block, a sibling on the decoder layer), and the
@@ -97,7 +101,7 @@ class BlockState:
 
     def hook(self, name: str, value: Tensor) -> Tensor:
         """Pass ``value`` through the block's hook point ``name``."""
-        return self.block._modules[name](value)
+        return self.points._modules[name](value)
 
     def rule(self):
         """The routing rule, rebuilt from the live router (its buffers may have moved device)."""
@@ -135,10 +139,7 @@ class BlockState:
 
 def install(block: nn.Module, state: BlockState) -> list:
     """Add the hook points and torch hooks to one MoE block; returns the removable handles."""
-    for name in state.layer.hook_names:
-        hook_point = HookPoint()
-        hook_point.name = f"{state.layer.path}.{name}"
-        block.add_module(name, hook_point)
+    add_hook_points(state)
     for module in (block, state.router, state.experts):
         module.__dict__[_STATE] = state
     moe_out = unwrap(block.get_submodule(state.adapter.moe_out)) if state.adapter.moe_out else block
@@ -196,6 +197,14 @@ def install(block: nn.Module, state: BlockState) -> list:
             gate.__dict__[_STATE] = state
             handles.append(gate.register_forward_hook(_shared_gate))
     return handles
+
+
+def add_hook_points(state: BlockState) -> None:
+    """Add the layer's hook points (``HookPoint`` modules named ``<layer path>.<name>``) to ``state.points``."""
+    for name in state.layer.hook_names:
+        hook_point = HookPoint()
+        hook_point.name = f"{state.layer.path}.{name}"
+        state.points.add_module(name, hook_point)
 
 
 def uninstall(block: nn.Module, state: BlockState, handles: list) -> None:

@@ -85,6 +85,14 @@ class LayerLayout:
     gate_on_input: bool = False
     #: A bias the block adds to the routed sum (JetMoE): ``hook_moe_out = hook_routed_out + <moe_bias>``.
     moe_bias: str | None = None
+    #: Which visit of its decoder layer this layout layer is (a looped transformer, Inkling-2-Loop, runs its
+    #: loop layers several times per forward; each pass is a layout layer of its own, in execution order).
+    loop_pass: int = 0
+    #: How many passes its decoder layer makes per forward (1: not looped).
+    loop_passes: int = 1
+    #: The MoE block's module path when ``path`` is not it: a later pass (``loop_pass >= 1``) of a looped layer
+    #: keeps its hook points in a container ``<block>.pass<p>`` that ``attach`` adds to the block (``path``).
+    block_path: str | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -93,6 +101,11 @@ class LayerLayout:
     @property
     def has_shared(self) -> bool:
         return self.shared is not None
+
+    @property
+    def module_path(self) -> str:
+        """Path of the layer's MoE block (or dense MLP) module: ``path`` except for a later loop pass."""
+        return self.block_path or self.path
 
     @property
     def hook_names(self) -> tuple[str, ...]:
@@ -188,6 +201,7 @@ class MoELayout:
             shared += f", latent d={layer.d_latent}" if layer.d_latent else ""
             shared += f", post-processed by {layer.post.rsplit('.', 1)[-1]}" if layer.post else ""
             shared += f", routed sum x{layer.routed_scale:g}" if layer.routed_scale != 1.0 else ""
+            shared += f", loop pass {layer.loop_pass} of {layer.loop_passes}" if layer.loop_passes > 1 else ""
             rule = layer.routing.describe() if layer.routing is not None else ""
             lines.append(
                 f"  {layer.index:>3} moe    {layer.path}  E={layer.n_experts} k={layer.top_k} "

@@ -55,10 +55,17 @@ def expose_hook_points(model: Any, handle: AttachHandle) -> None:
     for state in handle.states.values():
         envoy = _block_envoy(model, state.block)
         done = envoy.__dict__.setdefault(_MIRRORED, set())
+        if state.points is not state.block:  # a loop pass container (nnsight_moe.looped): mirrored with its points
+            name = state.layer.path.rsplit(".", 1)[-1]
+            if name not in done:
+                envoy._wrap_envoy(name, state.points)
+                done.add(name)
+                mirrored.append((envoy, name))
+            continue
         for name in state.layer.hook_names:
             if name in done:
                 continue
-            envoy._wrap_envoy(name, state.block._modules[name])
+            envoy._wrap_envoy(name, state.points._modules[name])
             done.add(name)
             mirrored.append((envoy, name))
     if mirrored:

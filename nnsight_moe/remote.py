@@ -117,7 +117,8 @@ def moe_spec(model: Any) -> dict:
         info = layout.layer(index)
         shared = hf.get_submodule(info.shared) if info.shared else None
         layers[index] = {
-            "block": info.path,
+            "block": info.module_path,
+            "loop_pass": info.loop_pass,  # a later pass of a looped layer reads its modules' loop_pass-th call
             "shared_first": _shared_runs_first(hf, info) if info.shared else False,
             "shared_gated": shared is not None and hasattr(shared, "gate_proj"),
             # a shared MLP that is not gate/up/down_proj, or lives beside the block: read from the forward
@@ -143,7 +144,7 @@ def moe_spec(model: Any) -> dict:
             # LongCat-Flash: experts from this id on are zero-compute identities
             "identity_experts": (int(hf.get_submodule(info.experts).num_routed_experts)
                                  if adapter.identity_experts else None),
-            "routing": _routing_spec(info.routing, hf.get_submodule(info.path), layout.family),
+            "routing": _routing_spec(info.routing, hf.get_submodule(info.module_path), layout.family),
         }
     return {"family": layout.family, "layers": layers}
 
@@ -505,6 +506,17 @@ def read_layer(
     layers = spec["layers"]
     if layer not in layers:
         raise KeyError(f"layer {layer!r} is not a MoE layer of this {spec['family']} model; MoE layers: {sorted(layers)}")
+    if layers[layer].get("loop_pass", 0):  # a later pass of a looped layer (Inkling-2-Loop): read the modules'
+        from nnsight.intervention.interleaver import Mediator  # loop_pass-th call, pinned as tracer.iter pins a step
+
+        mediator = Mediator.current("the MoE view")
+        first_pass = {**spec, "layers": {**layers, layer: {**layers[layer], "loop_pass": 0}}}
+        previous, mediator.iteration = mediator.iteration, layers[layer]["loop_pass"]
+        try:
+            return read_layer(model, first_pass, layer, want=want, block=block, mode=mode, edit_logits=edit_logits,
+                              edit_weights=edit_weights, keep_top=keep_top, shared=shared, keep_top_renorm=keep_top_renorm)
+        finally:
+            mediator.iteration = previous
     want = tuple(want) if want is not None else _all_quantities(layers[layer])
     unknown = [name for name in want if name not in _all_quantities(layers[layer])]
     if unknown:

@@ -393,7 +393,7 @@ def steer(model: Any, plan: dict) -> Iterator[Any]:
                     state.steer = [*state.steer, active]
                     touched.append(state)
                 if edit["direction"] is not None:
-                    added.add(state.block._modules[edit["hook"]], _direction_hook(active, edit))
+                    added.add(state.points._modules[edit["hook"]], _direction_hook(active, edit))
             yield handle
         finally:
             tracker.remove()

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PreTrainedModel
 
-__all__ = ["MEDIUM", "TINY", "medium_model", "randomize_", "tiny_config", "tiny_model"]
+__all__ = ["MEDIUM", "TINY", "fixed_canvas", "medium_model", "randomize_", "tiny_config", "tiny_model"]
 
 #: Small sizes applied to whichever of these attributes a family's config has.
 TINY: dict[str, Any] = {
@@ -120,6 +120,12 @@ FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
     "qwen3_omni_moe_thinker": {"vision_start_token_id": 1000},
     "qwen3_omni_moe_talker": {"thinker_hidden_size": 64, "accept_hidden_layer": 1, "num_code_groups": 4,
                               "spatial_merge_size": 2},  # read by its modeling, absent from its config class
+    # Inkling-2-Loop: layers 1 and 2 looped, three passes (8 layout layers: 0, 1, 2, 1, 2, 1, 2, 3)
+    "inkling2_loop_text": {"num_hidden_layers": 4, "n_layers_per_attn_res_block": 1, "loop_layer_index_start": 1,
+                           "loop_layer_index_end": 3, "loop_num_passes": 3, "loop_gate_rank": 16,
+                           "unpadded_vocab_size": 128},
+    # DiffusionGemma: Gemma-4 MoE layers in both stacks (untied: TOP_EXTRAS)
+    "diffusion_gemma_text": {"top_k_experts": 2},
     "qwen4_exp_text": {
         "layer_types": ["linear_attention", "indexed_attention", "linear_attention"],
         "indexer_n_heads": 2,
@@ -129,6 +135,13 @@ FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
         "indexer_compress_ratio": 4,
     },
 }
+
+
+#: Per-family extras for the top-level config of a multimodal family, also where its text config has the same
+#: field (FAMILY_EXTRAS of the model type go to the text config then). DiffusionGemma: untied stacks
+#: (``tie_word_embeddings=False`` undoes every tie, the encoder-decoder layer ties included), so that each
+#: stack's experts are its own weights and zeroing them is blocking that stack's layer.
+TOP_EXTRAS: dict[str, dict[str, Any]] = {"diffusion_gemma": {"tie_word_embeddings": False}}
 
 
 #: Sizes for the non-text towers of multimodal families (vision / audio encoders): built, never run by
@@ -191,6 +204,7 @@ def tiny_config(model_type: str, **overrides: Any):
             for name in sub_configs if getattr(default, name, None) is not None}
     text_fields = default.text_config.to_dict()
     extras = {k: v for k, v in FAMILY_EXTRAS.get(model_type, {}).items() if k not in text_fields}
+    extras.update(TOP_EXTRAS.get(model_type, {}))
     top = {k: v for k, v in {**TINY, **extras, **overrides}.items() if _has(default, k) and k not in sub_configs}
     return AutoConfig.for_model(model_type, **subs, **top)
 
@@ -312,7 +326,28 @@ def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float3
     torch.manual_seed(seed)
     model = model_class._from_config(config, dtype=dtype)
     randomize_(model, seed=seed)
+    if getattr(config, "model_type", None) == "diffusion_gemma":
+        model.register_forward_pre_hook(fixed_canvas, with_kwargs=True)
     return model.eval()
+
+
+def fixed_canvas(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of tiny DiffusionGemma models: a call without ``decoder_input_ids`` gets a fixed canvas.
+
+    DiffusionGemma's forward draws a random canvas (``torch.randint``) when none is given, so two forwards of
+    one prompt differ and the HF forward is no oracle. The tiny models are given, instead, the canvas of the
+    prompt's shape drawn from a generator seeded with 0 (the same for every call of that shape), so the logits
+    are ``[batch, pos, vocab]`` like a causal LM's and every test can compare forwards. A real model is left as
+    it is: pass ``decoder_input_ids`` yourself.
+    """
+    if kwargs.get("decoder_input_ids") is not None:
+        return args, kwargs
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        return args, kwargs
+    vocab = model.config.get_text_config().vocab_size
+    canvas = torch.randint(0, vocab, tuple(ids.shape), generator=torch.Generator().manual_seed(0))
+    return args, {**kwargs, "decoder_input_ids": canvas.to(ids.device)}
 
 
 #: The benchmarks' medium config: OLMoE-shaped, d_model 512, 32 experts, top-8, 4 layers (for OLMoE the

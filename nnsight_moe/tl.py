@@ -111,7 +111,7 @@ def expose_hook_points(model: Any, handle: AttachHandle) -> None:
         index = state.layer.index
         component = _component_of(bridge, index, state.block)
         for name in state.layer.hook_names:
-            point = state.block._modules[name]
+            point = state.points._modules[name]
             full = tl_hook_name(index, name)
             if registry.get(full) is point and point.name == full:
                 continue

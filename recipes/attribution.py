@@ -150,6 +150,9 @@ def _is_attention(kind: str | None, module: nn.Module) -> bool:
 
 
 def _parts(hf: nn.Module) -> Parts:
+    from nnsight_moe.recipes.runner import _refuse_family
+
+    _refuse_family(hf)  # a MoE family the recipes refuse, with the reason (DiffusionGemma's canvas decoder)
     config = hf.config.get_text_config()
     n_layers = int(config.num_hidden_layers)
     stack = next((m for name, m in hf.named_modules()

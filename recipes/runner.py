@@ -110,6 +110,8 @@ def _on_meta(model: Any) -> bool:
 
 def _batch_size(batch_size: Any, model: Any, n_prompts: int, seq_len: int, kind: str,
                 max_memory: int | None) -> int:
+    if model is not None:
+        _refuse_family(model)  # before planning memory for a family the recipes refuse
     if batch_size == "auto":
         return choose_batch_size(model, n_prompts, max(1, seq_len), kind, max_memory)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -305,6 +307,7 @@ def run_batches(model: Any, batches: Sequence[Mapping], fn: Callable[[Any, dict]
 
     if not callable(fn):
         raise TypeError(f"fn must be a callable fn(model, batch), got {type(fn).__name__}")
+    _refuse_family(model)
     traced = remote is not None
     if traced:
         _check_remote(remote)
@@ -356,6 +359,20 @@ def run_batches(model: Any, batches: Sequence[Mapping], fn: Callable[[Any, dict]
     if unsaved:
         _warn_unsaved(results_path)
     return [done[index] for index in range(n)]
+
+
+def _refuse_family(model: Any) -> None:
+    """Refuse a MoE family the recipes cannot drive (its adapter's ``recipes`` says why: DiffusionGemma)."""
+    from nnsight_moe.adapters import adapter_for
+    from nnsight_moe.attach import hf_model
+    from nnsight_moe.layout import UnsupportedModelError
+
+    try:
+        adapter = adapter_for(hf_model(model))
+    except (TypeError, UnsupportedModelError):  # not an HF model behind it, or not a MoE family: not ours to refuse
+        return
+    if adapter.recipes:
+        raise UnsupportedModelError(f"the recipes do not run on {adapter.name} models: {adapter.recipes}")
 
 
 def _local(model: Any, batch: dict, fn: Callable, no_grad: bool) -> Any:

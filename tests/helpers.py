@@ -25,21 +25,29 @@ def capture_hooks(handle, fn):
 
 
 def _capture(model: nn.Module, layout: MoELayout, path_of, record, fn) -> dict:
-    """``{layer: record(args, kwargs, output)}`` from forward hooks on ``path_of(layer info)`` while ``fn()`` runs."""
-    seen, handles = {}, []
+    """``{layer: record(args, kwargs, output)}`` from forward hooks on ``path_of(layer info)`` while ``fn()`` runs.
+
+    Layers sharing a module (the passes of a looped layer, whose later passes' ``path`` is a pass container:
+    ``path_of`` sees them with ``path`` = ``module_path``) get its calls in order: of the module's last
+    ``len(layers)`` calls, the i-th is the i-th of its layers in execution order."""
+    from dataclasses import replace
+
+    calls, handles = {}, []
     for index in layout.moe_layers:
-        module = model.get_submodule(path_of(layout.layer(index)))
+        info = layout.layer(index)
+        path = path_of(replace(info, path=info.module_path))
+        calls.setdefault(path, ([], []))[0].append(index)
+    for path, (indices, seen) in calls.items():
+        def hook(module, args, kwargs, output, seen=seen):
+            seen.append(record(args, kwargs, output))
 
-        def hook(module, args, kwargs, output, index=index):
-            seen[index] = record(args, kwargs, output)
-
-        handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        handles.append(model.get_submodule(path).register_forward_hook(hook, with_kwargs=True))
     try:
         fn()
     finally:
         for h in handles:
             h.remove()
-    return seen
+    return {index: value for indices, seen in calls.values() for index, value in zip(indices, seen[-len(indices):])}
 
 
 def capture_blocks(model: nn.Module, layout: MoELayout, fn):

@@ -17,7 +17,7 @@ from nnsight_moe.testing import tiny_config, tiny_model
 ADDED = ["aria", "axk1", "beam", "deepseek_ocr2", "dots3_note", "glm4v_moe", "glm5_next", "granitemoehybrid", "granitemoeshared",
          "hy_v4_vl", "laguna", "lara_mini", "lfm2_moe", "minimax_m3_vl", "muse_spark",
          "mistral4", "mistral_large4", "openai_privacy_filter", "qwen3_vl_moe", "sarvam_mla", "sarvam_moe", "step3p7",
-         "unlimited_ocr", "ernie4_5_vl_moe", "qwen3_omni_moe"]
+         "unlimited_ocr", "ernie4_5_vl_moe", "qwen3_omni_moe", "inkling2_loop_text", "diffusion_gemma"]
 #: Families whose router keeps bf16 arithmetic (mistral4, lfm2_moe) or casts weights to the hidden states'
 #: dtype (lara_mini): the contract's float32 weights differ from the model's by bf16 rounding.
 BF16_ROUNDED = {"lara_mini", "lfm2_moe", "mistral4"}
@@ -405,3 +405,232 @@ def test_qwen3_omni_moe_two_stacks_key_the_thinker():
             assert torch.equal(seen[layer].reshape(own[layer].shape).sort(-1).values, own[layer].sort(-1).values)
     finally:
         handle.detach()
+
+
+# ---------------------------------------------------------------- Inkling-2-Loop: looped layers (group 6)
+def _router_calls(model, path, edit=None):
+    """Forward hook on the router at ``path`` recording every call's (weights, indices) in order; ``edit(call,
+    output)`` may return a replacement output (the independent oracle of per-pass interventions)."""
+    calls = []
+
+    def hook(module, args, output):
+        calls.append((output[1].detach().clone(), output[2].detach().clone()))
+        return None if edit is None else edit(len(calls) - 1, output)
+
+    return calls, model.get_submodule(path).register_forward_hook(hook)
+
+
+@torch.no_grad()
+def test_inkling2_loop_layout_lists_every_pass_with_its_own_hook_points():
+    """Each pass of a loop layer is a layout layer (execution order) whose hook points see that pass's call."""
+    from helpers import capture_hooks
+
+    model = tiny_model("inkling2_loop_text")
+    layout = nnsight_moe.layout(model)
+    assert layout.n_layers == model.config.total_num_hidden_layers == 8
+    assert [l.path for l in layout.layers] == [
+        "model.layers.0.mlp", "model.layers.1.mlp", "model.layers.2.mlp", "model.layers.1.mlp.pass1",
+        "model.layers.2.mlp.pass1", "model.layers.1.mlp.pass2", "model.layers.2.mlp.pass2", "model.layers.3.mlp"]
+    assert [l.loop_pass for l in layout.layers] == [0, 0, 0, 1, 1, 2, 2, 0]
+    assert [l.module_path for l in layout.layers][3] == "model.layers.1.mlp"
+    ids = _ids(pos=6)
+    ref = model(ids).logits
+    calls, h = _router_calls(model, "model.layers.1.mlp.gate")
+    model(ids)
+    h.remove()
+    assert len(calls) == 3
+    handle = nnsight_moe.attach(model)
+    out = {}
+    values = capture_hooks(handle, lambda: out.__setitem__("logits", model(ids).logits))
+    assert torch.equal(out["logits"], ref)
+    names = [f"model.layers.1.mlp{s}.hook_topk_indices" for s in ("", ".pass1", ".pass2")]
+    per_pass = [values[name].reshape(calls[0][1].shape) for name in names]  # a name -> tensor cache keeps them all
+    for (weights, indices), got, name in zip(calls, per_pass, names):
+        assert torch.equal(got, indices), name
+        assert torch.equal(values[name.replace("indices", "weights")].reshape(weights.shape), weights)
+    assert not torch.equal(per_pass[0], per_pass[1]), "the passes route differently (the test must bite)"
+    # nnsight: each pass container is a module envoy
+    from helpers import language_model
+
+    lm = language_model(model)
+    nnsight_moe.attach(lm)
+    with lm.trace(ids):
+        first = lm.model.layers[1].mlp.hook_topk_indices.output.save()  # in execution order, as nnsight asks
+        got = lm.model.layers[1].mlp.pass2.hook_topk_indices.output.save()
+    assert torch.equal(got, values[names[2]]) and torch.equal(first, values[names[0]])
+    handle.detach()
+    assert torch.equal(model(ids).logits, ref)
+    assert not any("hook_" in name or ".pass" in name for name, _ in model.named_modules())
+    assert not any("_nnsight_moe" in module.__dict__ for module in model.modules())
+
+
+@torch.no_grad()
+def test_inkling2_loop_refuses_a_forward_while_another_thread_runs_a_pass():
+    from nnsight_moe.hooks import ConcurrentForwardError
+
+    model = tiny_model("inkling2_loop_text")
+    with nnsight_moe.attached(model) as handle:
+        handle.states[3]._thread = -1  # another thread is inside pass 1 of layer 1
+        with pytest.raises(ConcurrentForwardError, match="model.layers.1.mlp: .*another thread"):
+            model(_ids(pos=4))
+        handle.states[3]._thread = None
+        model(_ids(pos=4))  # and runs again once it has left
+
+
+@torch.no_grad()
+def test_inkling2_loop_interventions_act_per_pass():
+    """Blocking one pass = zeroing that expert's weight in that router call only (a hand-edited HF forward);
+    blocking every pass = its zeroed weights; steering one pass leaves the earlier passes' routing as it was."""
+    from helpers import capture_hooks, zero_expert_
+
+    model = tiny_model("inkling2_loop_text")
+    layout = nnsight_moe.layout(model)
+    ids = _ids(pos=6)
+    base = model(ids).logits
+    calls, h = _router_calls(model, "model.layers.1.mlp.gate")
+    model(ids)
+    h.remove()
+    expert = int(torch.bincount(calls[1][1].reshape(-1), minlength=8).argmax())  # common in pass 1
+
+    def zero_in_pass1(call, output):
+        if call != 1:
+            return None
+        logits, weights, indices = output
+        return logits, weights.masked_fill(indices == expert, 0), indices
+
+    _, h = _router_calls(model, "model.layers.1.mlp.gate", zero_in_pass1)
+    expected = model(ids).logits
+    h.remove()
+    with nnsight_moe.block_experts(model, {3: [expert]}, mode="zero"):
+        got = model(ids).logits
+    assert not torch.allclose(expected, base, atol=1e-4)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    everywhere = {1: [expert], 3: [expert], 5: [expert]}
+    reference = zero_expert_(__import__("copy").deepcopy(model), layout, {1: [expert]})(ids).logits
+    with nnsight_moe.block_experts(model, everywhere, mode="zero"):
+        torch.testing.assert_close(model(ids).logits, reference, atol=1e-5, rtol=0)
+    assert not torch.allclose(reference, got, atol=1e-4), "one pass is not every pass"
+    # steering pass 1 only: pass 0 routes as before, pass 1 never picks the forced-off expert
+    from nnsight_moe import steering
+
+    handle = nnsight_moe.attach(model)
+    clean = capture_hooks(handle, lambda: model(ids))
+    with steering.steer_experts(model, off={3: [expert]}, margin=0.5):
+        steered = capture_hooks(handle, lambda: model(ids))
+    # reroute and renorm on pass 1 only
+    first, second = "model.layers.1.mlp", "model.layers.1.mlp.pass1"
+    with nnsight_moe.block_experts(model, {3: [expert]}, mode="reroute"):
+        rerouted = capture_hooks(handle, lambda: model(ids))
+    with nnsight_moe.block_experts(model, {3: [expert]}, mode="renorm"):
+        renormed = capture_hooks(handle, lambda: model(ids))
+    handle.detach()
+    for edited in (rerouted, renormed):
+        assert torch.equal(edited[f"{first}.hook_topk_weights"], clean[f"{first}.hook_topk_weights"])
+    assert not (rerouted[f"{second}.hook_topk_indices"] == expert).any()
+    hit = clean[f"{second}.hook_topk_indices"] == expert
+    assert hit.any() and (renormed[f"{second}.hook_topk_weights"][hit] == 0).all()
+    torch.testing.assert_close(renormed[f"{second}.hook_topk_weights"].sum(-1), clean[f"{second}.hook_topk_weights"].sum(-1),
+                               atol=1e-5, rtol=1e-5)
+    assert torch.equal(steered["model.layers.1.mlp.hook_topk_indices"], clean["model.layers.1.mlp.hook_topk_indices"])
+    assert not (steered["model.layers.1.mlp.pass1.hook_topk_indices"] == expert).any()
+    assert (clean["model.layers.1.mlp.pass1.hook_topk_indices"] == expert).any()
+
+
+# ---------------------------------------------------------------- DiffusionGemma: two stacks (group 5)
+@torch.no_grad()
+def test_diffusion_gemma_hooks_both_stacks_on_a_canvas_of_its_own_length():
+    """Encoder layers 0..n-1 see the prompt, decoder layers n..2n-1 the canvas; logits = HF's; selection = routers'."""
+    from helpers import capture_hooks
+
+    model = tiny_model("diffusion_gemma")
+    layout = nnsight_moe.layout(model)
+    n = model.config.text_config.num_hidden_layers
+    assert [l.path for l in layout.layers] == ([f"model.encoder.language_model.layers.{i}" for i in range(n)]
+                                               + [f"model.decoder.layers.{i}" for i in range(n)])
+    ids = _ids(pos=7)
+    canvas = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(1))
+    ref = model(input_ids=ids, decoder_input_ids=canvas).logits
+    assert ref.shape[:2] == (2, 5)
+    own = {}
+    handles = [model.get_submodule(layout.layer(i).router).register_forward_hook(
+        lambda m, a, out, i=i: own.__setitem__(i, out[2].clone())) for i in layout.moe_layers]
+    model(input_ids=ids, decoder_input_ids=canvas)
+    for h in handles:
+        h.remove()
+    with nnsight_moe.attached(model) as handle:
+        out = {}
+        values = capture_hooks(handle, lambda: out.__setitem__("logits", model(input_ids=ids, decoder_input_ids=canvas).logits))
+    assert torch.equal(out["logits"], ref)
+    for i in layout.moe_layers:
+        got = values[layout.hook_name(i, "hook_topk_indices")]
+        assert got.shape == (2, 7 if i < n else 5, 2), i
+        assert torch.equal(got.reshape(own[i].shape), own[i])
+    # the remote view (nnsight's local serialisation) reads both stacks in execution order = the hooks
+    import nnsight
+
+    from helpers import language_model
+    from nnsight_moe.remote import MoEView
+    from test_remote import _assert_view_equals_hooks
+
+    lm = language_model(model)
+    view = MoEView(lm)
+    with lm.trace(input_ids=ids, decoder_input_ids=canvas, remote="local"):
+        views = nnsight.save({i: view.layer(i) for i in view.moe_layers})
+        logits = lm.output.logits.save()
+    _assert_view_equals_hooks(layout, views, values)
+    assert torch.equal(logits, ref)
+
+
+@torch.no_grad()
+def test_diffusion_gemma_tied_stacks_block_both_layers_for_zeroed_weights():
+    """A tied checkpoint (the released ones) shares each layer's experts between the stacks: blocking layout layers
+    L and n + L equals zeroing the shared weights, blocking one stack does not."""
+    import copy
+
+    from helpers import zero_expert_
+
+    model = tiny_model("diffusion_gemma", tie_word_embeddings=True)
+    assert model.model.encoder.language_model.layers[0].experts.down_proj is model.model.decoder.layers[0].experts.down_proj
+    layout = nnsight_moe.layout(model)
+    n = model.config.text_config.num_hidden_layers
+    ids = _ids(pos=6)
+    reference = zero_expert_(copy.deepcopy(model), layout, {1: [0, 3]})(ids).logits
+    with nnsight_moe.block_experts(model, {1: [0, 3], n + 1: [0, 3]}, mode="zero"):
+        both = model(ids).logits
+    with nnsight_moe.block_experts(model, {1: [0, 3]}, mode="zero"):
+        one = model(ids).logits
+    torch.testing.assert_close(both, reference, atol=1e-5, rtol=0)
+    assert not torch.allclose(one, reference, atol=1e-4)
+
+
+_RECIPE_PROMPTS = [[5, 9, 17, 33], [7, 8, 9], [11, 12, 13, 14, 15]]
+_RECIPE_DATA = (_RECIPE_PROMPTS * 2, torch.tensor([3, 40, 77] * 2), ["a"] * 3 + ["b"] * 3)
+
+
+def test_diffusion_gemma_recipes_refuse_with_the_reason():
+    """Every recipe refuses DiffusionGemma up front, saying why (no next-token targets on a canvas decoder)."""
+    from nnsight_moe.recipes import attribution, blocking, head_expert
+    from nnsight_moe.recipes.routing_stats import collect_routing
+
+    model = tiny_model("diffusion_gemma")
+    pairs = (_RECIPE_PROMPTS, [3, 40, 77])
+    for run in (lambda: collect_routing(model, [[5, 6, 7]], batch_size=1),
+                lambda: attribution.attribute(model, *pairs, levels=("layer",), progress=False),
+                lambda: blocking.rank_experts(model, _RECIPE_DATA, by="gate", progress=False),
+                lambda: blocking.rank_experts(model, _RECIPE_DATA, by="gate", batch_size="auto", progress=False),
+                lambda: head_expert.correlate(model, pairs, signal="router_prob", top_k=2, permutations=5)):
+        with pytest.raises(nnsight_moe.UnsupportedModelError, match="do not run on diffusion_gemma models: .*canvas"):
+            run()
+
+
+def test_inkling2_loop_blocking_recipe_ranks_the_experts_of_every_pass():
+    """The blocking recipe runs on a looped model: its ranking covers every expert of every layout layer (each
+    pass). (Attribution and head-expert correlation refuse it as they refuse inkling2_text: its final logit
+    softcap is not the frozen final projection they read out through.)"""
+    from nnsight_moe.recipes import blocking
+
+    model = tiny_model("inkling2_loop_text")
+    layout = nnsight_moe.layout(model)
+    ranking = blocking.rank_experts(model, _RECIPE_DATA, by="gate", progress=False)
+    assert {layer for layer, _ in ranking.overall} == set(layout.moe_layers)
+    assert len(ranking.overall) == len(layout.moe_layers) * layout.n_experts
