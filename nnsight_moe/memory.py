@@ -129,6 +129,15 @@ def budget(max_memory: Any = None, device: Any = "cpu") -> int:
 
 
 # ------------------------------------------------------------------------------------------ shapes
+def _widest(config: Any, name: str) -> Any:
+    """``config.<name>``, or its largest per-layer value on a heterogeneous config (Gemma 4's global layers
+    have a wider ``head_dim``; transformers refuses the global read there), so estimates stay upper bounds."""
+    if getattr(config, "is_heterogeneous", False) and name in (config.per_layer_attributes or ()):
+        values = [getattr(layer, name, None) for layer in config.per_layer_config]
+        return max((v for v in values if v is not None), default=None)
+    return getattr(config, name, None)
+
+
 @dataclass(frozen=True)
 class ModelShapes:
     """The sizes the estimates need. Widths are per layer maxima (layers run one after another)."""
@@ -158,15 +167,15 @@ class ModelShapes:
         config = hf.config.get_text_config()
         d_model = int(config.hidden_size)
         n_heads = int(getattr(config, "num_attention_heads", 0) or 0)
-        head_dim = int(getattr(config, "head_dim", None) or (d_model // n_heads if n_heads else 0))
-        n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
+        head_dim = int(_widest(config, "head_dim") or (d_model // n_heads if n_heads else 0))
+        n_kv = int(_widest(config, "num_key_value_heads") or n_heads)
         try:
             layers = nnsight_moe.layout(hf).layers
         except nnsight_moe.UnsupportedModelError:
             layers = ()
         moe = [l for l in layers if l.is_moe]
         param = next(hf.parameters())
-        d_dense = int(getattr(config, "intermediate_size", 0) or 0)
+        d_dense = int(_widest(config, "intermediate_size") or 0)
         n_layers = int(config.num_hidden_layers)
         return cls(
             d_model=d_model, n_layers=n_layers, vocab=int(config.vocab_size), n_heads=n_heads,

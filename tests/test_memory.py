@@ -52,6 +52,17 @@ def test_shapes_and_estimates_follow_the_model(model):
         memory.estimate(shapes, "neuron-slow", 8)
 
 
+def test_heterogeneous_config_uses_the_widest_layer():
+    """Gemma 4's global layers have a wider head_dim (a per-layer attribute transformers refuses to read
+    globally): the shapes take the widest layer's, read off the attention projections here."""
+    gemma = tiny_model("gemma4_text")
+    shapes = memory.ModelShapes.of(gemma)
+    widest_q = max(layer.self_attn.q_proj.out_features for layer in gemma.model.layers)
+    widest_kv = max(layer.self_attn.k_proj.out_features for layer in gemma.model.layers)
+    assert min(layer.self_attn.q_proj.out_features for layer in gemma.model.layers) < widest_q  # really mixed
+    assert (shapes.d_attn, shapes.d_kv) == (widest_q, widest_kv)
+
+
 def test_plan_grows_with_the_budget_and_caps(model):
     one = memory.estimate(memory.ModelShapes.of(model), "neuron-exact", 6, chunk_bytes=16 * 128)
     small = memory.plan(model, ["layer", "neuron"], 50, 6, max_memory=one.peak(2) + 1)
