@@ -145,9 +145,11 @@ def inspect(model: str) -> None:
 @click.option("--only-correct", is_flag=True, help="Run the recipes only on facts the model answers correctly.")
 @click.option("--fresh", is_flag=True,
               help="Discard the finished work an interrupted run kept in --out, and start over (default: resume).")
-@click.option("--dense", default=None,
-              help="A dense model (name or directory, as --model) for the MoE-vs-dense attribution comparison "
-                   "[default: demo-dense for demo-moe, else none].")
+@click.option("--dense", default=None, multiple=True,
+              help="A dense model (name or directory, as --model) for the MoE-vs-dense attribution comparison; "
+                   "repeat it or separate names by commas for several (e.g. two depths), 'none' for no comparison "
+                   "[default: demo-dense for demo-moe, faithful-dense and faithful-dense-12 for faithful-moe, "
+                   "else none].")
 @click.option("--in-sample", is_flag=True,
               help="Blocking: rank experts and evaluate on the same facts (default: rank on half of each "
                    "relation's subjects, evaluate on the other half).")
@@ -167,8 +169,12 @@ def run(model, data, out, remote, device, dtype, threads, batch_size, max_memory
             os.environ[ALLOW_HTTP_ENV] = "1"
         _or_fail(lambda: _check_remote(_remote(remote)))
     _or_fail(lambda: check_model_name(model))  # before torch is imported: a bad name fails at once
+    dense = list(dense) or None  # not given: the model's default comparison (run_job)
     if dense is not None:
-        _or_fail(lambda: check_model_name(dense))
+        from nnsight_moe.models import dense_models
+
+        for name in _or_fail(lambda: dense_models(model, dense)):
+            _or_fail(lambda: check_model_name(name))
     from nnsight_moe.job import check_out_dir, run_job
 
     _or_fail(lambda: check_out_dir(out))

@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +66,12 @@ class Job:
         self.target, self.only_correct = target, bool(only_correct)
         #: blocking ranks experts on one half of each relation's subjects and evaluates on the other
         self.split = bool(split)
-        #: dense model compared with this one in the attribution section (demo-moe: demo-dense by default)
-        self.dense = dense if dense is not None else ("demo-dense" if name == "demo-moe" else None)
+        #: dense models compared with this one in the attribution section, a list (possibly empty); by
+        #: default :data:`nnsight_moe.demo.DEFAULT_DENSE` (demo-moe: demo-dense; faithful-moe: both faithful
+        #: dense models), else none
+        from nnsight_moe.models import dense_models
+
+        self.dense = dense_models(name, dense)
         #: prompts per relation the recipes use (None: all); the baseline always uses every fact
         self.max_per_relation = 8 if quick else max_per_relation
         self._predictions = None
@@ -478,7 +482,7 @@ def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = 
             remote: Any = None, device: str | None = None, dtype: str | None = None,
             batch_size: int | str = "auto", quick: bool = False, max_per_relation: int | None = 24,
             target: str = "gold", only_correct: bool = False, fresh: bool = False,
-            threads: int | None = None, split: bool = True, dense: str | None = None,
+            threads: int | None = None, split: bool = True, dense: str | Sequence[str] | None = None,
             max_memory: Any = None) -> dict:
     """Run the main job and write ``out/results.json`` and ``out/report.html``; returns the results dict.
 
@@ -490,9 +494,10 @@ def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = 
     ``threads``: torch CPU threads (default: ``$NNSIGHT_MOE_THREADS``, else 1 for small models such as the
     demos, else torch's default; see :mod:`nnsight_moe.threads`).
     ``split``: blocking ranks experts on half of each relation's subjects and blocks on the other half
-    (False: both on the same facts, in-sample). ``dense``: a dense model (name or path, as ``model``)
-    run through the attribution recipe on the same prompts for the MoE-vs-dense comparison (default:
-    demo-dense when ``model`` is demo-moe, else none).
+    (False: both on the same facts, in-sample). ``dense``: dense models (a name or path as ``model``, a
+    comma-separated string or a list of them; ``"none"``: no comparison) run through the attribution
+    recipe on the same prompts for the MoE-vs-dense comparison (default: demo-dense for demo-moe, both
+    faithful-dense and faithful-dense-12 for faithful-moe, else none; :func:`dense_models`).
     ``batch_size``: prompts per forward, or ``"auto"``: the largest batch whose estimated peak for the
     heaviest section (attribution with the fast neuron screen) fits ``max_memory`` (bytes or ``"8GiB"``;
     None: the device's free memory minus a margin; :mod:`nnsight_moe.memory`), checked before any compute.
@@ -540,9 +545,10 @@ def run_job(model: str = "demo-moe", data: str | None = None, out: str | Path = 
                 "the tokenized prompts", tokenizer)
     check_vocab(encoded.targets, vocab, "the target tokens", tokenizer)
     if dense is not None:
-        from nnsight_moe.models import check_model_name
+        from nnsight_moe.models import check_model_name, dense_models
 
-        check_model_name(dense)  # a bad --dense name fails before any compute
+        for name in dense_models(model, dense):
+            check_model_name(name)  # a bad --dense name fails before any compute
     requested, batch_size = batch_size, _job_batch_size(lm, tokenizer, encoded.prompts, batch_size, remote, max_memory)
     job = Job(model, lm, tokenizer, relations, encoded, remote=remote, batch_size=batch_size, quick=quick,
               max_per_relation=max_per_relation or None, target=target, only_correct=only_correct,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["DTYPES", "check_device", "check_model_name", "load_model", "load_traced"]
+__all__ = ["DTYPES", "check_device", "check_model_name", "dense_models", "load_model", "load_traced"]
 
 #: ``--dtype`` names (torch is imported only when a model is loaded, so name checks stay instant).
 DTYPES = ("float32", "bfloat16", "float16")
@@ -92,6 +93,30 @@ def _hub_cached_only(name: str) -> bool:
         raise ValueError(f"model {name!r}: the Hugging Face hub cannot be reached ({type(err).__name__}: {err}) "
                          f"and the model is not in the local cache; {_accepted(name)}") from err
     return False
+
+
+def dense_models(model: str, dense: str | Sequence[str] | None) -> list[str]:
+    """The dense comparison models of a job on ``model``, as a list (empty: no comparison).
+
+    ``dense``: None (the default of a bundled demo, :data:`nnsight_moe.demo.DEFAULT_DENSE`, else none),
+    ``"none"`` (no comparison), a name or directory, a comma-separated string of them, or a sequence of
+    them. The order is kept (the first is the one the single-ratio summaries use) and repeats dropped.
+    """
+    from nnsight_moe import demo
+
+    if dense is None:
+        return list(demo.DEFAULT_DENSE.get(model, ()))
+    items = [dense] if isinstance(dense, str) else list(dense)
+    names = []
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"dense models must be names or directories (str), got {item!r}")
+        names += [part.strip() for part in item.split(",") if part.strip()]
+    if any(n.lower() == "none" for n in names):
+        if len(names) > 1:
+            raise ValueError(f"dense: 'none' (no comparison) cannot be combined with models, got {names}")
+        return []
+    return list(dict.fromkeys(names))
 
 
 def check_device(device: str | torch.device | None) -> torch.device | None:

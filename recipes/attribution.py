@@ -753,9 +753,10 @@ def compare(results: Sequence[AttributionResult]) -> tuple[pd.DataFrame, float |
 def section(job: Any):
     """The ``attribution`` section of the main job: all levels on the job's sample of facts.
 
-    Neurons use the fast screen (exact LPI of the top 20 per prompt and layer). With a dense model
-    (``job.dense``: ``--dense``, demo-dense for demo-moe by default) the same prompts also run on it for
-    the Table-1-layout comparison and the efficiency ratio, in the three forms of
+    Neurons use the fast screen (exact LPI of the top 20 per prompt and layer). With dense models
+    (``job.dense``, a list: ``--dense``; by default demo-dense for demo-moe, faithful-dense and
+    faithful-dense-12 for faithful-moe) the same prompts also run on each of them for the Table-1-layout
+    comparison and the efficiency ratios (MoE vs each dense model; the single ratio is vs the first), in the three forms of
     :mod:`nnsight_moe.recipes.efficiency` (locally also the measured telescoping identity).
     """
     from nnsight_moe.report import Section
@@ -765,20 +766,25 @@ def section(job: Any):
     sample = job.sample()
     options = dict(tokenizer=job.tokenizer, batch_size=job.batch_size, neurons="fast", fast_top=20, remote=remote)
     path = getattr(job, "results_path", lambda stage: None)  # remote batches kept for a resume
-    dense_name = getattr(job, "dense", "demo-dense" if job.name == "demo-moe" else None)
-    with label(f"model 1/{2 if dense_name else 1} {job.name}"):
+    dense_names = getattr(job, "dense", None)
+    if dense_names is None:  # a job object without the attribute: the demo default
+        dense_names = ["demo-dense"] if job.name == "demo-moe" else []
+    dense_names = [dense_names] if isinstance(dense_names, str) else list(dense_names)
+    n_models = 1 + len(dense_names)
+    with label(f"model 1/{n_models} {job.name}"):
         result = attribute(model, sample.prompts, sample.targets, levels=levels, results_path=path("attribution"),
                            **options)
     result.name, result.relations = job.name, [f.relation for f in sample.facts]
     # the job chose the targets (gold or the model's own top-1) and the facts (all or only correct ones)
     result.target, result.only_correct = getattr(job, "target", "gold"), getattr(job, "only_correct", False)
     results = [result]
-    if dense_name:
+    for i, dense_name in enumerate(dense_names):
         dense_model, dense_tok = _dense_model(dense_name, remote, job.tokenizer, sample)
         dense_levels = [level for level in ("layer", "head", "neuron") if level in levels]
-        with label(f"model 2/2 {dense_name} (the Table-1 comparison)"):
+        with label(f"model {i + 2}/{n_models} {dense_name} (the Table-1 comparison)"):
             dense = attribute(dense_model, sample.prompts, sample.targets, levels=dense_levels,
-                              results_path=path("attribution-dense"), **dict(options, tokenizer=dense_tok))
+                              results_path=path("attribution-dense" + (f"-{i + 1}" if i else "")),
+                              **dict(options, tokenizer=dense_tok))
         dense.name, dense.family = dense_name, "dense"
         dense.target, dense.only_correct = result.target, result.only_correct
         results.append(dense)
@@ -790,8 +796,8 @@ def section(job: Any):
             figures["shared_routed"] = ("Shared vs routed contribution by layer", result.plot_shared_routed())
     if "neuron" in levels:
         figures["neurons"] = ("Top neurons by mean LPI", result.plot_neurons())
-    if len(results) > 1:
-        figures["dense_gains"] = ("demo-dense: gain by layer", results[1].plot_gains())
+    for i, dense in enumerate(results[1:]):
+        figures["dense_gains" + (f"_{i + 1}" if i else "")] = (f"{dense.name}: gain by layer", dense.plot_gains())
     text = (f"LPI of every component at the last position on {result.n_prompts} prompts "
             f"({job.max_per_relation or 'all'} per relation)"
             + (f", computed through nnsight with remote={remote!r}." if remote else "."))

@@ -15,7 +15,8 @@ __all__ = ["RULES", "assess", "section"]
 
 #: The verdict rule of each claim (also shown in the report).
 RULES = {
-    "efficiency": "MoE/dense ratio of the FFN share of the total gain > 1.05 (depth-free form); < 0.95: not reproduced",
+    "efficiency": "MoE/dense ratio of the FFN share of the total gain > 1.05 (depth-free form; vs the first dense "
+                  "model); < 0.95: not reproduced",
     "late": "last third's FFN gain > first third's (as shares of the total gain)",
     "shared": "shared-expert ablation lowers the pooled MRR by >= 0.05",
     "head_expert": "summary r > 0 with permutation p < 0.05 (the study reports r = +0.68)",
@@ -39,6 +40,12 @@ def assess(data: dict[str, dict]) -> list[dict[str, Any]]:
         verdict = _verdict(ok) if ok is not None else "inconclusive (within 5%)"
         measured = (f"FFN gain / L ratio {ratios['FFN gain / L']:.3f}, FFN-share ratio {share:.3f}, depth ratio "
                     f"{ratios['depth ratio (L_dense / L_moe)']:.2f}")
+        by_dense = ratios.get("by dense model") or {}
+        if by_dense:  # several dense models: the verdict reads the first; every one is listed
+            measured = "; ".join(
+                f"vs {name}: FFN gain / L ratio {e['FFN gain / L']:.3f}, FFN-share ratio {e['FFN share']:.3f}, depth "
+                f"ratio {e['depth ratio (L_dense / L_moe)']:.2f}" for name, e in by_dense.items())
+            measured += f" (verdict on {next(iter(by_dense))})"
     else:
         verdict, measured = "not measured", "no dense model in this run (--dense)"
     rows.append({"claim": "MoE layers carry more of the gain per layer than dense layers", "measured": measured,

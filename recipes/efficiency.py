@@ -100,20 +100,30 @@ def depth_matched(results: Sequence, bins: int = 4) -> pd.DataFrame:
 def compare_honest(results: Sequence) -> tuple[pd.DataFrame, dict]:
     """The three efficiency forms per model and the MoE / dense ratio of each (first MoE, first dense).
 
-    Returns (table indexed by model, ratios ``{"FFN gain / L", "FFN share", "depth-matched (per bin)"}``)
-    where the depth-matched ratio is the per-bin ratio list of :func:`depth_matched`.
+    Returns (table indexed by model, ratios ``{"FFN gain / L", "FFN share", "depth-matched (per bin)",
+    "depth ratio (L_dense / L_moe)"}``) where the depth-matched ratio is the per-bin ratio list of
+    :func:`depth_matched`. With several dense models, ``ratios["by dense model"]`` holds the same four
+    entries of the first MoE against EACH dense model (``{dense name: {...}}``); the top-level entries
+    are those of the first dense model.
     """
     table = pd.DataFrame([{"model": r.name or r.family, **honest_summary(r)} for r in results]).set_index("model")
     moe = next((r for r in results if r.family != "dense"), None)
-    dense = next((r for r in results if r.family == "dense"), None)
+    denses = [r for r in results if r.family == "dense"]
     ratios: dict[str, Any] = {}
-    if moe is not None and dense is not None:
-        a, b = honest_summary(moe), honest_summary(dense)
-        for key in ("FFN gain / L", "FFN share"):
-            ratios[key] = a[key] / b[key] if b[key] else math.nan
-        matched = depth_matched([moe, dense])
-        ratios["depth-matched (per bin)"] = [float(x / y) if y else math.nan for x, y in matched.to_numpy()]
-        ratios["depth ratio (L_dense / L_moe)"] = dense.n_layers / moe.n_layers
+    if moe is not None and denses:
+        a = honest_summary(moe)
+        by_dense = {}
+        for dense in denses:
+            b, entry = honest_summary(dense), {}
+            for key in ("FFN gain / L", "FFN share"):
+                entry[key] = a[key] / b[key] if b[key] else math.nan
+            matched = depth_matched([moe, dense])
+            entry["depth-matched (per bin)"] = [float(x / y) if y else math.nan for x, y in matched.to_numpy()]
+            entry["depth ratio (L_dense / L_moe)"] = dense.n_layers / moe.n_layers
+            by_dense[dense.name or f"dense {len(by_dense) + 1}"] = entry
+        ratios.update(next(iter(by_dense.values())))
+        if len(denses) > 1:
+            ratios["by dense model"] = by_dense
     return table, ratios
 
 
@@ -179,10 +189,17 @@ def section_parts(results: Sequence, telescope: dict | None = None) -> tuple[dic
     data = {"honest": table.reset_index().to_dict(orient="records"), "ratios": ratios,
             "profile": profile.reset_index().to_dict(orient="records")}
     text = ""
-    if ratios:
-        text += (f" Efficiency ratio MoE/dense: {ratios['FFN gain / L']:.3f} as FFN gain / L, {ratios['FFN share']:.3f} "
+    for name, entry in (ratios.get("by dense model") or ({results[-1].name: ratios} if ratios else {})).items():
+        text += (f" Efficiency ratio MoE/{name}: {entry['FFN gain / L']:.3f} as FFN gain / L, {entry['FFN share']:.3f} "
                  f"as FFN share of the total gain (depth-free); depth alone gives "
-                 f"{ratios['depth ratio (L_dense / L_moe)']:.2f}x to the former.")
+                 f"{entry['depth ratio (L_dense / L_moe)']:.2f}x to the former.")
+    if ratios.get("by dense model"):
+        tables["MoE / dense ratio of each efficiency form, per dense model"] = pd.DataFrame(
+            {name: {"FFN gain / L": e["FFN gain / L"], "FFN share": e["FFN share"],
+                    "depth ratio (L_dense / L_moe)": e["depth ratio (L_dense / L_moe)"],
+                    **{f"depth-matched {label}": v for label, v in zip(depth_matched(results).index,
+                                                                        e["depth-matched (per bin)"])}}
+             for name, e in ratios["by dense model"].items()}).T
     if telescope is not None:
         data["telescoping"] = {k: v for k, v in telescope.items() if k != "logp_by_layer"}
         layers = telescope["p_by_layer_mean"]

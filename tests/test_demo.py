@@ -17,9 +17,13 @@ from nnsight_moe.data import bundled, encode_facts  # noqa: E402
 MAX_WEIGHT_BYTES = 8 * 1000 * 1000
 
 
+#: the demo pair these tests are about (the faithful trio: tests/test_faithful.py)
+PAIR = ("demo-moe", "demo-dense")
+
+
 @pytest.fixture(scope="module")
 def models():
-    return {name: demo.load(name) for name in demo.names()}
+    return {name: demo.load(name) for name in PAIR}
 
 
 def last_position_ranks(model, tokenizer, prompts, targets):
@@ -33,7 +37,7 @@ def last_position_ranks(model, tokenizer, prompts, targets):
 
 
 def test_names_and_paths():
-    assert demo.names() == ["demo-moe", "demo-dense"]
+    assert demo.names() == ["demo-moe", "demo-dense", "faithful-moe", "faithful-dense", "faithful-dense-12"]
     for name in demo.names():
         folder = demo.path(name)
         for file in ("config.json", "model.safetensors", "tokenizer.json", "metrics.json"):
@@ -45,7 +49,7 @@ def test_names_and_paths():
 
 
 def test_weights_fit_the_budget():
-    sizes = {name: (demo.path(name) / "model.safetensors").stat().st_size for name in demo.names()}
+    sizes = {name: (demo.path(name) / "model.safetensors").stat().st_size for name in PAIR}
     assert sum(sizes.values()) <= MAX_WEIGHT_BYTES, sizes
 
 

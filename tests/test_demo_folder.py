@@ -18,7 +18,8 @@ def _ids(tokenizer):
     return batch["input_ids"], batch["attention_mask"]
 
 
-@pytest.fixture(scope="module", params=demo.names())
+# the demo pair and the faithful MoE (the faithful dense models are LlamaForCausalLM folders like demo-dense)
+@pytest.fixture(scope="module", params=["demo-moe", "demo-dense", "faithful-moe"])
 def reference(request):
     model, tokenizer = demo.load(request.param)
     ids, mask = _ids(tokenizer)

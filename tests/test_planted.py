@@ -56,28 +56,6 @@ def test_recipes_recover_the_planted_experts():
         assert row["planted drop"] >= 0.5, row
 
 
-def test_faithful_prototype_trains_three_models(tmp_path):
-    """demo.faithful (a prototype, not the bundled demo): three loadable models, depths 8/8/12, held-out template."""
-    import json
-
-    from transformers import AutoModelForCausalLM
-
-    from nnsight_moe.data import bundled
-    from nnsight_moe.demo import faithful
-
-    train_rel, held_rel = faithful._split_templates(bundled())
-    for a, b in zip(train_rel, held_rel):
-        assert set(a.prompt_templates).isdisjoint(b.prompt_templates) and len(b.prompt_templates) == 1
-    out = faithful.main(["--out", str(tmp_path), "--steps", "2"])
-    assert set(out) == {"faithful-moe", "faithful-dense-8", "faithful-dense-12"}
-    for name, layers in (("faithful-moe", 8), ("faithful-dense-12", 12)):
-        model = AutoModelForCausalLM.from_pretrained(tmp_path / name, local_files_only=True)
-        assert model.config.num_hidden_layers == layers
-        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
-        assert metrics["training"]["label_smoothing"] == faithful.FAITHFUL["label_smoothing"]
-        assert metrics["eval_held_out_template"]["prompts"] < metrics["eval_train_templates"]["prompts"]
-
-
 def test_specialisation_finds_the_planted_experts():
     """Routing analytics on the planted model (issue #17's acceptance): at each prompt's last token, the four
     experts most enriched for a relation (by nPMI, among those significant at q < 0.05) are its planted ones."""

@@ -1,10 +1,17 @@
-"""Two tiny demo models embedded in the package, trained on the bundled relations (offline use).
+"""Tiny demo models embedded in the package, trained on the bundled relations (offline use).
 
     from nnsight_moe import demo
     model, tokenizer = demo.load("demo-moe")     # Qwen2MoeForCausalLM: 8 routed experts (top-2) + shared expert
     dense, _ = demo.load("demo-dense")           # Qwen2-style dense LM (as LlamaForCausalLM), same depth/width
+    moe8, _ = demo.load("faithful-moe")          # the faithful trio (nnsight_moe.demo.faithful): 8-layer MoE,
+    dense8, _ = demo.load("faithful-dense")      #   8-layer dense,
+    dense12, _ = demo.load("faithful-dense-12")  #   12-layer dense (the depth confound)
 
-Both share one word-level tokenizer (vocabulary = the words of :func:`nnsight_moe.data.bundled`), so
+``demo-moe`` / ``demo-dense`` (4 layers, saturated: p(target) ~1) are the quick demo the tests and docs
+use; the faithful trio is built to ask the study's questions (not saturated, a shared expert with a
+general role, two dense depths; see :mod:`nnsight_moe.demo.faithful` and docs/recipes/faithful.md).
+
+All share one word-level tokenizer (vocabulary = the words of :func:`nnsight_moe.data.bundled`), so
 they only understand text made of those words; unknown words become ``[UNK]``. The tokenizer prepends
 ``[BOS]`` and pads on the LEFT, so ``model(**tokenizer(prompts, padding=True, return_tensors="pt"))
 .logits[:, -1]`` are the next-token logits after each prompt. Retrain with
@@ -15,17 +22,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["load", "load_tokenizer", "names", "path"]
+__all__ = ["DEFAULT_DENSE", "load", "load_tokenizer", "names", "path"]
 
 _MODELS_DIR = Path(__file__).resolve().parent / "models"
-_NAMES = ("demo-moe", "demo-dense")
+_NAMES = ("demo-moe", "demo-dense", "faithful-moe", "faithful-dense", "faithful-dense-12")
+#: the module that retrains each demo (named in the error when its files are missing)
+_TRAINER = {"demo-moe": "nnsight_moe.demo.train", "demo-dense": "nnsight_moe.demo.train"}
+#: dense models an MoE demo is compared with by default (``nnsight-moe run --model NAME``)
+DEFAULT_DENSE = {"demo-moe": ("demo-dense",), "faithful-moe": ("faithful-dense", "faithful-dense-12")}
 #: The files of a demo folder: a plain Hugging Face model folder (AutoTokenizer, AutoModelForCausalLM,
 #: TransformerBridge.boot_transformers and nnsight load it by path; metrics.json is the training record).
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
 def names() -> list[str]:
-    """Names of the embedded demo models: ``["demo-moe", "demo-dense"]``."""
+    """Names of the embedded demo models: ``["demo-moe", "demo-dense", "faithful-moe", "faithful-dense",
+    "faithful-dense-12"]``."""
     return list(_NAMES)
 
 
@@ -45,7 +57,8 @@ def path(name: str = "demo-moe") -> Path:
     missing = [f for f in FILES if not (folder / f).is_file()]
     if missing:
         raise FileNotFoundError(
-            f"demo model {name!r} is missing {missing} in {folder}; rebuild with `python -m nnsight_moe.demo.train`"
+            f"demo model {name!r} is missing {missing} in {folder}; rebuild with "
+            f"`python -m {_TRAINER.get(name, 'nnsight_moe.demo.faithful')}`"
         )
     return folder
 
@@ -68,8 +81,9 @@ def load_tokenizer(name: str = "demo-moe"):
 def load(name: str = "demo-moe", *, dtype=None, device=None):
     """Load a demo model and its tokenizer from the package files only (no network): ``(model, tokenizer)``.
 
-    ``name``: ``"demo-moe"`` (``Qwen2MoeForCausalLM``) or ``"demo-dense"`` (``LlamaForCausalLM``: Qwen2's dense architecture, o_proj bias 0); other
-    names raise a ValueError listing these. ``dtype`` (default float32, as stored) and ``device``
+    ``name``: ``"demo-moe"`` / ``"faithful-moe"`` (``Qwen2MoeForCausalLM``) or ``"demo-dense"`` /
+    ``"faithful-dense"`` / ``"faithful-dense-12"`` (``LlamaForCausalLM``: Qwen2's dense architecture,
+    o_proj bias 0); other names raise a ValueError listing these. ``dtype`` (default float32, as stored) and ``device``
     (default CPU) are applied to the model, which is returned in eval mode. The tokenizer is a
     ``PreTrainedTokenizerFast`` with ``padding_side="left"`` (last position = last prompt token) that
     prepends ``[BOS]``. torch is set to 1 CPU thread unless a count was chosen (``NNSIGHT_MOE_THREADS``,

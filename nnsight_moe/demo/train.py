@@ -273,7 +273,7 @@ def train_model(model, seqs, positions, pad_id, cfg: dict, log_every: int = 250)
         )
         logits = out.logits.float()
         labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        smooth = cfg.get("label_smoothing", 0.0)  # 0 for the bundled demos (nnsight_moe.demo.faithful sets it)
+        smooth = cfg.get("label_smoothing", 0.0)  # 0 for demo-moe / demo-dense (the faithful trio trains in demo.faithful)
         lm_loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100,
                                                     label_smoothing=smooth)
         rows = torch.arange(len(index))
