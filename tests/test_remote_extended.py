@@ -1,0 +1,187 @@
+"""The remote path (``remote=``, nnsight traces on the UNMODIFIED model) on the blocks of the hook contract's
+extension: a block-level routed scale (Laguna, Step-3.7, MiniMax-M3-VL), a latent MoE (Nemotron-H with
+``moe_latent_size``), a post-MoE norm (A.X-K1), a shared MLP beside the block (Granite), input-gated experts
+(Llama 4) and a dispatch router (JetMoE). Oracles: the local recipes (themselves checked against brute force
+and the block identities in test_attribution / test_families) and the attached hooks."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import nnsight
+import pytest
+import torch
+
+import nnsight_moe
+from nnsight_moe.recipes import blocking
+from nnsight_moe.recipes.attribution import LEVELS, attribute
+from nnsight_moe.remote import MoEView
+from nnsight_moe.testing import tiny_model
+
+from helpers import capture_hooks, language_model, word_tokenizer
+
+PROMPTS = [[5, 9, 17, 33, 2], [7, 8, 9], [11, 12, 13, 14, 15, 16]]
+TARGETS = [3, 40, 77]
+LATENT = {"moe_latent_size": 32, "mlp_bias": True}
+
+#: (family, config overrides, neuron mode): each extension once, the neuron modes alternating
+ATTRIBUTION = [("axk1", {}, "exact"), ("laguna", {}, "fast"), ("step3p7", {}, "exact"), ("minimax_m3_vl", {}, "fast"),
+               ("nemotron_h", LATENT, "fast"), ("granitemoeshared", {}, "exact"), ("granitemoehybrid", {}, "fast"),
+               ("llama4", {}, "exact")]
+
+
+@pytest.mark.parametrize("family, overrides, neurons", ATTRIBUTION,
+                         ids=[f"{f}-latent" if o else f for f, o, _ in ATTRIBUTION])
+def test_remote_attribution_equals_local_on_extended_blocks(family, overrides, neurons):
+    """Every level under remote="local" (serialised request, scores computed in the trace) = the local path,
+    which maps each part through routed_scale, the latent output projection, the frozen post-norm scale and
+    adds a shared MLP beside the block (measured: at most 2e-6)."""
+    model = tiny_model(family, **overrides)
+    options = dict(levels=LEVELS, batch_size=2, progress=False, neurons=neurons, fast_top=7)
+    local = attribute(model, PROMPTS, TARGETS, **options)
+    remote = attribute(language_model(model), PROMPTS, TARGETS, remote="local", **options)
+    a, b = local.to_frame(), remote.to_frame()
+    assert {"moe", "head", "expert", "shared", "neuron"} <= set(a["level"])
+    assert len(a) == len(b) and a.drop(columns="score").equals(b.drop(columns="score")), "same rows, same order"
+    assert (a["score"] - b["score"]).abs().max() < 1e-5
+    assert remote.ranks == local.ranks and remote.targets == local.targets
+    assert nnsight_moe.handle_of(model) is None, "the remote path attaches nothing"
+
+
+def test_remote_attribution_refuses_where_the_local_path_does():
+    """JetMoE's residual stream is not h + attn + mlp (its attention is a mixture of experts): both paths
+    refuse it with the same check, rather than return scores that do not add up."""
+    model = tiny_model("jetmoe")
+    message = "residual stream is not h \\+ attn \\+ mlp"
+    with pytest.raises(ValueError, match=message):
+        attribute(model, PROMPTS, TARGETS, levels=("layer",), progress=False)
+    with pytest.raises(ValueError, match=message):
+        attribute(language_model(model), PROMPTS, TARGETS, levels=("layer",), remote="local", progress=False)
+
+
+def _meta_client(hf, tmp_path):
+    """(client with meta weights, server backend) as test_meta_client builds them."""
+    from test_meta_client import _Server
+
+    hf.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        client = nnsight.LanguageModel(str(tmp_path), tokenizer=word_tokenizer("left"))
+        server = nnsight.LanguageModel(hf, tokenizer=word_tokenizer("left"))
+    assert next(nnsight_moe.hf_model(client).parameters()).is_meta
+    backend = _Server(server)
+    client._remote_backend = lambda *args, **kwargs: backend
+    return client, backend
+
+
+@pytest.mark.parametrize("family, overrides", [("axk1", {}), ("nemotron_h", LATENT)], ids=["axk1", "nemotron_h-latent"])
+def test_remote_attribution_on_a_meta_client(family, overrides, tmp_path):
+    """As on NDIF: the client has meta weights (the post-norm's γ rule and the paths are read client-side,
+    the latent projection's and norms' weights on the server)."""
+    hf = tiny_model(family, **overrides)
+    client, backend = _meta_client(hf, tmp_path)
+    options = dict(levels=("layer", "expert", "shared", "neuron"), neurons="fast", fast_top=5, batch_size=3,
+                   progress=False)
+    local = attribute(hf, PROMPTS, TARGETS, **options).to_frame()
+    remote = attribute(client, PROMPTS, TARGETS, remote=True, **options).to_frame()
+    assert backend.calls == 1
+    assert remote.drop(columns="score").equals(local.drop(columns="score"))
+    assert (remote["score"] - local["score"]).abs().max() < 1e-5
+
+
+BLOCKING = [("axk1", {}), ("step3p7", {}), ("nemotron_h", LATENT), ("granitemoehybrid", {}), ("llama4", {}),
+            ("jetmoe", {})]
+
+
+@pytest.mark.parametrize("family, overrides", BLOCKING, ids=[f"{f}-latent" if o else f for f, o in BLOCKING])
+def test_remote_blocking_equals_local_on_extended_blocks(family, overrides):
+    """blocking.evaluate in all three modes (conditions stacked on the batch) and the shared / top-n
+    configurations under remote="local" give the local ranks exactly."""
+    model = tiny_model(family, **overrides)
+    tokenizer = word_tokenizer(padding_side="left")
+    g = torch.Generator().manual_seed(7)
+    prompts = [" ".join(f"w{int(i)}" for i in torch.randint(4, 128, (int(n),), generator=g))
+               for n in torch.randint(3, 7, (6,), generator=g)]
+    with torch.no_grad():  # the model's own top tokens, so blocking can move the ranks
+        targets = [int(model(**tokenizer([p], return_tensors="pt")).logits[0, -1].argmax()) for p in prompts]
+    lm = nnsight.LanguageModel(model, tokenizer=tokenizer)
+    layers = nnsight_moe.layout(model).moe_layers
+    conditions = [[], [(layers[0], 1), (layers[-1], 3)], [(layers[-1], e) for e in range(4)]]
+    options = dict(tokenizer=tokenizer, batch_size=4, progress=False)
+    moved = False
+    for mode in ("zero", "renorm", "reroute"):
+        local = blocking.evaluate(model, (prompts, targets), conditions, mode=mode, **options)
+        remote = blocking.evaluate(lm, (prompts, targets), conditions, mode=mode, remote="local", **options)
+        assert torch.equal(remote, local), mode
+        moved = moved or bool((local[1:] != local[0]).any())
+    assert moved, "blocking changes some rank"
+    data = (prompts, targets, ["r1"] * 3 + ["r2"] * 3)
+    local_c = blocking.configurations(model, data, **options)
+    remote_c = blocking.configurations(lm, data, remote="local", **options)
+    assert remote_c.rows == local_c.rows and remote_c.original == local_c.original
+    assert nnsight_moe.handle_of(model) is None
+
+
+@pytest.mark.parametrize("pos", [5, 1], ids=["pos5", "pos1"])  # pos1: nnsight itself narrows the router's rows
+@pytest.mark.parametrize("family", ["llama4", "jetmoe"])
+def test_view_several_invokes_equal_separate_traces_and_hooks(family, pos):
+    """Three invokes in one trace (unedited, renorm-blocked, rerouted) = three separate traces = the attached
+    hooks under block_experts on each prompt alone: every quantity and the logits. Llama 4's router hands
+    the block a dense score matrix of every invoke's tokens and its experts an [E * tokens, d] input;
+    JetMoE's router one dispatch plan of every invoke's tokens, rebuilt with this invoke's rows edited."""
+    hf = tiny_model(family)
+    lm = language_model(hf)
+    view = MoEView(lm)
+    layers = view.moe_layers
+    g = torch.Generator().manual_seed(3)
+    prompts = [" ".join(f"w{int(i)}" for i in torch.randint(4, 128, (pos,), generator=g)) for _ in range(3)]
+    tokenizer = word_tokenizer()
+    chosen = []  # per prompt and layer the experts of its last token's first two slots: blocking them bites
+    for text in prompts[1:]:
+        with torch.no_grad(), lm.trace(text):
+            chosen.append(nnsight.save({i: view.layer(i, want=("topk_indices",))["topk_indices"][0, -1] for i in layers}))
+    options = [{i: {} for i in layers}] + [{i: {"block": found[i].tolist(), "mode": mode} for i in layers}
+                                           for found, mode in zip(chosen, ("renorm", "reroute"))]
+    with torch.no_grad():
+        with lm.trace(remote="local") as tracer:
+            with tracer.invoke(prompts[0]):
+                q0 = nnsight.save({i: view.layer(i, **options[0][i]) for i in layers})
+                l0 = lm.output.logits.save()
+            with tracer.invoke(prompts[1]):
+                q1 = nnsight.save({i: view.layer(i, **options[1][i]) for i in layers})
+                l1 = lm.output.logits.save()
+            with tracer.invoke(prompts[2]):
+                q2 = nnsight.save({i: view.layer(i, **options[2][i]) for i in layers})
+                l2 = lm.output.logits.save()
+    for text, option, got, logits in zip(prompts, options, (q0, q1, q2), (l0, l1, l2)):
+        with torch.no_grad(), lm.trace(text, remote="local"):
+            alone = nnsight.save({i: view.layer(i, **option[i]) for i in layers})
+            alone_logits = lm.output.logits.save()
+        reference = copy.deepcopy(hf)
+        handle = nnsight_moe.attach(reference)
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        out = {}
+
+        def run():
+            out["logits"] = reference(ids).logits
+
+        with torch.no_grad():
+            if option[layers[0]]:
+                blocked = {i: option[i]["block"] for i in layers}
+                with nnsight_moe.block_experts(reference, blocked, mode=option[layers[0]]["mode"]):
+                    values = capture_hooks(handle, run)
+                plain = hf(ids).logits
+                assert (out["logits"] - plain).abs().max() > 1e-3, "the edit changes the output"
+            else:
+                values = capture_hooks(handle, run)
+        torch.testing.assert_close(logits, out["logits"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits, alone_logits, atol=1e-5, rtol=0)
+        for i in layers:
+            path = handle.layout.layer(i).path
+            assert set(got[i]) == {name[5:] for name in handle.layout.layer(i).hook_names}
+            for name, value in got[i].items():
+                assert value.shape[:2] == (1, pos), name
+                expected = values[f"{path}.hook_{name}"]
+                torch.testing.assert_close(value.to(expected.dtype), expected, atol=1e-5, rtol=0, msg=f"{i} {name}")
+                torch.testing.assert_close(value, alone[i][name], atol=1e-5, rtol=0, msg=f"{i} {name} alone")
