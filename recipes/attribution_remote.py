@@ -100,7 +100,7 @@ def _block_spec(hf, info) -> dict:
     to d_model; its bias is per token, no expert's); ``post`` the path of a post-MoE RMSNorm whose
     per-token scale is frozen at the actual sum, with its γ rule and eps; ``outside`` a shared MLP beside
     the block (the layer adds it); ``shared_down`` the shared MLP's down projection; ``transposed`` the
-    experts' ``down_proj`` layout ([E, I, D] when true, as the local ``_down_columns``)."""
+    experts' ``down_proj`` layout ([E, I, D] when true, as the local ``_down_columns``); ``down`` its attribute name."""
     from nnsight_moe.hooks import unwrap
 
     experts = unwrap(hf.get_submodule(info.experts))
@@ -112,6 +112,8 @@ def _block_spec(hf, info) -> dict:
             "post": info.post, "post_gamma": _gamma_rule(post) if post is not None else None,
             "post_eps": float(getattr(post, "variance_epsilon", None) or getattr(post, "eps", 1e-6)) if post is not None else None,
             "outside": bool(info.shared_outside), "shared_down": info.shared_down,
+            # the experts' [E, D, I] down projection: JetMoE's ParallelExperts (output_linear) hold it as weight
+            "down": "down_proj" if hasattr(experts, "down_proj") else "weight",
             "transposed": bool(getattr(experts, "is_transposed", type(experts).__name__ == "Llama4TextExperts"))}
 
 
@@ -257,7 +259,7 @@ def _scores_in_trace(settings: dict, model: Any, batch: dict) -> dict:
                 info = view.spec["layers"][i]
                 box = model.get(info["experts"])
                 ids = q["topk_indices"][rows, last]
-                units[i] = [(gate[..., None] * q["expert_acts"][rows, last].float(), ids, box.down_proj,
+                units[i] = [(gate[..., None] * q["expert_acts"][rows, last].float(), ids, getattr(box, spec["down"]),
                              spec["transposed"], w_out, factor)]
                 if i in settings["shared_layers"]:
                     acts = q["shared_gate"][rows, last].float() * q["shared_acts"][rows, last].float()

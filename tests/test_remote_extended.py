@@ -1,7 +1,7 @@
 """The remote path (``remote=``, nnsight traces on the UNMODIFIED model) on the blocks of the hook contract's
 extension: a block-level routed scale (Laguna, Step-3.7, MiniMax-M3-VL), a latent MoE (Nemotron-H with
 ``moe_latent_size``), a post-MoE norm (A.X-K1), a shared MLP beside the block (Granite), input-gated experts
-(Llama 4) and a dispatch router (JetMoE). Oracles: the local recipes (themselves checked against brute force
+(Llama 4) and a dispatch router (JetMoE, also attributed against a brute force here). Oracles: the local recipes (themselves checked against brute force
 and the block identities in test_attribution / test_families) and the attached hooks."""
 
 from __future__ import annotations
@@ -50,14 +50,17 @@ def test_remote_attribution_equals_local_on_extended_blocks(family, overrides, n
 
 
 def test_remote_attribution_refuses_where_the_local_path_does():
-    """JetMoE's residual stream is not h + attn + mlp (its attention is a mixture of experts): both paths
-    refuse it with the same check, rather than return scores that do not add up."""
-    model = tiny_model("jetmoe")
+    """Beam scales its residual additions by depth and soft-caps its logits: LPI does not apply, and both
+    paths refuse it with the same self-check rather than return scores that do not add up."""
+    model = tiny_model("beam", final_logit_softcapping=None)  # the residual check (the readout check passes)
     message = "residual stream is not h \\+ attn \\+ mlp"
     with pytest.raises(ValueError, match=message):
         attribute(model, PROMPTS, TARGETS, levels=("layer",), progress=False)
     with pytest.raises(ValueError, match=message):
         attribute(language_model(model), PROMPTS, TARGETS, levels=("layer",), remote="local", progress=False)
+    with pytest.raises(ValueError, match="frozen final projection"):
+        attribute(language_model(tiny_model("beam")), PROMPTS, TARGETS, levels=("layer",), remote="local",
+                  progress=False)
 
 
 def _meta_client(hf, tmp_path):
@@ -185,3 +188,69 @@ def test_view_several_invokes_equal_separate_traces_and_hooks(family, pos):
                 expected = values[f"{path}.hook_{name}"]
                 torch.testing.assert_close(value.to(expected.dtype), expected, atol=1e-5, rtol=0, msg=f"{i} {name}")
                 torch.testing.assert_close(value, alone[i][name], atol=1e-5, rtol=0, msg=f"{i} {name} alone")
+
+
+@torch.no_grad()
+def _jetmoe_brute_force(model, prompt, target):
+    """JetMoE's LPI per level for one prompt from module inputs / outputs and the experts' weights (no
+    attribution code): mixer (its attention) and MoE rows, each selected expert (top-k of the float32 router
+    logits, softmax over the k) and each of its neurons (``output_linear`` column k)."""
+    seen, handles = {}, []
+    for i, layer in enumerate(model.model.layers):
+        handles.append(layer.register_forward_pre_hook(
+            lambda m, a, k, i=i: seen.__setitem__(("h", i), (a[0] if a else k["hidden_states"])[0, -1]), with_kwargs=True))
+        handles.append(layer.self_attention.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(("attn", i), o[0][0, -1])))
+        handles.append(layer.mlp.register_forward_hook(
+            lambda m, a, o, i=i: seen.update({("x", i): a[0][0, -1], ("mlp", i): o[0, -1]})))
+    handles.append(model.model.norm.register_forward_pre_hook(lambda m, a: seen.__setitem__("final", a[0][0, -1])))
+    logits = model(torch.tensor([prompt])).logits[0, -1]
+    for h in handles:
+        h.remove()
+    norm = model.model.norm
+    scale = torch.rsqrt(seen["final"].pow(2).mean() + norm.variance_epsilon)
+
+    def logprob(x):
+        return model.lm_head(norm.weight * x * scale).log_softmax(-1)[target]
+
+    assert torch.allclose(logprob(seen["final"]), logits.log_softmax(-1)[target], atol=1e-5)
+    out = {}
+    for i, layer in enumerate(model.model.layers):
+        h, a, x, block = seen[("h", i)], seen[("attn", i)], seen[("x", i)], layer.mlp
+        u = h + a
+        out[("mixer", i)] = float(logprob(u) - logprob(h))
+        out[("moe", i)] = float(logprob(u + seen[("mlp", i)]) - logprob(u))
+        chosen = block.router.layer(x).float().topk(block.router.top_k)
+        for g, e in zip(chosen.values.softmax(-1).tolist(), chosen.indices.tolist()):
+            gate, up = (block.input_linear.weight[e] @ x).chunk(2)
+            acts = block.activation(gate) * up
+            w_out = block.output_linear.weight[e]  # [D, I]
+            out[("expert", i, e)] = float(logprob(u + g * (w_out @ acts)) - logprob(u))
+            for k in range(acts.shape[0]):
+                out[("neuron", i, e, k)] = float(logprob(u + g * acts[k] * w_out[:, k]) - logprob(u))
+    return out
+
+
+def test_jetmoe_attribution_equals_brute_force_locally_and_remotely():
+    """JetMoE (dispatch router, parallel experts, output bias; its attention is `self_attention`, a
+    mixture of attention heads without an o_proj: a `mixer` row, no head rows): every level against the
+    brute force, and remote="local" = local (neurons exact, then fast)."""
+    model = tiny_model("jetmoe")
+    levels = ("layer", "head", "expert", "shared", "neuron")
+    frame = attribute(model, PROMPTS, TARGETS, levels=levels, batch_size=2, progress=False).to_frame()
+    assert set(frame["level"]) == {"mixer", "moe", "expert", "neuron"}
+    for p, (prompt, target) in enumerate(zip(PROMPTS, TARGETS)):
+        expected = _jetmoe_brute_force(model, prompt, target)
+        got = {}
+        for row in frame[frame["prompt"] == p].itertuples():
+            key = {"expert": (row.level, row.layer, row.expert), "neuron": (row.level, row.layer, row.expert, row.neuron)}
+            got[key.get(row.level, (row.level, row.layer))] = row.score
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, abs=1e-5), key
+    lm = language_model(model)
+    for neurons in ("exact", "fast"):
+        options = dict(levels=levels, batch_size=2, progress=False, neurons=neurons, fast_top=7)
+        local = frame if neurons == "exact" else attribute(model, PROMPTS, TARGETS, **options).to_frame()
+        remote = attribute(lm, PROMPTS, TARGETS, remote="local", **options).to_frame()
+        assert local.drop(columns="score").equals(remote.drop(columns="score"))
+        assert (local["score"] - remote["score"]).abs().max() < 1e-5
