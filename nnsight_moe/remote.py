@@ -480,6 +480,7 @@ def read_layer(
     keep_top: int | None = None,
     shared: bool = True,
     keep_top_renorm: bool = False,
+    edit_routing: Any = None,
 ) -> dict:
     """Read (and optionally edit) MoE layer ``layer`` inside a trace; returns ``{quantity: tensor}``.
 
@@ -497,6 +498,9 @@ def read_layer(
         edit_logits: ``fn(logits [b, p, E]) -> logits``; scores, selection and weights are re-derived.
         edit_weights: ``fn(indices [b, p, k], weights [b, p, k]) -> weights``, applied after blocking
             (as setting ``hook_topk_weights``).
+        edit_routing: ``fn(indices [b, p, k], weights [b, p, k]) -> (indices, weights)``, applied after
+            ``edit_weights``: the selection and its gate values used as-is (as setting ``hook_topk_indices``
+            and then ``hook_topk_weights``), e.g. one row's routing patched into another's.
         keep_top: keep only the n largest gate weights per token (0 = routed experts off), applied last;
             as ``restrict_experts`` does locally (``keep_top_renorm``: its ``renorm=True``).
         shared: ``False`` switches the shared expert off (its output is set to zero; the reported
@@ -584,6 +588,9 @@ def read_layer(
         edited = True
     if edit_weights is not None:
         weights = edit_weights(indices, weights)
+        edited = True
+    if edit_routing is not None:
+        indices, weights = edit_routing(indices, weights)
         edited = True
     if keep_top is not None:
         weights = keep_top_weights(weights, keep_top, keep_top_renorm)

@@ -254,3 +254,35 @@ def test_jetmoe_attribution_equals_brute_force_locally_and_remotely():
         remote = attribute(lm, PROMPTS, TARGETS, remote="local", **options).to_frame()
         assert local.drop(columns="score").equals(remote.drop(columns="score"))
         assert (local["score"] - remote["score"]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family, overrides", [("llama4", {}), ("granitemoehybrid", {}), ("nemotron_h", LATENT)],
+                         ids=["llama4", "granitemoehybrid", "nemotron_h-latent"])
+def test_remote_causal_head_expert_equals_local(family, overrides):
+    """head_expert.causal(remote=...) patches the routers through the view (edit_routing), so Llama 4's
+    router output (dense scores, logits) is written in its own format; equal to the local hooks path."""
+    from nnsight_moe.recipes import head_expert
+
+    import test_head_expert_remote as helper
+
+    hf = tiny_model(family, **overrides)
+    attention = sorted(head_expert._attention_modules(hf))
+    corr = helper._correlation(hf, [(attention[0], 1), (attention[-1], 3), (attention[-1], 0)])
+    local = helper._frame(hf, corr)
+    remote = helper._frame(language_model(hf), corr, remote="local", progress=False)
+    helper._assert_same(remote, local)
+    assert (remote["d_prob_selected"].abs() > 1e-5).all(), "suppression moves the router"
+
+
+def test_remote_causal_refuses_a_decoder_layer_block():
+    """Gemma-4's router and experts sit on the decoder layer: the trace cannot read the layer's input after
+    suppressing its heads (nnsight's execution order), so remote causal refuses it by name."""
+    from nnsight_moe.recipes import head_expert
+
+    import test_head_expert_remote as helper
+
+    hf = tiny_model("gemma4")
+    corr = helper._correlation(hf, [(0, 1), (2, 3), (2, 0)])
+    with pytest.raises(ValueError, match=r"remote causal\(\) does not support gemma4: its MoE layers \[0, 1, 2\]"):
+        helper._frame(language_model(hf), corr, remote="local", progress=False)
+    assert len(head_expert.causal(hf, helper._prompts(), correlation=corr, k_heads=3, seeds=1).to_frame()) == 2
