@@ -624,7 +624,7 @@ def read_layer(
     per_expert = any(name in want for name in ("expert_acts", "expert_out", "routed_out"))
     latent = info.get("d_latent", 0) > 0
     if info.get("experts_input") and per_expert:
-        flat = _envoy(model, info["experts"]).input.reshape(b * p, x.shape[-1])  # a normalised copy (Gemma-4)
+        flat = _rows(_envoy(model, info["experts"]).input, b, p).reshape(b * p, x.shape[-1])  # a normalised copy (Gemma-4)
     experts_in = flat
     if latent and (per_expert or "latent_in" in want):  # a latent MoE: the experts run on the projected input
         values["latent_in"] = _rows(_envoy(model, info["experts"]).input, b, p)

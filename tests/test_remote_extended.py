@@ -127,12 +127,15 @@ def test_remote_blocking_equals_local_on_extended_blocks(family, overrides):
 
 
 @pytest.mark.parametrize("pos", [5, 1], ids=["pos5", "pos1"])  # pos1: nnsight itself narrows the router's rows
-@pytest.mark.parametrize("family", ["llama4", "jetmoe"])
+@pytest.mark.parametrize("family", ["llama4", "jetmoe", "gemma4"])
 def test_view_several_invokes_equal_separate_traces_and_hooks(family, pos):
     """Three invokes in one trace (unedited, renorm-blocked, rerouted) = three separate traces = the attached
     hooks under block_experts on each prompt alone: every quantity and the logits. Llama 4's router hands
     the block a dense score matrix of every invoke's tokens and its experts an [E * tokens, d] input;
-    JetMoE's router one dispatch plan of every invoke's tokens, rebuilt with this invoke's rows edited."""
+    JetMoE's router one dispatch plan of every invoke's tokens, rebuilt with this invoke's rows edited;
+    Gemma-4's experts a flattened [tokens, d] input. (Gemma-4's batched forward itself differs from the
+    single-prompt one by up to ~1.2e-5 in its large activations, hence its wider tolerance.)"""
+    atol = 1e-4 if family == "gemma4" else 1e-5
     hf = tiny_model(family)
     lm = language_model(hf)
     view = MoEView(lm)
@@ -178,16 +181,16 @@ def test_view_several_invokes_equal_separate_traces_and_hooks(family, pos):
                 assert (out["logits"] - plain).abs().max() > 1e-3, "the edit changes the output"
             else:
                 values = capture_hooks(handle, run)
-        torch.testing.assert_close(logits, out["logits"], atol=1e-5, rtol=0)
-        torch.testing.assert_close(logits, alone_logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits, out["logits"], atol=atol, rtol=0)
+        torch.testing.assert_close(logits, alone_logits, atol=atol, rtol=0)
         for i in layers:
             path = handle.layout.layer(i).path
             assert set(got[i]) == {name[5:] for name in handle.layout.layer(i).hook_names}
             for name, value in got[i].items():
                 assert value.shape[:2] == (1, pos), name
                 expected = values[f"{path}.hook_{name}"]
-                torch.testing.assert_close(value.to(expected.dtype), expected, atol=1e-5, rtol=0, msg=f"{i} {name}")
-                torch.testing.assert_close(value, alone[i][name], atol=1e-5, rtol=0, msg=f"{i} {name} alone")
+                torch.testing.assert_close(value.to(expected.dtype), expected, atol=atol, rtol=0, msg=f"{i} {name}")
+                torch.testing.assert_close(value, alone[i][name], atol=atol, rtol=0, msg=f"{i} {name} alone")
 
 
 @torch.no_grad()
