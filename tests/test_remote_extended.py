@@ -289,3 +289,33 @@ def test_remote_causal_refuses_a_decoder_layer_block():
     with pytest.raises(ValueError, match=r"remote causal\(\) does not support gemma4: its MoE layers \[0, 1, 2\]"):
         helper._frame(language_model(hf), corr, remote="local", progress=False)
     assert len(head_expert.causal(hf, helper._prompts(), correlation=corr, k_heads=3, seeds=1).to_frame()) == 2
+
+
+@pytest.mark.parametrize("family, hook", [("granitemoeshared", "hook_moe_out"), ("granitemoehybrid", "hook_shared_out"),
+                                          ("gemma4", "hook_moe_out"), ("llama4", "hook_moe_out")])
+def test_steering_in_a_trace_equals_hooks_on_extended_blocks(family, hook):
+    """steering.apply_in_trace (experts on / off, a gate scale, a direction removed, blocking) on the
+    unmodified model under remote="local" = steering.steer on the attached one. hook_moe_out is Granite's
+    block + shared MLP sum (the shared output is set to edited sum - block output) and Gemma-4's experts'
+    output (not its decoder layer's)."""
+    from nnsight_moe import steering
+
+    model = tiny_model(family)
+    layout = nnsight_moe.layout(model)
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    first, last = layout.moe_layers[0], layout.moe_layers[-1]
+    direction = torch.randn(64, generator=torch.Generator().manual_seed(2))
+    plan = steering.plan(model, on={first: [1]}, off={last: [2]}, scale={last: {5: 3.0}}, directions={first: direction},
+                         hook=hook, span=(2, None), mode="remove")
+    with torch.no_grad():
+        plain = model(ids).logits
+        with steering.steer(model, plan), nnsight_moe.block_experts(model, {last: [4]}, mode="renorm"):
+            expected = model(ids).logits
+    lm = language_model(model)
+    view = MoEView(lm)
+    with torch.no_grad(), lm.trace(ids, remote="local"):
+        steering.apply_in_trace(view, lm, plan, block={last: [4]}, mode="renorm")
+        got = nnsight.save(lm.output.logits)
+    assert (expected - plain).abs().max() > 1e-2, "the plan changes the output"
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+    assert nnsight_moe.handle_of(model) is None
