@@ -481,6 +481,7 @@ def read_layer(
     keep_top: int | None = None,
     shared: bool = True,
     keep_top_renorm: bool = False,
+    edit_routing: Any = None,
 ) -> dict:
     """Read (and optionally edit) MoE layer ``layer`` inside a trace; returns ``{quantity: tensor}``.
 
@@ -498,6 +499,9 @@ def read_layer(
         edit_logits: ``fn(logits [b, p, E]) -> logits``; scores, selection and weights are re-derived.
         edit_weights: ``fn(indices [b, p, k], weights [b, p, k]) -> weights``, applied after blocking
             (as setting ``hook_topk_weights``).
+        edit_routing: ``fn(indices [b, p, k], weights [b, p, k]) -> (indices, weights)``, applied after
+            ``edit_weights``: the selection and its gate values used as-is (as setting ``hook_topk_indices``
+            and then ``hook_topk_weights``), e.g. one row's routing patched into another's.
         keep_top: keep only the n largest gate weights per token (0 = routed experts off), applied last;
             as ``restrict_experts`` does locally (``keep_top_renorm``: its ``renorm=True``).
         shared: ``False`` switches the shared expert off (its output is set to zero; the reported
@@ -564,11 +568,9 @@ def read_layer(
     # rows: take this invoke's rows [start, start + b) of the combined batch ourselves.
     start, total = _invoke_rows(b, raw_logits.numel() // (p * n_experts))
     logits = raw_logits.reshape(total, p, n_experts)[start : start + b]
-    if (gate_on_input or dispatch) and total != b:
-        raise ValueError(f"layer {layer}: the remote view of {spec['family']} reads one invoke per trace")
     if gate_on_input:  # the router's own top-k of its logits, its weights read off its dense scores
         indices = rule_select(rule, rule_scores(rule, logits), None, None, k)
-        weights = raw_first.reshape(b, p, n_experts).gather(-1, indices)
+        weights = raw_first.reshape(total, p, n_experts)[start : start + b].gather(-1, indices)
     elif dispatch:  # the router's own top-k and softmax over it, from its logits
         indices = rule_select(rule, rule_scores(rule, logits), None, None, k)
         weights = rule_weights(rule, rule_scores(rule, logits), indices, raw_logits.dtype, x.dtype, logits)
@@ -599,6 +601,9 @@ def read_layer(
     if edit_weights is not None:
         weights = edit_weights(indices, weights)
         edited = True
+    if edit_routing is not None:
+        indices, weights = edit_routing(indices, weights)
+        edited = True
     if keep_top is not None:
         weights = keep_top_weights(weights, keep_top, keep_top_renorm)
         edited = True
@@ -606,12 +611,16 @@ def read_layer(
         _envoy(model, info["experts"]).inputs = (
             (experts_args[0], _splice(raw_indices, indices, start, total), _splice(raw_weights, weights, start, total)),
             experts_kwargs)
-    elif edited and dispatch:
-        plan = dispatch_plan(indices.reshape(b * p, k), weights.reshape(b * p, k), n_experts)
-        router.output = (*plan, logits.reshape(b * p, n_experts))
+    elif edited and dispatch:  # one plan for every invoke's tokens: the others' routing (and edits) is kept
+        all_indices, all_weights = _plan_routing(output, k, n_experts)
+        plan_start, plan_total = _invoke_rows(b, all_indices.shape[0] // p)
+        plan = dispatch_plan(_splice(all_indices, indices, plan_start, plan_total),
+                             _splice(all_weights, weights, plan_start, plan_total), n_experts)
+        router.output = (*plan, _splice(raw_logits, logits, start, total))
     elif edited and gate_on_input:
         dense = dense_scores(weights.reshape(b * p, k), indices.reshape(b * p, k), n_experts, raw_first.dtype)
-        router.output = (dense, _splice(raw_logits, logits, start, total))
+        router.output = (_splice(raw_first, dense.reshape(b, p, n_experts), start, total),
+                         _splice(raw_logits, logits, start, total))
     elif edited:
         first = (_splice(raw_first, scores, start, total) if proj_logits is not None
                  else _splice(raw_logits, logits, start, total))
@@ -627,14 +636,17 @@ def read_layer(
     per_expert = any(name in want for name in ("expert_acts", "expert_out", "routed_out"))
     latent = info.get("d_latent", 0) > 0
     if info.get("experts_input") and per_expert:
-        flat = _envoy(model, info["experts"]).input.reshape(b * p, x.shape[-1])  # a normalised copy (Gemma-4)
+        flat = _rows(_envoy(model, info["experts"]).input, b, p).reshape(b * p, x.shape[-1])  # a normalised copy (Gemma-4)
     experts_in = flat
     if latent and (per_expert or "latent_in" in want):  # a latent MoE: the experts run on the projected input
         values["latent_in"] = _rows(_envoy(model, info["experts"]).input, b, p)
         experts_in = values["latent_in"].reshape(b * p, -1)
     if gate_on_input and per_expert:
         experts = _envoy(model, info["experts"])  # the model's dense computation on its own (scaled) input
-        acts_dense, out_dense = dense_experts(experts, experts.input.reshape(n_experts, b * p, -1))
+        routed_in = experts.input  # [E * tokens of every invoke, d]: this invoke's tokens of each expert
+        in_start, in_total = _invoke_rows(b, routed_in.shape[0] // (n_experts * p))
+        routed_in = routed_in.reshape(n_experts, in_total, p, -1)[:, in_start : in_start + b]
+        acts_dense, out_dense = dense_experts(experts, routed_in.reshape(n_experts, b * p, -1))
         slots = indices.reshape(b * p, k)
         tokens = torch.arange(b * p, device=slots.device)[:, None].expand(b * p, k)
         values["expert_acts"] = acts_dense[slots, tokens].reshape(b, p, k, -1)
@@ -694,7 +706,7 @@ def read_layer(
         values["moe_sum"] = _rows(_envoy(model, info["post"]).input, b, p)
     if "moe_out" in want:
         moe_out = block_out if block_out is not None else _envoy(model, info.get("moe_out") or info["block"]).output
-        values["moe_out"] = (moe_out[0] if isinstance(moe_out, tuple) else moe_out).reshape(b, p, -1)
+        values["moe_out"] = _rows(moe_out[0] if isinstance(moe_out, tuple) else moe_out, b, p)  # Llama 4: flattened
         if block_out is not None:  # the decoder layer adds the shared expert's output (as it ran) to the block's
             values["moe_out"] = values["moe_out"] + read["ran"]
     return {name: values[name] for name in want}
@@ -722,6 +734,19 @@ def _read_shared(model: Any, info: dict, x: torch.Tensor, b: int, p: int, ablate
     else:
         gate = torch.ones(b, p, 1, dtype=rows.dtype, device=rows.device)
     return {"shared_acts": acts, "shared_out": rows, "shared_gate": gate * 0 if ablate else gate, "ran": ran}
+
+
+def _plan_routing(plan: tuple, k: int, n_experts: int) -> tuple:
+    """(indices, weights) [tokens, k] of every token in a JetMoE dispatch plan (the router's output), token-major.
+
+    The plan lists the slots sorted by expert (``plan[0]``: slot ids, ``plan[2]``: their gates,
+    ``plan[3]``: slots per expert), so slot ``plan[0][j]`` went to the expert owning sorted position j."""
+    order, gates, sizes = plan[0], plan[2], plan[3]
+    owner = torch.repeat_interleave(torch.arange(n_experts, device=order.device),
+                                    torch.as_tensor(sizes, device=order.device))
+    indices = torch.empty_like(order).scatter(0, order, owner.to(order.dtype))
+    weights = torch.empty_like(gates).scatter(0, order, gates)
+    return indices.reshape(-1, k), weights.reshape(-1, k)
 
 
 def _rows(value: torch.Tensor, b: int, p: int) -> torch.Tensor:

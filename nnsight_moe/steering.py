@@ -461,8 +461,19 @@ def apply_in_trace(view: Any, model: Any, plan: dict, *, step: int = 0, width: i
             view.layer(layer, want=("topk_weights",), **options)
         if direction and edit["hook"] == "hook_shared_out" and not spec[layer]["shared_first"]:
             _edit_output(_envoy(model, spec[layer]["shared"]), edit, active)
-        if direction and edit["hook"] == "hook_moe_out":
-            _edit_output(_envoy(model, spec[layer]["block"]), edit, active)
+        if direction and edit["hook"] == "hook_moe_out" and spec[layer]["shared_outside"]:
+            _edit_sum(_envoy(model, spec[layer]["block"]), _envoy(model, spec[layer]["shared"]), edit, active)
+        elif direction and edit["hook"] == "hook_moe_out":  # Gemma-4: the experts' output, not the decoder layer's
+            _edit_output(_envoy(model, spec[layer]["moe_out"] or spec[layer]["block"]), edit, active)
+
+
+def _edit_sum(block: Any, shared: Any, edit: dict, active: Any) -> None:
+    """A shared MLP beside the block (Granite): ``hook_moe_out`` is the sum the decoder layer makes of both
+    outputs, so the shared output is set to ``edited(block + shared) - block`` (as the attached hooks do)."""
+    first = block.output
+    first = first[0] if isinstance(first, tuple) else first
+    out = shared.output
+    shared.output = (edit_direction(edit, active, first + out) - first).to(out.dtype)
 
 
 def _edit_output(envoy: Any, edit: dict, active: Any) -> None:

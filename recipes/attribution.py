@@ -97,7 +97,7 @@ def lpi(readout: Readout, base: Tensor, c: Tensor, rows: Tensor, budget_bytes: i
 
 # ------------------------------------------------------------------------------------ capture
 #: Where decoder layers keep their token mixer (attention, linear attention, SSM) and their MLP / MoE.
-MIXER_NAMES = ("self_attn", "attn", "attention", "linear_attn", "mamba", "mixer")
+MIXER_NAMES = ("self_attn", "attn", "attention", "linear_attn", "mamba", "mixer", "self_attention")
 MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward")
 #: Layer types (``config.layer_types``, ``block_type``) whose single ``mixer`` module is the MLP / MoE.
 _CHANNEL_TYPES = ("mlp", "moe", "ffn", "dense")
@@ -354,7 +354,7 @@ def _block_maps(hf: nn.Module, info: Any, moe: dict) -> tuple[Any, Any]:
 
 def _down_columns(experts: nn.Module, expert_ids: Tensor) -> Tensor:
     """W_down of each expert in ``expert_ids`` [N] as [N, d_expert, d_model] (row k = column k of W_down)."""
-    w = experts.down_proj[expert_ids].float()
+    w = (experts.down_proj if hasattr(experts, "down_proj") else experts.weight)[expert_ids].float()  # JetMoE: [E, D, I]
     transposed = getattr(experts, "is_transposed", type(experts).__name__ == "Llama4TextExperts")  # [E, in, out]
     return w if transposed else w.transpose(-1, -2)
 

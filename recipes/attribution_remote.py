@@ -14,6 +14,15 @@ the input of their ``down_proj``, gated or not); exact mode scores every neuron 
 ``budget_bytes``, fast mode screens on the server and scores the ``fast_top`` best per prompt and layer.
 RMSNorm final norms only (``weight`` or ``1 + weight`` conventions: γ is read off a CPU copy of the norm
 module, see ``_gamma_rule``). The numbers equal the local path (tested under ``remote="local"``).
+
+Blocks of the hook contract's extension (docs/hooks.md) are mapped to the block output in the trace as the
+local ``_block_maps`` maps them (:func:`_block_spec` carries what is needed as plain data): each routed part
+times the block-level ``routed_scale`` (Laguna, Step-3.7, MiniMax-M3-VL, Beam), a latent MoE's parts through
+its output projection ``latent_out`` (Nemotron-H LatentMoE; an expert's neuron column is ``W_out @ W_down[:, k]``),
+routed and shared parts through a post-MoE RMSNorm with its per-token scale frozen at the actual sum
+(``hook_moe_sum``: A.X-K1), Llama 4's input-gated experts with gate 1 (the weight is inside the expert's
+output), and a shared MLP beside the block (Granite) added to the layer's MLP output, its neurons read at
+its ``output_linear``. The fast neuron screen uses the same map (its transpose on the gradient).
 """
 
 from __future__ import annotations
@@ -83,6 +92,31 @@ def _dense_neuron_layers(hf, moe_layers: list[int]) -> list[int]:
             if mlp is not None and i not in moe_layers and _linear(getattr(mlp, "down_proj", None)) is not None]
 
 
+def _block_spec(hf, info) -> dict:
+    """How a MoE layer's parts map to its block output in the trace, as plain data (the hook contract's
+    extension, as the local ``_block_maps``): ``scale`` the block-level ``routed_scale``; ``ones`` whether
+    the gate already scaled the experts' input (Llama 4: an expert's contribution is its output);
+    ``latent_out`` the path of a latent MoE's output projection (its weight maps an expert's latent output
+    to d_model; its bias is per token, no expert's); ``post`` the path of a post-MoE RMSNorm whose
+    per-token scale is frozen at the actual sum, with its γ rule and eps; ``outside`` a shared MLP beside
+    the block (the layer adds it); ``shared_down`` the shared MLP's down projection; ``transposed`` the
+    experts' ``down_proj`` layout ([E, I, D] when true, as the local ``_down_columns``); ``down`` its attribute name."""
+    from nnsight_moe.hooks import unwrap
+
+    experts = unwrap(hf.get_submodule(info.experts))
+    post = unwrap(hf.get_submodule(info.post)) if info.post else None
+    if post is not None and (getattr(post, "bias", None) is not None or isinstance(post, torch.nn.LayerNorm)):
+        raise ValueError(f"the remote path maps parts through an RMSNorm post-MoE norm, not {type(post).__name__}")
+    return {"scale": float(info.routed_scale), "ones": bool(info.gate_on_input),
+            "latent_out": info.latent_out if info.d_latent else None,
+            "post": info.post, "post_gamma": _gamma_rule(post) if post is not None else None,
+            "post_eps": float(getattr(post, "variance_epsilon", None) or getattr(post, "eps", 1e-6)) if post is not None else None,
+            "outside": bool(info.shared_outside), "shared_down": info.shared_down,
+            # the experts' [E, D, I] down projection: JetMoE's ParallelExperts (output_linear) hold it as weight
+            "down": "down_proj" if hasattr(experts, "down_proj") else "weight",
+            "transposed": bool(getattr(experts, "is_transposed", type(experts).__name__ == "Llama4TextExperts"))}
+
+
 def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *, tokenizer, levels: Sequence[str],
                      remote: Any, batch_size: int, progress: bool, results_path: Any = None, atol: float = 1e-3,
                      budget_bytes: int = 2 << 30, neurons: str = "exact", fast_top: int = 100):
@@ -117,17 +151,11 @@ def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *
     except nnsight_moe.UnsupportedModelError:
         layout = None
     moe_layers = layout.moe_layers if layout is not None else []
-    extended = [i for i in moe_layers if layout.layer(i).d_latent or layout.layer(i).post or layout.layer(i).shared_outside
-                or layout.layer(i).routed_scale != 1.0]
-    if extended:  # the local path maps these blocks' parts to their output (recipes.attribution._block_maps)
-        raise ValueError(
-            f"remote attribution does not yet map the parts of {layout.family}'s MoE layers {extended} to the block "
-            "output (a block-level routed scale, a latent projection, a post-MoE norm or a shared expert beside "
-            "the block: the hook contract's extension); run attribute() without remote= on this family")
     want_experts = "expert" in levels and layout is not None
     want_shared = "shared" in levels and layout is not None and layout.has_shared
     view = MoEView(model) if layout is not None else None
     shared_layers = [i for i in moe_layers if view.spec["layers"][i]["shared"]]
+    blocks = {i: _block_spec(hf, layout.layer(i)) for i in moe_layers}
     dense = _dense_neuron_layers(hf, moe_layers) if want_neurons else []
     settings = {
         "layers": layer_paths, "mixer": where["mixer"], "kinds": where["kinds"], "mlp": where["mlp"],
@@ -140,7 +168,12 @@ def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *
             ("topk_indices", want_experts or want_neurons), ("topk_weights", want_experts or want_neurons),
             ("expert_acts", want_neurons), ("expert_out", want_experts),
             ("shared_acts", want_neurons and i in shared_layers), ("shared_out", want_shared),
-            ("shared_gate", (want_shared or want_neurons) and i in shared_layers)) if on) for i in moe_layers},
+            ("shared_gate", (want_shared or want_neurons) and i in shared_layers),
+            # the post-MoE norm's input freezes its per-token scale (A.X-K1)
+            ("moe_sum", blocks[i]["post"] is not None and (want_experts or want_shared or want_neurons)),
+            # a shared MLP beside the block: the layer's MLP output is block + shared (Granite)
+            ("moe_out", blocks[i]["outside"])) if on) for i in moe_layers},
+        "blocks": blocks,
         "want_neurons": want_neurons, "dense": dense, "shared_layers": shared_layers,
         "fast_top": int(fast_top) if want_neurons and neurons == "fast" else None, "budget": int(budget_bytes),
         "dtype": str(activation_dtype(hf.get_submodule(where["norm"]), hf.get_submodule(where["unembed"]),
@@ -186,9 +219,11 @@ def _scores_in_trace(settings: dict, model: Any, batch: dict) -> dict:
     n_heads, moe_layers, view = settings["heads"], settings["moe_layers"], settings["view"]
     states, attn, mlp_out, heads, experts, shared = [], [], [], {}, [], []
     units = {}  # layer -> [(weighted acts [P, n, I], expert ids [P, n] (-1: shared/dense), down, transposed)]
+    maps = {}  # MoE layer -> (routed scale, latent W_out or None, post-norm factor [P, D] or None)
     for i, path in enumerate(settings["layers"]):
         layer = model.get(path)
-        states.append(layer.input[rows, last].float())
+        hidden = layer.input
+        states.append(hidden[rows, last].float())
         mixer_name, mlp_name = settings["mixer"][i], settings["mlp"][i]
         heads_here = settings["want_heads"] and i in settings["head_layers"]
         if mixer_name is not None:  # attention, linear attention or SSM
@@ -199,31 +234,49 @@ def _scores_in_trace(settings: dict, model: Any, batch: dict) -> dict:
             attn.append((out[0] if isinstance(out, tuple) else out)[rows, last].float())
         else:
             attn.append(torch.zeros_like(states[-1]))
+        q = {}
         if i in moe_layers and settings["quantities"][i]:
             q = view.layer(i, want=settings["quantities"][i])
+            spec = settings["blocks"][i]
+            if "topk_weights" in q:  # the gate of each slot (ones where it scaled the expert's input: Llama 4)
+                gate = q["topk_weights"][rows, last].float()
+                gate = torch.ones_like(gate) if spec["ones"] else gate * spec["scale"]
+            w_out = model.get(spec["latent_out"]).weight.float() if spec["latent_out"] else None
+            factor = None
+            if spec["post"]:  # the post-MoE RMSNorm with its per-token scale frozen at the actual sum
+                total = q["moe_sum"][rows, last].float()
+                slope, offset = spec["post_gamma"]
+                factor = ((model.get(spec["post"]).weight.float() * slope + offset)
+                          * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + spec["post_eps"]))
             if settings["want_experts"]:
-                experts.append((q["topk_indices"][rows, last],
-                                q["topk_weights"][rows, last].float()[..., None] * q["expert_out"][rows, last].float()))
+                contrib = gate[..., None] * q["expert_out"][rows, last].float()
+                contrib = contrib @ w_out.T if w_out is not None else contrib
+                experts.append((q["topk_indices"][rows, last], contrib if factor is None else contrib * factor[:, None]))
             if settings["want_shared"]:
-                shared.append(q["shared_gate"][rows, last].float() * q["shared_out"][rows, last].float())
+                contrib = q["shared_gate"][rows, last].float() * q["shared_out"][rows, last].float()
+                shared.append(contrib if factor is None else contrib * factor)
             if settings["want_neurons"]:
                 info = view.spec["layers"][i]
                 box = model.get(info["experts"])
                 ids = q["topk_indices"][rows, last]
-                units[i] = [(q["topk_weights"][rows, last].float()[..., None] * q["expert_acts"][rows, last].float(),
-                             ids, box.down_proj, bool(getattr(box, "is_transposed", False)))]
+                units[i] = [(gate[..., None] * q["expert_acts"][rows, last].float(), ids, getattr(box, spec["down"]),
+                             spec["transposed"], w_out, factor)]
                 if i in settings["shared_layers"]:
                     acts = q["shared_gate"][rows, last].float() * q["shared_acts"][rows, last].float()
                     units[i].append((acts[:, None], torch.full_like(ids[:, :1], -1),
-                                     model.get(info["shared"]).down_proj.weight[None], False))
+                                     model.get(spec["shared_down"]).weight[None], False, None, factor))
         elif i in settings["dense"]:
             mlp = getattr(layer, mlp_name)
             acts = mlp.down_proj.input[rows, last].float()  # the dense MLP's neuron activations
             units[i] = [(acts[:, None], torch.full((acts.shape[0], 1), -1, dtype=torch.long, device=acts.device),
-                         mlp.down_proj.weight[None], False)]
-        if mlp_name is not None:
+                         mlp.down_proj.weight[None], False, None, None)]
+        if "moe_out" in q:  # the block's output plus the shared MLP beside it, as the layer adds them (Granite)
+            mlp_out.append(q["moe_out"][rows, last].float())
+        elif mlp_name is not None:
             out = getattr(layer, mlp_name).output
-            mlp_out.append((out[0] if isinstance(out, tuple) else out)[rows, last].float())
+            out = out[0] if isinstance(out, tuple) else out
+            # Llama 4's MoE returns flattened tokens: view them as the layer's input
+            mlp_out.append(out.reshape(hidden.shape)[rows, last].float())
         else:
             mlp_out.append(torch.zeros_like(states[-1]))
         if heads_here:
@@ -271,13 +324,17 @@ def _scores_in_trace(settings: dict, model: Any, batch: dict) -> dict:
             "check_excess": check_excess, "residual_excess": residual_excess}
 
 
-def _neuron_lpi(unembed, gamma, scale, target, base, before, weighted, ids, down, transposed, fast_top, budget):
+def _neuron_lpi(unembed, gamma, scale, target, base, before, weighted, ids, down, transposed, w_out, factor,
+                fast_top, budget):
     """Neuron LPI of one layer's units; runs inside the trace. Returns ``{"ids", "scores", "picked"}``.
 
     Unit j of prompt p is a selected routed expert (``ids[p, j]``), the shared expert or a dense MLP
-    (``ids`` -1, ``down`` one matrix [1, D, I]); neuron k of it adds ``weighted[p, j, k] * W_down[:, k]``
+    (``ids`` -1, ``down`` one matrix [1, D, I]); neuron k of it adds ``weighted[p, j, k] * M_p W_down[:, k]``
     to ``base[p]`` (``before`` = log p(target | base)). ``down`` is the experts' [E, D, I] (or [E, I, D]
     when ``transposed``) parameter; its columns are gathered per chunk, never a [P, n, I, D] tensor.
+    ``M_p`` maps the experts' output space to the block output (the hook contract's extension): the
+    latent MoE's output projection ``w_out`` [D, D_latent] (None: identity), then the frozen post-MoE
+    norm's per-prompt factor ``factor`` [P, D] (None: identity).
     ``fast_top`` None scores all n * I neurons per prompt (``scores`` [P, n * I], flat index j * I + k);
     else a first-order screen keeps the ``fast_top`` largest |screen| per prompt (``picked`` [P, m] int32
     flat indices, ``scores`` [P, m]), as the local ``_neurons``. The [chunk, vocab] logits stay under
@@ -285,6 +342,8 @@ def _neuron_lpi(unembed, gamma, scale, target, base, before, weighted, ids, down
     """
     with torch.no_grad():
         weighted, ids = weighted.to(base.device), ids.to(base.device)  # a layer may sit on another device
+        w_out = w_out.float().to(base.device) if w_out is not None else None
+        factor = factor.to(base.device) if factor is not None else None
         n_prompts, n_units, width = weighted.shape
         slot_expert = ids.clamp(min=0)  # -1 (shared / dense) is matrix 0 of a [1, D, I] down
         if fast_top is None:
@@ -293,6 +352,8 @@ def _neuron_lpi(unembed, gamma, scale, target, base, before, weighted, ids, down
             logits = (base * gamma * scale) @ unembed.T
             direction = unembed[target] - logits.softmax(-1) @ unembed
             grad = direction * gamma * scale  # d log p(target | x) / dx at base
+            grad = grad * factor if factor is not None else grad  # ... and at the experts' output (M_p^T grad)
+            grad = grad @ w_out if w_out is not None else grad
             screen = torch.empty_like(weighted)
             for e in slot_expert.unique().tolist():
                 prompt, slot = (slot_expert == e).nonzero(as_tuple=True)
@@ -309,7 +370,9 @@ def _neuron_lpi(unembed, gamma, scale, target, base, before, weighted, ids, down
             p, f = prompt_of[start : start + chunk], flat[start : start + chunk]
             j, k = f // width, f % width
             e, kd = slot_expert[p, j].to(down.device), k.to(down.device)
-            column = (down[e, kd] if transposed else down[e, :, kd]).float().to(base.device)  # [c, D]
+            column = (down[e, kd] if transposed else down[e, :, kd]).float().to(base.device)  # [c, D (latent)]
+            column = column @ w_out.T if w_out is not None else column
+            column = column * factor[p] if factor is not None else column
             contrib = weighted[p, j, k][:, None] * column
             scores.append(_lp(unembed, gamma, scale[p], base[p] + contrib, target[p]) - before[p])
         scores = torch.cat(scores).reshape(n_prompts, m) if scores else weighted.new_zeros(n_prompts, 0)

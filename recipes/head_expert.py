@@ -44,7 +44,6 @@ from nnsight_moe.recipes import runner
 from nnsight_moe.recipes.head_expert_results import CausalResult, HeadExpertResult
 from nnsight_moe.recipes.prompts import last_positions, model_tokenizer
 from nnsight_moe.remote import _envoy as _remote_envoy
-from nnsight_moe.routing import rule_scores as _remote_scores
 
 __all__ = [
     "CausalResult",
@@ -448,7 +447,7 @@ def _causal_remote(model, prompts, targets, tokenizer, correlation, *, k_heads, 
     replaced by the clean rows' (what setting ``hook_topk_indices`` / ``hook_topk_weights`` does
     locally). Only target ranks, last-position router scores and the clean selection come back.
     """
-    from nnsight_moe.remote import moe_spec
+    from nnsight_moe.remote import MoEView
 
     hf = nnsight_moe.hf_model(model)
     layout = nnsight_moe.layout(hf)
@@ -469,7 +468,15 @@ def _causal_remote(model, prompts, targets, tokenizer, correlation, *, k_heads, 
             by_layer.setdefault(layer, []).append(head)
         for layer, hs in by_layer.items():
             suppress.setdefault(layer, []).append([c, hs])
-    spec = moe_spec(hf)
+    view = MoEView(model)  # the patch goes through the view: every family's router output format
+    spec = view.spec
+    inside = [index for index, info in spec["layers"].items() if info["experts_input"]]
+    if inside:  # Gemma-4: the view reads the decoder layer's input, then its router, after the heads
+        raise ValueError(
+            f"remote causal() does not support {spec['family']}: its MoE layers {inside} have no block module "
+            "(router and experts sit on the decoder layer), so the view reads the decoder layer's input before "
+            "the attention heads that a condition suppresses in the same layer, and nnsight serves a trace's "
+            "values in execution order; run causal() without remote= on this family")
     settings = {
         "n_layers": layout.n_layers,
         "o_proj": {layer: names[id(o_proj)] for layer, (o_proj, _) in attention.items()},
@@ -484,7 +491,7 @@ def _causal_remote(model, prompts, targets, tokenizer, correlation, *, k_heads, 
                 "attention_mask": batch["attention_mask"].repeat(groups, 1)}
                for batch in runner.make_batches(prompts, tokenizer=tokenizer, batch_size=batch_size,
                                                 per_prompt={"target": torch.as_tensor(targets)})]
-    results = runner.run_batches(model, batches, functools.partial(_causal_in_trace, settings),
+    results = runner.run_batches(model, batches, functools.partial(_causal_in_trace, settings, view),
                                  key=settings,  # resume fingerprint: a results file for other heads is refused
                                  remote=remote, results_path=results_path, progress=progress)
 
@@ -506,10 +513,21 @@ def _causal_remote(model, prompts, targets, tokenizer, correlation, *, k_heads, 
     return CausalResult(pd.DataFrame(rows), [tuple(h) for h in top_heads])
 
 
-def _causal_in_trace(settings: dict, model: Any, batch: dict) -> dict:
+def _clean_routing(groups: int, indices: torch.Tensor, weights: torch.Tensor) -> tuple:
+    """The patched row groups (2, 4, ...) of ``[groups * b, p, k]`` routing given the clean group's (0)."""
+    i = indices.reshape(groups, -1, *indices.shape[1:]).clone()
+    w = weights.reshape(groups, -1, *weights.shape[1:]).clone()
+    i[2::2] = i[0]
+    w[2::2] = w[0]
+    return i.reshape(indices.shape), w.reshape(weights.shape)
+
+
+def _causal_in_trace(settings: dict, view: Any, model: Any, batch: dict) -> dict:
     """One batch of the stacked causal runs; runs inside ``model.trace`` (on the server for remote runs).
 
-    Reads only envoys, torch and the remote view's trace-side functions (all shipped by source).
+    Reads only envoys, torch and the remote view's trace-side functions (all shipped by source); the
+    routers are patched through ``view.layer(edit_routing=...)``, which writes the family's own router
+    output (Llama 4's dense scores, JetMoE's dispatch plan, Gemma-4's probabilities, ...).
     Returns ``rank`` [groups, b], ``scores`` {MoE layer: [1 + C, b, E]} (router scores at the last
     position of the clean and suppressed row groups) and ``chosen`` {MoE layer: [b, k]} (clean top-k).
     """
@@ -529,19 +547,10 @@ def _causal_in_trace(settings: dict, model: Any, batch: dict) -> dict:
                     z[(1 + 2 * c) * b : (3 + 2 * c) * b, ..., h * d : (h + 1) * d] = 0
             o_proj.input = z
         if layer in settings["moe"]:
-            info = settings["moe"][layer]
-            n_experts, k = info["n_experts"], info["top_k"]
-            router = _remote_envoy(model, info["router"])
-            output = router.output
-            logits, weights, indices = output[0], output[1], output[2]
-            w = weights.reshape(groups, b, p, k).clone()
-            i = indices.reshape(groups, b, p, k).clone()
-            w[2::2] = w[0]
-            i[2::2] = i[0]
-            router.output = (logits, w.reshape(weights.shape), i.reshape(indices.shape), *output[3:])
-            at_last = logits.reshape(groups, b, p, n_experts)[kept][:, rows, last]
-            scores[layer] = _remote_scores(info["routing"], at_last)
-            chosen[layer] = i[0][rows, last]
+            q = view.layer(layer, want=("router_scores", "topk_indices"),
+                           edit_routing=functools.partial(_clean_routing, groups))
+            scores[layer] = q["router_scores"].reshape(groups, b, p, -1)[kept][:, rows, last]
+            chosen[layer] = q["topk_indices"].reshape(groups, b, p, -1)[0][rows, last]
     out = model.output.logits
     logits = out.reshape(groups, b, p, out.shape[-1])[:, rows, last].float()
     picked = logits.gather(-1, target.to(logits.device)[None, :, None].expand(groups, b, 1))

@@ -301,16 +301,6 @@ def test_attribution_maps_parts_to_the_block_output(family, overrides):
                               progress=False).to_frame())
 
 
-def test_remote_attribution_refuses_extended_blocks():
-    from nnsight_moe.recipes.attribution import attribute
-
-    from helpers import language_model
-
-    lm = language_model(tiny_model("granitemoeshared"))
-    with pytest.raises(ValueError, match=r"remote attribution does not yet map the parts of granitemoeshared"):
-        attribute(lm, [[5, 9, 17]], [3], levels=("layer", "expert"), remote="local", progress=False)
-
-
 @torch.no_grad()
 def test_latent_nemotron_h_bridge_hooks(tmp_path):
     """TransformerLens' NemotronH adapter on a LatentMoE: the extension's hook points under blocks.{L}.mlp."""
