@@ -42,8 +42,6 @@ EXCLUDED: dict[str, str] = {
 
 #: MoE packages not supported yet, with what they need (issue #14's groups).
 NOT_YET: dict[str, str] = {
-    "inkling": "the router also returns shared-expert gammas: a fourth router output the contract lacks",
-    "zaya": "a skip expert and cross-layer router state",
     "diffusion_gemma": "Gemma-4's MoE layers (router and experts on the layer) in two stacks: a prompt encoder "
                        "(model.encoder.layers) and a block-diffusion decoder over a canvas (model.decoder.layers) "
                        "that makes the logits; the layout indexes one stack (the encoder's, found first: the logits' "

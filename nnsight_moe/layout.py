@@ -32,8 +32,11 @@ SHARED_HOOK_NAMES = ("hook_shared_acts", "hook_shared_out", "hook_shared_gate")
 #: and the sum a block post-processes (A.X-K1's post-MoE norm).
 LATENT_HOOK_NAMES = ("hook_latent_in", "hook_latent_out")
 POST_HOOK_NAMES = ("hook_moe_sum",)
+#: Hook point of the extension for routers that also weight the shared experts (Inkling's gammas [b, p, S]).
+GAMMA_HOOK_NAMES = ("hook_shared_gammas",)
 #: All hook point names of the contract.
-HOOK_NAMES = ROUTED_HOOK_NAMES + SHARED_HOOK_NAMES + ("hook_moe_out",) + LATENT_HOOK_NAMES + POST_HOOK_NAMES
+HOOK_NAMES = (ROUTED_HOOK_NAMES + SHARED_HOOK_NAMES + ("hook_moe_out",) + LATENT_HOOK_NAMES + POST_HOOK_NAMES
+              + GAMMA_HOOK_NAMES)
 
 
 class UnsupportedModelError(ValueError):
@@ -85,6 +88,10 @@ class LayerLayout:
     gate_on_input: bool = False
     #: A bias the block adds to the routed sum (JetMoE): ``hook_moe_out = hook_routed_out + <moe_bias>``.
     moe_bias: str | None = None
+    #: The router also returns one gamma per shared expert, normalised jointly with the routed weights, and
+    #: the shared experts scale their activations by them (Inkling): this many shared experts; 0: none.
+    #: ``hook_shared_gammas`` [b, p, shared_gammas] fires after ``hook_topk_weights``.
+    shared_gammas: int = 0
 
     @property
     def is_moe(self) -> bool:
@@ -100,7 +107,7 @@ class LayerLayout:
         if not self.is_moe:
             return ()
         latent = self.d_latent > 0
-        return (ROUTED_HOOK_NAMES[:4] + LATENT_HOOK_NAMES[:latent] + ROUTED_HOOK_NAMES[4:] + LATENT_HOOK_NAMES[1:2 * latent]
+        return (ROUTED_HOOK_NAMES[:4] + GAMMA_HOOK_NAMES[:self.shared_gammas > 0] + LATENT_HOOK_NAMES[:latent] + ROUTED_HOOK_NAMES[4:] + LATENT_HOOK_NAMES[1:2 * latent]
                 + (SHARED_HOOK_NAMES if self.has_shared else ()) + (POST_HOOK_NAMES if self.post else ()) + ("hook_moe_out",))
 
 
@@ -188,6 +195,7 @@ class MoELayout:
             shared += f", latent d={layer.d_latent}" if layer.d_latent else ""
             shared += f", post-processed by {layer.post.rsplit('.', 1)[-1]}" if layer.post else ""
             shared += f", routed sum x{layer.routed_scale:g}" if layer.routed_scale != 1.0 else ""
+            shared += f", {layer.shared_gammas} router gamma(s)" if layer.shared_gammas else ""
             rule = layer.routing.describe() if layer.routing is not None else ""
             lines.append(
                 f"  {layer.index:>3} moe    {layer.path}  E={layer.n_experts} k={layer.top_k} "

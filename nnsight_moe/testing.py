@@ -120,6 +120,12 @@ FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
     "qwen3_omni_moe_thinker": {"vision_start_token_id": 1000},
     "qwen3_omni_moe_talker": {"thinker_hidden_size": 64, "accept_hidden_layer": 1, "num_code_groups": 4,
                               "spatial_merge_size": 2},  # read by its modeling, absent from its config class
+    # Inkling: two shared experts (one gamma each, normalised with the routed weights), layer 0 dense, small
+    # sliding-window attention (its own head sizes) and relative-position bias
+    "inkling_text": {"n_shared_experts": 2, "mlp_layer_types": ["dense", "sparse", "sparse"], "swa_num_attention_heads": 4,
+                     "swa_num_key_value_heads": 2, "swa_head_dim": 16, "d_rel": 4, "rel_extent": 16},
+    # ZAYA1: top-1 only (its config refuses more), a small router MLP
+    "zaya": {"num_experts_per_tok": 1, "router_hidden_size": 32},
     "qwen4_exp_text": {
         "layer_types": ["linear_attention", "indexed_attention", "linear_attention"],
         "indexer_n_heads": 2,
