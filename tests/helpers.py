@@ -181,6 +181,8 @@ def zero_expert_(model: nn.Module, layout: MoELayout, blocked: dict[int, list[in
                     expert_weights(module)[2][e].zero_()
                 continue
             for e in experts:
+                if type(module).__name__ == "ZayaExperts" and e >= module.num_experts:
+                    continue  # the skip expert has no weights: its slots already add nothing
                 module.down_proj[e].zero_()
                 if getattr(module, "has_bias", False):
                     module.down_proj_bias[e].zero_()
