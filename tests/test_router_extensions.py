@@ -293,3 +293,17 @@ def test_zaya_remote_view_equals_hooks(dtype, blocked, mode):
             expected = values[f"{path}.hook_{name}"]
             assert value.dtype == expected.dtype and torch.equal(value, expected), f"layer {index} {name}"
     assert torch.equal(logits, out["logits"])
+
+
+# ---------------------------------------------------------------------------------------------- both
+@pytest.mark.parametrize("family", ["inkling_text", "zaya"])
+@torch.no_grad()
+def test_routing_check_passes(family):
+    """`nnsight-moe check` on both: the router's own selection (Zaya's skip slots given their id back), every
+    identity, bit-identical logits in float16."""
+    from nnsight_moe.check import check_routing
+
+    model = tiny_model(family, dtype=torch.float16)
+    report = check_routing(model, _ids(seed=1))
+    assert report.ok, report.failures()
+    assert report.max_dlogit == 0.0 and all(layer.router_indices_equal for layer in report.layers)
