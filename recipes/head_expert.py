@@ -309,7 +309,8 @@ def _run(hf, handle, batch, patch: dict | None = None, capture: bool = False):
     added = TemporaryHooks()
     for i in layers:
         block = handle.block(i)
-        for name in ("hook_router_scores", "hook_topk_indices", "hook_topk_weights"):
+        gammas = ("hook_shared_gammas",) if handle.layout.layer(i).shared_gammas else ()  # Inkling: the router's too
+        for name in ("hook_router_scores", "hook_topk_indices", "hook_topk_weights") + gammas:
             point = getattr(block, name)
             if patch is not None and name != "hook_router_scores":
                 added.add(point, lambda value, hook, i=i, name=name: patch[i][name])
@@ -355,7 +356,7 @@ def _causal_batch(handle, conditions, correlated, hf, batch) -> dict:
     for _, _, heads in conditions:
         with suppress_heads(hf, heads):
             logits, routing = _run(hf, handle, inputs, capture=True)
-            patch = {i: {n: clean_routing[i][n] for n in ("hook_topk_indices", "hook_topk_weights")}
+            patch = {i: {n: v for n, v in clean_routing[i].items() if n != "hook_router_scores"}
                      for i in handle.layout.moe_layers}
             patched, _ = _run(hf, handle, inputs, patch=patch)
         d_corr, d_sel = [], []
@@ -538,10 +539,18 @@ def _causal_in_trace(settings: dict, model: Any, batch: dict) -> dict:
             i = indices.reshape(groups, b, p, k).clone()
             w[2::2] = w[0]
             i[2::2] = i[0]
-            router.output = (logits, w.reshape(weights.shape), i.reshape(indices.shape), *output[3:])
+            rest = output[3:]
+            if info["routing"]["kind"] == "sink":  # Inkling: the shared experts' gammas are patched back too
+                g = output[3].reshape(groups, b, p, -1).clone()
+                g[2::2] = g[0]
+                rest = (g.reshape(output[3].shape),)
+            router.output = (logits, w.reshape(weights.shape), i.reshape(indices.shape), *rest)
             at_last = logits.reshape(groups, b, p, n_experts)[kept][:, rows, last]
             scores[layer] = _remote_scores(info["routing"], at_last)
             chosen[layer] = i[0][rows, last]
+            if info["routing"]["kind"] == "skip":  # Zaya hands a skip slot on as (expert 0, weight 0): its id back
+                chosen[layer] = chosen[layer].masked_fill((w[0][rows, last] == 0) & (chosen[layer] == 0),
+                                                          info["routing"]["skip"])
     out = model.output.logits
     logits = out.reshape(groups, b, p, out.shape[-1])[:, rows, last].float()
     picked = logits.gather(-1, target.to(logits.device)[None, :, None].expand(groups, b, 1))

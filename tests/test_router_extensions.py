@@ -307,3 +307,44 @@ def test_routing_check_passes(family):
     report = check_routing(model, _ids(seed=1))
     assert report.ok, report.failures()
     assert report.max_dlogit == 0.0 and all(layer.router_indices_equal for layer in report.layers)
+
+
+@torch.no_grad()
+def test_inkling_configurations_equal_zeroed_copies():
+    """The blocking recipe's Table-2 configurations: 'shared only' = every routed down_proj zeroed, 'shared
+    ablation' = the shared experts' down projections zeroed (gammas included, nothing else changes)."""
+    from nnsight_moe.recipes import blocking
+    from nnsight_moe.recipes.metrics import target_ranks
+
+    model = tiny_model("inkling_text")
+    layout = nnsight_moe.layout(model)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 128, (int(n),), generator=g).tolist() for n in torch.randint(3, 8, (8,), generator=g)]
+    targets = torch.tensor([int(model(torch.tensor([p])).logits[0, -1].argmax()) if i % 2 else 5
+                            for i, p in enumerate(prompts)])
+    result = blocking.configurations(model, (prompts, targets, ["r1"] * 4 + ["r2"] * 4), batch_size=4, progress=False)
+    table = result.table("mrr")
+
+    def mrr(zero):
+        clone = copy.deepcopy(model)
+        for index in layout.moe_layers:
+            clone.get_submodule(layout.layer(index).experts if zero == "routed" else layout.layer(index).shared
+                                ).down_proj.zero_()
+        logits = torch.stack([clone(torch.tensor([p])).logits[0, -1] for p in prompts])
+        return float((1 / target_ranks(logits, targets).double()).mean())
+
+    assert table.loc["all", "shared only"] == pytest.approx(mrr("routed"), abs=1e-12)
+    assert table.loc["all", "shared ablation (routed top-2 only)"] == pytest.approx(mrr("shared"), abs=1e-12)
+    assert table.loc["all", "shared only"] != table.loc["all", "shared + top-2 (default)"]
+
+
+@pytest.mark.parametrize("family, message", [
+    ("zaya", "residual stream is not h \\+ attn \\+ mlp"),  # ZayaResidualScaling around every sub-layer
+    ("inkling_text", "frozen final projection"),  # the muP divide before the unembedding (and short convolutions)
+])
+def test_attribution_refuses_with_a_clear_error(family, message):
+    from nnsight_moe.recipes import attribution
+
+    model = tiny_model(family)
+    with pytest.raises(ValueError, match=message):
+        attribution.attribute(model, [[5, 9, 17, 33], [7, 8, 9, 10]], [3, 4], progress=False, batch_size=2)
