@@ -165,6 +165,7 @@ TOWER: dict[str, Any] = {
 TOWER_EXTRAS: dict[str, dict[str, Any]] = {
     "muse_spark_audio": {"patch_sizes": [16], "hidden_sizes": [32], "depths": [1]},
     "qwen3_omni_moe_code2wav": {"decoder_dim": 32, "codebook_size": 64},
+    "inkling_vision": {"n_layers": 2, "patch_size": 4, "temporal_patch_size": 2},  # its layer widths follow the patch
     "qwen3_omni_moe_audio_encoder": {"encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 64,
                                      "d_model": 32, "output_dim": TINY["hidden_size"], "downsample_hidden_size": 16},
 }
