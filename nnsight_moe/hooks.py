@@ -311,8 +311,9 @@ def _checked(state: "BlockState", name: str, value: Any, shape: tuple) -> Tensor
     """``value`` if it is a tensor of ``shape``; else a ``ValueError`` naming the hook point (an edit of the wrong shape)."""
     if not isinstance(value, Tensor) or tuple(value.shape) != shape:
         got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        last = "experts" if name.startswith("hook_router") else "shared experts" if name == "hook_shared_gammas" else "top_k"
         raise ValueError(f"layer {state.layer.index}: {name} must be a tensor of shape {list(shape)} "
-                         f"([batch, pos, {'experts' if name.startswith('hook_router') else 'top_k'}]), got {got}")
+                         f"([batch, pos, {last}]), got {got}")
     return value
 
 

@@ -107,7 +107,8 @@ class LayerLayout:
         if not self.is_moe:
             return ()
         latent = self.d_latent > 0
-        return (ROUTED_HOOK_NAMES[:4] + GAMMA_HOOK_NAMES[:self.shared_gammas > 0] + LATENT_HOOK_NAMES[:latent] + ROUTED_HOOK_NAMES[4:] + LATENT_HOOK_NAMES[1:2 * latent]
+        gammas = GAMMA_HOOK_NAMES if self.shared_gammas else ()  # fired by the router hook, after the weights
+        return (ROUTED_HOOK_NAMES[:4] + gammas + LATENT_HOOK_NAMES[:latent] + ROUTED_HOOK_NAMES[4:] + LATENT_HOOK_NAMES[1:2 * latent]
                 + (SHARED_HOOK_NAMES if self.has_shared else ()) + (POST_HOOK_NAMES if self.post else ()) + ("hook_moe_out",))
 
 

@@ -84,6 +84,9 @@ def _hooked(shared, args, output):
 def sink_logits(router, x: Tensor, n_experts: int) -> Tensor:
     """The router's shared-expert logits [n, S] (float32) on its input ``x`` [..., d]: its own float32
     ``F.linear`` over all E + S rows (the same operation on the same operands, so the same bits), the last S."""
+    if x is None:
+        raise ValueError("Inkling's router was called without its hidden states as first positional argument: "
+                         "its shared-expert logits cannot be recomputed for the joint normalisation")
     flat = x.reshape(-1, x.shape[-1])
     return F.linear(flat.float(), router.weight.float())[..., n_experts:]
 

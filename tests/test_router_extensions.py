@@ -111,6 +111,12 @@ def test_inkling_gamma_edits_and_shared_ablation_equal_zeroed_shared_experts():
         for index in layout.moe_layers:
             handle.block(index).hook_shared_gammas.remove_hooks()
         assert not torch.allclose(model(ids).logits, reference, atol=1e-3), "the shared experts matter"
+        point = handle.block(layout.moe_layers[0]).hook_shared_gammas
+        point.add_hook(lambda g, hook: g[..., :1])
+        with pytest.raises(ValueError, match=r"hook_shared_gammas must be a tensor of shape \[2, 7, 2\] "
+                                             r"\(\[batch, pos, shared experts\]\)"):
+            model(ids)
+        point.remove_hooks()
     torch.testing.assert_close(no_gammas, reference, atol=ATOL, rtol=0)
 
 
