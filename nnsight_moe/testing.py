@@ -284,7 +284,8 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch
     """Re-draw every floating parameter and buffer of ``model`` from N(0, std^2/fan) (in place).
 
     Norm weights are drawn around 1; a hash router's ``tid2eid`` table gets k distinct random experts per
-    token id; 0-d tensors (constants such as an embedding scale) are kept. Returns
+    token id; Zaya's ``balancing_biases`` (added to probabilities) are drawn small; 0-d tensors (constants
+    such as an embedding scale) are kept. Returns
     the model.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -298,7 +299,9 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch
             if not tensor.is_floating_point() or tensor.ndim == 0 or "inv_freq" in name or "rotary" in name:
                 continue
             noise = torch.randn(tensor.shape, generator=gen, dtype=torch.float32)
-            if tensor.ndim == 1 and "norm" in name:
+            if name.endswith("balancing_biases"):  # Zaya's selection-only bias is added to probabilities (~1/E):
+                tensor.copy_(0.01 * noise)  # kept small, so the router's probabilities decide the selection
+            elif tensor.ndim == 1 and "norm" in name:
                 tensor.copy_(1.0 + 0.1 * noise)
             elif tensor.ndim == 1:
                 tensor.copy_(0.1 * noise)
