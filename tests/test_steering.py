@@ -321,7 +321,7 @@ def test_transformerlens_bridge_equals_hf_steering():
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "inkling_text", "zaya"])  # + router gammas, skip expert
 def test_nnsight_local_and_remote_local_equal_hooks(family):
     """The plan in an nnsight trace on the unmodified model (remote="local" and no remote) = the hooks."""
     import nnsight
