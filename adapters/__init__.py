@@ -179,7 +179,7 @@ def _moe_layer(index: int, path: str, block: nn.Module, adapter: Adapter, config
     shared = adapter.shared if adapter.shared and getattr(owner, adapter.shared, None) is not None else None
     d_shared = 0
     if shared is not None:
-        d_shared = owner.get_submodule(shared).get_submodule(adapter.shared_down).in_features
+        d_shared = adapter.shared_width(owner.get_submodule(shared))
     return LayerLayout(
         index=index,
         kind="moe",
@@ -204,6 +204,7 @@ def _moe_layer(index: int, path: str, block: nn.Module, adapter: Adapter, config
         moe_out=f"{path}.{adapter.moe_out}" if adapter.moe_out else None,
         gate_on_input=adapter.gate_on_input,
         moe_bias=f"{path}.{adapter.moe_bias}" if adapter.moe_bias else None,
+        shared_gammas=int(getattr(routing, "n_shared", 0)) if shared else 0,
     )
 
 

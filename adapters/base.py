@@ -113,6 +113,10 @@ class Adapter:
         transposed = getattr(experts, "is_transposed", self.experts_transposed)
         return int(experts.down_proj.shape[1] if transposed else experts.down_proj.shape[2])
 
+    def shared_width(self, shared: nn.Module) -> int:
+        """d_shared: the width of the shared expert's ``hook_shared_acts`` (its down projection's input)."""
+        return int(shared.get_submodule(self.shared_down).in_features)
+
 
 def _has_fused_experts(experts: nn.Module) -> bool:
     down = getattr(experts, "down_proj", None)

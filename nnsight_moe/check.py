@@ -319,8 +319,8 @@ def _run_unattached(hf, layout, batch) -> tuple[Tensor, dict, dict]:
     b, p = batch["input_ids"].shape
     handles = _forward_hooks(hf, layout, lambda info: info.path,
                              lambda i, o: blocks.__setitem__(i, (o[0] if isinstance(o, tuple) else o).detach().clone()))
-    handles += _forward_hooks(hf, layout, lambda info: info.router,
-                              lambda i, o: indices.__setitem__(i, o[2].detach().reshape(b, p, -1).clone()))
+    handles += _forward_hooks(hf, layout, lambda info: info.router, lambda i, o: indices.__setitem__(
+        i, _selection(hf, layout, i, o)[1].detach().reshape(b, p, -1).clone()))
     beside = {}  # a shared expert beside the block (Granite): the layer adds its output to the block's
     for index in layout.moe_layers:
         if layout.layer(index).shared_outside:
@@ -347,7 +347,7 @@ def _run_attached(hf, handle, batch) -> tuple[Tensor, dict, dict]:
     b, p = batch["input_ids"].shape
     routers, values = {}, {}
     handles = _forward_hooks(hf, layout, lambda info: info.router, lambda i, o: routers.__setitem__(
-        i, (o[1].detach().reshape(b, p, -1).clone(), o[2].detach().reshape(b, p, -1).clone())))
+        i, tuple(t.detach().reshape(b, p, -1).clone() for t in _selection(hf, layout, i, o))))
     points = handle.hook_points()
     for name, point in points.items():
         point.add_hook(lambda tensor, hook, name=name: values.__setitem__(name, tensor.detach().clone()))
@@ -359,6 +359,16 @@ def _run_attached(hf, handle, batch) -> tuple[Tensor, dict, dict]:
         for point in points.values():
             point.remove_hooks()
     return logits, values, routers
+
+
+def _selection(hf, layout, index: int, output) -> tuple[Tensor, Tensor]:
+    """(weights, indices) a router returned. Zaya's router hands a slot routed to its skip expert on as
+    (expert 0, weight 0): those slots are given the skip expert's id back, as ``hook_topk_indices`` holds it."""
+    weights, indices = output[1], output[2]
+    router = _inner(hf.get_submodule(layout.layer(index).router))
+    if hasattr(router, "num_router_classes"):  # Zaya: classes = experts + the skip expert
+        indices = indices.masked_fill((weights == 0) & (indices == 0), router.num_experts)
+    return weights, indices
 
 
 def _float32_indices(hf, layout, batch) -> dict | None:

@@ -42,8 +42,6 @@ EXCLUDED: dict[str, str] = {
 
 #: MoE packages not supported yet, with what they need (issue #14's groups).
 NOT_YET: dict[str, str] = {
-    "inkling": "the router also returns shared-expert gammas: a fourth router output the contract lacks",
-    "zaya": "a skip expert and cross-layer router state",
 }
 
 _MOE_CLASS = re.compile(r"^class (\w*(?:Experts|MoE|Moe)\w*)\(", re.M)

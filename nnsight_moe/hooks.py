@@ -181,7 +181,11 @@ def install(block: nn.Module, state: BlockState) -> list:
         logits = unwrap(state.router.get_submodule(state.adapter.router_logits))
         logits.__dict__[_STATE] = state
         handles.append(logits.register_forward_hook(_stash_logits))
-    if state.layer.has_shared:
+    if state.layer.shared_gammas:  # Inkling: batched shared experts scaled by the router's gammas
+        from nnsight_moe import shared_gammas
+
+        handles += shared_gammas.install(state)
+    elif state.layer.has_shared:
         shared = state.shared
         down_proj = unwrap(shared.get_submodule(state.adapter.shared_down))
         handles.append(down_proj.register_forward_pre_hook(_shared_acts))
@@ -284,10 +288,23 @@ def _route(router, args, output):
                          f"0..{n_experts - 1}, got {indices.dtype} values in [{indices.min()}, {indices.max()}]")
     x = args[0] if args and isinstance(args[0], Tensor) else None  # the router's input (hidden states)
     input_dtype = x.dtype if x is not None else state.input_dtype
-    weights = rule.weights(scores, indices, exclude, logits_dtype=logits.dtype, input_dtype=input_dtype,
-                           logits=logits if unedited else None)
+    if rule._kind == "sink":  # Inkling: normalised jointly with the shared experts' gammas (nnsight_moe.shared_gammas)
+        from nnsight_moe.shared_gammas import sink_logits
+
+        weights, gammas = rule.sink_weights(scores, indices, sink_logits(state.router, x, n_experts).reshape(b, p, -1),
+                                            input_dtype, logits if unedited else None)
+    else:
+        weights = rule.weights(scores, indices, exclude, logits_dtype=logits.dtype, input_dtype=input_dtype,
+                               logits=logits if unedited else None)
     weights = _checked(state, "hook_topk_weights", state.hook("hook_topk_weights", state.edit_weights(indices, weights)),
                        (b, p, k))
+    rest = output[3:]  # further router outputs, handed on unchanged (Zaya's cross-layer router state)
+    if rule._kind == "sink":  # the router's fourth output: the gammas the shared experts scale their activations by
+        rest = (_checked(state, "hook_shared_gammas", state.hook("hook_shared_gammas", gammas),
+                         (b, p, state.layer.shared_gammas)).reshape(b * p, -1),)
+    if rule._kind == "skip":  # Zaya: the router hands the experts a skip slot as expert 0 with weight 0
+        state.skip = (indices == n_experts - 1).reshape(b * p, k)
+        indices = indices.masked_fill(indices == n_experts - 1, 0)
     state.experts_pending = True  # cleared by the "nnsight_moe" experts implementation
     if gate_on_input:
         from nnsight_moe.input_gated import dense_scores
@@ -296,15 +313,16 @@ def _route(router, args, output):
         scores_dense = dense_scores(weights.reshape(b * p, k), state.indices, n_experts, output[0].dtype)
         return scores_dense, logits.reshape(b * p, -1)
     first = scores.to(output[0].dtype) if state.adapter.router_logits else logits  # the router's own format
-    return (first.reshape(b * p, -1), weights.reshape(b * p, k), indices.reshape(b * p, k), *output[3:])
+    return (first.reshape(b * p, -1), weights.reshape(b * p, k), indices.reshape(b * p, k), *rest)
 
 
 def _checked(state: "BlockState", name: str, value: Any, shape: tuple) -> Tensor:
     """``value`` if it is a tensor of ``shape``; else a ``ValueError`` naming the hook point (an edit of the wrong shape)."""
     if not isinstance(value, Tensor) or tuple(value.shape) != shape:
         got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        last = "experts" if name.startswith("hook_router") else "shared experts" if name == "hook_shared_gammas" else "top_k"
         raise ValueError(f"layer {state.layer.index}: {name} must be a tensor of shape {list(shape)} "
-                         f"([batch, pos, {'experts' if name.startswith('hook_router') else 'top_k'}]), got {got}")
+                         f"([batch, pos, {last}]), got {got}")
     return value
 
 
@@ -449,8 +467,11 @@ def hooked_experts_forward(
     slots = _sort_slots(top_k_index, experts.num_experts)
     fp32 = getattr(state.adapter, "experts_float32", False)
     x = hidden_states.float() if fp32 else hidden_states
-    acts = state.hook("hook_expert_acts", expert_acts(experts, x, top_k_index, slots).view(b, p, k, -1))
-    out = state.hook("hook_expert_out", expert_down(experts, acts.reshape(n * k, -1), top_k_index, slots).view(b, p, k, d))
+    skip = state.__dict__.pop("skip", None)  # Zaya: slots routed to the skip expert compute nothing (acts, out 0)
+    acts = expert_acts(experts, x, top_k_index, slots).view(b, p, k, -1)
+    acts = state.hook("hook_expert_acts", acts if skip is None else acts.masked_fill(skip.view(b, p, k, 1), 0))
+    out = expert_down(experts, acts.reshape(n * k, -1), top_k_index, slots).view(b, p, k, d)
+    out = state.hook("hook_expert_out", out if skip is None else out.masked_fill(skip.view(b, p, k, 1), 0))
     if state.adapter.own_experts:
         routed = _eager_sum(out, top_k_weights.view(b, p, k), top_k_index.view(b, p, k), hidden_states.dtype)
     elif fp32:

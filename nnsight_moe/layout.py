@@ -32,8 +32,11 @@ SHARED_HOOK_NAMES = ("hook_shared_acts", "hook_shared_out", "hook_shared_gate")
 #: and the sum a block post-processes (A.X-K1's post-MoE norm).
 LATENT_HOOK_NAMES = ("hook_latent_in", "hook_latent_out")
 POST_HOOK_NAMES = ("hook_moe_sum",)
+#: Hook point of the extension for routers that also weight the shared experts (Inkling's gammas [b, p, S]).
+GAMMA_HOOK_NAMES = ("hook_shared_gammas",)
 #: All hook point names of the contract.
-HOOK_NAMES = ROUTED_HOOK_NAMES + SHARED_HOOK_NAMES + ("hook_moe_out",) + LATENT_HOOK_NAMES + POST_HOOK_NAMES
+HOOK_NAMES = (ROUTED_HOOK_NAMES + SHARED_HOOK_NAMES + ("hook_moe_out",) + LATENT_HOOK_NAMES + POST_HOOK_NAMES
+              + GAMMA_HOOK_NAMES)
 
 
 class UnsupportedModelError(ValueError):
@@ -93,6 +96,10 @@ class LayerLayout:
     #: The MoE block's module path when ``path`` is not it: a later pass (``loop_pass >= 1``) of a looped layer
     #: keeps its hook points in a container ``<block>.pass<p>`` that ``attach`` adds to the block (``path``).
     block_path: str | None = None
+    #: The router also returns one gamma per shared expert, normalised jointly with the routed weights, and
+    #: the shared experts scale their activations by them (Inkling): this many shared experts; 0: none.
+    #: ``hook_shared_gammas`` [b, p, shared_gammas] fires after ``hook_topk_weights``.
+    shared_gammas: int = 0
 
     @property
     def is_moe(self) -> bool:
@@ -113,7 +120,8 @@ class LayerLayout:
         if not self.is_moe:
             return ()
         latent = self.d_latent > 0
-        return (ROUTED_HOOK_NAMES[:4] + LATENT_HOOK_NAMES[:latent] + ROUTED_HOOK_NAMES[4:] + LATENT_HOOK_NAMES[1:2 * latent]
+        gammas = GAMMA_HOOK_NAMES if self.shared_gammas else ()  # fired by the router hook, after the weights
+        return (ROUTED_HOOK_NAMES[:4] + gammas + LATENT_HOOK_NAMES[:latent] + ROUTED_HOOK_NAMES[4:] + LATENT_HOOK_NAMES[1:2 * latent]
                 + (SHARED_HOOK_NAMES if self.has_shared else ()) + (POST_HOOK_NAMES if self.post else ()) + ("hook_moe_out",))
 
 
@@ -202,6 +210,7 @@ class MoELayout:
             shared += f", post-processed by {layer.post.rsplit('.', 1)[-1]}" if layer.post else ""
             shared += f", routed sum x{layer.routed_scale:g}" if layer.routed_scale != 1.0 else ""
             shared += f", loop pass {layer.loop_pass} of {layer.loop_passes}" if layer.loop_passes > 1 else ""
+            shared += f", {layer.shared_gammas} router gamma(s)" if layer.shared_gammas else ""
             rule = layer.routing.describe() if layer.routing is not None else ""
             lines.append(
                 f"  {layer.index:>3} moe    {layer.path}  E={layer.n_experts} k={layer.top_k} "

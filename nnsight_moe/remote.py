@@ -50,6 +50,8 @@ from nnsight_moe.identity_experts import identity_slots
 from nnsight_moe.input_gated import dense_experts, dense_scores
 from nnsight_moe.layout import MoELayout
 from nnsight_moe.routing import Routing, expert_order_sum, keep_top_weights, rule_scores, rule_select, rule_weights, zero_weights
+from nnsight_moe.routing import sink_weights
+from nnsight_moe.shared_gammas import gamma_shared, sink_logits
 
 __all__ = ["MoEView", "RemoteBatchError", "VIEW_QUANTITIES", "moe_spec", "read_layer", "run_batches"]
 
@@ -69,6 +71,7 @@ VIEW_QUANTITIES = (
     "latent_in",
     "latent_out",
     "moe_sum",
+    "shared_gammas",
 )
 _MODES = ("zero", "renorm", "reroute")
 
@@ -85,7 +88,8 @@ def _routing_spec(routing: Routing, block: torch.nn.Module, family: str) -> dict
         raise ValueError(f"{family}: the remote view does not implement the routing rule {type(routing).__name__}")
     named = dict(block.named_parameters()) | dict(block.named_buffers())
     paths = {}
-    for what, tensor in (("bias", routing.bias), ("expert_scale", getattr(routing, "expert_scale", None))):
+    for what, tensor in (("bias", routing.bias), ("expert_scale", getattr(routing, "expert_scale", None)),
+                         ("global_scale", getattr(routing, "global_scale", None))):
         paths[what] = None
         if tensor is not None:
             paths[what] = next((name for name, t in named.items() if tensor is t or tensor._base is t), None)
@@ -122,7 +126,9 @@ def moe_spec(model: Any) -> dict:
             "shared_first": _shared_runs_first(hf, info) if info.shared else False,
             "shared_gated": shared is not None and hasattr(shared, "gate_proj"),
             # a shared MLP that is not gate/up/down_proj, or lives beside the block: read from the forward
-            "shared_read": shared is not None and (info.shared_outside or not _standard_mlp(shared)),
+            "shared_read": shared is not None and not info.shared_gammas and (info.shared_outside or not _standard_mlp(shared)),
+            # Inkling: the router's fourth output are the shared experts' gammas (nnsight_moe.shared_gammas)
+            "shared_gammas": info.shared_gammas,
             "shared_down": info.shared_down,
             "shared_outside": info.shared_outside,
             "d_latent": info.d_latent,
@@ -499,9 +505,10 @@ def read_layer(
         edit_logits: ``fn(logits [b, p, E]) -> logits``; scores, selection and weights are re-derived.
         edit_weights: ``fn(indices [b, p, k], weights [b, p, k]) -> weights``, applied after blocking
             (as setting ``hook_topk_weights``).
-        edit_routing: ``fn(indices [b, p, k], weights [b, p, k]) -> (indices, weights)``, applied after
-            ``edit_weights``: the selection and its gate values used as-is (as setting ``hook_topk_indices``
-            and then ``hook_topk_weights``), e.g. one row's routing patched into another's.
+        edit_routing: ``fn(routing) -> routing`` on a dict ``{"topk_indices": [b, p, k], "topk_weights":
+            [b, p, k]}`` (plus ``"shared_gammas"`` [b, p, S] where the router weights the shared experts:
+            Inkling), applied after ``edit_weights``: the routing used as-is (as setting those hook points),
+            e.g. one row's routing patched into another's.
         keep_top: keep only the n largest gate weights per token (0 = routed experts off), applied last;
             as ``restrict_experts`` does locally (``keep_top_renorm``: its ``renorm=True``).
         shared: ``False`` switches the shared expert off (its output is set to zero; the reported
@@ -518,7 +525,8 @@ def read_layer(
         previous, mediator.iteration = mediator.iteration, layers[layer]["loop_pass"]
         try:
             return read_layer(model, first_pass, layer, want=want, block=block, mode=mode, edit_logits=edit_logits,
-                              edit_weights=edit_weights, keep_top=keep_top, shared=shared, keep_top_renorm=keep_top_renorm)
+                              edit_weights=edit_weights, keep_top=keep_top, shared=shared, keep_top_renorm=keep_top_renorm,
+                              edit_routing=edit_routing)
         finally:
             mediator.iteration = previous
     want = tuple(want) if want is not None else _all_quantities(layers[layer])
@@ -577,6 +585,11 @@ def read_layer(
     else:
         indices = raw_indices.reshape(total, p, k)[start : start + b]
         weights = raw_weights.reshape(total, p, k)[start : start + b]
+    kind = rule["kind"]
+    if kind == "skip":  # Zaya hands a skip slot on as (expert 0, weight 0): its own selection, by its rule
+        bias = _envoy(model, f"{info['block']}.{rule['bias']}").reshape(-1) if rule["bias"] else None
+        indices = rule_select(rule, rule_scores(rule, logits), None, bias, k)
+    gammas = _rows(output[3], b, p) if kind == "sink" else None  # Inkling: the shared experts' gammas
     rederive = edit_logits is not None or (mask is not None and mode == "reroute")
     if rederive and rule["kind"] == "sparsemixer":
         raise ValueError(f"layer {layer}: the remote view cannot re-derive sparsemixer routing (phimoe); use mode='zero' or 'renorm'")
@@ -593,7 +606,12 @@ def read_layer(
                                  "mode='reroute' has no meaning there: use mode='zero' or 'renorm'")
         else:
             indices = rule_select(rule, scores, exclude, bias, k)
-        weights = rule_weights(rule, scores, indices, raw_logits.dtype, x.dtype, logits, scale)
+        if kind == "sink":  # normalised with the shared experts' gammas, on the router's own shared logits
+            global_scale = _envoy(model, f"{info['block']}.{rule['global_scale']}") if rule.get("global_scale") else None
+            weights, gammas = sink_weights(rule, scores, indices, sink_logits(router, x, n_experts).reshape(b, p, -1),
+                                           global_scale, x.dtype, logits)
+        else:
+            weights = rule_weights(rule, scores, indices, raw_logits.dtype, x.dtype, logits, scale)
     edited = rederive
     if mask is not None and mode != "reroute":
         weights = zero_weights(weights, indices, mask, mode == "renorm")
@@ -602,7 +620,9 @@ def read_layer(
         weights = edit_weights(indices, weights)
         edited = True
     if edit_routing is not None:
-        indices, weights = edit_routing(indices, weights)
+        routing = edit_routing({"topk_indices": indices, "topk_weights": weights,
+                                **({"shared_gammas": gammas} if gammas is not None else {})})
+        indices, weights, gammas = routing["topk_indices"], routing["topk_weights"], routing.get("shared_gammas", gammas)
         edited = True
     if keep_top is not None:
         weights = keep_top_weights(weights, keep_top, keep_top_renorm)
@@ -624,14 +644,17 @@ def read_layer(
     elif edited:
         first = (_splice(raw_first, scores, start, total) if proj_logits is not None
                  else _splice(raw_logits, logits, start, total))
+        handed = indices.masked_fill(indices == rule["skip"], 0) if kind == "skip" else indices
         router.output = (
             first,
             _splice(raw_weights, weights, start, total),
-            _splice(raw_indices, indices, start, total),
-            *output[3:],
+            _splice(raw_indices, handed, start, total),
+            *((_splice(output[3], gammas, start, total),) if kind == "sink" else output[3:]),
         )
 
     values = {"router_logits": logits, "router_scores": scores, "topk_indices": indices, "topk_weights": weights}
+    if gammas is not None:
+        values["shared_gammas"] = gammas
     flat = x.reshape(b * p, x.shape[-1])
     per_expert = any(name in want for name in ("expert_acts", "expert_out", "routed_out"))
     latent = info.get("d_latent", 0) > 0
@@ -667,6 +690,13 @@ def read_layer(
         values["expert_acts"] = acts.reshape(b, p, k, -1)
         values["expert_out"] = out.reshape(b, p, k, -1)
         values["routed_out"] = (values["expert_out"] * weights[..., None]).sum(dim=-2).to(x.dtype)
+    elif kind == "skip" and per_expert:  # the skip expert's slots compute nothing (acts and out 0)
+        skip = (indices == rule["skip"]).reshape(b * p, k, 1)
+        acts, out = _expert_slots(_envoy(model, info["experts"]), experts_in,
+                                  indices.reshape(b * p, k).masked_fill(skip[..., 0], 0))
+        values["expert_acts"] = acts.masked_fill(skip, 0).reshape(b, p, k, -1)
+        values["expert_out"] = out.masked_fill(skip, 0).reshape(b, p, k, -1)
+        values["routed_out"] = (values["expert_out"] * weights[..., None]).sum(dim=-2).to(experts_in.dtype)
     elif per_expert:
         fp32 = info.get("experts_float32", False)  # the experts compute and sum in float32 (see Adapter)
         acts, out = _expert_slots(_envoy(model, info["experts"]), experts_in.float() if fp32 else experts_in,
@@ -679,7 +709,11 @@ def read_layer(
             values["routed_out"] = (values["expert_out"] * weights[..., None]).sum(dim=-2).to(experts_in.dtype)
     if latent and "latent_out" in want:  # the routed sum projected back to d_model, as the forward ran it
         values["latent_out"] = _rows(_envoy(model, info["latent_out"]).output, b, p)
-    if info["shared"] and not info.get("shared_read", False) and any(
+    if gammas is not None and any(name in want for name in ("shared_acts", "shared_out", "shared_gate")):
+        acts, out = gamma_shared(_envoy(model, info["shared"]), flat, gammas.reshape(b * p, -1))
+        values["shared_acts"], values["shared_out"] = acts.reshape(b, p, -1), out.reshape(b, p, -1)
+        values["shared_gate"] = torch.ones(b, p, 1, dtype=x.dtype, device=x.device) * (0 if ablate_shared else 1)
+    elif info["shared"] and not info.get("shared_read", False) and any(
             name in want for name in ("shared_acts", "shared_out", "shared_gate")):
         shared = _envoy(model, info["shared"])
         if info["shared_gated"]:
@@ -767,7 +801,7 @@ def _all_quantities(info: dict) -> tuple:
     shared = ("shared_acts", "shared_out", "shared_gate")
     return tuple(name for name in VIEW_QUANTITIES if (info["shared"] or name not in shared)
                  and (info.get("d_latent", 0) or name not in ("latent_in", "latent_out"))
-                 and (info.get("post") or name != "moe_sum"))
+                 and (info.get("post") or name != "moe_sum") and (info.get("shared_gammas") or name != "shared_gammas"))
 
 
 def _invoke_rows(b: int, rows: int) -> tuple:

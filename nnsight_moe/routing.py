@@ -32,7 +32,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 __all__ = ["ClampNormRouting", "HashRouting", "Routing", "SigmoidOfLogits", "SoftmaxTopK", "SparseMixer", "keep_top_weights",
-           "expert_order_sum", "ordered_sum", "rule_scores", "rule_select", "rule_weights", "weights_dtypes", "zero_weights"]
+           "expert_order_sum", "ordered_sum", "rule_scores", "rule_select", "rule_weights", "weights_dtypes", "zero_weights",
+           "SinkRouting", "SkipRouting", "sink_weights"]
 
 
 @dataclass
@@ -234,6 +235,12 @@ def rule_weights(rule: dict, scores: torch.Tensor, indices: torch.Tensor, logits
     if expert_scale is not None:
         w = rule_weights(rule, scores, indices, logits_dtype, input_dtype, logits)
         return w * expert_scale.to(w.device)[indices]
+    if rule["kind"] == "sink":
+        raise ValueError("rule_weights does not implement a router normalised with shared experts (inkling): use "
+                         "sink_weights, which also needs the shared experts' logits")
+    if rule["kind"] == "skip":  # Zaya: the skip expert's slot gets weight 0 (its output is 0: no compute)
+        w = rule_weights({**rule, "kind": "topk"}, scores, indices, logits_dtype, input_dtype, logits)
+        return w.masked_fill(indices == rule["skip"], 0)
     compute, out = weights_dtypes(rule, logits_dtype, input_dtype)
     if rule["kind"] == "softmax_topk" and logits is not None:
         w = logits.float().gather(-1, indices).to(compute).softmax(dim=-1)
@@ -421,6 +428,77 @@ class ClampNormRouting(Routing):
 
     def describe(self) -> str:
         return super().describe().replace(", renorm", "") + f", renorm (sum clamped at {self.norm_min:g})"
+
+
+@dataclass
+class SkipRouting(Routing):
+    """A routed *skip expert* (Zaya): the last expert id ``n_experts - 1`` computes nothing.
+
+    Scores, selection-only bias and top-k as :class:`Routing`; a slot that picks the skip expert gets gate
+    weight 0 (the router masks it so) and output 0. ``n_experts`` counts the skip expert.
+    """
+
+    _kind: ClassVar[str] = "skip"
+
+    def rule(self) -> dict:
+        return {**super().rule(), "skip": int(self.n_experts - 1)}
+
+    def describe(self) -> str:
+        return super().describe() + f", expert {self.n_experts - 1} skips (zero compute)"
+
+
+@dataclass
+class SinkRouting(Routing):
+    """Routed weights normalised jointly with the shared experts' gammas (Inkling's shared-expert sink).
+
+    The router's logits are [E routed | S shared]. Selection: ``topk(sigmoid(routed) + bias, sorted=False)``.
+    Weights: ``softmax(logsigmoid([chosen routed logits | shared logits]))`` (i.e. the k + S sigmoids divided
+    by their sum) times ``scale`` (``route_scale``) times the router's learned ``global_scale`` [1], cast to
+    the hidden states' dtype; the first k are the routed weights, the last S the shared experts' gammas
+    (:func:`sink_weights`). The scores are ``sigmoid(routed logits)``.
+    """
+
+    n_shared: int = 1
+    global_scale: Tensor | None = None
+    _kind: ClassVar[str] = "sink"
+
+    def rule(self) -> dict:
+        return {**super().rule(), "n_shared": int(self.n_shared)}
+
+    def weights(self, scores, indices, exclude=None, logits_dtype=None, input_dtype=None, logits=None):
+        raise ValueError("SinkRouting weights need the shared experts' logits: use SinkRouting.sink_weights")
+
+    def sink_weights(self, scores, indices, shared_logits, input_dtype=None, logits=None) -> tuple[Tensor, Tensor]:
+        """(routed weights [..., k], shared gammas [..., S]): :func:`sink_weights` of this rule."""
+        return sink_weights(self.rule(), scores, indices, shared_logits, self.global_scale, input_dtype, logits)
+
+    def describe(self) -> str:
+        return (f"sigmoid top-{self.top_k} of {self.n_experts} + selection bias, weights normalised with "
+                f"{self.n_shared} shared expert gamma(s), x{self.scale:g} x global scale")
+
+
+def sink_weights(rule: dict, scores: torch.Tensor, indices: torch.Tensor, shared_logits: torch.Tensor,
+                 global_scale: Any = None, input_dtype: Any = None, logits: Any = None) -> tuple:
+    """Inkling's joint normalisation: (routed weights [..., k], shared gammas [..., S]).
+
+    ``scores`` [..., E] are ``sigmoid(routed logits)``, ``shared_logits`` [..., S] the router's shared-expert
+    logits (float32), ``logits`` the routed logits when ``scores`` are unedited (the router's own operations
+    on them, bit-identical), else None (the log-sigmoids are then ``log(scores)``). Both outputs are in
+    ``input_dtype`` (the router casts to the hidden states' dtype).
+    """
+    if logits is not None:
+        chosen = torch.cat([logits.float().gather(-1, indices), shared_logits.float()], dim=-1)
+        log_probs = torch.nn.functional.logsigmoid(chosen)
+    else:
+        log_probs = torch.cat([scores.float().gather(-1, indices).log(),
+                               torch.nn.functional.logsigmoid(shared_logits.float())], dim=-1)
+    w = torch.exp(log_probs - torch.logsumexp(log_probs, dim=-1, keepdim=True))
+    w = w * rule["scale"]
+    if global_scale is not None:
+        w = w * global_scale.to(w.device).float()
+    w = w.to(input_dtype or torch.float32)
+    k = indices.shape[-1]
+    return w[..., :k].contiguous(), w[..., k:].contiguous()
 
 
 # Ship this module's functions by value (as source): nnsight_moe is not installed on NDIF.

@@ -126,6 +126,12 @@ FAMILY_EXTRAS: dict[str, dict[str, Any]] = {
                            "unpadded_vocab_size": 128},
     # DiffusionGemma: Gemma-4 MoE layers in both stacks (untied: TOP_EXTRAS)
     "diffusion_gemma_text": {"top_k_experts": 2},
+    # Inkling: two shared experts (one gamma each, normalised with the routed weights), layer 0 dense, small
+    # sliding-window attention (its own head sizes) and relative-position bias
+    "inkling_text": {"n_shared_experts": 2, "mlp_layer_types": ["dense", "sparse", "sparse"], "swa_num_attention_heads": 4,
+                     "swa_num_key_value_heads": 2, "swa_head_dim": 16, "d_rel": 4, "rel_extent": 16},
+    # ZAYA1: top-1 only (its config refuses more), a small router MLP
+    "zaya": {"num_experts_per_tok": 1, "router_hidden_size": 32},
     "qwen4_exp_text": {
         "layer_types": ["linear_attention", "indexed_attention", "linear_attention"],
         "indexer_n_heads": 2,
@@ -172,6 +178,7 @@ TOWER: dict[str, Any] = {
 TOWER_EXTRAS: dict[str, dict[str, Any]] = {
     "muse_spark_audio": {"patch_sizes": [16], "hidden_sizes": [32], "depths": [1]},
     "qwen3_omni_moe_code2wav": {"decoder_dim": 32, "codebook_size": 64},
+    "inkling_vision": {"n_layers": 2, "patch_size": 4, "temporal_patch_size": 2},  # its layer widths follow the patch
     "qwen3_omni_moe_audio_encoder": {"encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 64,
                                      "d_model": 32, "output_dim": TINY["hidden_size"], "downsample_hidden_size": 16},
 }
@@ -291,7 +298,8 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch
     """Re-draw every floating parameter and buffer of ``model`` from N(0, std^2/fan) (in place).
 
     Norm weights are drawn around 1; a hash router's ``tid2eid`` table gets k distinct random experts per
-    token id; 0-d tensors (constants such as an embedding scale) are kept. Returns
+    token id; Zaya's ``balancing_biases`` (added to probabilities) are drawn small; 0-d tensors (constants
+    such as an embedding scale) are kept. Returns
     the model.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -305,7 +313,9 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch
             if not tensor.is_floating_point() or tensor.ndim == 0 or "inv_freq" in name or "rotary" in name:
                 continue
             noise = torch.randn(tensor.shape, generator=gen, dtype=torch.float32)
-            if tensor.ndim == 1 and "norm" in name:
+            if name.endswith("balancing_biases"):  # Zaya's selection-only bias is added to probabilities (~1/E):
+                tensor.copy_(0.01 * noise)  # kept small, so the router's probabilities decide the selection
+            elif tensor.ndim == 1 and "norm" in name:
                 tensor.copy_(1.0 + 0.1 * noise)
             elif tensor.ndim == 1:
                 tensor.copy_(0.1 * noise)

@@ -145,6 +145,8 @@ def _layer_type(layer: nn.Module, config: Any, i: int, n_layers: int) -> str | N
 def _is_attention(kind: str | None, module: nn.Module) -> bool:
     if kind is not None:
         kind = kind.lower()
+        if kind.startswith("hybrid"):  # Zaya's / Inkling's attention layers ("hybrid", "hybrid_sliding")
+            return hasattr(unwrap(module), "o_proj")
         return "attention" in kind and "linear" not in kind or kind in ("attn", "global", "local", "sliding", "full")
     return hasattr(unwrap(module), "o_proj")
 

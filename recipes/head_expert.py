@@ -308,7 +308,8 @@ def _run(hf, handle, batch, patch: dict | None = None, capture: bool = False):
     added = TemporaryHooks()
     for i in layers:
         block = handle.block(i)
-        for name in ("hook_router_scores", "hook_topk_indices", "hook_topk_weights"):
+        gammas = ("hook_shared_gammas",) if handle.layout.layer(i).shared_gammas else ()  # Inkling: the router's too
+        for name in ("hook_router_scores", "hook_topk_indices", "hook_topk_weights") + gammas:
             point = getattr(block, name)
             if patch is not None and name != "hook_router_scores":
                 added.add(point, lambda value, hook, i=i, name=name: patch[i][name])
@@ -354,7 +355,7 @@ def _causal_batch(handle, conditions, correlated, hf, batch) -> dict:
     for _, _, heads in conditions:
         with suppress_heads(hf, heads):
             logits, routing = _run(hf, handle, inputs, capture=True)
-            patch = {i: {n: clean_routing[i][n] for n in ("hook_topk_indices", "hook_topk_weights")}
+            patch = {i: {n: v for n, v in clean_routing[i].items() if n != "hook_router_scores"}
                      for i in handle.layout.moe_layers}
             patched, _ = _run(hf, handle, inputs, patch=patch)
         d_corr, d_sel = [], []
@@ -513,13 +514,15 @@ def _causal_remote(model, prompts, targets, tokenizer, correlation, *, k_heads, 
     return CausalResult(pd.DataFrame(rows), [tuple(h) for h in top_heads])
 
 
-def _clean_routing(groups: int, indices: torch.Tensor, weights: torch.Tensor) -> tuple:
-    """The patched row groups (2, 4, ...) of ``[groups * b, p, k]`` routing given the clean group's (0)."""
-    i = indices.reshape(groups, -1, *indices.shape[1:]).clone()
-    w = weights.reshape(groups, -1, *weights.shape[1:]).clone()
-    i[2::2] = i[0]
-    w[2::2] = w[0]
-    return i.reshape(indices.shape), w.reshape(weights.shape)
+def _clean_routing(groups: int, routing: dict) -> dict:
+    """The patched row groups (2, 4, ...) of ``[groups * b, p, ...]`` routing (indices, weights and, for
+    Inkling, the shared gammas) given the clean group's (0)."""
+    patched = {}
+    for name, value in routing.items():
+        v = value.reshape(groups, -1, *value.shape[1:]).clone()
+        v[2::2] = v[0]
+        patched[name] = v.reshape(value.shape)
+    return patched
 
 
 def _causal_in_trace(settings: dict, view: Any, model: Any, batch: dict) -> dict:

@@ -113,7 +113,12 @@ def capture_routers(model: nn.Module, layout: MoELayout, fn):
     if any(isinstance(getattr(model.get_submodule(layout.layer(i).experts), "mlp", None), nn.Module)
            for i in layout.moe_layers):  # DBRX: the router returns logits only; the block hands the experts the rest
         return _capture(model, layout, lambda info: info.experts, record_experts, fn)
-    return _capture(model, layout, lambda info: info.router, record, fn)
+    seen = _capture(model, layout, lambda info: info.router, record, fn)
+    for index, (weights, indices) in seen.items():
+        router = model.get_submodule(layout.layer(index).router)
+        if hasattr(router, "num_router_classes"):  # Zaya masks a skip slot to (expert 0, weight 0): the skip id back
+            seen[index] = (weights, indices.masked_fill(weights == 0, router.num_experts))
+    return seen
 
 
 def naive_expert(experts: nn.Module, x: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,6 +129,8 @@ def naive_expert(experts: nn.Module, x: torch.Tensor, e: int) -> tuple[torch.Ten
         gate, up = (x @ experts.gate_up_proj[e].T).chunk(2, dim=-1)
         acts = experts.act_fn(gate) * up
         return acts, acts @ experts.down_proj[e].T
+    if type(experts).__name__ == "ZayaExperts" and e >= experts.num_experts:  # the skip expert computes nothing
+        return x.new_zeros(x.shape[0], experts.intermediate_dim), x.new_zeros(x.shape)
     if type(experts).__name__ == "JetMoeMoE":  # parallel experts [E, out, in] (pass the block)
         gate, up = (x @ experts.input_linear.weight[e].T).chunk(2, dim=-1)
         acts = experts.activation(gate) * up
@@ -182,6 +189,8 @@ def zero_expert_(model: nn.Module, layout: MoELayout, blocked: dict[int, list[in
                     expert_weights(module)[2][e].zero_()
                 continue
             for e in experts:
+                if type(module).__name__ == "ZayaExperts" and e >= module.num_experts:
+                    continue  # the skip expert has no weights: its slots already add nothing
                 module.down_proj[e].zero_()
                 if getattr(module, "has_bias", False):
                     module.down_proj_bias[e].zero_()

@@ -75,7 +75,7 @@ def test_metrics_equal_direct_computation(side):
         assert torch.equal(ranks[0], _copy_ranks(model, prompts, targets))
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "inkling_text", "zaya"])  # + router gammas, a skip expert
 def test_zero_sweep_equals_zeroed_copies(family):
     """Every top and random condition of a `zero` sweep equals a copy with those down_projs zeroed."""
     model = tiny_model(family)

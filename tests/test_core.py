@@ -15,7 +15,8 @@ from helpers import capture_blocks, capture_hooks, capture_routers, naive_expert
 #: Every supported family, plus model types served by another family's adapter through their text model
 #: (Kimi-K2.5: DeepSeek-V3; Nemotron-3.5-Transcribe, Nemotron-H-Omni: Nemotron-H), built as the full
 #: multimodal model.
-FAMILIES = nnsight_moe.supported_families() + ["kimi_k25", "nemo_speechlm", "nemotron_h_omni", "nemotron_h-latent"]
+FAMILIES = nnsight_moe.supported_families() + ["kimi_k25", "nemo_speechlm", "nemotron_h_omni", "nemotron_h-latent",
+                                               "inkling_mm_model"]  # Inkling's multimodal model (inkling_text inside)
 #: Test variants of a family: (model type, tiny-model overrides).
 VARIANTS = {"nemotron_h-latent": ("nemotron_h", {"moe_latent_size": 32, "mlp_bias": True})}
 

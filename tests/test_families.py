@@ -17,7 +17,8 @@ from nnsight_moe.testing import tiny_config, tiny_model
 ADDED = ["aria", "axk1", "beam", "deepseek_ocr2", "dots3_note", "glm4v_moe", "glm5_next", "granitemoehybrid", "granitemoeshared",
          "hy_v4_vl", "laguna", "lara_mini", "lfm2_moe", "minimax_m3_vl", "muse_spark",
          "mistral4", "mistral_large4", "openai_privacy_filter", "qwen3_vl_moe", "sarvam_mla", "sarvam_moe", "step3p7",
-         "unlimited_ocr", "ernie4_5_vl_moe", "qwen3_omni_moe", "inkling2_loop_text", "diffusion_gemma"]
+         "unlimited_ocr", "ernie4_5_vl_moe", "qwen3_omni_moe", "inkling2_loop_text", "diffusion_gemma",
+         "inkling_text", "zaya"]
 #: Families whose router keeps bf16 arithmetic (mistral4, lfm2_moe) or casts weights to the hidden states'
 #: dtype (lara_mini): the contract's float32 weights differ from the model's by bf16 rounding.
 BF16_ROUNDED = {"lara_mini", "lfm2_moe", "mistral4"}

@@ -72,7 +72,7 @@ class _Flaky(LocalSimulationBackend):
         return LocalSimulationBackend.__call__(self, tracer)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "inkling_text", "zaya"])  # + router gammas, skip expert
 def test_causal_remote_local_equals_local(family):
     hf = tiny_model(family)
     corr = _correlation(hf)

@@ -13,7 +13,7 @@ from nnsight_moe.testing import tiny_model
 
 from helpers import capture_hooks, language_model
 
-FAMILIES = ["qwen2_moe", "olmoe", "mixtral", "deepseek_v3"]
+FAMILIES = ["qwen2_moe", "olmoe", "mixtral", "deepseek_v3", "inkling_text", "zaya"]  # + router gammas, a skip expert
 ATOL = 1e-5
 
 

@@ -71,7 +71,7 @@ def test_attach_is_exact_in_every_dtype(case, dtype, request):
 @pytest.mark.parametrize(
     "case",
     [("ernie4_5_moe", {}), ("granitemoe", {}), ("gpt_oss", {}), ("openai_privacy_filter", {}), ("llama4", {}),
-     ("gemma4", {}), ("dbrx", {}), ("deepseek_v4", {}), ("jetmoe", {}), CASES[-2]],
+     ("gemma4", {}), ("dbrx", {}), ("deepseek_v4", {}), ("jetmoe", {}), CASES[-2], ("inkling_text", {}), ("zaya", {})],
     ids=_case_id,
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda d: str(d).replace("torch.", ""))
@@ -97,6 +97,9 @@ def test_remote_view_rederives_like_the_hooks(case, dtype):
         assert quantities["topk_weights"].dtype == expected.dtype
         assert torch.equal(quantities["topk_weights"], expected), f"layer {index}"
         assert torch.equal(quantities["topk_indices"], values[f"{handle.layout.layer(index).path}.hook_topk_indices"])
+        if family == "inkling_text":  # the shared experts' gammas are re-derived with the weights
+            gammas = values[f"{handle.layout.layer(index).path}.hook_shared_gammas"]
+            assert quantities["shared_gammas"].dtype == gammas.dtype and torch.equal(quantities["shared_gammas"], gammas)
         if family == "openai_privacy_filter":  # float32 experts, summed in expert order, on both paths
             routed = values[f"{handle.layout.layer(index).path}.hook_routed_out"]
             assert quantities["routed_out"].dtype == routed.dtype and torch.equal(quantities["routed_out"], routed)

@@ -327,7 +327,7 @@ def test_serialised_request_carries_no_hooks_or_custom_classes():
     assert all(pid in ("Interleaver", "Pipeline", "Tokenizer") or pid.startswith("Module:") for pid in seen.persistent)
     assert not any("hook_" in pid for pid in seen.persistent)
     # no reference to our package: only the file names of the modules shipped by value (as source)
-    by_value = re.sub(rb"nnsight_moe/(remote|routing|input_gated|block_routed|dispatch_experts|identity_experts)\.py", b"", backend.blob)
+    by_value = re.sub(rb"nnsight_moe/(remote|routing|input_gated|block_routed|dispatch_experts|identity_experts|shared_gammas)\.py", b"", backend.blob)
     assert b"nnsight_moe" not in by_value
     assert b"def read_layer" in backend.blob, "the view's functions travel as source"
     # and the model it ran on carries no hooks of ours

@@ -30,7 +30,9 @@ class RouterLogitEdit(TorchFunctionMode):
     def __init__(self, model, fn, shape):
         super().__init__()
         layout = nnsight_moe.layout(model)
-        self.routers = {id(_router_weight(model.get_submodule(layout.layer(i).router))): i for i in layout.moe_layers}
+        self.routers = {id(_router_weight(model.get_submodule(layout.layer(i).router), layout.layer(i).n_experts)): i
+                        for i in layout.moe_layers}
+        self.n_experts = {i: layout.layer(i).n_experts for i in layout.moe_layers}
         self.fn, self.shape = fn, shape
         # Routers that transform the linear's output before scoring it (Laguna's tanh softcap, Muse-Spark's
         # output multiplier) return the transformed logits as hook_router_logits: edit those, where the
@@ -40,6 +42,9 @@ class RouterLogitEdit(TorchFunctionMode):
 
     def _edit(self, layer, out):
         b, p = self.shape
+        e = self.n_experts[layer]
+        if out.shape[-1] > e:  # Inkling scores its shared experts with the same linear (last columns): routed only
+            return torch.cat([self._edit(layer, out[..., :e]), out[..., e:]], dim=-1)
         return self.fn(layer, out.reshape(b, p, -1)).reshape(out.shape)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -58,11 +63,13 @@ class RouterLogitEdit(TorchFunctionMode):
         return out
 
 
-def _router_weight(router):
-    """The router's logit matrix: its own ``weight``, else its linear's (``gate.weight``, ``wg.weight``)."""
+def _router_weight(router, n_experts):
+    """The router's logit matrix: its own ``weight``, else its linear's (``gate.weight``, ``wg.weight``; of a
+    router MLP, the linear giving the ``n_experts`` logits: Zaya's ``router_mlp.out_proj``)."""
     if isinstance(getattr(router, "weight", None), torch.nn.Parameter):
         return router.weight
-    return next(m.weight for m in router.modules() if isinstance(m, torch.nn.Linear))
+    linears = [m for m in router.modules() if isinstance(m, torch.nn.Linear)]
+    return next((m.weight for m in linears if m.out_features == n_experts), linears[0].weight)
 
 
 def _ids(b=3, p=6, seed=1):
@@ -314,7 +321,7 @@ def test_transformerlens_bridge_equals_hf_steering():
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "inkling_text", "zaya"])  # + router gammas, skip expert
 def test_nnsight_local_and_remote_local_equal_hooks(family):
     """The plan in an nnsight trace on the unmodified model (remote="local" and no remote) = the hooks."""
     import nnsight
