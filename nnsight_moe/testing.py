@@ -346,8 +346,9 @@ def fixed_canvas(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tup
 
     DiffusionGemma's forward draws a random canvas (``torch.randint``) when none is given, so two forwards of
     one prompt differ and the HF forward is no oracle. The tiny models are given, instead, the canvas of the
-    prompt's shape drawn from a generator seeded with 0 (the same for every call of that shape), so the logits
-    are ``[batch, pos, vocab]`` like a causal LM's and every test can compare forwards. A real model is left as
+    prompt's length drawn from a generator seeded with 0, the same row for every prompt of the batch (so a
+    batched forward, e.g. two nnsight invokes in one trace, equals each prompt's own forward), and the logits
+    are ``[batch, pos, vocab]`` like a causal LM's, so every test can compare forwards. A real model is left as
     it is: pass ``decoder_input_ids`` yourself.
     """
     if kwargs.get("decoder_input_ids") is not None:
@@ -356,7 +357,8 @@ def fixed_canvas(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tup
     if ids is None:
         return args, kwargs
     vocab = model.config.get_text_config().vocab_size
-    canvas = torch.randint(0, vocab, tuple(ids.shape), generator=torch.Generator().manual_seed(0))
+    row = torch.randint(0, vocab, (1, ids.shape[-1]), generator=torch.Generator().manual_seed(0))
+    canvas = row.expand(*ids.shape[:-1], ids.shape[-1]).contiguous()
     return args, {**kwargs, "decoder_input_ids": canvas.to(ids.device)}
 
 

@@ -102,7 +102,7 @@ def test_causal_remote_failure_keeps_batches_and_resumes(tmp_path, monkeypatch):
     # the request carries source and plain data only: no reference to nnsight_moe, no hooks
     blob = calls[0]
     for source in (b"remote", b"routing", b"input_gated", b"block_routed", b"dispatch_experts", b"identity_experts",
-                   b"recipes/head_expert"):
+                   b"shared_gammas", b"recipes/head_expert"):
         blob = blob.replace(b"nnsight_moe/" + source + b".py", b"")  # source filenames of the functions shipped by value
     assert b"nnsight_moe" not in blob and b"def _causal_in_trace" in calls[0]
     assert b"HookPoint" not in calls[0]

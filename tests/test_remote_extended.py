@@ -327,7 +327,9 @@ def test_view_two_invokes_equal_hooks_on_every_family(family):
     phimoe, whose sparsemixer is not re-derived; hash layers unedited); each invoke's quantities and logits
     = the attached hooks on its prompt alone. The batched forward itself differs from a single prompt's by
     float rounding (measured: 1.1e-5 on MiniMax-M3-VL's moe_out of magnitude 19, 1.2e-5 on Gemma-4's expert
-    activations), hence rtol 1e-5 beside atol 1e-5."""
+    activations), hence rtol 1e-5 beside atol 1e-5; Inkling-2-Loop's passes compound it (the plain HF forward
+    of the two prompts batched differs from the second alone by 2.2e-5 on MoE outputs of magnitude 10-14),
+    hence atol 1e-4 there."""
     from test_remote import _oracle
 
     hf = tiny_model(family)
@@ -335,6 +337,7 @@ def test_view_two_invokes_equal_hooks_on_every_family(family):
         pytest.skip("a token classifier: no LanguageModel to batch invokes in")
     layout = nnsight_moe.layout(hf)
     mode = "zero" if family == "phimoe" else "reroute"
+    atol = 1e-4 if family == "inkling2_loop_text" else 1e-5
     blocked = {i: [0] for i in layout.moe_layers if mode != "reroute" or layout.layer(i).routing._kind != "hash"}
     g = torch.Generator().manual_seed(4)
     first, second = (torch.randint(3, 128, (1, 4), generator=g) for _ in range(2))
@@ -355,6 +358,6 @@ def test_view_two_invokes_equal_hooks_on_every_family(family):
             for name, value in quantities.items():
                 reference = values[f"{path}.hook_{name}"]
                 assert value.shape == reference.shape, name
-                torch.testing.assert_close(value.to(reference.dtype), reference, atol=1e-5, rtol=1e-5,
+                torch.testing.assert_close(value.to(reference.dtype), reference, atol=atol, rtol=1e-5,
                                            msg=f"layer {index} {name}")
-        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits, expected, atol=atol, rtol=1e-5)
