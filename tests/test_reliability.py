@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -416,12 +417,31 @@ def _comparable(out):
     return results
 
 
+#: ``nnsight-moe`` whose blocking section signals that it has started (argv[1]: a file) and then waits
+#: until Ctrl-C: the interrupt lands inside the section however loaded the machine is.
+_BLOCKING_WAITS_FOR_CTRL_C = """
+import pathlib, sys, time
+from nnsight_moe import cli
+from nnsight_moe.recipes import blocking
+started = pathlib.Path(sys.argv[1])
+def section(*args, **kwargs):
+    started.write_text("blocking started")
+    while True:
+        time.sleep(0.05)
+blocking.section = section
+sys.argv = ["nnsight-moe", *sys.argv[2:]]
+cli.main()
+"""
+
+
 def test_cli_interrupted_with_sigint_resumes_and_matches_a_full_run(tmp_path):
     """Ctrl-C while the blocking section runs; the rerun resumes baseline and attribution only.
 
-    The signal is sent as soon as the job prints the blocking section's start line (flushed): by then
-    the attribution checkpoint is written and "section attribution" printed, and blocking takes seconds.
-    (Polling for the checkpoint file raced with that print, which comes ~2 ms after the file appears.)
+    The interrupted run's blocking section (the job looks it up when it runs, so a patched one is used)
+    writes a file and waits for the signal, which is sent once the file exists. Earlier forms of this test
+    raced the job: a signal sent on the checkpoint file came ~2 ms before "section attribution" was
+    printed, and one sent on the blocking start line, read by a loaded test process, could come after a
+    1-second blocking section had finished.
     """
     import signal
 
@@ -438,24 +458,25 @@ def test_cli_interrupted_with_sigint_resumes_and_matches_a_full_run(tmp_path):
 
     out = tmp_path / "out"
     kept = out / ".nnsight-moe-resume" / "section-attribution.json"
-    proc = subprocess.Popen(_job(out, data), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    watchdog = threading.Timer(600, proc.kill)  # a hung job ends the wait for its output
-    watchdog.start()
-    lines, kept_when_interrupted = [], None
-    try:
-        for line in proc.stdout:  # every line, to the end: "section blocking" must not come
-            lines.append(line)
-            if "] blocking:" in line and kept_when_interrupted is None:
-                kept_when_interrupted = kept.exists()
-                proc.send_signal(signal.SIGINT)  # Ctrl-C during the blocking section
-        proc.wait(timeout=120)
-    finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    first = "".join(lines)
-    assert kept_when_interrupted, f"the blocking section did not start after the attribution checkpoint: {first[-3000:]}"
+    started, log = tmp_path / "blocking-started", tmp_path / "interrupted.log"
+    command = [sys.executable, "-c", _BLOCKING_WAITS_FOR_CTRL_C, str(started), *_job(out, data)[3:]]
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, text=True, env=env)
+        try:
+            deadline = time.monotonic() + 600
+            while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            kept_when_interrupted = kept.exists()
+            running = proc.poll() is None
+            proc.send_signal(signal.SIGINT)  # Ctrl-C during the blocking section
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    first = log.read_text()
+    assert started.exists() and running, f"the blocking section did not start: {first[-3000:]}"
+    assert kept_when_interrupted, f"the blocking section started before the attribution checkpoint: {first[-3000:]}"
     assert proc.returncode != 0 and not (out / "results.json").exists(), first[-3000:]
     assert "section baseline" in first and "section attribution" in first and "section blocking" not in first
 
