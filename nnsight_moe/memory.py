@@ -158,8 +158,8 @@ class ModelShapes:
         config = hf.config.get_text_config()
         d_model = int(config.hidden_size)
         n_heads = int(getattr(config, "num_attention_heads", 0) or 0)
-        head_dim = int(getattr(config, "head_dim", None) or (d_model // n_heads if n_heads else 0))
-        n_kv = int(getattr(config, "num_key_value_heads", None) or n_heads)
+        head_dim = int(_largest(config, "head_dim") or (d_model // n_heads if n_heads else 0))
+        n_kv = int(_largest(config, "num_key_value_heads") or n_heads)
         try:
             layers = nnsight_moe.layout(hf).layers
         except nnsight_moe.UnsupportedModelError:
@@ -366,3 +366,13 @@ def max_length(prompts: Sequence, tokenizer: Any = None) -> int:
             raise ValueError("string prompts need a tokenizer= to plan memory; or pass lists of token ids")
         return max(1, max(len(ids) for ids in tokenizer(list(prompts))["input_ids"]))
     return max(1, max(len(p) for p in prompts))
+
+
+def _largest(config: Any, name: str) -> Any:
+    """``config.<name>``; for a per-layer attribute of a heterogeneous config (Gemma-4's ``head_dim``, which
+    refuses a global read) the largest per-layer value, which bounds the memory of every layer."""
+    try:
+        return getattr(config, name, None)
+    except Exception:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        per_layer = getattr(config, "per_layer_config")
+        return max(getattr(per_layer[i], name) for i in range(int(config.num_hidden_layers)))

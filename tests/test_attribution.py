@@ -403,6 +403,7 @@ def test_prediction_targets_and_only_correct():
 
 
 def test_parallel_residual_streams_are_refused():
-    """DeepSeek-V4's hyper-connections (4 residual streams per position): a clear error, not a shape crash."""
-    with pytest.raises(ValueError, match="not one d_model vector per position .* hyper-connections"):
-        attribute(tiny_model("deepseek_v4"), PROMPTS, TARGETS, levels=("layer",), progress=False)
+    """Hyper-connections other than DeepSeek-V4's (HY-V4's: (post, collapsed), no comb output; 4 residual streams
+    per position): a clear error, not a shape crash. DeepSeek-V4's are attributed (test_attribution_structure.py)."""
+    with pytest.raises(ValueError, match=r"parallel residual streams \(hyper-connections\) in a form attribution does not"):
+        attribute(tiny_model("hy_v4"), PROMPTS, TARGETS, levels=("layer",), progress=False)
