@@ -17,6 +17,9 @@ l, ``A^l`` its attention output, ``u^l = h^{l-1} + A^l``, ``F^l`` its MLP / MoE 
 
 The module has two halves: :func:`capture` runs the model once per batch and keeps last-position
 tensors; the scoring functions are pure tensor maths on what was captured (so they can run anywhere).
+Layers that reach the residual through per-token maps (post-norms, Gemma-4's FFN beside a dense MLP,
+layer scalars, DeepSeek-V4's hyper-connections) are read in the final residual's frame with those maps
+held at their real values (:mod:`nnsight_moe.recipes.attribution_structure`).
 """
 
 from __future__ import annotations
@@ -682,6 +685,13 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
         batch_size = 16  # the server's memory is not known here
     if remote is not None:
         from nnsight_moe.recipes.attribution_remote import attribute_remote
+
+        structure = _parts(nnsight_moe.hf_model(model)).structure
+        if structure is not None:  # the trace reads h + attn + mlp per layer, not these maps
+            raise ValueError(
+                f"remote attribution reads each layer as h + attn + mlp; this model's layers reach the residual "
+                f"through {structure.describe()}, which only the local path holds fixed per token: run it locally "
+                "(remote=None)")
 
         result = attribute_remote(model, prompts, wanted, tokenizer=tokenizer,
                                   levels=levels, remote=remote, batch_size=batch_size, progress=progress,

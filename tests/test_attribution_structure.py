@@ -356,3 +356,59 @@ def test_gemma4_fast_neurons_keep_exact_scores():
     merged = fast.merge(exact, on=keys, suffixes=("_fast", "_exact"))
     assert len(merged) == len(fast) and (merged["expert"] == -1).any() and (merged["expert"] >= 0).any()
     assert (merged["score_fast"] - merged["score_exact"]).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("family", ["gemma4_text", "deepseek_v4"])
+def test_layer_rows_telescope_in_the_final_frame(family):
+    """Σ_l of the layer rows (Gemma-4: with its per-layer inputs) = log p(w | h^L) - log p(w | h^0), h^0 read in the
+    final residual's frame (layer scalars; hyper-connection mixing), and the summary's total counts every row."""
+    from nnsight_moe.recipes import efficiency
+
+    model = tiny_model(family)
+    result = attribute(model, PROMPTS, TARGETS, levels=("layer",), batch_size=2, progress=False)
+    check = efficiency.telescoping(model, PROMPTS, TARGETS, result=result)
+    assert check["max identity error"] < 1e-4
+    assert efficiency.honest_summary(result)["total gain"] == pytest.approx(check["total gain mean"], abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gemma4_text", "deepseek_v4"])
+def test_remote_path_refuses_frozen_maps(family):
+    """The remote trace reads h + attn + mlp per layer: these models are refused by name, before any request."""
+    from helpers import language_model
+
+    with pytest.raises(ValueError, match="remote attribution reads each layer as h \\+ attn \\+ mlp; .* run it locally"):
+        attribute(language_model(tiny_model(family)), PROMPTS, TARGETS, levels=("layer",), remote="local", progress=False)
+
+
+@pytest.fixture(scope="module")
+def bridge_tokenizer(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(3, 128)}
+    vocab.update({"<pad>": 0, "<s>": 1, "</s>": 2})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="t3"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    path = tmp_path_factory.mktemp("tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="t3").save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("family", ["gemma4_text", "deepseek_v4"])
+def test_bridge_gives_the_same_rows(family, bridge_tokenizer):
+    """Under TransformerLens' own adapters (gemma4_text, deepseek_v4) every row of the HF model, scores within 1e-4
+    (the bridge's own processing moves Gemma-4's logits by ~4e-5)."""
+    import nnsight_moe
+    from nnsight_moe import tl
+
+    keys = ["prompt", "layer", "level", "head", "expert", "neuron"]
+    reference = attribute(tiny_model(family), PROMPTS, TARGETS, batch_size=2, progress=False).to_frame()
+    bridge = tl.boot(tiny_model(family), tokenizer=bridge_tokenizer)
+    try:
+        got = attribute(bridge, PROMPTS, TARGETS, batch_size=2, progress=False).to_frame()
+    finally:
+        nnsight_moe.detach(bridge)
+    merged = reference.merge(got, on=keys, how="outer", suffixes=("_hf", "_tl"), indicator=True)
+    assert (merged["_merge"] == "both").all() and len(merged) == len(reference)
+    assert (merged["score_hf"] - merged["score_tl"]).abs().max() < 1e-4
