@@ -132,9 +132,12 @@ def _attention_modules(model: nn.Module) -> dict[int, tuple[nn.Module, int]]:
 
 
 def _in_features(o_proj: nn.Module) -> int:
+    """Width of the heads' concatenated output that ``o_proj`` reads (DeepSeek-V4's grouped ``o_a_proj`` reads it
+    as [.., groups, width / groups]: ``in_features`` is one group's)."""
+    from nnsight_moe.hooks import unwrap
     from nnsight_moe.recipes.attribution import _linear
 
-    return int(_linear(o_proj).in_features)
+    return int(_linear(o_proj).in_features) * int(getattr(unwrap(o_proj), "n_groups", 1))
 
 
 def _attention_layer(modules: dict, layer: int, n_layers: int) -> int:
@@ -169,8 +172,9 @@ def suppress_heads(model: Any, heads: Sequence[tuple[int, int]]) -> Iterator[Non
 
         def pre_hook(module, args, hs=tuple(hs), d_head=d_head):
             z = args[0].clone()
+            flat = z.view(*z.shape[:2], -1)  # [b, p, H * d_head] (a grouped projection's [b, p, G, d] too)
             for h in hs:
-                z[..., h * d_head : (h + 1) * d_head] = 0
+                flat[..., h * d_head : (h + 1) * d_head] = 0
             return (z, *args[1:])
 
         handles.append(o_proj.register_forward_pre_hook(pre_hook))
@@ -470,6 +474,9 @@ def _causal_remote(model, prompts, targets, tokenizer, correlation, *, k_heads, 
         for layer, hs in by_layer.items():
             suppress.setdefault(layer, []).append([c, hs])
     spec = moe_spec(hf)
+    if any(info["dispatch_router"] for info in spec["layers"].values()):
+        raise ValueError(f"the remote causal check cannot patch {spec['family']}'s dispatch router (its output is a "
+                         "dispatch plan, not (logits, weights, indices)): run causal() locally (remote=None)")
     settings = {
         "n_layers": layout.n_layers,
         "o_proj": {layer: names[id(o_proj)] for layer, (o_proj, _) in attention.items()},
@@ -477,7 +484,9 @@ def _causal_remote(model, prompts, targets, tokenizer, correlation, *, k_heads, 
         "suppress": suppress,
         "groups": 1 + 2 * len(conditions),
         "moe": {index: {"router": info["router"], "n_experts": info["n_experts"], "top_k": info["top_k"],
-                        "routing": info["routing"]} for index, info in spec["layers"].items()},
+                        "routing": info["routing"], "router_logits": info["router_logits"], "experts": info["experts"],
+                        "routing_in_block": info["routing_in_block"], "gate_on_input": info["gate_on_input"]}
+                for index, info in spec["layers"].items()},
     }
     groups = settings["groups"]
     batches = [{**batch, "input_ids": batch["input_ids"].repeat(groups, 1),  # the row groups share one trace
@@ -523,22 +532,45 @@ def _causal_in_trace(settings: dict, model: Any, batch: dict) -> dict:
         if layer in settings["suppress"]:
             o_proj = _remote_envoy(model, settings["o_proj"][layer])
             z = o_proj.input.clone()
+            flat = z.view(*z.shape[:2], -1)  # [rows, p, H * d_head] (DeepSeek-V4's grouped input [rows, p, G, d] too)
             d = settings["d_head"][layer]
             for c, heads in settings["suppress"][layer]:
                 for h in heads:
-                    z[(1 + 2 * c) * b : (3 + 2 * c) * b, ..., h * d : (h + 1) * d] = 0
+                    flat[(1 + 2 * c) * b : (3 + 2 * c) * b, :, h * d : (h + 1) * d] = 0
             o_proj.input = z
         if layer in settings["moe"]:
             info = settings["moe"][layer]
             n_experts, k = info["n_experts"], info["top_k"]
+            # Gemma-4's router returns its probabilities first: its logits are router.proj's output (read first:
+            # it runs inside the router). DBRX's router returns its logits only: the block hands the experts
+            # (top_k_index, top_k_weights), so the selection is read and patched at the experts' input.
+            proj = _remote_envoy(model, info["router_logits"]).output if info.get("router_logits") else None
             router = _remote_envoy(model, info["router"])
             output = router.output
-            logits, weights, indices = output[0], output[1], output[2]
+            if info.get("routing_in_block"):
+                experts = _remote_envoy(model, info["experts"])
+                args, kwargs = experts.inputs
+                logits, indices, weights = output, args[1], args[2]
+            elif info.get("gate_on_input"):  # Llama 4: (dense sigmoid scores [n, E], logits); its top-k of the logits
+                dense = output[0].reshape(groups, b, p, n_experts).clone()
+                dense[2::2] = dense[0]  # the dense scores carry both the selection and the weights
+                router.output = (dense.reshape(output[0].shape), *output[1:])
+                logits = output[1]
+                at_last = logits.reshape(groups, b, p, n_experts)[kept][:, rows, last]
+                scores[layer] = _remote_scores(info["routing"], at_last)
+                chosen[layer] = torch.topk(logits.reshape(groups, b, p, n_experts)[0][rows, last], k, dim=-1).indices
+                continue
+            else:
+                logits, weights, indices = output[0], output[1], output[2]
             w = weights.reshape(groups, b, p, k).clone()
             i = indices.reshape(groups, b, p, k).clone()
             w[2::2] = w[0]
             i[2::2] = i[0]
-            router.output = (logits, w.reshape(weights.shape), i.reshape(indices.shape), *output[3:])
+            if info.get("routing_in_block"):
+                experts.inputs = ((args[0], i.reshape(indices.shape), w.reshape(weights.shape), *args[3:]), kwargs)
+            else:
+                router.output = (output[0], w.reshape(weights.shape), i.reshape(indices.shape), *output[3:])
+            logits = logits if proj is None else proj
             at_last = logits.reshape(groups, b, p, n_experts)[kept][:, rows, last]
             scores[layer] = _remote_scores(info["routing"], at_last)
             chosen[layer] = i[0][rows, last]
