@@ -417,6 +417,8 @@ def _down_columns(experts: nn.Module, expert_ids: Tensor) -> Tensor:
         from nnsight_moe.block_routed import expert_weights
 
         return expert_weights(experts)[2][expert_ids].float()
+    if type(experts).__name__ == "JetMoeParallelExperts":  # JetMoE's output_linear: weight [E, d_model, d_expert]
+        return experts.weight[expert_ids].float().transpose(-1, -2)
     w = experts.down_proj[expert_ids].float()
     transposed = getattr(experts, "is_transposed", type(experts).__name__ == "Llama4TextExperts")  # [E, in, out]
     return w if transposed else w.transpose(-1, -2)
