@@ -56,3 +56,47 @@ def test_ernie_vl_text_hooks_with_vision_tokens_present():
         assembled += values[f"{path}.hook_shared_gate"] * values[f"{path}.hook_shared_out"]
         torch.testing.assert_close(assembled, moe_out, atol=1e-6, rtol=0)
         torch.testing.assert_close(values[f"{path}.hook_routed_out"].reshape(-1), seen[(index, "text_moe")], atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_qwen3_omni_moe_talker_stack_hooks():
+    """Qwen3-Omni-MoE's talker stack, attached on its own beside the thinker: its layout names its own layers (with
+    the gated shared expert its blocks have), attaching both stacks leaves each forward bit-identical, the talker's
+    hook_topk_* are its routers' own and its decomposition identities hold."""
+    from transformers import Qwen3OmniMoeForConditionalGeneration
+
+    from nnsight_moe.testing import randomize_, tiny_config
+
+    torch.manual_seed(0)
+    full = randomize_(Qwen3OmniMoeForConditionalGeneration._from_config(tiny_config("qwen3_omni_moe")).eval())
+    thinker, talker = nnsight_moe.layout(full), nnsight_moe.layout(full.talker)
+    assert all(layer.path.startswith("thinker.") and not layer.has_shared for layer in thinker.layers)
+    assert [layer.path for layer in talker.layers] == [f"model.layers.{i}.mlp" for i in range(len(full.talker.model.layers))]
+    assert all(layer.has_shared and layer.shared_gate.endswith("shared_expert_gate") for layer in talker.layers)
+    embeds = torch.randn(2, 5, full.talker.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    expected_talker = full.talker.model(inputs_embeds=embeds).last_hidden_state
+    expected_thinker = full.thinker(IDS).logits
+    own, handles = {}, []
+    for index in talker.moe_layers:
+        handles.append(full.talker.get_submodule(talker.layer(index).router).register_forward_hook(
+            lambda m, a, o, index=index: own.__setitem__(index, (o[1].clone(), o[2].clone()))))
+    handle_thinker, handle_talker = nnsight_moe.attach(full), nnsight_moe.attach(full.talker)
+    try:
+        out = {}
+        values = capture_hooks(handle_talker, lambda: out.__setitem__(
+            "talker", full.talker.model(inputs_embeds=embeds).last_hidden_state))
+        assert torch.equal(out["talker"], expected_talker)
+        assert torch.equal(full.thinker(IDS).logits, expected_thinker)
+        for index in talker.moe_layers:
+            get = lambda name: values[f"model.layers.{index}.mlp.{name}"]  # noqa: E731
+            weights, indices = own[index]
+            assert torch.equal(get("hook_topk_indices").reshape(indices.shape), indices)
+            assert torch.equal(get("hook_topk_weights").reshape(weights.shape), weights)
+            routed = (get("hook_topk_weights")[..., None] * get("hook_expert_out")).sum(-2)
+            torch.testing.assert_close(get("hook_routed_out"), routed, atol=1e-6, rtol=0)
+            torch.testing.assert_close(get("hook_moe_out"), get("hook_routed_out") + get("hook_shared_gate")
+                                       * get("hook_shared_out"), atol=1e-6, rtol=0)
+    finally:
+        nnsight_moe.detach(full.talker), nnsight_moe.detach(full)
+        for h in handles:
+            h.remove()
