@@ -102,7 +102,7 @@ def lpi(readout: Readout, base: Tensor, c: Tensor, rows: Tensor, budget_bytes: i
 
 # ------------------------------------------------------------------------------------ capture
 #: Where decoder layers keep their token mixer (attention, linear attention, SSM) and their MLP / MoE.
-MIXER_NAMES = ("self_attn", "attn", "attention", "linear_attn", "mamba", "mixer")
+MIXER_NAMES = ("self_attn", "attn", "attention", "linear_attn", "mamba", "mixer", "self_attention")
 MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward", "ffn")
 #: Layer types (``config.layer_types``, ``block_type``) whose single ``mixer`` module is the MLP / MoE.
 _CHANNEL_TYPES = ("mlp", "moe", "ffn", "dense")
@@ -159,7 +159,8 @@ def _is_attention(kind: str | None, module: nn.Module) -> bool:
     if kind is not None:
         kind = kind.lower()
         return "attention" in kind and "linear" not in kind or kind in ("attn", "global", "local", "sliding", "full")
-    return _o_proj(module) is not None
+    # JetMoE's mixture-of-attention-heads: softmax attention whose output projection is routed (no head rows)
+    return _o_proj(module) is not None or type(unwrap(module)).__name__ == "JetMoeAttention"
 
 
 def _o_proj(mixer: nn.Module) -> nn.Module | None:

@@ -57,6 +57,10 @@ class LayerStructure:
     scalar: Tensor | None = None  # Gemma-4: layer_scalar, multiplying the residual after the layer
     attn_hc: nn.Module | None = None  # DeepSeek-V4: hyper-connection around the attention
     ffn_hc: nn.Module | None = None  # DeepSeek-V4: hyper-connection around the MoE block
+    #: Beam's depth-scaled residual adds, ``h_out = a * h_in + b * out`` per site: (a, b) for the attention and
+    #: the FFN site (constants of the layer's position)
+    attn_add: tuple[float, float] | None = None
+    ffn_add: tuple[float, float] | None = None
 
     @property
     def plain(self) -> bool:
@@ -111,6 +115,10 @@ def find(config: Any, stack: list[nn.Module], base: nn.Module) -> Structure | No
                 getattr(layer, "post_per_layer_input_norm", None), nn.Module):
             found.extra = layer.post_per_layer_input_norm
             kinds.add("per-layer inputs")
+        if type(layer).__name__ == "BeamDecoderLayer":  # depth_scaled_residual_add: out / sqrt(i) + h sqrt((i - 1) / i)
+            found.attn_add, found.ffn_add = (_depth_scaled(layer.attn_residual_add_idx),
+                                             _depth_scaled(layer.mlp_residual_add_idx))
+            kinds.add("depth-scaled residual adds (Beam)")
         scalar = getattr(layer, "layer_scalar", None)
         if isinstance(scalar, Tensor) and scalar.numel() == 1:
             found.scalar = scalar
@@ -131,6 +139,13 @@ def find(config: Any, stack: list[nn.Module], base: nn.Module) -> Structure | No
     if not kinds:
         return None
     return Structure(layers, hc_head, kinds)
+
+
+def _depth_scaled(index: int) -> tuple[float, float]:
+    """(a, b) of Beam's ``depth_scaled_residual_add(out, h, index) = out / sqrt(index) + h * sqrt((index - 1) / index)``."""
+    import math
+
+    return math.sqrt((index - 1) / index), 1.0 / math.sqrt(index)
 
 
 def _module(layer: nn.Module, *names: str) -> nn.Module | None:
@@ -224,12 +239,21 @@ def finish(structure: Structure, got: dict) -> None:
                 v = torch.einsum("pjk,pk->pj", comb, v)
             v_in[i] = v
         got["resid_pre"] = torch.stack([(v_in[i][:, :, None] * got["resid_pre"][i]).sum(1) for i in range(n_layers)])
-    if any(f.scalar is not None for f in structure.layers):
+    if any(f.scalar is not None or f.attn_add is not None for f in structure.layers):
+        # per site h_out = a * h_in + b * out (Beam's depth-scaled adds; Gemma-4's layer_scalar s multiplies the
+        # whole layer output: a = b = s at the FFN site, its per-layer input included): run back from the end
         later = 1.0
         for i in reversed(range(n_layers)):
-            s = structure.layers[i].scalar
-            later = later * (s.float().reshape(()).to(one.device) if s is not None else 1.0)
-            alpha_attn[i], alpha_ffn[i] = alpha_attn[i] * later, alpha_ffn[i] * later
+            f = structure.layers[i]
+            a_ffn, b_ffn = f.ffn_add or (1.0, 1.0)
+            if f.scalar is not None:
+                s = f.scalar.float().reshape(()).to(one.device)
+                a_ffn, b_ffn = a_ffn * s, b_ffn * s
+            alpha_ffn[i] = alpha_ffn[i] * later * b_ffn
+            later = later * a_ffn
+            a_attn, b_attn = f.attn_add or (1.0, 1.0)
+            alpha_attn[i] = alpha_attn[i] * later * b_attn
+            later = later * a_attn
             got["resid_pre"][i] = got["resid_pre"][i] * later
     extra = torch.zeros_like(got["attn_out"])
     maps: dict[str, dict[int, Tensor]] = {"head": {}, "moe": {}, "dense": {}}

@@ -285,7 +285,9 @@ def test_deepseek_v4_every_level_equals_brute_force():
 @torch.no_grad()
 def post_norm_oracle(model, prompt, target):
     """Layer, head and expert rows of a post-norm family (h + norm_a(attn) then + norm_f(moe)), from the norms'
-    real inputs / outputs (FlexOlmo: post_attention_layernorm; Kolibri: post_self_attn_layernorm)."""
+    real inputs / outputs (FlexOlmo: post_attention_layernorm; Kolibri: post_self_attn_layernorm). Beam adds
+    with depth-scaled weights, h_out = sqrt((i - 1) / i) h + out / sqrt(i) (i = 2l + 2 for the attention, 2l + 3
+    for the MLP): every state and output is read times what it is multiplied by on the way to the end."""
     layers, seen = model.model.layers, _Seen()
     norms = []
     for i, layer in enumerate(layers):
@@ -302,26 +304,38 @@ def post_norm_oracle(model, prompt, target):
     seen.inp(model.model.norm, "final")
     logits = model(torch.tensor([prompt])).logits[0, -1]
     seen.remove()
-    logprob = _rms_readout(model, model.model.norm, seen["final"], target)
+    softcap = getattr(model.config, "final_logit_softcapping", None)  # Beam's
+    logprob = _rms_readout(model, model.model.norm, seen["final"], target, softcap)
     assert torch.allclose(logprob(seen["final"]), logits.log_softmax(-1)[target], atol=1e-5)
     lpi = lambda x, c: float(logprob(x + c) - logprob(x))  # noqa: E731
+    beam = type(layers[0]).__name__ == "BeamDecoderLayer"
+    adds = [(((j - 1) / j) ** 0.5, j ** -0.5) if beam else (1.0, 1.0) for i in range(len(layers)) for j in (2 * i + 2, 2 * i + 3)]
+    after = [float(torch.tensor([a for a, _ in adds[s + 1:]]).prod()) for s in range(len(adds))]  # later sites' a
     out, n_heads = {}, model.config.num_attention_heads
     for i, layer in enumerate(layers):
-        h, a = seen[("h", i)], seen[("A", i)]
+        (a_attn, b_attn), (a_ffn, b_ffn) = adds[2 * i], adds[2 * i + 1]
+        to_end_attn, to_end_ffn = b_attn * after[2 * i], b_ffn * after[2 * i + 1]
+        h = seen[("h", i)] * a_attn * after[2 * i]  # the state entering layer i, as it reaches the end
+        a = seen[("A", i)] * to_end_attn
         u = h + a
-        out[("attn", i)], out[("moe", i)] = lpi(h, a), lpi(u, seen[("F", i)])
-        w_o, f_a = layer.self_attn.o_proj.weight, _frozen(norms[i][0], seen[("o", i)])
+        assert torch.allclose(a_ffn * (a_attn * seen[("h", i)] + b_attn * seen[("A", i)]) + b_ffn * seen[("F", i)],
+                              seen[("h", i + 1)] if i + 1 < len(layers) else seen["final"], atol=1e-5)
+        out[("attn", i)], out[("moe", i)] = lpi(h, a), lpi(u, to_end_ffn * seen[("F", i)])
+        w_o, f_a = layer.self_attn.o_proj.weight, to_end_attn * _frozen(norms[i][0], seen[("o", i)])
         d = w_o.shape[1] // n_heads
         for hd in range(n_heads):
             out[("head", i, hd)] = lpi(h, f_a * (w_o[:, hd * d:(hd + 1) * d] @ seen[("z", i)][hd * d:(hd + 1) * d]))
-        block, f_m = layer.mlp, _frozen(norms[i][1], seen[("m", i)])
+        block, f_m = layer.mlp, to_end_ffn * _frozen(norms[i][1], seen[("m", i)])
+        if not hasattr(block, "gate"):  # Beam's dense first layer
+            continue
         _, weights, indices = block.gate(seen[("xt", i)][None])
+        f_m = f_m * getattr(block, "routed_scaling_factor", 1.0)  # Beam scales the routed sum after the experts
         for g, e in zip(weights[0].tolist(), indices[0].tolist()):
             out[("expert", i, e)] = lpi(u, f_m * g * naive_expert(block.experts, seen[("xt", i)][None], e)[1][0])
     return out
 
 
-@pytest.mark.parametrize("family", ["flex_olmo", "kolibri1"])
+@pytest.mark.parametrize("family", ["flex_olmo", "kolibri1", "beam"])
 def test_post_norm_families_equal_brute_force(family):
     model = tiny_model(family)
     frame = attribute(model, PROMPTS, TARGETS, levels=("layer", "head", "expert"), batch_size=2, progress=False).to_frame()
@@ -412,3 +426,39 @@ def test_bridge_gives_the_same_rows(family, bridge_tokenizer):
     merged = reference.merge(got, on=keys, how="outer", suffixes=("_hf", "_tl"), indicator=True)
     assert (merged["_merge"] == "both").all() and len(merged) == len(reference)
     assert (merged["score_hf"] - merged["score_tl"]).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def jetmoe_oracle(model, prompt, target):
+    """JetMoE: attention (mixture of attention heads: no head rows, its output projection is routed) and the MoE
+    block (dispatch router, parallel experts, a bias on the routed sum that is no expert's)."""
+    layers, seen = model.model.layers, _Seen()
+    for i, layer in enumerate(layers):
+        seen.inp(layer, ("h", i))
+        seen.out(layer.self_attention, ("attn", i))
+        seen.inp(layer.mlp, ("xt", i))
+        seen.out(layer.mlp, ("mlp", i))
+    seen.inp(model.model.norm, "final")
+    logits = model(torch.tensor([prompt])).logits[0, -1]
+    seen.remove()
+    logprob = _rms_readout(model, model.model.norm, seen["final"], target)
+    assert torch.allclose(logprob(seen["final"]), logits.log_softmax(-1)[target], atol=1e-5)
+    lpi = lambda x, c: float(logprob(x + c) - logprob(x))  # noqa: E731
+    out = {}
+    for i, layer in enumerate(layers):
+        h, a = seen[("h", i)], seen[("attn", i)]
+        u = h + a
+        out[("attn", i)], out[("moe", i)] = lpi(h, a), lpi(u, seen[("mlp", i)])
+        block, x = layer.mlp, seen[("xt", i)][None]
+        top = block.router.layer(x).float().topk(block.router.top_k, dim=1)
+        for g, e in zip(top.values.softmax(-1)[0].tolist(), top.indices[0].tolist()):
+            acts, y = naive_expert(block, x, e)
+            out[("expert", i, e)] = lpi(u, g * y[0])
+            for k in range(acts.shape[-1]):
+                out[("neuron", i, e, k)] = lpi(u, g * acts[0, k] * block.output_linear.weight[e][:, k])
+    return out
+
+
+def test_jetmoe_every_level_equals_brute_force():
+    frame, _ = _compare(tiny_model("jetmoe"), jetmoe_oracle)
+    assert set(frame["level"]) == {"attn", "moe", "expert", "neuron"}  # no head rows: MoA's projection is routed
