@@ -74,6 +74,9 @@ class Structure:
     layers: list[LayerStructure]
     hc_head: nn.Module | None = None
     kinds: set[str] = field(default_factory=set)  # what applies: "post-norm", "gemma4-ffn", "layer-scalar", ...
+    #: Why attribution cannot hold this stack's maps fixed (raised by :func:`install`, so that finding the
+    #: parts still works for the recipes that only need the heads); None when it can.
+    refused: str | None = None
 
     @property
     def streams(self) -> bool:
@@ -83,32 +86,32 @@ class Structure:
         return ", ".join(sorted(self.kinds))
 
 
-def _rms_norm(module: nn.Module | None, what: str) -> nn.Module | None:
-    """``module`` if it is an RMS-type norm (no bias, no mean subtraction), else a clear error."""
+def _rms_norm(module: nn.Module | None, what: str, refused: list) -> nn.Module | None:
+    """``module``; a reason appended to ``refused`` unless it is an RMS-type norm (no bias, no mean subtraction)."""
     if module is None:
         return None
     inner = unwrap(module)
     if isinstance(inner, nn.LayerNorm) or getattr(inner, "bias", None) is not None:
-        raise ValueError(f"attribution through the {what} ({type(inner).__name__}) needs an RMS-type norm without "
-                         "bias (a LayerNorm's mean and bias are not a scale that can be held fixed per token)")
+        refused.append(f"attribution through the {what} ({type(inner).__name__}) needs an RMS-type norm without "
+                       "bias (a LayerNorm's mean and bias are not a scale that can be held fixed per token)")
     return module
 
 
 def find(config: Any, stack: list[nn.Module], base: nn.Module) -> Structure | None:
     """The :class:`Structure` of a decoder stack, or None for the plain pre-norm residual stream."""
-    layers, kinds = [], set()
+    layers, kinds, refused = [], set(), []
     for wrapped in stack:
         layer = unwrap(wrapped)
         found = LayerStructure()
         ffn_norm = _module(layer, "post_feedforward_layernorm", "post_mlp_layernorm")
         if ffn_norm is not None:  # OLMo-2 / Gemma-style post-norms; Kolibri's post_attention_layernorm is its pre-MLP norm
-            found.ffn_norm = _rms_norm(ffn_norm, "post-FFN norm")
+            found.ffn_norm = _rms_norm(ffn_norm, "post-FFN norm", refused)
             attn_norm = _module(layer, "post_self_attn_layernorm", "post_attention_layernorm")
-            found.attn_norm = _rms_norm(attn_norm, "post-attention norm")
+            found.attn_norm = _rms_norm(attn_norm, "post-attention norm", refused)
             kinds.add("post-norms")
         if getattr(layer, "enable_moe_block", False) and isinstance(getattr(layer, "experts", None), nn.Module):
-            found.dense_norm = _rms_norm(layer.post_feedforward_layernorm_1, "dense MLP's output norm")
-            found.moe_norm = _rms_norm(layer.post_feedforward_layernorm_2, "routed sum's output norm")
+            found.dense_norm = _rms_norm(layer.post_feedforward_layernorm_1, "dense MLP's output norm", refused)
+            found.moe_norm = _rms_norm(layer.post_feedforward_layernorm_2, "routed sum's output norm", refused)
             found.dense_mlp = layer.mlp
             kinds.add("parallel dense MLP + MoE (Gemma-4)")
         if getattr(layer, "hidden_size_per_layer_input", 0) and isinstance(
@@ -131,14 +134,14 @@ def find(config: Any, stack: list[nn.Module], base: nn.Module) -> Structure | No
         owners = (base, getattr(base, "language_model", None))
         hc_head = next((getattr(o, "hc_head") for o in owners if isinstance(getattr(o, "hc_head", None), nn.Module)), None)
         if hc_head is None or not all(f.attn_hc is not None for f in layers) or not _deepseek_v4_hc(layers[0].attn_hc, hc_head):
-            raise ValueError(
+            refused.append(
                 "this model's decoder layers mix parallel residual streams (hyper-connections) in a form attribution "
                 "does not model (it models DeepSeek-V4's: attn_hc / ffn_hc returning (post, comb, collapsed) on every "
                 "layer and a final hc_head); attribution needs the streams' mixing weights")
         kinds.add("hyper-connections (DeepSeek-V4)")
     if not kinds:
         return None
-    return Structure(layers, hc_head, kinds)
+    return Structure(layers, hc_head, kinds, refused[0] if refused else None)
 
 
 def _depth_scaled(index: int) -> tuple[float, float]:
@@ -163,6 +166,8 @@ def install(structure: Structure, got: dict, pick) -> list:
     The post-norms' outputs replace the token mixer's / MLP's in ``got["attn_out"]`` / ``got["mlp_out"]``
     (they are what the layer adds to its residual); their inputs are kept to freeze their scales.
     """
+    if structure.refused:
+        raise ValueError(structure.refused)
     store: dict = got.setdefault("structure", {})
     handles = []
 
