@@ -66,6 +66,7 @@ class Readout:
     mean: Tensor | None = None  # [P, 1] LayerNorm: mean of the real final residual
     beta: Tensor | None = None  # [D] LayerNorm bias
     softcap: float | None = None  # the model's final logit soft-cap: logits = cap * tanh(logits / cap) (Gemma)
+    logit_scale: float | None = None  # a constant the model multiplies its logits by, before any soft-cap (Cohere)
 
     def logits(self, x: Tensor, rows: Tensor) -> Tensor:
         """Frozen-norm logits [N, V] of states ``x`` [N, D] belonging to prompts ``rows`` [N]."""
@@ -76,6 +77,7 @@ class Readout:
             normed = normed + self.beta
         logits = normed @ self.unembed.T
         logits = logits if self.bias is None else logits + self.bias
+        logits = logits if self.logit_scale is None else logits * self.logit_scale
         return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
 
     def logprob(self, x: Tensor, rows: Tensor) -> Tensor:
@@ -137,6 +139,8 @@ class Parts:
     structure: Any = None
     #: The model's final logit soft-cap (``cap * tanh(logits / cap)``, Gemma), None when it has none.
     softcap: float | None = None
+    #: The constant the model multiplies its logits by (Cohere's ``logit_scale``), None when none.
+    logit_scale: float | None = None
 
     @property
     def head_layers(self) -> list[int]:
@@ -237,8 +241,10 @@ def _parts(hf: nn.Module) -> Parts:
 
     structure = attribution_structure.find(config, [unwrap(layer) for layer in stack], base)
     softcap = getattr(config, "final_logit_softcapping", None)
+    logit_scale = getattr(unwrap(hf), "logit_scale", None)  # Cohere: logits * self.logit_scale (a float on the model)
     return Parts(list(stack), mixers, kinds, o_projs, mlps, norm, hf.get_output_embeddings(), n_heads,
-                 mixer_names, mlp_names, w_o, structure, float(softcap) if softcap else None)
+                 mixer_names, mlp_names, w_o, structure, float(softcap) if softcap else None,
+                 float(logit_scale) if isinstance(logit_scale, (int, float)) and logit_scale != 1 else None)
 
 
 def _linear(module: nn.Module | None) -> nn.Linear | None:
@@ -343,14 +349,16 @@ def readout(parts: Parts, captured: dict, targets: Tensor, atol: float = 1e-3) -
     final = captured["final"]
     unembed = unwrap(parts.unembed)
     bias = None if getattr(unembed, "bias", None) is None else unembed.bias.float()
-    if isinstance(norm, nn.LayerNorm):
+    if isinstance(norm, nn.LayerNorm) or _subtracts_mean(norm):  # Cohere's LayerNorm is its own class
         mean = final.mean(-1, keepdim=True)
         scale = torch.rsqrt(final.var(-1, unbiased=False, keepdim=True) + eps)
-        beta = None if norm.bias is None else norm.bias.float()
-        out = Readout(unembed.weight.float(), norm.weight.float(), scale, bias, targets, mean, beta, parts.softcap)
+        beta = None if getattr(norm, "bias", None) is None else norm.bias.float()
+        out = Readout(unembed.weight.float(), norm.weight.float(), scale, bias, targets, mean, beta, parts.softcap,
+                      parts.logit_scale)
     else:
         scale = torch.rsqrt(final.pow(2).mean(-1, keepdim=True) + eps)
-        out = Readout(unembed.weight.float(), rms_gamma(norm, eps), scale, bias, targets, softcap=parts.softcap)
+        out = Readout(unembed.weight.float(), rms_gamma(norm, eps), scale, bias, targets, softcap=parts.softcap,
+                      logit_scale=parts.logit_scale)
     rows = torch.arange(final.shape[0])
     mine = out.logprob(final, rows)
     theirs = captured["logits"].log_softmax(-1).gather(-1, targets[:, None])[:, 0]
@@ -368,6 +376,17 @@ def readout(parts: Parts, captured: dict, targets: Tensor, atol: float = 1e-3) -
             "post-processes its logits in a way attribution does not model"
         )
     return out
+
+
+@torch.no_grad()
+def _subtracts_mean(norm: nn.Module) -> bool:
+    """Whether a final norm that is not an ``nn.LayerNorm`` is one (subtracts the mean: a constant input maps to
+    its bias, 0 here: Cohere's ``Cohere2MoeLayerNorm``); RMS norms map it to their scale."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 1 or weight.device.type == "meta" or getattr(norm, "bias", None) is not None:
+        return False
+    ones = torch.ones(1, weight.shape[0], device=weight.device, dtype=torch.float32)
+    return bool(norm(ones).float().abs().max() < 1e-6) and bool(weight.abs().max() > 0)
 
 
 @torch.no_grad()
@@ -583,6 +602,8 @@ def _logprob_gradient(ro: Readout, base: Tensor) -> Tensor:
     else:  # through cap * tanh(z / cap): dz picks up 1 - tanh^2 = 1 - (logits / cap)^2 per vocabulary entry
         slope = 1 - (logits / ro.softcap).pow(2)
         direction = slope.gather(1, ro.targets[:, None]) * ro.unembed[ro.targets] - (probs * slope) @ ro.unembed
+    if ro.logit_scale is not None:
+        direction = direction * ro.logit_scale
     return direction * ro.gamma * ro.scale[rows]
 
 

@@ -348,17 +348,17 @@ def test_post_norm_families_equal_brute_force(family):
 
 
 def test_fast_screen_gradient_follows_the_softcap():
-    """The fast neuron screen's gradient of log p(w | x) equals autograd's through cap * tanh(logits / cap)."""
+    """The fast neuron screen's gradient of log p(w | x) equals autograd's through cap * tanh(scale * logits / cap)."""
     from nnsight_moe.recipes.attribution import Readout, _logprob_gradient
 
     gen = torch.Generator().manual_seed(0)
     unembed, base = torch.randn(50, 8, generator=gen) * 3, torch.randn(3, 8, generator=gen)
-    for cap in (None, 1.5):
+    for cap, scale in ((None, None), (1.5, None), (None, 0.3), (1.5, 0.3)):  # Gemma's soft-cap, Cohere's logit_scale
         ro = Readout(unembed, torch.rand(8, generator=gen) + 0.5, torch.rand(3, 1, generator=gen) + 0.5, None,
-                     torch.tensor([1, 7, 30]), softcap=cap)
+                     torch.tensor([1, 7, 30]), softcap=cap, logit_scale=scale)
         x = base.clone().requires_grad_(True)
         ro.logprob(x, torch.arange(3)).sum().backward()
-        assert torch.allclose(_logprob_gradient(ro, base), x.grad, atol=1e-5), cap
+        assert torch.allclose(_logprob_gradient(ro, base), x.grad, atol=1e-5), (cap, scale)
 
 
 def test_gemma4_fast_neurons_keep_exact_scores():
@@ -462,3 +462,58 @@ def jetmoe_oracle(model, prompt, target):
 def test_jetmoe_every_level_equals_brute_force():
     frame, _ = _compare(tiny_model("jetmoe"), jetmoe_oracle)
     assert set(frame["level"]) == {"attn", "moe", "expert", "neuron"}  # no head rows: MoA's projection is routed
+
+
+@torch.no_grad()
+def cohere2_moe_oracle(model, prompt, target):
+    """Cohere2-MoE: parallel attention and MoE on one normed input (h + attn + moe), a mean-subtracting final norm
+    of its own class (real mean and variance held fixed) and logits times logit_scale."""
+    layers, seen = model.model.layers, _Seen()
+    for i, layer in enumerate(layers):
+        seen.inp(layer, ("h", i))
+        seen.out(layer.self_attn, ("attn", i))
+        seen.inp(layer.self_attn.o_proj, ("z", i))
+        seen.inp(layer.mlp, ("xt", i))
+        seen.out(layer.mlp, ("mlp", i))
+    seen.inp(model.model.norm, "final")
+    logits = model(torch.tensor([prompt])).logits[0, -1]
+    seen.remove()
+    norm, final = model.model.norm, seen["final"]
+    mu, var = final.mean(), final.var(unbiased=False)
+
+    def logprob(x):
+        normed = norm.weight * (x - mu) / torch.sqrt(var + norm.variance_epsilon)
+        return (model.lm_head(normed) * model.logit_scale).log_softmax(-1)[target]
+
+    assert torch.allclose(logprob(final), logits.log_softmax(-1)[target], atol=1e-5)
+    lpi = lambda x, c: float(logprob(x + c) - logprob(x))  # noqa: E731
+    out, n_heads = {}, model.config.num_attention_heads
+    for i, layer in enumerate(layers):
+        h, a = seen[("h", i)], seen[("attn", i)]
+        u = h + a
+        out[("attn", i)], out[("moe", i)] = lpi(h, a), lpi(u, seen[("mlp", i)])
+        w_o = layer.self_attn.o_proj.weight
+        d = w_o.shape[1] // n_heads
+        for hd in range(n_heads):
+            out[("head", i, hd)] = lpi(h, w_o[:, hd * d:(hd + 1) * d] @ seen[("z", i)][hd * d:(hd + 1) * d])
+        block, x = layer.mlp, seen[("xt", i)][None]
+        if not hasattr(block, "experts"):
+            continue
+        _, weights, indices = block.gate(x)
+        for g, e in zip(weights[0].tolist(), indices[0].tolist()):
+            out[("expert", i, e)] = lpi(u, g * naive_expert(block.experts, x, e)[1][0])
+        out[("shared", i)] = lpi(u, block.shared_experts(x)[0])  # combined by "sum"
+    return out
+
+
+def test_cohere2_moe_layer_head_expert_rows_equal_brute_force():
+    model = tiny_model("cohere2_moe")
+    assert model.config.shared_expert_combination_strategy == "sum" and model.logit_scale != 1
+    frame = attribute(model, PROMPTS, TARGETS, levels=("layer", "head", "expert", "shared"), batch_size=2,
+                      progress=False).to_frame()
+    for p, (prompt, target) in enumerate(zip(PROMPTS, TARGETS)):
+        expected = cohere2_moe_oracle(model, prompt, target)
+        got = {_key(r): r.score for r in frame[frame["prompt"] == p].itertuples()}
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, abs=1e-4), key
