@@ -104,7 +104,7 @@ def lpi(readout: Readout, base: Tensor, c: Tensor, rows: Tensor, budget_bytes: i
 
 # ------------------------------------------------------------------------------------ capture
 #: Where decoder layers keep their token mixer (attention, linear attention, SSM) and their MLP / MoE.
-MIXER_NAMES = ("self_attn", "attn", "attention", "linear_attn", "mamba", "mixer", "self_attention")
+MIXER_NAMES = ("self_attn", "attn", "attention", "linear_attn", "mamba", "mixer", "self_attention", "conv")
 MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward", "ffn")
 #: Layer types (``config.layer_types``, ``block_type``) whose single ``mixer`` module is the MLP / MoE.
 _CHANNEL_TYPES = ("mlp", "moe", "ffn", "dense")
@@ -232,8 +232,11 @@ def _parts(hf: nn.Module) -> Parts:
         raise ValueError(f"{type(hf).__name__}: its decoder layers have none of {MIXER_NAMES + MLP_NAMES}")
     base = hf.base_model
     # a multimodal model's text stack keeps the norm; Llama 4's prefix is not `model`
-    owners = (base, getattr(base, "language_model", None), getattr(hf, "model", None) if base is hf else None)
-    norm = next((getattr(owner, n) for owner in owners for n in ("norm", "final_layernorm", "norm_f", "ln_f")
+    # (Nemotron-H-Omni: the language model is a causal LM, its norm on .model; LFM2-MoE names it embedding_norm
+    # though it runs after the layers: the readout's self-check would refuse a norm that is not the final one)
+    language = getattr(base, "language_model", None)
+    owners = (base, language, getattr(language, "model", None), getattr(hf, "model", None) if base is hf else None)
+    norm = next((getattr(owner, n) for owner in owners for n in ("norm", "final_layernorm", "norm_f", "ln_f", "embedding_norm")
                  if isinstance(getattr(owner, n, None), nn.Module)), None)
     if norm is None:
         raise ValueError(f"{type(hf).__name__}: no final norm (base_model.norm / final_layernorm / norm_f) found")

@@ -517,3 +517,32 @@ def test_cohere2_moe_layer_head_expert_rows_equal_brute_force():
         assert set(got) == set(expected)
         for key, value in expected.items():
             assert got[key] == pytest.approx(value, abs=1e-4), key
+
+
+@torch.no_grad()
+def test_lfm2_moe_layer_rows_equal_brute_force():
+    """LFM2-MoE: short-convolution layers (``conv``) give ``mixer`` rows, attention layers ``attn`` rows; its final
+    norm is named ``embedding_norm`` (it runs after the layers)."""
+    model = tiny_model("lfm2_moe")
+    layers, seen = model.model.layers, _Seen()
+    for i, layer in enumerate(layers):
+        seen.inp(layer, ("h", i))
+        seen.out(getattr(layer, "conv", None) or layer.self_attn, ("t", i))
+        seen.out(layer.feed_forward, ("f", i))
+    seen.inp(model.model.embedding_norm, "final")
+    frame = attribute(model, PROMPTS, TARGETS, levels=("layer",), batch_size=2, progress=False).to_frame()
+    for p, (prompt, target) in enumerate(zip(PROMPTS, TARGETS)):
+        seen.values.clear()
+        logits = model(torch.tensor([prompt])).logits[0, -1]
+        logprob = _rms_readout(model, model.model.embedding_norm, seen["final"], target)
+        assert torch.allclose(logprob(seen["final"]), logits.log_softmax(-1)[target], atol=1e-5)
+        expected = {}
+        for i, layer in enumerate(layers):
+            h, t = seen[("h", i)], seen[("t", i)]
+            expected[i, "mixer" if hasattr(layer, "conv") else "attn"] = float(logprob(h + t) - logprob(h))
+            expected[i, "moe"] = float(logprob(h + t + seen[("f", i)]) - logprob(h + t))
+        got = {(r.layer, r.level): r.score for r in frame[frame["prompt"] == p].itertuples()}
+        assert set(got) == set(expected) and {"mixer", "attn", "moe"} == {level for _, level in got}
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, abs=1e-4), key
+    seen.remove()
