@@ -458,7 +458,7 @@ def score_batch(hf: nn.Module, parts: Parts, captured: dict, ro: Readout, levels
         raise ValueError(
             f"this model's residual stream is not one d_model vector per position (decoder layers see "
             f"{tuple(h_prev.shape[2:])}, the final norm {tuple(captured['final'].shape[1:])}: parallel residual "
-            "streams, e.g. DeepSeek-V4's hyper-connections); attribution needs h + attn + mlp per layer")
+            "streams: hyper-connections of a form attribution_structure does not model); attribution needs h + attn + mlp per layer")
     u = h_prev + attn_out
     _check_residual(captured, u, dtype=activation_dtype(*parts.layers))
     frames = []

@@ -136,9 +136,9 @@ def find(config: Any, stack: list[nn.Module], base: nn.Module) -> Structure | No
         if hc_head is None or not all(f.attn_hc is not None for f in layers) or not _deepseek_v4_hc(layers[0].attn_hc, hc_head):
             refused.append(
                 "this model's decoder layers mix parallel residual streams (hyper-connections) in a form attribution "
-                "does not model (it models DeepSeek-V4's: attn_hc / ffn_hc returning (post, comb, collapsed) on every "
-                "layer and a final hc_head); attribution needs the streams' mixing weights")
-        kinds.add("hyper-connections (DeepSeek-V4)")
+                f"does not model (it models attn_hc / ffn_hc of {sorted(_HC_OUTPUTS)} on every layer and a final "
+                f"hc_head of {sorted(_HEAD_PRE)}); attribution needs the streams' mixing weights")
+        kinds.add("hyper-connections")
     if not kinds:
         return None
     return Structure(layers, hc_head, kinds, refused[0] if refused else None)
@@ -155,9 +155,15 @@ def _module(layer: nn.Module, *names: str) -> nn.Module | None:
     return next((getattr(layer, n) for n in names if isinstance(getattr(layer, n, None), nn.Module)), None)
 
 
+#: Hyper-connection modules attribution reverses: returning (post, comb, collapsed) (R_out = post ⊗ out + combᵀ R_in)
+#: or (post, collapsed) (HY-V4: comb is the identity, R_out = post ⊗ out + R_in).
+_HC_OUTPUTS = {"DeepseekV4HyperConnection": 3, "Glm5NextTextHyperConnection": 3, "HYV4HyperConnection": 2,
+               "HYV4VLHyperConnection": 2}
+
+
 def _deepseek_v4_hc(hc: nn.Module, head: nn.Module) -> bool:
-    """Whether the hyper-connection modules are DeepSeek-V4's (the mixing attribution reverses)."""
-    return (type(unwrap(hc)).__name__, type(unwrap(head)).__name__) == ("DeepseekV4HyperConnection", "DeepseekV4HyperHead")
+    """Whether the hyper-connection and final-collapse modules are ones whose mixing attribution reverses."""
+    return type(unwrap(hc)).__name__ in _HC_OUTPUTS and type(unwrap(head)).__name__ in _HEAD_PRE
 
 
 def install(structure: Structure, got: dict, pick) -> list:
@@ -196,7 +202,8 @@ def install(structure: Structure, got: dict, pick) -> list:
             hc = getattr(f, name)
             if hc is not None:
                 handles.append(hc.register_forward_hook(
-                    lambda m, a, o, i=i, name=name: store.__setitem__((name, i), (pick(o[0]), pick(o[1])))))
+                    lambda m, a, o, i=i, name=name: store.__setitem__(  # HY-V4's returns no comb: the identity
+                    (name, i), (pick(o[0]), pick(o[1]) if len(o) == 3 else None))))
     if structure.hc_head is not None:
         keep(structure.hc_head, "head_in", 0, "input")
     return handles
@@ -212,13 +219,29 @@ def _frozen(norm: nn.Module, raw: Tensor) -> Tensor:
     return gamma * torch.rsqrt(raw.pow(2).mean(-1, keepdim=True) + eps)
 
 
-@torch.no_grad()
-def _head_pre(head: nn.Module, streams: Tensor) -> Tensor:
-    """[P, N] DeepSeek-V4's final collapse weights ``pre`` of the real final streams [P, N, D] (its hc_head)."""
-    head = unwrap(head)
+def _deepseek_v4_pre(head: nn.Module, streams: Tensor) -> Tensor:
     flat = head.input_norm(streams.flatten(1).float())
     mixes = torch.nn.functional.linear(flat, head.hc_fn.float())
     return torch.sigmoid(mixes * head.hc_scale.float() + head.hc_base.float()) + head.eps
+
+
+def _hy_v4_pre(head: nn.Module, streams: Tensor) -> Tensor:  # the norm multiplies the projection, not its input
+    flat = streams.flatten(1).float()
+    mixes = torch.nn.functional.linear(flat, head.hc_fn.float()) * head.input_norm(flat)
+    return torch.sigmoid(mixes * head.hc_scale.float() + head.hc_base.float()) + head.eps
+
+
+#: The final collapse weights ``pre`` [P, N] of the real final streams [P, N, D], per hc_head class (GLM-5-Next's
+#: is the plain mean).
+_HEAD_PRE = {"DeepseekV4HyperHead": _deepseek_v4_pre, "HYV4HyperHead": _hy_v4_pre, "HYV4VLHyperHead": _hy_v4_pre,
+             "Glm5NextTextHyperHead": lambda head, streams: streams.new_full(streams.shape[:2], 1.0 / streams.shape[1])}
+
+
+@torch.no_grad()
+def _head_pre(head: nn.Module, streams: Tensor) -> Tensor:
+    """[P, N] the final collapse weights ``pre`` of the real final streams [P, N, D] (the model's hc_head)."""
+    head = unwrap(head)
+    return _HEAD_PRE[type(head).__name__](head, streams)
 
 
 @torch.no_grad()
@@ -241,7 +264,7 @@ def finish(structure: Structure, got: dict) -> None:
             for name, alphas in (("ffn_hc", alpha_ffn), ("attn_hc", alpha_attn)):
                 post, comb = store[(name, i)]  # [P, N], [P, N, N]: R_out = post ⊗ out + combᵀ R_in
                 alphas[i] = (v * post).sum(-1, keepdim=True)
-                v = torch.einsum("pjk,pk->pj", comb, v)
+                v = v if comb is None else torch.einsum("pjk,pk->pj", comb, v)  # HY-V4: R_out = post ⊗ out + R_in
             v_in[i] = v
         got["resid_pre"] = torch.stack([(v_in[i][:, :, None] * got["resid_pre"][i]).sum(1) for i in range(n_layers)])
     if any(f.scalar is not None or f.attn_add is not None for f in structure.layers):

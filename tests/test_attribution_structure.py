@@ -546,3 +546,62 @@ def test_lfm2_moe_layer_rows_equal_brute_force():
         for key, value in expected.items():
             assert got[key] == pytest.approx(value, abs=1e-4), key
     seen.remove()
+
+
+@torch.no_grad()
+def hc_layer_oracle(model, prompt, target):
+    """Layer and head rows of a hyper-connection stack from the real streams: each site's mixing (post, comb; HY-V4
+    returns no comb: the identity) applied forwards, the final collapse solved from the real final streams."""
+    text = getattr(model.model, "language_model", model.model)  # GLM-5-Next: a multimodal model's text stack
+    layers, seen, mixing = text.layers, _Seen(), {}
+    for i, layer in enumerate(layers):
+        seen.inp(layer, ("R", i))
+        for name in ("attn_hc", "ffn_hc"):
+            seen.handles.append(layer.get_submodule(name).register_forward_hook(
+                lambda m, a, o, i=i, name=name: mixing.__setitem__(
+                    (name, i), (o[0][0, -1], o[1][0, -1] if len(o) == 3 else torch.eye(o[0].shape[-1])))))
+        seen.out(layer.self_attn, ("attn", i))
+        seen.inp(layer.self_attn.o_proj, ("z", i))
+        seen.out(layer.mlp, ("mlp", i))
+    seen.inp(text.hc_head, "R_final")
+    seen.inp(text.norm, "final")
+    logits = model(torch.tensor([prompt])).logits[0, -1]
+    seen.remove()
+    logprob = _rms_readout(model, text.norm, seen["final"], target)
+    assert torch.allclose(logprob(seen["final"]), logits.log_softmax(-1)[target], atol=1e-5)
+    lpi = lambda x, c: float(logprob(x + c) - logprob(x))  # noqa: E731
+    pre = torch.linalg.lstsq(seen["R_final"].T, seen["final"][:, None]).solution[:, 0]
+    assert torch.allclose(pre @ seen["R_final"], seen["final"], atol=1e-5)
+    sites = [(name, i) for i in range(len(layers)) for name in ("attn_hc", "ffn_hc")]
+
+    def to_final(streams, after):
+        for site in sites[after + 1:]:
+            streams = mixing[site][1].T @ streams
+        return pre @ streams
+
+    out, n_heads = {}, model.config.get_text_config().num_attention_heads
+    for i, layer in enumerate(layers):
+        h = to_final(seen[("R", i)], 2 * i - 1)
+        at_attn = lambda c: to_final(mixing[sites[2 * i]][0][:, None] * c[None], 2 * i)  # noqa: E731
+        a = at_attn(seen[("attn", i)])
+        out[("attn", i)] = lpi(h, a)
+        out[("moe", i)] = lpi(h + a, to_final(mixing[sites[2 * i + 1]][0][:, None] * seen[("mlp", i)][None], 2 * i + 1))
+        w_o, z = layer.self_attn.o_proj.weight, seen[("z", i)]
+        d = w_o.shape[1] // n_heads
+        for hd in range(n_heads):
+            out[("head", i, hd)] = lpi(h, at_attn(w_o[:, hd * d:(hd + 1) * d] @ z[hd * d:(hd + 1) * d]))
+    return out
+
+
+@pytest.mark.parametrize("family", ["hy_v4", "glm5_next"])
+def test_other_hyper_connections_equal_brute_force(family):
+    """HY-V4 (no comb: R_out = post ⊗ out + R_in; its own final collapse) and GLM-5-Next (DeepSeek-V4's mixing, a
+    plain-mean final collapse): layer and head rows."""
+    model = tiny_model(family)
+    frame = attribute(model, PROMPTS, TARGETS, levels=("layer", "head"), batch_size=2, progress=False).to_frame()
+    for p, (prompt, target) in enumerate(zip(PROMPTS, TARGETS)):
+        expected = hc_layer_oracle(model, prompt, target)
+        got = {_key(r): r.score for r in frame[frame["prompt"] == p].itertuples()}
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, abs=1e-4), key
