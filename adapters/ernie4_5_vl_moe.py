@@ -9,7 +9,9 @@ experts (E = its experts), ``hook_shared_*`` the shared MLP, ``hook_moe_out`` th
 experts have no hook points. Only text-only prompts are covered: with vision tokens (image / video
 inputs and their ``moe_mm_token_type_ids``) ``text_moe`` sees only the text tokens, so the hook tensors
 have one row per text token, the vision tokens' experts are unhooked, and the remote view (which assumes
-every token goes through ``text_moe``) does not apply.
+every token goes through ``text_moe``) does not apply. (Measured, and why the vision experts are not
+hooked: docs/hooks.md; their width differs from the text experts', ``moe_intermediate_size = [text, vision]``,
+so the contract's one ``hook_expert_acts`` per block cannot hold both.)
 """
 
 from torch import nn

@@ -242,7 +242,8 @@ def check_routing(model: Any, input_ids: Tensor | None = None, *, tokenizer=None
         w_dev = _dev(weights, hf_weights) if weights.shape == hf_weights.shape else float("inf")
         w_tol = eps(w_dtype) * float(hf_weights.float().abs().max())
         act = _dtype_of(get("hook_expert_out"))
-        terms = get("hook_topk_weights").float()[..., None] * get("hook_expert_out").float()
+        terms = get("hook_expert_out").float()  # Llama 4: the weights scaled the experts' inputs, already inside
+        terms = terms if info.gate_on_input else get("hook_topk_weights").float()[..., None] * terms
         routed_tol = (eps(act) + 4 * eps(torch.float32)) * float(terms.abs().sum(-2).max())
         routed_dev = _dev(get("hook_routed_out"), terms.sum(-2))
         moe = info.routed_scale * get("hook_routed_out").float()
@@ -307,6 +308,30 @@ def _forward_hooks(hf, layout, paths, record) -> list:
     return handles
 
 
+def _selection_hooks(hf, layout, record) -> list:
+    """Hooks calling ``record(layer, weights, indices)`` with the selection the MODEL computes (flat [tokens, k]),
+    ahead of any attach hook: the router's (weights, indices) outputs; DBRX's are the experts' arguments (its
+    router gives logits only, the block routes); Llama 4's its own top-k of the logits, weights read off its dense
+    sigmoid scores; Zaya's with its skip slots given the skip expert's id (:func:`_selection`)."""
+    from nnsight_moe.adapters import adapter_for
+
+    adapter = adapter_for(hf)
+    if adapter.routing_in_block:
+        handles = []
+        for index in layout.moe_layers:
+            experts = _inner(hf.get_submodule(layout.layer(index).experts))
+            handles.append(experts.register_forward_pre_hook(
+                lambda m, a, index=index: record(index, a[2].detach(), a[1].detach()), prepend=True))
+        return handles
+    if adapter.gate_on_input:
+        def dense(i, o):
+            chosen = torch.topk(o[1].detach(), layout.layer(i).top_k, dim=-1).indices
+            record(i, o[0].detach().gather(-1, chosen), chosen)
+        return _forward_hooks(hf, layout, lambda info: info.router, dense)
+    return _forward_hooks(hf, layout, lambda info: info.router, lambda i, o: record(
+        i, *(t.detach() for t in _selection(hf, layout, i, o))))
+
+
 def _inner(module: nn.Module) -> nn.Module:
     from nnsight_moe.hooks import unwrap
 
@@ -319,8 +344,8 @@ def _run_unattached(hf, layout, batch) -> tuple[Tensor, dict, dict]:
     b, p = batch["input_ids"].shape
     handles = _forward_hooks(hf, layout, lambda info: info.path,
                              lambda i, o: blocks.__setitem__(i, (o[0] if isinstance(o, tuple) else o).detach().clone()))
-    handles += _forward_hooks(hf, layout, lambda info: info.router, lambda i, o: indices.__setitem__(
-        i, _selection(hf, layout, i, o)[1].detach().reshape(b, p, -1).clone()))
+    handles += _selection_hooks(hf, layout, lambda i, weights, chosen: indices.__setitem__(
+        i, chosen.reshape(b, p, -1).clone()))
     beside = {}  # a shared expert beside the block (Granite): the layer adds its output to the block's
     for index in layout.moe_layers:
         if layout.layer(index).shared_outside:
@@ -346,8 +371,8 @@ def _run_attached(hf, handle, batch) -> tuple[Tensor, dict, dict]:
     layout = handle.layout
     b, p = batch["input_ids"].shape
     routers, values = {}, {}
-    handles = _forward_hooks(hf, layout, lambda info: info.router, lambda i, o: routers.__setitem__(
-        i, tuple(t.detach().reshape(b, p, -1).clone() for t in _selection(hf, layout, i, o))))
+    handles = _selection_hooks(hf, layout, lambda i, weights, chosen: routers.__setitem__(
+        i, (weights.reshape(b, p, -1).clone(), chosen.reshape(b, p, -1).clone())))
     points = handle.hook_points()
     for name, point in points.items():
         point.add_hook(lambda tensor, hook, name=name: values.__setitem__(name, tensor.detach().clone()))

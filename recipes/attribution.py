@@ -17,13 +17,16 @@ l, ``A^l`` its attention output, ``u^l = h^{l-1} + A^l``, ``F^l`` its MLP / MoE 
 
 The module has two halves: :func:`capture` runs the model once per batch and keeps last-position
 tensors; the scoring functions are pure tensor maths on what was captured (so they can run anywhere).
+Layers that reach the residual through per-token maps (post-norms, Gemma-4's FFN beside a dense MLP,
+layer scalars, DeepSeek-V4's hyper-connections) are read in the final residual's frame with those maps
+held at their real values (:mod:`nnsight_moe.recipes.attribution_structure`).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -62,6 +65,8 @@ class Readout:
     targets: Tensor  # [P]
     mean: Tensor | None = None  # [P, 1] LayerNorm: mean of the real final residual
     beta: Tensor | None = None  # [D] LayerNorm bias
+    softcap: float | None = None  # the model's final logit soft-cap: logits = cap * tanh(logits / cap) (Gemma)
+    logit_scale: float | None = None  # a constant the model multiplies its logits by, before any soft-cap (Cohere)
 
     def logits(self, x: Tensor, rows: Tensor) -> Tensor:
         """Frozen-norm logits [N, V] of states ``x`` [N, D] belonging to prompts ``rows`` [N]."""
@@ -71,7 +76,9 @@ class Readout:
         if self.beta is not None:
             normed = normed + self.beta
         logits = normed @ self.unembed.T
-        return logits if self.bias is None else logits + self.bias
+        logits = logits if self.bias is None else logits + self.bias
+        logits = logits if self.logit_scale is None else logits * self.logit_scale
+        return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
 
     def logprob(self, x: Tensor, rows: Tensor) -> Tensor:
         """log p(target | x) for states ``x`` [N, D] belonging to prompts ``rows`` [N]."""
@@ -97,8 +104,8 @@ def lpi(readout: Readout, base: Tensor, c: Tensor, rows: Tensor, budget_bytes: i
 
 # ------------------------------------------------------------------------------------ capture
 #: Where decoder layers keep their token mixer (attention, linear attention, SSM) and their MLP / MoE.
-MIXER_NAMES = ("self_attn", "attn", "attention", "linear_attn", "mamba", "mixer", "self_attention")
-MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward")
+MIXER_NAMES = ("self_attn", "attn", "attention", "linear_attn", "mamba", "mixer", "self_attention", "conv")
+MLP_NAMES = ("mlp", "block_sparse_moe", "feed_forward", "ffn")
 #: Layer types (``config.layer_types``, ``block_type``) whose single ``mixer`` module is the MLP / MoE.
 _CHANNEL_TYPES = ("mlp", "moe", "ffn", "dense")
 
@@ -124,6 +131,16 @@ class Parts:
     n_heads: int
     mixer_names: list[str | None]
     mlp_names: list[str | None]
+    #: Per attention layer, the effective output projection [d_model, H * d_head] (a function of no
+    #: arguments, read when scoring) where it is not ``o_proj.weight`` (DeepSeek-V4's grouped low-rank one).
+    w_o: dict[int, Any] = field(default_factory=dict)
+    #: What puts the layers' outputs on the residual through frozen maps (post-norms, Gemma-4's FFN,
+    #: hyper-connections; :mod:`nnsight_moe.recipes.attribution_structure`); None: h + attn + mlp.
+    structure: Any = None
+    #: The model's final logit soft-cap (``cap * tanh(logits / cap)``, Gemma), None when it has none.
+    softcap: float | None = None
+    #: The constant the model multiplies its logits by (Cohere's ``logit_scale``), None when none.
+    logit_scale: float | None = None
 
     @property
     def head_layers(self) -> list[int]:
@@ -148,7 +165,40 @@ def _is_attention(kind: str | None, module: nn.Module) -> bool:
         if kind.startswith("hybrid"):  # Zaya's / Inkling's attention layers ("hybrid", "hybrid_sliding")
             return hasattr(unwrap(module), "o_proj")
         return "attention" in kind and "linear" not in kind or kind in ("attn", "global", "local", "sliding", "full")
-    return hasattr(unwrap(module), "o_proj")
+    # JetMoE's mixture-of-attention-heads: softmax attention whose output projection is routed (no head rows)
+    return _o_proj(module) is not None or type(unwrap(module)).__name__ == "JetMoeAttention"
+
+
+def _o_proj(mixer: nn.Module) -> nn.Module | None:
+    """The module whose input holds an attention mixer's heads: ``o_proj``; DBRX's ``out_proj`` (of an attention
+    with ``Wqkv``, not a Mamba mixer's); DeepSeek-V4's grouped ``o_a_proj`` (its input [.., groups, d] flattened)."""
+    inner = unwrap(mixer)
+    if isinstance(getattr(inner, "o_proj", None), nn.Module):
+        return inner.o_proj
+    if isinstance(getattr(inner, "out_proj", None), nn.Module) and hasattr(inner, "Wqkv"):
+        return inner.out_proj
+    if isinstance(getattr(inner, "o_a_proj", None), nn.Module) and isinstance(getattr(inner, "o_b_proj", None), nn.Module):
+        return inner.o_a_proj
+    return None
+
+
+def _grouped_w_o(mixer: nn.Module) -> Tensor:
+    """DeepSeek-V4's output projection as one matrix [d_model, H * d_head]: ``o_b_proj`` after the block-diagonal
+    ``o_a_proj`` (group g maps its slice of the heads' output to its ``o_lora_rank`` rows of o_b_proj's input)."""
+    inner = unwrap(mixer)
+    a, b = unwrap(inner.o_a_proj), _linear(inner.o_b_proj)
+    groups = int(a.n_groups)
+    w_a = a.weight.float().view(groups, -1, a.weight.shape[-1])  # [G, r, in_g]
+    w_b = b.weight.float().view(b.out_features, groups, -1)  # [D, G, r]
+    return torch.einsum("dgr,gri->dgi", w_b, w_a).reshape(b.out_features, -1)
+
+
+def _mixer_name(layer: nn.Module) -> str | None:
+    """The token mixer's attribute path on a decoder layer (DBRX's attention sits in ``norm_attn_norm.attn``)."""
+    name = next((n for n in MIXER_NAMES if isinstance(getattr(layer, n, None), nn.Module)), None)
+    if name is None and isinstance(getattr(getattr(layer, "norm_attn_norm", None), "attn", None), nn.Module):
+        return "norm_attn_norm.attn"
+    return name
 
 
 def _parts(hf: nn.Module) -> Parts:
@@ -157,24 +207,28 @@ def _parts(hf: nn.Module) -> Parts:
     _refuse_family(hf)  # a MoE family the recipes refuse, with the reason (DiffusionGemma's canvas decoder)
     config = hf.config.get_text_config()
     n_layers = int(config.num_hidden_layers)
-    stack = next((m for name, m in hf.named_modules()
-                  if isinstance(m, nn.ModuleList) and name.endswith("layers") and len(m) == n_layers), None)
+    stack = next((m for name, m in hf.named_modules()  # DBRX: transformer.blocks
+                  if isinstance(m, nn.ModuleList) and name.endswith(("layers", "blocks")) and len(m) == n_layers), None)
     if stack is None:
         raise ValueError(f"{type(hf).__name__}: no decoder layer list of length {n_layers} found")
     n_heads = int(getattr(config, "num_attention_heads", 0) or 0)
-    mixers, kinds, o_projs, mlps, mixer_names, mlp_names = [], [], [], [], [], []
+    mixers, kinds, o_projs, mlps, mixer_names, mlp_names, w_o = [], [], [], [], [], [], {}
     for i, wrapped in enumerate(stack):
         layer = unwrap(wrapped)
         kind = _layer_type(layer, config, i, n_layers)
-        mixer_name = next((n for n in MIXER_NAMES if isinstance(getattr(layer, n, None), nn.Module)), None)
+        mixer_name = _mixer_name(layer)
         mlp_name = next((n for n in MLP_NAMES if isinstance(getattr(layer, n, None), nn.Module)), None)
         if mlp_name is None and mixer_name is not None and kind is not None and kind.lower() in _CHANNEL_TYPES:
             mixer_name, mlp_name = None, mixer_name  # one module per layer (nemotron_h): this one is the MLP / MoE
-        mixer = getattr(layer, mixer_name) if mixer_name else None
+        mixer = layer.get_submodule(mixer_name) if mixer_name else None
         attention = mixer is not None and _is_attention(kind, mixer)
-        o_proj = getattr(unwrap(mixer), "o_proj", None) if attention else None
-        if o_proj is not None and (not n_heads or _linear(o_proj) is None or _linear(o_proj).in_features % n_heads):
+        o_proj = _o_proj(mixer) if attention else None
+        if o_proj is not None and hasattr(unwrap(o_proj), "n_groups"):  # DeepSeek-V4's grouped low-rank projection
+            w_o[i] = functools.partial(_grouped_w_o, mixer)
+        width = w_o[i]().shape[1] if i in w_o else _linear(o_proj).in_features if _linear(o_proj) is not None else 0
+        if o_proj is not None and (not n_heads or not width or width % n_heads):
             o_proj = None
+            w_o.pop(i, None)
         mixers.append(mixer), mixer_names.append(mixer_name)
         kinds.append(None if mixer is None else "attn" if attention else "mixer")
         o_projs.append(o_proj)
@@ -183,13 +237,22 @@ def _parts(hf: nn.Module) -> Parts:
         raise ValueError(f"{type(hf).__name__}: its decoder layers have none of {MIXER_NAMES + MLP_NAMES}")
     base = hf.base_model
     # a multimodal model's text stack keeps the norm; Llama 4's prefix is not `model`
-    owners = (base, getattr(base, "language_model", None), getattr(hf, "model", None) if base is hf else None)
-    norm = next((getattr(owner, n) for owner in owners for n in ("norm", "final_layernorm", "norm_f", "ln_f")
+    # (Nemotron-H-Omni: the language model is a causal LM, its norm on .model; LFM2-MoE names it embedding_norm
+    # though it runs after the layers: the readout's self-check would refuse a norm that is not the final one)
+    language = getattr(base, "language_model", None)
+    owners = (base, language, getattr(language, "model", None), getattr(hf, "model", None) if base is hf else None)
+    norm = next((getattr(owner, n) for owner in owners for n in ("norm", "final_layernorm", "norm_f", "ln_f", "embedding_norm")
                  if isinstance(getattr(owner, n, None), nn.Module)), None)
     if norm is None:
         raise ValueError(f"{type(hf).__name__}: no final norm (base_model.norm / final_layernorm / norm_f) found")
+    from nnsight_moe.recipes import attribution_structure
+
+    structure = attribution_structure.find(config, [unwrap(layer) for layer in stack], base)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    logit_scale = getattr(unwrap(hf), "logit_scale", None)  # Cohere: logits * self.logit_scale (a float on the model)
     return Parts(list(stack), mixers, kinds, o_projs, mlps, norm, hf.get_output_embeddings(), n_heads,
-                 mixer_names, mlp_names)
+                 mixer_names, mlp_names, w_o, structure, float(softcap) if softcap else None,
+                 float(logit_scale) if isinstance(logit_scale, (int, float)) and logit_scale != 1 else None)
 
 
 def _linear(module: nn.Module | None) -> nn.Linear | None:
@@ -225,8 +288,9 @@ def capture(hf: nn.Module, batch: dict[str, Tensor], parts: Parts, handle=None) 
         if parts.mixers[i] is not None:
             handles.append(parts.mixers[i].register_forward_hook(
                 lambda m, a, o, i=i: got["attn_out"].__setitem__(i, pick(_out(o)))))
-        if parts.o_proj[i] is not None:
-            handles.append(parts.o_proj[i].register_forward_pre_hook(lambda m, a, i=i: got["z"].__setitem__(i, pick(a[0]))))
+        if parts.o_proj[i] is not None:  # flattened: DeepSeek-V4's grouped projection reads [.., groups, d]
+            handles.append(parts.o_proj[i].register_forward_pre_hook(
+                lambda m, a, i=i: got["z"].__setitem__(i, pick(a[0]).reshape(len(rows), -1))))
         mlp = parts.mlp[i]
         if mlp is not None:
             handles.append(mlp.register_forward_hook(  # Llama 4's MoE returns flattened tokens: view them as its input
@@ -240,6 +304,10 @@ def capture(hf: nn.Module, batch: dict[str, Tensor], parts: Parts, handle=None) 
                 lambda m, a, o, i=i: got["mlp_out"].__setitem__(i, got["mlp_out"][i] + pick(_out(o)))))
     handles.append(parts.norm.register_forward_pre_hook(
         lambda m, a, k: got.__setitem__("final", pick(a[0] if a else k["hidden_states"])), with_kwargs=True))
+    if parts.structure is not None:  # post-norms, Gemma-4's FFN, hyper-connections: read their real maps
+        from nnsight_moe.recipes import attribution_structure
+
+        handles += attribution_structure.install(parts.structure, got, pick)
     added = TemporaryHooks()
     if handle is not None:
         for i in handle.layout.moe_layers:
@@ -256,9 +324,13 @@ def capture(hf: nn.Module, batch: dict[str, Tensor], parts: Parts, handle=None) 
         added.remove()  # ours only: hooks the user added stay
     got["logits"] = logits[:, 0].float() if keep and logits.shape[1] == 1 else pick(logits)
     del logits
-    zeros = torch.zeros_like(got["resid_pre"][0])
-    for key in ("resid_pre", "attn_out", "mlp_out"):
+    for key in ("resid_pre", "attn_out", "mlp_out"):  # 0 where a layer has no such part
+        zeros = torch.zeros_like(got["resid_pre"][0] if key == "resid_pre" else got["final"])
         got[key] = torch.stack([got[key].get(i, zeros) for i in range(len(parts.layers))])
+    if parts.structure is not None:  # every state and output in the frame of the final residual
+        from nnsight_moe.recipes import attribution_structure
+
+        attribution_structure.finish(parts.structure, got)
     return got
 
 
@@ -285,14 +357,16 @@ def readout(parts: Parts, captured: dict, targets: Tensor, atol: float = 1e-3) -
     final = captured["final"]
     unembed = unwrap(parts.unembed)
     bias = None if getattr(unembed, "bias", None) is None else unembed.bias.float()
-    if isinstance(norm, nn.LayerNorm):
+    if isinstance(norm, nn.LayerNorm) or _subtracts_mean(norm):  # Cohere's LayerNorm is its own class
         mean = final.mean(-1, keepdim=True)
         scale = torch.rsqrt(final.var(-1, unbiased=False, keepdim=True) + eps)
-        beta = None if norm.bias is None else norm.bias.float()
-        out = Readout(unembed.weight.float(), norm.weight.float(), scale, bias, targets, mean, beta)
+        beta = None if getattr(norm, "bias", None) is None else norm.bias.float()
+        out = Readout(unembed.weight.float(), norm.weight.float(), scale, bias, targets, mean, beta, parts.softcap,
+                      parts.logit_scale)
     else:
         scale = torch.rsqrt(final.pow(2).mean(-1, keepdim=True) + eps)
-        out = Readout(unembed.weight.float(), rms_gamma(norm, eps), scale, bias, targets)
+        out = Readout(unembed.weight.float(), rms_gamma(norm, eps), scale, bias, targets, softcap=parts.softcap,
+                      logit_scale=parts.logit_scale)
     rows = torch.arange(final.shape[0])
     mine = out.logprob(final, rows)
     theirs = captured["logits"].log_softmax(-1).gather(-1, targets[:, None])[:, 0]
@@ -310,6 +384,17 @@ def readout(parts: Parts, captured: dict, targets: Tensor, atol: float = 1e-3) -
             "post-processes its logits in a way attribution does not model"
         )
     return out
+
+
+@torch.no_grad()
+def _subtracts_mean(norm: nn.Module) -> bool:
+    """Whether a final norm that is not an ``nn.LayerNorm`` is one (subtracts the mean: a constant input maps to
+    its bias, 0 here: Cohere's ``Cohere2MoeLayerNorm``); RMS norms map it to their scale."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 1 or weight.device.type == "meta" or getattr(norm, "bias", None) is not None:
+        return False
+    ones = torch.ones(1, weight.shape[0], device=weight.device, dtype=torch.float32)
+    return bool(norm(ones).float().abs().max() < 1e-6) and bool(weight.abs().max() > 0)
 
 
 @torch.no_grad()
@@ -356,7 +441,13 @@ def _block_maps(hf: nn.Module, info: Any, moe: dict) -> tuple[Any, Any]:
 
 def _down_columns(experts: nn.Module, expert_ids: Tensor) -> Tensor:
     """W_down of each expert in ``expert_ids`` [N] as [N, d_expert, d_model] (row k = column k of W_down)."""
-    w = (experts.down_proj if hasattr(experts, "down_proj") else experts.weight)[expert_ids].float()  # JetMoE: [E, D, I]
+    if type(experts).__name__ == "DbrxExperts":  # 2-D w2 [E * d_expert, d_model]: row k of expert e's slice
+        from nnsight_moe.block_routed import expert_weights
+
+        return expert_weights(experts)[2][expert_ids].float()
+    if type(experts).__name__ == "JetMoeParallelExperts":  # JetMoE's output_linear: weight [E, d_model, d_expert]
+        return experts.weight[expert_ids].float().transpose(-1, -2)
+    w = experts.down_proj[expert_ids].float()
     transposed = getattr(experts, "is_transposed", type(experts).__name__ == "Llama4TextExperts")  # [E, in, out]
     return w if transposed else w.transpose(-1, -2)
 
@@ -372,10 +463,18 @@ def score_batch(hf: nn.Module, parts: Parts, captured: dict, ro: Readout, levels
         raise ValueError(
             f"this model's residual stream is not one d_model vector per position (decoder layers see "
             f"{tuple(h_prev.shape[2:])}, the final norm {tuple(captured['final'].shape[1:])}: parallel residual "
-            "streams, e.g. DeepSeek-V4's hyper-connections); attribution needs h + attn + mlp per layer")
+            "streams: hyper-connections of a form attribution_structure does not model); attribution needs h + attn + mlp per layer")
     u = h_prev + attn_out
     _check_residual(captured, u, dtype=activation_dtype(*parts.layers))
     frames = []
+    maps = captured.get("maps", {})  # frozen maps from a part's own output space to the final residual
+
+    def mapped(kind, layer, v, rows):  # v [N, ..., D] of prompts rows [N]
+        factor = maps.get(kind, {}).get(layer)
+        if factor is None:
+            return v
+        f = factor[rows.to(factor.device)]
+        return v * f.reshape(f.shape[0], *([1] * (v.dim() - 2)), f.shape[-1])
 
     def add(layer, level, rows, score, head=-1, expert=-1, neuron=-1):
         frames.append(_rows(prompt=rows, layer=layer, level=level, head=head, expert=expert, neuron=neuron,
@@ -387,13 +486,16 @@ def score_batch(hf: nn.Module, parts: Parts, captured: dict, ro: Readout, levels
                 add(layer, parts.kinds[layer], ar, lpi(ro, h_prev[layer], attn_out[layer], ar, budget_bytes))
             if parts.mlp[layer] is not None:
                 add(layer, "moe", ar, lpi(ro, u[layer], mlp_out[layer], ar, budget_bytes))
+            if "extra_out" in captured and parts.structure.layers[layer].extra is not None:  # Gemma-4's per-layer input
+                add(layer, "per_layer_input", ar,
+                    lpi(ro, u[layer] + mlp_out[layer], captured["extra_out"][layer], ar, budget_bytes))
         if "head" in levels and layer in captured["z"]:
-            o_proj = _linear(parts.o_proj[layer])
+            w = parts.w_o[layer]() if layer in parts.w_o else _linear(parts.o_proj[layer]).weight.float()
             z = captured["z"][layer].reshape(n_prompts, parts.n_heads, -1)
-            w_o = o_proj.weight.float().reshape(o_proj.out_features, parts.n_heads, -1)
-            heads = torch.einsum("phd,ohd->pho", z, w_o).reshape(-1, o_proj.out_features)
+            w_o = w.reshape(w.shape[0], parts.n_heads, -1)
+            heads = torch.einsum("phd,ohd->pho", z, w_o).reshape(-1, w.shape[0])
             rows = ar.repeat_interleave(parts.n_heads)
-            add(layer, "head", rows, lpi(ro, h_prev[layer], heads, rows, budget_bytes),
+            add(layer, "head", rows, lpi(ro, h_prev[layer], mapped("head", layer, heads, rows), rows, budget_bytes),
                 head=torch.arange(parts.n_heads).repeat(n_prompts))
         moe = captured["moe"].get(layer) if handle is not None else None
         if moe is not None:
@@ -405,27 +507,38 @@ def score_batch(hf: nn.Module, parts: Parts, captured: dict, ro: Readout, levels
             to_block, shared_to_block = _block_maps(hf, info, moe)
             if handle.layout.layer(layer).gate_on_input:  # Llama 4: the weight scales the input, already inside
                 gate = torch.ones_like(gate)
+            routed = lambda v, r: mapped("moe", layer, to_block(v, r), r)  # noqa: E731
+            shared = lambda v, r: mapped("moe", layer, shared_to_block(v, r), r)  # noqa: E731
+            dense = captured.get("dense_out", {}).get(layer)  # Gemma-4: the parallel dense MLP, attributed as shared
             if "expert" in levels:
                 contrib = gate[:, None] * moe["expert_out"].float().reshape(len(ids), -1)
-                add(layer, "expert", rows, lpi(ro, u[layer], to_block(contrib, rows), rows, budget_bytes), expert=ids)
+                add(layer, "expert", rows, lpi(ro, u[layer], routed(contrib, rows), rows, budget_bytes), expert=ids)
             if "shared" in levels and "shared_out" in moe:
                 contrib = moe["shared_gate"].float() * moe["shared_out"].float()
-                add(layer, "shared", ar, lpi(ro, u[layer], shared_to_block(contrib, ar), ar, budget_bytes))
+                add(layer, "shared", ar, lpi(ro, u[layer], shared(contrib, ar), ar, budget_bytes))
+            if "shared" in levels and dense is not None:
+                add(layer, "shared", ar, lpi(ro, u[layer], mapped("dense", layer, dense, ar), ar, budget_bytes))
             if "neuron" in levels:
                 experts = unwrap(handle.states[layer].experts)
                 acts = moe["expert_acts"].float().reshape(len(ids), -1)  # [P*k, I]
-                w_down = to_block(_down_columns(experts, ids), rows)  # [P*k, I, D]
+                w_down = routed(_down_columns(experts, ids), rows)  # [P*k, I, D]
                 frames.append(_neurons(ro, u[layer], rows, gate[:, None] * acts, w_down, layer, ids,
                                        budget_bytes, neurons, fast_top))
                 if "shared_acts" in moe:
                     acts = moe["shared_gate"].float() * moe["shared_acts"].float()
                     w_down = _linear(hf.get_submodule(info.shared_down)).weight.float().T.expand(n_prompts, -1, -1)
-                    w_down = shared_to_block(w_down, ar)
+                    w_down = shared(w_down, ar)
                     frames.append(_neurons(ro, u[layer], ar, acts, w_down, layer, torch.full((n_prompts,), -1),
                                            budget_bytes, neurons, fast_top))
+                if dense is not None:
+                    down = _linear(unwrap(parts.structure.layers[layer].dense_mlp).down_proj)
+                    w_down = mapped("dense", layer, down.weight.float().T.expand(n_prompts, -1, -1), ar)
+                    frames.append(_neurons(ro, u[layer], ar, captured["mlp_acts"][layer], w_down, layer,
+                                           torch.full((n_prompts,), -1), budget_bytes, neurons, fast_top))
         elif "neuron" in levels and layer in captured["mlp_acts"]:
             acts = captured["mlp_acts"][layer]
             w_down = _linear(unwrap(parts.mlp[layer]).down_proj).weight.float().T.expand(n_prompts, -1, -1)
+            w_down = mapped("dense", layer, w_down, ar)
             frames.append(_neurons(ro, u[layer], ar, acts, w_down, layer, torch.full((n_prompts,), -1),
                                    budget_bytes, neurons, fast_top))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
@@ -439,9 +552,13 @@ def _check_residual(captured: dict, u: Tensor, atol: float = 1e-3, dtype: torch.
     (:func:`nnsight_moe.precision.residual_bound`).
     """
     after = torch.cat([captured["resid_pre"][1:], captured["final"][None]])
-    err = (u + captured["mlp_out"] - after).abs()
+    err = (u + captured["mlp_out"] + captured.get("extra_out", 0) - after).abs()
     scale = after.abs().max().clamp(min=1.0)
-    tol = atol * scale + residual_bound(dtype, captured["resid_pre"], captured["attn_out"], captured["mlp_out"])
+    if "extra_out" in captured:  # Gemma-4: a third addition (per-layer input) and the layer scalar's product round too
+        tol = atol * scale + 2 * residual_bound(dtype, captured["resid_pre"], captured["attn_out"],
+                                                captured["mlp_out"].abs() + captured["extra_out"].abs())
+    else:
+        tol = atol * scale + residual_bound(dtype, captured["resid_pre"], captured["attn_out"], captured["mlp_out"])
     excess = err - tol
     if excess.max() > 0:
         worst = int(excess.argmax())
@@ -488,7 +605,13 @@ def _logprob_gradient(ro: Readout, base: Tensor) -> Tensor:
     rows = torch.arange(base.shape[0])
     logits = ro.logits(base, rows)
     probs = logits.softmax(-1)
-    direction = ro.unembed[ro.targets] - probs @ ro.unembed
+    if ro.softcap is None:
+        direction = ro.unembed[ro.targets] - probs @ ro.unembed
+    else:  # through cap * tanh(z / cap): dz picks up 1 - tanh^2 = 1 - (logits / cap)^2 per vocabulary entry
+        slope = 1 - (logits / ro.softcap).pow(2)
+        direction = slope.gather(1, ro.targets[:, None]) * ro.unembed[ro.targets] - (probs * slope) @ ro.unembed
+    if ro.logit_scale is not None:
+        direction = direction * ro.logit_scale
     return direction * ro.gamma * ro.scale[rows]
 
 
@@ -524,10 +647,13 @@ def _targets(targets, prompts, tokenizer) -> list[int] | None:
 
 def _select(got: dict, keep: Tensor) -> dict:
     """The captured quantities of the prompts ``keep`` (indices into the batch) only."""
-    out = {key: got[key][:, keep] for key in ("resid_pre", "attn_out", "mlp_out")}
+    out = {key: got[key][:, keep] for key in ("resid_pre", "attn_out", "mlp_out", "extra_out") if key in got}
     out["final"], out["logits"] = got["final"][keep], got["logits"][keep]
-    for key in ("z", "mlp_acts"):
-        out[key] = {i: t[keep] for i, t in got[key].items()}
+    for key in ("z", "mlp_acts", "dense_out"):
+        if key in got:
+            out[key] = {i: t[keep] for i, t in got[key].items()}
+    if "maps" in got:
+        out["maps"] = {kind: {i: t[keep] for i, t in m.items()} for kind, m in got["maps"].items()}
     out["moe"] = {i: {name: t[keep] for name, t in q.items()} for i, q in got["moe"].items()}
     return out
 
@@ -591,6 +717,13 @@ def attribute(model: Any, prompts: Sequence, targets: Sequence | str | None = No
         batch_size = 16  # the server's memory is not known here
     if remote is not None:
         from nnsight_moe.recipes.attribution_remote import attribute_remote
+
+        structure = _parts(nnsight_moe.hf_model(model)).structure
+        if structure is not None:  # the trace reads h + attn + mlp per layer, not these maps
+            raise ValueError(
+                f"remote attribution reads each layer as h + attn + mlp; this model's layers reach the residual "
+                f"through {structure.describe()}, which only the local path holds fixed per token: run it locally "
+                "(remote=None)")
 
         result = attribute_remote(model, prompts, wanted, tokenizer=tokenizer,
                                   levels=levels, remote=remote, batch_size=batch_size, progress=progress,

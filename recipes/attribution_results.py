@@ -64,8 +64,9 @@ class AttributionResult:
 
     def layer_gains(self) -> pd.DataFrame:
         """Mean Imp(A^l) and Imp(F^l) over prompts, per layer (columns ``attn``, ``moe``; and ``mixer`` for
-        token mixers without attention heads, in hybrid stacks). NaN where a layer has no such part."""
-        levels = ["attn", "moe"] + (["mixer"] if (self.frame["level"] == "mixer").any() else [])
+        token mixers without attention heads, in hybrid stacks; ``per_layer_input`` for Gemma-4's per-layer
+        inputs). NaN where a layer has no such part."""
+        levels = ["attn", "moe"] + [level for level in ("mixer", "per_layer_input") if (self.frame["level"] == level).any()]
         layer = self.frame[self.frame["level"].isin(levels)]
         table = layer.pivot_table(index="layer", columns="level", values="score", aggfunc="mean")
         return table.reindex(index=range(self.n_layers), columns=levels)
@@ -88,6 +89,8 @@ class AttributionResult:
         }
         if "mixer" in gains:
             out["Mixer gain"] = float(gains["mixer"].fillna(0.0).sum())
+        if "per_layer_input" in gains:
+            out["Per-layer-input gain"] = float(gains["per_layer_input"].fillna(0.0).sum())
         for name, lo, hi in zip(BANDS, edges[:-1], edges[1:]):
             out[f"{name} share"] = float(ffn.iloc[lo:hi].sum() / total) if total != 0 else float("nan")
         return out

@@ -33,8 +33,8 @@ __all__ = ["compare_honest", "depth_matched", "honest_summary", "layer_profile",
 
 
 def _per_prompt_layers(result) -> pd.DataFrame:
-    """[prompts x layers] summed layer-row LPI (attn + moe + mixer) of each prompt and layer."""
-    frame = result.frame[result.frame["level"].isin(("attn", "moe", "mixer"))]
+    """[prompts x layers] summed layer-row LPI (attn + moe + mixer + per_layer_input) of each prompt and layer."""
+    frame = result.frame[result.frame["level"].isin(("attn", "moe", "mixer", "per_layer_input"))]
     table = frame.pivot_table(index="prompt", columns="layer", values="score", aggfunc="sum")
     return table.reindex(index=range(result.n_prompts), columns=range(result.n_layers)).fillna(0.0)
 
@@ -42,14 +42,14 @@ def _per_prompt_layers(result) -> pd.DataFrame:
 def honest_summary(result) -> dict[str, float]:
     """Gains of an :class:`~nnsight_moe.recipes.attribution.AttributionResult` in the three forms.
 
-    ``total gain`` = FFN + attention (+ mixer) gain (means over prompts, nats); ``FFN share`` = FFN gain /
-    total gain; ``FFN gain / L`` (the study's per-layer efficiency); ``FFN share / L`` is NOT given: the
+    ``total gain`` = FFN + attention (+ mixer, + Gemma-4's per-layer input) gain (means over prompts, nats);
+    ``FFN share`` = FFN gain / total gain; ``FFN gain / L`` (the study's per-layer efficiency); ``FFN share / L`` is NOT given: the
     share is already depth-free. ``late-third share of total`` = Σ of the last third's FFN gain / total.
     """
     gains = result.layer_gains().fillna(0.0)
     ffn, attn = float(gains["moe"].sum()), float(gains["attn"].sum())
     mixer = float(gains["mixer"].sum()) if "mixer" in gains else 0.0
-    total = ffn + attn + mixer
+    total = ffn + attn + mixer + (float(gains["per_layer_input"].sum()) if "per_layer_input" in gains else 0.0)
     n = result.n_layers
     lo = int(round(2 * n / 3))
     return {"layers": n, "FFN gain": ffn, "Attn gain": attn, "total gain": total,

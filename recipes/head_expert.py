@@ -131,9 +131,12 @@ def _attention_modules(model: nn.Module) -> dict[int, tuple[nn.Module, int]]:
 
 
 def _in_features(o_proj: nn.Module) -> int:
+    """Width of the heads' concatenated output that ``o_proj`` reads (DeepSeek-V4's grouped ``o_a_proj`` reads it
+    as [.., groups, width / groups]: ``in_features`` is one group's)."""
+    from nnsight_moe.hooks import unwrap
     from nnsight_moe.recipes.attribution import _linear
 
-    return int(_linear(o_proj).in_features)
+    return int(_linear(o_proj).in_features) * int(getattr(unwrap(o_proj), "n_groups", 1))
 
 
 def _attention_layer(modules: dict, layer: int, n_layers: int) -> int:
@@ -168,8 +171,9 @@ def suppress_heads(model: Any, heads: Sequence[tuple[int, int]]) -> Iterator[Non
 
         def pre_hook(module, args, hs=tuple(hs), d_head=d_head):
             z = args[0].clone()
+            flat = z.view(*z.shape[:2], -1)  # [b, p, H * d_head] (a grouped projection's [b, p, G, d] too)
             for h in hs:
-                z[..., h * d_head : (h + 1) * d_head] = 0
+                flat[..., h * d_head : (h + 1) * d_head] = 0
             return (z, *args[1:])
 
         handles.append(o_proj.register_forward_pre_hook(pre_hook))
@@ -485,7 +489,9 @@ def _causal_remote(model, prompts, targets, tokenizer, correlation, *, k_heads, 
         "suppress": suppress,
         "groups": 1 + 2 * len(conditions),
         "moe": {index: {"router": info["router"], "n_experts": info["n_experts"], "top_k": info["top_k"],
-                        "routing": info["routing"]} for index, info in spec["layers"].items()},
+                        "routing": info["routing"], "router_logits": info["router_logits"], "experts": info["experts"],
+                        "routing_in_block": info["routing_in_block"], "gate_on_input": info["gate_on_input"]}
+                for index, info in spec["layers"].items()},
     }
     groups = settings["groups"]
     batches = [{**batch, "input_ids": batch["input_ids"].repeat(groups, 1),  # the row groups share one trace
@@ -544,10 +550,11 @@ def _causal_in_trace(settings: dict, view: Any, model: Any, batch: dict) -> dict
         if layer in settings["suppress"]:
             o_proj = _remote_envoy(model, settings["o_proj"][layer])
             z = o_proj.input.clone()
+            flat = z.view(*z.shape[:2], -1)  # [rows, p, H * d_head] (DeepSeek-V4's grouped input [rows, p, G, d] too)
             d = settings["d_head"][layer]
             for c, heads in settings["suppress"][layer]:
                 for h in heads:
-                    z[(1 + 2 * c) * b : (3 + 2 * c) * b, ..., h * d : (h + 1) * d] = 0
+                    flat[(1 + 2 * c) * b : (3 + 2 * c) * b, :, h * d : (h + 1) * d] = 0
             o_proj.input = z
         if layer in settings["moe"]:
             q = view.layer(layer, want=("router_scores", "topk_indices"),

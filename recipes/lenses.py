@@ -165,8 +165,9 @@ def _down(hf: nn.Module, layout: Any, layer: int, expert: int | str) -> Tensor:
     experts = unwrap(hf.get_submodule(info.experts))
     if not isinstance(expert, int) or not 0 <= expert < info.n_experts:
         raise ValueError(f"expert must be an int in 0..{info.n_experts - 1} or 'shared', got {expert!r}")
-    w = experts.down_proj[expert].detach().float()
-    return w.T if getattr(experts, "is_transposed", False) else w
+    from nnsight_moe.recipes.attribution import _down_columns  # fused, [E, in, out] (Llama 4), DBRX's 2-D w2
+
+    return _down_columns(experts, torch.tensor([expert]))[0].detach().T
 
 
 # ------------------------------------------------------------------------------------ capture on prompts

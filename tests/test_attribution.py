@@ -403,6 +403,11 @@ def test_prediction_targets_and_only_correct():
 
 
 def test_parallel_residual_streams_are_refused():
-    """DeepSeek-V4's hyper-connections (4 residual streams per position): a clear error, not a shape crash."""
-    with pytest.raises(ValueError, match="not one d_model vector per position .* hyper-connections"):
-        attribute(tiny_model("deepseek_v4"), PROMPTS, TARGETS, levels=("layer",), progress=False)
+    """Hyper-connections whose final collapse attribution does not know (here DeepSeek-V4's hc_head under another
+    class): a clear error naming the modelled forms, not a shape crash. DeepSeek-V4's, GLM-5-Next's and HY-V4's
+    are attributed (test_attribution_structure.py)."""
+    model = tiny_model("deepseek_v4")
+    head = model.model.hc_head
+    head.__class__ = type("OtherHyperHead", (type(head),), {})
+    with pytest.raises(ValueError, match=r"parallel residual streams \(hyper-connections\) in a form attribution does not"):
+        attribute(model, PROMPTS, TARGETS, levels=("layer",), progress=False)

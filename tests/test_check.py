@@ -110,3 +110,24 @@ def test_check_errors(model_dirs):
     model = tiny_model("olmoe", vocab_size=64)
     with pytest.raises(ValueError, match="produced id .* vocabulary has 64 entries"):
         check_routing(model, tokenizer=big)
+
+
+@pytest.mark.parametrize("family", ["dbrx", "llama4"])
+def test_check_routing_reads_the_selection_the_model_computes(family):
+    """DBRX (its block routes: the selection is the experts' arguments) and Llama 4 (dense sigmoid scores, its own
+    top-k of the logits): the check and router_indices (fidelity's unattached reading) see the model's selection."""
+    from nnsight_moe.check import router_indices
+
+    from helpers import capture_hooks
+
+    model = tiny_model(family, dtype=torch.float16)
+    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    report = check_routing(model, ids)
+    assert report.ok, report.failures()
+    assert all(layer.router_indices_equal for layer in report.layers)
+    layout = nnsight_moe.layout(model)
+    unattached = router_indices(model, layout, {"input_ids": ids})
+    with nnsight_moe.attached(model) as handle:
+        values = capture_hooks(handle, lambda: model(ids))
+    for index in layout.moe_layers:
+        assert torch.equal(unattached[index], values[f"{layout.layer(index).path}.hook_topk_indices"])

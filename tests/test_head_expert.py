@@ -56,6 +56,25 @@ def test_suppression_equals_zeroed_w_o_columns(family):
 
 
 @torch.no_grad()
+def test_grouped_output_projection_suppression_equals_zeroed_columns():
+    """DeepSeek-V4's o_a_proj reads the heads as [.., groups, width / groups] (here a head spans two groups):
+    suppressing head h equals zeroing its columns of each group's block of o_a_proj."""
+    model = tiny_model("deepseek_v4")
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    heads, d_head = [(1, 0), (2, 3)], model.config.head_dim
+    reference = copy.deepcopy(model)
+    for layer, head in heads:
+        o_a = reference.model.layers[layer].self_attn.o_a_proj
+        weight = o_a.weight.view(o_a.n_groups, -1, o_a.in_features)  # [G, rank, width / G]
+        for position in range(head * d_head, (head + 1) * d_head):
+            weight[position // o_a.in_features, :, position % o_a.in_features] = 0
+    with suppress_heads(model, heads):
+        suppressed = model(ids).logits
+    torch.testing.assert_close(suppressed, reference(ids).logits, atol=1e-5, rtol=0)
+    assert not torch.allclose(suppressed, model(ids).logits, atol=1e-4)
+
+
+@torch.no_grad()
 def test_router_patching_with_clean_selection_reproduces_clean_logits():
     model = tiny_model("qwen2_moe")
     prompts = [[5, 9, 17, 33, 2], [7, 8, 9]]

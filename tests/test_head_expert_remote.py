@@ -72,8 +72,10 @@ class _Flaky(LocalSimulationBackend):
         return LocalSimulationBackend.__call__(self, tracer)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "inkling_text", "zaya"])  # + router gammas, skip expert
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "inkling_text", "zaya", "dbrx", "deepseek_v4", "llama4"])
 def test_causal_remote_local_equals_local(family):
+    """Also: DBRX (selection patched at the experts' input), Gemma-4 (logits from router.proj), DeepSeek-V4 (grouped
+    o_a_proj input, a hash-routed layer), Llama 4 (dense sigmoid scores patched)."""
     hf = tiny_model(family)
     corr = _correlation(hf)
     local = _frame(hf, corr)

@@ -258,3 +258,20 @@ def test_attention_sink_equals_loops_over_eager_attention_weights():
                     total += float(attn[r, :, q, first].mean()) / len(attentions)
                 count += 1
     assert got == pytest.approx(total / count, abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["dbrx", "llama4", "jetmoe"])
+def test_expert_down_projection_of_non_fused_layouts(family):
+    """lenses' expert W_down [d_model, d_expert] for DBRX's 2-D w2, Llama 4's [E, in, out] and JetMoE's
+    output_linear [E, out, in]: column k is what neuron k writes (checked against the expert's own output)."""
+    from helpers import naive_expert
+
+    hf = tiny_model(family)
+    layout = nnsight_moe.layout(hf)
+    layer = layout.moe_layers[-1]
+    experts = hf.get_submodule(layout.layer(layer).experts)
+    block = hf.get_submodule(layout.layer(layer).path) if family == "jetmoe" else experts
+    x = torch.randn(3, hf.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        acts, out = naive_expert(block, x, 2)
+    torch.testing.assert_close(acts @ lenses._down(hf, layout, layer, 2).T, out, atol=1e-5, rtol=0)
