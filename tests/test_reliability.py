@@ -418,9 +418,12 @@ def _comparable(out):
 
 
 #: ``nnsight-moe`` whose blocking section signals that it has started (argv[1]: a file) and then waits
-#: until Ctrl-C: the interrupt lands inside the section however loaded the machine is.
+#: until Ctrl-C: the interrupt lands inside the section however loaded the machine is. Python's own
+#: Ctrl-C handler is installed first, as in a terminal: a suite started in the background by a
+#: non-interactive shell hands its children SIGINT ignored, and Python then installs none.
 _BLOCKING_WAITS_FOR_CTRL_C = """
-import pathlib, sys, time
+import pathlib, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from nnsight_moe import cli
 from nnsight_moe.recipes import blocking
 started = pathlib.Path(sys.argv[1])
