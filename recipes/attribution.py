@@ -205,6 +205,9 @@ def _parts(hf: nn.Module) -> Parts:
     from nnsight_moe.recipes.runner import _refuse_family
 
     _refuse_family(hf)  # a MoE family the recipes refuse, with the reason (DiffusionGemma's canvas decoder)
+    from nnsight_moe.recipes import attribution_structure
+
+    attribution_structure.refuse_layout(hf)  # LongCat-Flash's two sub-blocks per layer, Qwen4-Exp's gated streams
     config = hf.config.get_text_config()
     n_layers = int(config.num_hidden_layers)
     stack = next((m for name, m in hf.named_modules()  # DBRX: transformer.blocks
@@ -245,8 +248,6 @@ def _parts(hf: nn.Module) -> Parts:
                  if isinstance(getattr(owner, n, None), nn.Module)), None)
     if norm is None:
         raise ValueError(f"{type(hf).__name__}: no final norm (base_model.norm / final_layernorm / norm_f) found")
-    from nnsight_moe.recipes import attribution_structure
-
     structure = attribution_structure.find(config, [unwrap(layer) for layer in stack], base)
     softcap = getattr(config, "final_logit_softcapping", None)
     logit_scale = getattr(unwrap(hf), "logit_scale", None)  # Cohere: logits * self.logit_scale (a float on the model)

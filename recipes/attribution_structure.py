@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from nnsight_moe.hooks import unwrap
 
-__all__ = ["LayerStructure", "Structure", "find", "finish", "install"]
+__all__ = ["LayerStructure", "Structure", "find", "finish", "install", "refuse_layout"]
 
 
 @dataclass
@@ -95,6 +95,33 @@ def _rms_norm(module: nn.Module | None, what: str, refused: list) -> nn.Module |
         refused.append(f"attribution through the {what} ({type(inner).__name__}) needs an RMS-type norm without "
                        "bias (a LayerNorm's mean and bias are not a scale that can be held fixed per token)")
     return module
+
+
+def refuse_layout(hf: nn.Module) -> None:
+    """Raise a precise ``ValueError`` for decoder layouts LPI's per-layer decomposition cannot describe.
+
+    * LongCat-Flash: each decoder layer runs TWO attention + dense-MLP sub-blocks and a shortcut MoE
+      (``h + a0 + m0 + a1 + m1 + moe(post_attention_layernorm[0](h + a0))``); attribution reads one token
+      mixer and one MLP per layer, so the second sub-block (and the MoE beside the first MLP) has no row.
+    * Qwen4-Exp: ``hc_count`` parallel residual streams with a per-token, per-channel gated injection
+      (``R += w ⊗ out``) and a final gated group-RMS collapse (``hyper_connection_mixer``) instead of a final
+      norm; this hyper-connection form is not among those :func:`find` models.
+    """
+    name = type(hf).__name__
+    for module in hf.modules():
+        if isinstance(getattr(module, "self_attn", None), nn.ModuleList) and isinstance(getattr(module, "mlps", None), nn.ModuleList):
+            raise ValueError(
+                f"{name}: each decoder layer ({type(module).__name__}) holds {len(module.self_attn)} attention and "
+                f"{len(module.mlps)} dense-MLP sub-blocks plus a shortcut MoE (h + attn_0 + mlp_0 + attn_1 + mlp_1 + moe); "
+                "local attribution reads one token mixer and one MLP per decoder layer (h + attn + mlp), so the "
+                "second sub-block would have no row and the layer rows would not sum to the layer's output.")
+        if type(module).__name__.endswith("GatedResidual") and hasattr(module, "block_inject_weight"):
+            raise ValueError(
+                f"{name}: its decoder layers write {getattr(module, 'hc_count', '?')} parallel residual streams through "
+                f"gated hyper-connections ({type(module).__name__}: R += w ⊗ out, w per token from the streams) and the "
+                "model reads them through a gated group-RMS collapse (hyper_connection_mixer), not a final norm; "
+                f"attribution models only the hyper-connections {sorted(_HC_OUTPUTS)} with a final hc_head of "
+                f"{sorted(_HEAD_PRE)}, so it refuses this one rather than score against the wrong readout.")
 
 
 def find(config: Any, stack: list[nn.Module], base: nn.Module) -> Structure | None:

@@ -605,3 +605,38 @@ def test_other_hyper_connections_equal_brute_force(family):
         assert set(got) == set(expected)
         for key, value in expected.items():
             assert got[key] == pytest.approx(value, abs=1e-4), key
+
+
+def test_longcat_flash_refused_with_its_layout():
+    """LongCat-Flash's layer is h + attn_0 + mlp_0 + attn_1 + mlp_1 + moe (checked here from module outputs):
+    not h + attn + mlp, so attribution refuses it by that structure at every level instead of mis-reading it."""
+    model = tiny_model("longcat_flash")
+    layer, seen = model.model.layers[0], {}
+    names = {"a0": layer.self_attn[0], "a1": layer.self_attn[1], "m0": layer.mlps[0], "m1": layer.mlps[1], "moe": layer.mlp}
+    handles = [m.register_forward_hook(lambda m, a, o, k=k: seen.__setitem__(k, o[0] if isinstance(o, tuple) else o))
+               for k, m in names.items()]
+    handles.append(layer.register_forward_pre_hook(lambda m, a, k: seen.__setitem__("h", a[0] if a else k["hidden_states"]),
+                                                   with_kwargs=True))
+    handles.append(layer.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o[0] if isinstance(o, tuple) else o)))
+    with torch.no_grad():
+        model(torch.tensor([PROMPTS[0]]))
+    for h in handles:
+        h.remove()
+    total = seen["h"] + sum(seen[k] for k in names)
+    assert torch.allclose(seen["out"], total, atol=1e-5)
+    assert not torch.allclose(seen["out"], seen["h"] + seen["a0"] + seen["m0"], atol=1e-3)
+    for levels in (("layer",), ("layer", "head", "expert")):
+        with pytest.raises(ValueError, match="LongcatFlashForCausalLM: each decoder layer .* 2 attention and 2 dense-MLP "
+                                             "sub-blocks plus a shortcut MoE .* \\(h \\+ attn \\+ mlp\\)"):
+            attribute(model, PROMPTS[:1], TARGETS[:1], levels=levels, progress=False)
+
+
+def test_qwen4_exp_refused_with_its_hyper_connections():
+    """Qwen4-Exp reads hc_count gated residual streams through hyper_connection_mixer (no final norm): refused by
+    that structure, not by a missing-module lookup."""
+    model = tiny_model("qwen4_exp_text")
+    assert not hasattr(model.model, "norm") and hasattr(model.model, "hyper_connection_mixer")
+    for levels in (("layer",), ("layer", "expert")):
+        with pytest.raises(ValueError, match="Qwen4ExpForCausalLM: its decoder layers write 4 parallel residual streams "
+                                             "through gated hyper-connections .*hyper_connection_mixer.*not a final norm"):
+            attribute(model, PROMPTS[:1], TARGETS[:1], levels=levels, progress=False)
