@@ -227,14 +227,11 @@ def train_model(model, data: dict, pad_id: int, cfg: dict = TRAIN, log_every: in
 
 
 # ------------------------------------------------------------------------------------------ measure
-def _ranks(model, tokenizer, prompts: list[str], targets: list[int]) -> torch.Tensor:
-    logits = base.last_logits(model, tokenizer, prompts)
-    t = torch.tensor(targets)
-    return (logits > logits.gather(1, t[:, None])).sum(1) + 1
+def _mrr(model, tokenizer, enc) -> float:
+    """Pooled MRR of encoded facts at their last prompt position (:func:`nnsight_moe.recipes.metrics.mrr`)."""
+    from nnsight_moe.recipes.metrics import mrr
 
-
-def _mrr(ranks: torch.Tensor) -> float:
-    return round(float((1.0 / ranks.double()).mean()), 4)
+    return round(mrr(base.last_logits(model, tokenizer, enc.prompts), torch.tensor(enc.targets)), 4)
 
 
 @torch.no_grad()
@@ -279,9 +276,9 @@ def measure(model, tokenizer, relations=None) -> dict:
                       "range_prior_mrr": round(float(torch.cat(prior_rr).mean()), 4)}}
     if getattr(model.config, "num_experts", None):
         with nnsight_moe.restrict_experts(model, shared=False):
-            shared_off = _mrr(_ranks(model, tokenizer, enc.prompts, enc.targets))
+            shared_off = _mrr(model, tokenizer, enc)
         with nnsight_moe.restrict_experts(model, 0):
-            routed_off = _mrr(_ranks(model, tokenizer, enc.prompts, enc.targets))
+            routed_off = _mrr(model, tokenizer, enc)
         out["ablation"] = {"shared_off_mrr": shared_off, "routed_off_mrr": routed_off}
     return out
 
