@@ -440,16 +440,22 @@ def _block_maps(hf: nn.Module, info: Any, moe: dict) -> tuple[Any, Any]:
     return routed, post
 
 
+def _down_layout(experts: nn.Module) -> tuple[str, bool]:
+    """(attribute holding the fused experts' down projection, whether it is [E, d_expert, d_model]) of a 3-D
+    layout (else [E, d_model, d_expert]): ``down_proj``, or JetMoE's ``output_linear.weight``; Llama 4 and
+    ``is_transposed`` experts hold it [E, in, out]. Shared by the local and the remote path."""
+    name = "weight" if type(experts).__name__ == "JetMoeParallelExperts" else "down_proj"
+    return name, bool(getattr(experts, "is_transposed", type(experts).__name__ == "Llama4TextExperts"))
+
+
 def _down_columns(experts: nn.Module, expert_ids: Tensor) -> Tensor:
     """W_down of each expert in ``expert_ids`` [N] as [N, d_expert, d_model] (row k = column k of W_down)."""
     if type(experts).__name__ == "DbrxExperts":  # 2-D w2 [E * d_expert, d_model]: row k of expert e's slice
         from nnsight_moe.block_routed import expert_weights
 
         return expert_weights(experts)[2][expert_ids].float()
-    if type(experts).__name__ == "JetMoeParallelExperts":  # JetMoE's output_linear: weight [E, d_model, d_expert]
-        return experts.weight[expert_ids].float().transpose(-1, -2)
-    w = experts.down_proj[expert_ids].float()
-    transposed = getattr(experts, "is_transposed", type(experts).__name__ == "Llama4TextExperts")  # [E, in, out]
+    name, transposed = _down_layout(experts)
+    w = getattr(experts, name)[expert_ids].float()
     return w if transposed else w.transpose(-1, -2)
 
 

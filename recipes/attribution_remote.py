@@ -100,10 +100,13 @@ def _block_spec(hf, info) -> dict:
     to d_model; its bias is per token, no expert's); ``post`` the path of a post-MoE RMSNorm whose
     per-token scale is frozen at the actual sum, with its γ rule and eps; ``outside`` a shared MLP beside
     the block (the layer adds it); ``shared_down`` the shared MLP's down projection; ``transposed`` the
-    experts' ``down_proj`` layout ([E, I, D] when true, as the local ``_down_columns``); ``down`` its attribute name."""
+    experts' down projection layout ([E, I, D] when true) and ``down`` its attribute name (both from the local
+    path's ``_down_layout``)."""
     from nnsight_moe.hooks import unwrap
+    from nnsight_moe.recipes.attribution import _down_layout
 
     experts = unwrap(hf.get_submodule(info.experts))
+    down, transposed = _down_layout(experts)
     post = unwrap(hf.get_submodule(info.post)) if info.post else None
     if post is not None and (getattr(post, "bias", None) is not None or isinstance(post, torch.nn.LayerNorm)):
         raise ValueError(f"the remote path maps parts through an RMSNorm post-MoE norm, not {type(post).__name__}")
@@ -112,9 +115,7 @@ def _block_spec(hf, info) -> dict:
             "post": info.post, "post_gamma": _gamma_rule(post) if post is not None else None,
             "post_eps": float(getattr(post, "variance_epsilon", None) or getattr(post, "eps", 1e-6)) if post is not None else None,
             "outside": bool(info.shared_outside), "shared_down": info.shared_down,
-            # the experts' [E, D, I] down projection: JetMoE's ParallelExperts (output_linear) hold it as weight
-            "down": "down_proj" if hasattr(experts, "down_proj") else "weight",
-            "transposed": bool(getattr(experts, "is_transposed", type(experts).__name__ == "Llama4TextExperts"))}
+            "down": down, "transposed": transposed}
 
 
 def attribute_remote(model: Any, prompts: Sequence, targets: list[int] | None, *, tokenizer, levels: Sequence[str],
