@@ -220,7 +220,6 @@ def _scores_in_trace(settings: dict, model: Any, batch: dict) -> dict:
     n_heads, moe_layers, view = settings["heads"], settings["moe_layers"], settings["view"]
     states, attn, mlp_out, heads, experts, shared = [], [], [], {}, [], []
     units = {}  # layer -> [(weighted acts [P, n, I], expert ids [P, n] (-1: shared/dense), down, transposed)]
-    maps = {}  # MoE layer -> (routed scale, latent W_out or None, post-norm factor [P, D] or None)
     for i, path in enumerate(settings["layers"]):
         layer = model.get(path)
         hidden = layer.input
